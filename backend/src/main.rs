@@ -1,0 +1,2 @@
+//! blkbackd: a per-guest userspace Xen block backend.
+fn main() {}

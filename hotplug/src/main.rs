@@ -1,0 +1,2 @@
+//! blkhotplug: race-free, leak-free block hotplug for Xen toolstacks.
+fn main() {}

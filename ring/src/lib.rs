@@ -1,0 +1,2 @@
+//! The Xen blkif protocol.
+#![deny(missing_docs)]

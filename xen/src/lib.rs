@@ -1,0 +1,21 @@
+//! Xen interfaces for a userspace backend, in pure Rust over the kernel's device nodes.
+//!
+//! Three interfaces, each real (Linux dom0 device nodes) and simulated (the [`sim`] module, a
+//! hypervisor stand-in that works across processes, for tests, benches, the demo and replay):
+//! - grant tables: [`GrantMapper`] and [`GrantCopier`];
+//! - event channels: [`EventChannel`];
+//! - XenStore: one client, [`xenstore`], speaking the wire protocol to the real xenstored or to
+//!   the simulated one, so production code is the code under test.
+//!
+//! [`Platform`] bundles them; [`PlatformConfig`] selects the real or simulated one by
+//! configuration, never by code changes.
+#![deny(missing_docs)]
+
+mod types;
+mod platform;
+
+pub use platform::{EventChannel, GrantCopier, GrantMapper, Platform};
+pub use types::{
+    Access, CopyOp, DomId, EvtchnError, GrantAddr, GrantError, GrantMapping, GrantRef, GrantStatus,
+    Port, Unmap,
+};

@@ -1,0 +1,84 @@
+//! The small traits the backend is written against, implemented by the real and the simulated
+//! platform alike.
+
+use std::os::fd::BorrowedFd;
+
+use crate::{Access, CopyOp, DomId, EvtchnError, GrantError, GrantMapping, GrantRef, Port};
+
+/// Maps other domains' grants into this process (`/dev/xen/gntdev` or the simulation).
+pub trait GrantMapper: Send + Sync {
+    /// Maps `refs` of `domid` contiguously, in order. All or nothing: when any ref fails,
+    /// whatever was mapped is unmapped again and the first failing status is returned
+    /// (XSA-361/362/365: partial failures must not leak or crash).
+    ///
+    /// # Errors
+    /// [`GrantError::Status`] with Xen's status for the first ref that failed.
+    fn map(&self, domid: DomId, refs: &[GrantRef], access: Access) -> Result<GrantMapping, GrantError>;
+}
+
+/// Copies between local memory and other domains' grants (`IOCTL_GNTDEV_GRANT_COPY` or the
+/// simulation).
+pub trait GrantCopier: Send + Sync {
+    /// Performs every op in `ops`, setting each op's status. Segments fail independently.
+    ///
+    /// # Errors
+    /// Only when the batch as a whole could not be attempted (the device failed, an op's
+    /// local length is 0 or crosses a page); per-segment failures are in the statuses.
+    fn copy(&self, ops: &mut [CopyOp<'_>]) -> Result<(), GrantError>;
+}
+
+/// One open event-channel handle (`/dev/xen/evtchn` or the simulation). Delivery masks a
+/// port until it is unmasked, as the Linux device does.
+pub trait EventChannel: Send {
+    /// Binds a local port to `remote_port` of `remote`.
+    ///
+    /// # Errors
+    /// When the remote port is not an unbound port offered to this domain.
+    fn bind_interdomain(&mut self, remote: DomId, remote_port: Port) -> Result<Port, EvtchnError>;
+    /// Unbinds a port bound through this handle.
+    ///
+    /// # Errors
+    /// [`EvtchnError::NotBound`] for a port not bound here.
+    fn unbind(&mut self, port: Port) -> Result<(), EvtchnError>;
+    /// Sends an event on a bound port.
+    ///
+    /// # Errors
+    /// [`EvtchnError::NotBound`] for a port not bound here.
+    fn notify(&self, port: Port) -> Result<(), EvtchnError>;
+    /// Appends the ports that fired since the last call to `out`, without blocking. Each
+    /// delivered port stays masked until [`EventChannel::unmask`].
+    ///
+    /// # Errors
+    /// On device failure (an overflowed device ring is reset and reported as all bound ports
+    /// pending, not as an error).
+    fn pending(&mut self, out: &mut Vec<Port>) -> Result<(), EvtchnError>;
+    /// Unmasks a delivered port so that it can fire again.
+    ///
+    /// # Errors
+    /// [`EvtchnError::NotBound`] for a port not bound here.
+    fn unmask(&self, port: Port) -> Result<(), EvtchnError>;
+    /// Restricts this handle to binding ports of `domid` only (`IOCTL_EVTCHN_RESTRICT_DOMID`).
+    ///
+    /// # Errors
+    /// When the device refuses.
+    fn restrict(&mut self, domid: DomId) -> Result<(), EvtchnError>;
+    /// A file descriptor that polls readable while ports are pending, for io_uring or epoll.
+    fn as_fd(&self) -> BorrowedFd<'_>;
+}
+
+/// Everything the backend needs from the hypervisor, for one domain's view of it.
+pub trait Platform: Send + Sync {
+    /// This domain's id (the backend domain).
+    fn domid(&self) -> DomId;
+    /// The grant mapper.
+    fn grant_mapper(&self) -> &dyn GrantMapper;
+    /// The grant copier.
+    fn grant_copier(&self) -> &dyn GrantCopier;
+    /// Opens a new event-channel handle (one per queue, so each thread waits on its own fd).
+    ///
+    /// # Errors
+    /// When the device cannot be opened.
+    fn open_event_channel(&self) -> Result<Box<dyn EventChannel>, EvtchnError>;
+    /// Where the XenStore client connects (`xenstore::XenStore::open_at`).
+    fn xenstore_path(&self) -> std::path::PathBuf;
+}
