@@ -19,3 +19,13 @@ pub use types::{
     Access, CopyOp, DomId, EvtchnError, GrantAddr, GrantError, GrantMapping, GrantRef, GrantStatus,
     Port, Unmap,
 };
+
+pub mod handoff;
+pub mod sim;
+pub mod xenstore;
+
+mod config;
+mod evtchn;
+mod gntdev;
+
+pub use config::PlatformConfig;

@@ -1,0 +1,1 @@
+//! Event channels over /dev/xen/evtchn.

@@ -1,0 +1,1 @@
+//! Grant mapping and copying over /dev/xen/gntdev.

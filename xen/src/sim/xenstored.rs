@@ -1,0 +1,1 @@
+//! A simulated xenstored speaking the real wire protocol on unix sockets.

@@ -1,0 +1,1 @@
+//! XenStore client: the wire protocol over the xenstored socket or /dev/xen/xenbus.
