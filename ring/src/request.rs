@@ -93,6 +93,13 @@ impl Segments {
         }
     }
 
+    /// Segments holding a copy of `segs`, or `None` if there are more than
+    /// [`MAX_INDIRECT_SEGMENTS`]. Nothing about them is validated.
+    pub fn from_slice(segs: &[Segment]) -> Option<Self> {
+        let mut s = Self::new();
+        segs.iter().all(|&seg| s.push(seg)).then_some(s)
+    }
+
     /// Appends `seg`; returns false (and drops it) when full.
     pub(crate) fn push(&mut self, seg: Segment) -> bool {
         match self.segs.get_mut(usize::from(self.len)) {

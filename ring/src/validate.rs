@@ -13,8 +13,11 @@
 //!    this happens in [`parse_indirect`], on the private copies of the indirect pages);
 //! 4. anything but a read on a read-only device;
 //! 5. when there is data: `sector + nr_sectors` must not wrap and must not pass the device end;
-//! 6. alignment to the logical block size: start sector, then each segment's length and
-//!    in-page offset.
+//! 6. alignment to the logical block size, segment by segment: the start sector, the
+//!    segment's in-page offset, its length (Linux tests sector and length together and skips
+//!    the offset; the offset goes before the length so that each of the three can be told
+//!    apart on a 4096-byte-sector device, where a misaligned offset implies a misaligned
+//!    length).
 //!
 //! Discard: read-only, range (wrap, end), support (`EOPNOTSUPP`), then alignment of sector
 //! and count (which Linux's `blkdev_issue_discard` refuses with `-EINVAL`).
@@ -441,11 +444,11 @@ fn finish_rw(
         if sector.0 % bs != 0 {
             return Err(misaligned(Misalignment::Sector));
         }
-        if u64::from(s.sectors()) % bs != 0 {
-            return Err(misaligned(Misalignment::Length));
-        }
         if u64::from(s.first_sect) % bs != 0 {
             return Err(misaligned(Misalignment::Offset));
+        }
+        if u64::from(s.sectors()) % bs != 0 {
+            return Err(misaligned(Misalignment::Length));
         }
     }
     let op = match (segs.is_empty(), flush) {
