@@ -11,13 +11,13 @@
 //! configuration, never by code changes.
 #![deny(missing_docs)]
 
-mod types;
 mod platform;
+mod types;
 
 pub use platform::{EventChannel, GrantCopier, GrantMapper, Platform};
 pub use types::{
     Access, CopyOp, DomId, EvtchnError, GrantAddr, GrantError, GrantMapping, GrantRef, GrantStatus,
-    Port, Unmap,
+    Port, Unmap, UnmapNotify, DOMID_FIRST_RESERVED,
 };
 
 pub mod handoff;
@@ -27,5 +27,8 @@ pub mod xenstore;
 mod config;
 mod evtchn;
 mod gntdev;
+mod ioctl;
 
-pub use config::PlatformConfig;
+pub use config::{ParsePlatformError, PlatformConfig, PlatformError, XenPlatform, PLATFORM_ENV};
+pub use evtchn::{XenEventChannel, EVTCHN_PATH};
+pub use gntdev::{Gntdev, GNTDEV_PATH};

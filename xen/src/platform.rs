@@ -3,7 +3,9 @@
 
 use std::os::fd::BorrowedFd;
 
-use crate::{Access, CopyOp, DomId, EvtchnError, GrantError, GrantMapping, GrantRef, Port};
+use crate::{
+    Access, CopyOp, DomId, EvtchnError, GrantError, GrantMapping, GrantRef, Port, UnmapNotify,
+};
 
 /// Maps other domains' grants into this process (`/dev/xen/gntdev` or the simulation).
 pub trait GrantMapper: Send + Sync {
@@ -13,7 +15,24 @@ pub trait GrantMapper: Send + Sync {
     ///
     /// # Errors
     /// [`GrantError::Status`] with Xen's status for the first ref that failed.
-    fn map(&self, domid: DomId, refs: &[GrantRef], access: Access) -> Result<GrantMapping, GrantError>;
+    fn map(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        access: Access,
+    ) -> Result<GrantMapping, GrantError>;
+
+    /// Arranges for `notify` to happen when `mapping` (made by this mapper) is unmapped,
+    /// replacing any earlier request.
+    ///
+    /// # Errors
+    /// [`GrantError::Invalid`] for a byte outside the mapping or in a read-only mapping, or a
+    /// mapping of another mapper; [`GrantError::Io`] when the device refuses.
+    fn set_unmap_notify(
+        &self,
+        mapping: &GrantMapping,
+        notify: UnmapNotify,
+    ) -> Result<(), GrantError>;
 }
 
 /// Copies between local memory and other domains' grants (`IOCTL_GNTDEV_GRANT_COPY` or the

@@ -2,7 +2,7 @@
 
 use std::ptr::NonNull;
 
-use shmem::SharedMem;
+use shmem::{SharedMem, PAGE_SIZE};
 
 /// A Xen domain id.
 pub type DomId = u16;
@@ -10,6 +10,9 @@ pub type DomId = u16;
 pub type GrantRef = u32;
 /// An event channel port number, local to one domain.
 pub type Port = u32;
+
+/// The first domid reserved for special purposes (`DOMID_FIRST_RESERVED`): no domain has it.
+pub const DOMID_FIRST_RESERVED: DomId = 0x7ff0;
 
 /// Whether a mapping may be written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +153,7 @@ impl GrantMapping {
     pub fn mem(&self) -> SharedMem<'_> {
         // SAFETY: the mapping lives until self is dropped, which the view's lifetime forbids
         // before the view is gone; no Rust reference to the pages exists.
-        unsafe { SharedMem::from_raw(self.addr, self.pages * shmem::PAGE_SIZE) }
+        unsafe { SharedMem::from_raw(self.addr, self.pages * PAGE_SIZE) }
     }
 
     /// Number of pages mapped.
@@ -162,12 +165,28 @@ impl GrantMapping {
     pub fn access(&self) -> Access {
         self.access
     }
+
+    /// The mapper's handle for this mapping (the gntdev index).
+    pub(crate) fn token(&self) -> u64 {
+        self.token
+    }
 }
 
 impl Drop for GrantMapping {
     fn drop(&mut self) {
         self.unmapper.unmap(self.addr, self.pages, self.token);
     }
+}
+
+/// What happens when a mapping is finally unmapped, even by the death of this process
+/// (`IOCTL_GNTDEV_SET_UNMAP_NOTIFY`): how a granting domain learns that its peer is gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnmapNotify {
+    /// Byte offset in the mapping set to 0 before unmapping (`UNMAP_NOTIFY_CLEAR_BYTE`); the
+    /// mapping must be writable.
+    pub clear_byte: Option<usize>,
+    /// Local event-channel port notified after unmapping (`UNMAP_NOTIFY_SEND_EVENT`).
+    pub send_event: Option<Port>,
 }
 
 /// Where one side of a grant copy lies in the other domain.
@@ -212,6 +231,26 @@ impl CopyOp<'_> {
             Self::FromGuest { status, .. } | Self::ToGuest { status, .. } => *status,
         }
     }
+}
+
+/// Checks a batch as the kernel's gntdev does before copying anything: a zero or over-page
+/// length, or a grant side crossing its page, fails the whole batch.
+pub(crate) fn check_copy_batch(ops: &[CopyOp<'_>]) -> Result<(), GrantError> {
+    for op in ops {
+        let (len, addr) = match op {
+            CopyOp::FromGuest { src, dst, .. } => (dst.len(), src),
+            CopyOp::ToGuest { src, dst, .. } => (src.len(), dst),
+        };
+        if len == 0 || len > PAGE_SIZE {
+            return Err(GrantError::Invalid(
+                "grant copy segment length is 0 or over a page",
+            ));
+        }
+        if usize::from(addr.offset) + len > PAGE_SIZE {
+            return Err(GrantError::Invalid("grant copy segment crosses its page"));
+        }
+    }
+    Ok(())
 }
 
 /// An event-channel failure.

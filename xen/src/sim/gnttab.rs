@@ -1,1 +1,614 @@
-//! Simulated grant tables.
+//! Simulated grant tables with Xen's v1 semantics, in shared files so that they work across
+//! processes.
+//!
+//! Each domain with memory has `gnttab.<domid>`: a 64-byte header, then `nr_entries` v1 grant
+//! entries `{u16 flags, u16 domid, u32 frame}` (the granting guest writes them, as in Xen),
+//! then one `u32` pin word per entry, which in Xen is the hypervisor's private active entry.
+//! The guest's memory is `mem.<domid>`, `frames` pages.
+//!
+//! The "hypervisor" side (mapping, copying) runs in the mapping process and follows Xen's
+//! `_set_status_v1` (xen/common/grant_table.c): the flags and domid are updated together by
+//! compare-and-swap on the combined 32-bit word, setting `GTF_reading` (and `GTF_writing` for
+//! a writable pin) while the grant is pinned, so that the guest's end of access
+//! (`gnttab_end_foreign_access_ref`: compare-and-swap to 0 unless reading/writing is set)
+//! fails while the grant is in use. Statuses are Xen's: a ref beyond the table is
+//! `GNTST_bad_gntref`; a ref not granted, granted to another domain, or read-only for a
+//! writable pin is `GNTST_general_error` (Xen's "Bad flags or dom" and "Attempt to write-pin
+//! a r/o grant entry"); a frame beyond the guest's memory is `GNTST_bad_page`; an unknown or
+//! destroyed domain is `GNTST_bad_domain`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use shmem::{SharedMem, PAGE_SIZE};
+
+use super::shm::{unmap_raw, MappedFile, Reservation};
+use super::{domain_file, SimError};
+use crate::types::check_copy_batch;
+use crate::{
+    Access, CopyOp, DomId, GrantCopier, GrantError, GrantMapper, GrantMapping, GrantRef,
+    GrantStatus, Unmap, UnmapNotify,
+};
+
+const MAGIC: u32 = 0x3154_4e47; // "GNT1"
+const HEADER: usize = 64;
+const OFF_MAGIC: usize = 0;
+const OFF_NR: usize = 4;
+const OFF_FRAMES: usize = 8;
+const OFF_STATE: usize = 12;
+const ENTRY: usize = 8;
+const STATE_ALIVE: u32 = 1;
+const STATE_DEAD: u32 = 2;
+
+/// `GTF_permit_access`: the entry grants access to `frame` for `domid`.
+const GTF_PERMIT_ACCESS: u32 = 1;
+/// `GTF_type_mask`.
+const GTF_TYPE_MASK: u32 = 3;
+/// `GTF_readonly`: the grantee may only read.
+const GTF_READONLY: u32 = 1 << 2;
+/// `GTF_reading`: set by the hypervisor while the grant is pinned.
+const GTF_READING: u32 = 1 << 3;
+/// `GTF_writing`: set by the hypervisor while the grant is pinned writable.
+const GTF_WRITING: u32 = 1 << 4;
+/// `GNTTAB_NR_RESERVED_ENTRIES`: refs a Linux guest never hands out (the toolstack's).
+pub(crate) const RESERVED_ENTRIES: u32 = 8;
+/// A `domid` marking an entry a guest is filling in (`DOMID_INVALID`); its flags are 0, so
+/// Xen's checks refuse it like any invalid entry.
+const DOMID_INVALID: u32 = 0x7ff4;
+
+/// Pin word: bit 31 is the lock standing for Xen's active-entry lock, bits 16..31 count
+/// writable pins, bits 0..16 count all pins.
+const PIN_LOCK: u32 = 1 << 31;
+const PIN_ONE_WRITER: u32 = 1 << 16;
+const PIN_COUNT_MASK: u32 = 0xffff;
+const PIN_WRITERS_MASK: u32 = 0x7fff << 16;
+
+fn combo(flags: u32, domid: DomId) -> u32 {
+    flags | (u32::from(domid) << 16)
+}
+
+/// One domain's grant table file, mapped.
+#[derive(Debug)]
+pub(crate) struct GrantTable {
+    map: MappedFile,
+    nr: u32,
+    frames: u32,
+}
+
+impl GrantTable {
+    /// Bytes a table of `nr` entries occupies.
+    pub(crate) fn file_len(nr: u32) -> usize {
+        HEADER + nr as usize * (ENTRY + 4)
+    }
+
+    /// Initialises a freshly created, zeroed file of [`GrantTable::file_len`] bytes.
+    pub(crate) fn init(file: &File, path: &Path, nr: u32, frames: u32) -> Result<(), SimError> {
+        let map =
+            MappedFile::map(file.as_fd(), Self::file_len(nr)).map_err(SimError::io("map", path))?;
+        let m = map.mem();
+        let init = m
+            .write_u32(OFF_NR, nr)
+            .and(m.write_u32(OFF_FRAMES, frames))
+            .and(m.store_u32(OFF_STATE, STATE_ALIVE, Ordering::Release))
+            .and(m.store_u32(OFF_MAGIC, MAGIC, Ordering::Release));
+        init.map_err(|_| SimError::Corrupt(path.to_owned()))
+    }
+
+    /// Opens and maps an initialised table.
+    pub(crate) fn open(path: &Path) -> Result<Self, SimError> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(SimError::io("open", path))?;
+        let len = file.metadata().map_err(SimError::io("stat", path))?.len();
+        let corrupt = || SimError::Corrupt(path.to_owned());
+        if len < HEADER as u64 {
+            return Err(corrupt());
+        }
+        let header = MappedFile::map(file.as_fd(), HEADER).map_err(SimError::io("map", path))?;
+        let h = header.mem();
+        let magic = h
+            .load_u32(OFF_MAGIC, Ordering::Acquire)
+            .map_err(|_| corrupt())?;
+        let nr = h.read_u32(OFF_NR).map_err(|_| corrupt())?;
+        let frames = h.read_u32(OFF_FRAMES).map_err(|_| corrupt())?;
+        if magic != MAGIC || (Self::file_len(nr) as u64) > len {
+            return Err(corrupt());
+        }
+        let map =
+            MappedFile::map(file.as_fd(), Self::file_len(nr)).map_err(SimError::io("map", path))?;
+        Ok(Self { map, nr, frames })
+    }
+
+    fn mem(&self) -> SharedMem<'_> {
+        self.map.mem()
+    }
+
+    fn entry_off(&self, gref: GrantRef) -> Option<usize> {
+        (gref < self.nr).then(|| HEADER + gref as usize * ENTRY)
+    }
+
+    fn pin_off(&self, gref: GrantRef) -> usize {
+        HEADER + self.nr as usize * ENTRY + gref as usize * 4
+    }
+
+    /// Whether the domain still exists.
+    pub(crate) fn alive(&self) -> bool {
+        self.mem().load_u32(OFF_STATE, Ordering::Acquire) == Ok(STATE_ALIVE)
+    }
+
+    /// Marks the domain destroyed: every later pin fails with `GNTST_bad_domain`.
+    pub(crate) fn kill(&self) {
+        // The offset is inside the header, so the store cannot fail.
+        let _ = self
+            .mem()
+            .store_u32(OFF_STATE, STATE_DEAD, Ordering::Release);
+    }
+
+    /// Pages of the granting domain's memory.
+    pub(crate) fn frames(&self) -> u32 {
+        self.frames
+    }
+
+    /// Number of entries.
+    pub(crate) fn len(&self) -> u32 {
+        self.nr
+    }
+
+    /// Guest side: grants `frame` to `to`, as a Linux guest's `gnttab_grant_foreign_access`
+    /// (frame and domid first, then the flags that make the entry valid).
+    pub(crate) fn grant(
+        &self,
+        to: DomId,
+        frame: u32,
+        readonly: bool,
+    ) -> Result<GrantRef, SimError> {
+        if frame >= self.frames {
+            return Err(SimError::BadFrame(frame));
+        }
+        let m = self.mem();
+        for gref in RESERVED_ENTRIES..self.nr {
+            let Some(off) = self.entry_off(gref) else {
+                break;
+            };
+            // Claim a free entry (flags 0) by marking it as being filled in.
+            if m.compare_exchange_u32(off, 0, DOMID_INVALID << 16) != Ok(Ok(0)) {
+                continue;
+            }
+            let flags = GTF_PERMIT_ACCESS | if readonly { GTF_READONLY } else { 0 };
+            let published = m.write_u32(off + 4, frame).and(m.store_u32(
+                off,
+                combo(flags, to),
+                Ordering::Release,
+            ));
+            return published.map(|()| gref).map_err(|_| SimError::NoFreeGrant);
+        }
+        Err(SimError::NoFreeGrant)
+    }
+
+    /// Guest side: ends access to `gref` like `gnttab_end_foreign_access_ref`: fails while the
+    /// grantee has it mapped or is copying (`GTF_reading`/`GTF_writing` set).
+    pub(crate) fn end_access(&self, gref: GrantRef) -> Result<(), SimError> {
+        let off = self.entry_off(gref).ok_or(SimError::BadGrant(gref))?;
+        let m = self.mem();
+        let mut cur = m
+            .load_u32(off, Ordering::Acquire)
+            .map_err(|_| SimError::BadGrant(gref))?;
+        loop {
+            if cur & GTF_TYPE_MASK != GTF_PERMIT_ACCESS {
+                return Err(SimError::BadGrant(gref));
+            }
+            if cur & (GTF_READING | GTF_WRITING) != 0 {
+                return Err(SimError::GrantInUse(gref));
+            }
+            match m.compare_exchange_u32(off, cur, 0) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(now)) => cur = now,
+                Err(_) => return Err(SimError::BadGrant(gref)),
+            }
+        }
+    }
+
+    /// Whether the grantee currently has `gref` pinned (mapped or being copied).
+    pub(crate) fn in_use(&self, gref: GrantRef) -> bool {
+        self.entry_off(gref)
+            .and_then(|off| self.mem().load_u32(off, Ordering::Acquire).ok())
+            .is_some_and(|c| c & (GTF_READING | GTF_WRITING) != 0)
+    }
+
+    fn lock_pin(&self, off: usize) -> u32 {
+        let m = self.mem();
+        loop {
+            match m.load_u32(off, Ordering::Relaxed) {
+                Ok(v) if v & PIN_LOCK == 0 => {
+                    if m.compare_exchange_u32(off, v, v | PIN_LOCK) == Ok(Ok(v)) {
+                        return v;
+                    }
+                }
+                Ok(_) => std::thread::yield_now(),
+                // The offset lies in the table (the ref was checked); unreachable in practice,
+                // and "no pins" is the safe answer since the caller then fails the pin.
+                Err(_) => return PIN_LOCK,
+            }
+        }
+    }
+
+    fn unlock_pin(&self, off: usize, pins: u32) {
+        let _ = self
+            .mem()
+            .store_u32(off, pins & !PIN_LOCK, Ordering::Release);
+    }
+
+    /// Hypervisor side: pins `gref` for `ldomid`, as Xen's map and copy do, returning the
+    /// granted frame.
+    pub(crate) fn pin(
+        &self,
+        gref: GrantRef,
+        ldomid: DomId,
+        write: bool,
+    ) -> Result<u32, GrantStatus> {
+        if !self.alive() {
+            return Err(GrantStatus::BadDomain);
+        }
+        let off = self.entry_off(gref).ok_or(GrantStatus::BadGntref)?;
+        let pin_off = self.pin_off(gref);
+        let pins = self.lock_pin(pin_off);
+        if pins & PIN_LOCK != 0 {
+            return Err(GrantStatus::GeneralError);
+        }
+        let result = self.set_status(off, ldomid, write).and_then(|()| {
+            let frame = self
+                .mem()
+                .read_u32(off + 4)
+                .map_err(|_| GrantStatus::GeneralError)?;
+            if frame >= self.frames {
+                return Err(GrantStatus::BadPage);
+            }
+            if pins & PIN_COUNT_MASK == PIN_COUNT_MASK
+                || pins & PIN_WRITERS_MASK == PIN_WRITERS_MASK
+            {
+                return Err(GrantStatus::GeneralError);
+            }
+            Ok(frame)
+        });
+        match result {
+            Ok(frame) => {
+                let new = pins + 1 + if write { PIN_ONE_WRITER } else { 0 };
+                self.unlock_pin(pin_off, new);
+                Ok(frame)
+            }
+            Err(st) => {
+                self.release_flags(off, pins);
+                self.unlock_pin(pin_off, pins);
+                Err(st)
+            }
+        }
+    }
+
+    /// Xen's `_set_status_v1`: validate the entry and set reading (and writing).
+    fn set_status(&self, off: usize, ldomid: DomId, write: bool) -> Result<(), GrantStatus> {
+        let m = self.mem();
+        let mut cur = m
+            .load_u32(off, Ordering::Acquire)
+            .map_err(|_| GrantStatus::GeneralError)?;
+        for _ in 0..5 {
+            if cur & GTF_TYPE_MASK != GTF_PERMIT_ACCESS || cur >> 16 != u32::from(ldomid) {
+                return Err(GrantStatus::GeneralError);
+            }
+            let mut new = cur | GTF_READING;
+            if write {
+                if cur & GTF_READONLY != 0 {
+                    return Err(GrantStatus::GeneralError);
+                }
+                new |= GTF_WRITING;
+            }
+            match m.compare_exchange_u32(off, cur, new) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(now)) => cur = now,
+                Err(_) => return Err(GrantStatus::GeneralError),
+            }
+        }
+        // "Shared grant entry is unstable": the guest kept changing it.
+        Err(GrantStatus::GeneralError)
+    }
+
+    /// Clears the reading/writing flags that `pins` no longer justify.
+    fn release_flags(&self, off: usize, pins: u32) {
+        let mut clear = 0;
+        if pins & PIN_WRITERS_MASK == 0 {
+            clear |= GTF_WRITING;
+        }
+        if pins & PIN_COUNT_MASK == 0 {
+            clear |= GTF_READING;
+        }
+        let m = self.mem();
+        let Ok(mut cur) = m.load_u32(off, Ordering::Acquire) else {
+            return;
+        };
+        while cur & clear != 0 {
+            match m.compare_exchange_u32(off, cur, cur & !clear) {
+                Ok(Ok(_)) | Err(_) => break,
+                Ok(Err(now)) => cur = now,
+            }
+        }
+    }
+
+    /// Hypervisor side: drops one pin taken by [`GrantTable::pin`].
+    pub(crate) fn unpin(&self, gref: GrantRef, write: bool) {
+        let Some(off) = self.entry_off(gref) else {
+            return;
+        };
+        let pin_off = self.pin_off(gref);
+        let pins = self.lock_pin(pin_off);
+        if pins & PIN_LOCK != 0 {
+            return;
+        }
+        let mut new = pins;
+        if new & PIN_COUNT_MASK != 0 {
+            new -= 1;
+        }
+        if write && new & PIN_WRITERS_MASK != 0 {
+            new -= PIN_ONE_WRITER;
+        }
+        self.release_flags(off, new);
+        self.unlock_pin(pin_off, new);
+    }
+}
+
+/// The hypervisor's view of another domain: its grant table and its memory.
+#[derive(Debug)]
+struct ForeignDomain {
+    gnttab: GrantTable,
+    mem_file: File,
+    mem: MappedFile,
+}
+
+impl ForeignDomain {
+    fn open(dir: &Path, domid: DomId) -> Result<Self, SimError> {
+        let gnttab = GrantTable::open(&domain_file(dir, "gnttab", domid))?;
+        let path = domain_file(dir, "mem", domid);
+        let mem_file = File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(SimError::io("open", &path))?;
+        let len = gnttab.frames as usize * PAGE_SIZE;
+        if mem_file
+            .metadata()
+            .map_err(SimError::io("stat", &path))?
+            .len()
+            < len as u64
+        {
+            return Err(SimError::Corrupt(path));
+        }
+        let mem = MappedFile::map(mem_file.as_fd(), len).map_err(SimError::io("map", &path))?;
+        Ok(Self {
+            gnttab,
+            mem_file,
+            mem,
+        })
+    }
+}
+
+/// One live mapping: what to unpin and notify when it goes.
+#[derive(Debug)]
+struct MapRecord {
+    dom: Arc<ForeignDomain>,
+    refs: Vec<GrantRef>,
+    access: Access,
+    notify: UnmapNotify,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    domid: DomId,
+    domains: Mutex<HashMap<DomId, Arc<ForeignDomain>>>,
+    maps: Mutex<HashMap<u64, MapRecord>>,
+    next_token: AtomicU64,
+}
+
+/// Most refs one map call may take (the real gntdev's default limit per file is larger, but
+/// a blkif request never needs more than this).
+const MAX_MAP_REFS: usize = 1 << 16;
+
+impl Inner {
+    /// The domain's files, reopened when the cached ones belong to a destroyed domain.
+    fn domain(&self, domid: DomId) -> Result<Arc<ForeignDomain>, GrantStatus> {
+        let mut domains = self.domains.lock().map_err(|_| GrantStatus::GeneralError)?;
+        if let Some(d) = domains.get(&domid) {
+            if d.gnttab.alive() {
+                return Ok(Arc::clone(d));
+            }
+            domains.remove(&domid);
+        }
+        match ForeignDomain::open(&self.dir, domid) {
+            Ok(d) if d.gnttab.alive() => {
+                let d = Arc::new(d);
+                domains.insert(domid, Arc::clone(&d));
+                Ok(d)
+            }
+            Ok(_) | Err(_) => Err(GrantStatus::BadDomain),
+        }
+    }
+
+    fn lock_maps(&self) -> std::sync::MutexGuard<'_, HashMap<u64, MapRecord>> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Unmap for Inner {
+    fn unmap(&self, addr: NonNull<u8>, pages: usize, token: u64) {
+        let Some(rec) = self.lock_maps().remove(&token) else {
+            tracing::error!("sim: unmap of unknown grant mapping {token}");
+            return;
+        };
+        if let Some(offset) = rec.notify.clear_byte {
+            // SAFETY: addr/pages is the live mapping recorded under token (made writable, as
+            // set_unmap_notify checked), not yet unmapped.
+            let mem = unsafe { SharedMem::from_raw(addr, pages * PAGE_SIZE) };
+            let _ = mem.write_u8(offset, 0);
+        }
+        // SAFETY: addr/pages came from Reservation::into_raw for this token, which GrantMapping
+        // unmaps exactly once, after its last view is gone.
+        unsafe { unmap_raw(addr, pages) };
+        let write = rec.access == Access::ReadWrite;
+        for &gref in &rec.refs {
+            rec.dom.gnttab.unpin(gref, write);
+        }
+        if let Some(port) = rec.notify.send_event {
+            if let Err(e) = super::evtchn::send_from(&self.dir, self.domid, port) {
+                tracing::debug!("sim: unmap notify on port {port}: {e}");
+            }
+        }
+    }
+}
+
+/// The simulated hypervisor's grant operations for one (backend) domain: the simulation's
+/// [`GrantMapper`] and [`GrantCopier`].
+#[derive(Debug, Clone)]
+pub struct SimGnttab {
+    inner: Arc<Inner>,
+}
+
+impl SimGnttab {
+    /// Grant operations of domain `domid` on the simulation in `dir`.
+    pub fn new(dir: &Path, domid: DomId) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                domid,
+                domains: Mutex::new(HashMap::new()),
+                maps: Mutex::new(HashMap::new()),
+                next_token: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl GrantMapper for SimGnttab {
+    fn map(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        access: Access,
+    ) -> Result<GrantMapping, GrantError> {
+        if refs.is_empty() {
+            return Err(GrantError::Invalid("no grant refs to map"));
+        }
+        if refs.len() > MAX_MAP_REFS {
+            return Err(GrantError::Invalid("too many grant refs in one mapping"));
+        }
+        let dom = self.inner.domain(domid).map_err(GrantError::Status)?;
+        let write = access == Access::ReadWrite;
+        let res = Reservation::new(refs.len())?;
+        let mut pinned = 0;
+        let mut failure = None;
+        for (i, &gref) in refs.iter().enumerate() {
+            match dom.gnttab.pin(gref, self.inner.domid, write) {
+                Ok(frame) => {
+                    pinned += 1;
+                    if let Err(e) = res.map_page(i, dom.mem_file.as_fd(), u64::from(frame), write) {
+                        failure = Some(GrantError::Io(e));
+                        break;
+                    }
+                }
+                Err(st) => {
+                    failure = Some(GrantError::Status(st));
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failure {
+            // All or nothing: drop the reservation (unmapping what was mapped), then unpin.
+            drop(res);
+            for &gref in &refs[..pinned] {
+                dom.gnttab.unpin(gref, write);
+            }
+            return Err(err);
+        }
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        self.inner.lock_maps().insert(
+            token,
+            MapRecord {
+                dom,
+                refs: refs.to_vec(),
+                access,
+                notify: UnmapNotify::default(),
+            },
+        );
+        let (addr, pages) = res.into_raw();
+        let unmapper: Arc<dyn Unmap> = self.inner.clone();
+        // SAFETY: addr/pages is a mapping we just made and own; only Inner::unmap (called once
+        // by GrantMapping's drop, with this token) unmaps it.
+        Ok(unsafe { GrantMapping::new(addr, pages, token, access, unmapper) })
+    }
+
+    fn set_unmap_notify(
+        &self,
+        mapping: &GrantMapping,
+        notify: UnmapNotify,
+    ) -> Result<(), GrantError> {
+        if let Some(offset) = notify.clear_byte {
+            if offset >= mapping.pages() * PAGE_SIZE || mapping.access() != Access::ReadWrite {
+                return Err(GrantError::Invalid(
+                    "unmap notify byte outside a writable mapping",
+                ));
+            }
+        }
+        let mut maps = self.inner.lock_maps();
+        let rec = maps
+            .get_mut(&mapping.token())
+            .ok_or(GrantError::Invalid("mapping not made by this mapper"))?;
+        rec.notify = notify;
+        Ok(())
+    }
+}
+
+impl SimGnttab {
+    fn copy_one(&self, op: &mut CopyOp<'_>) -> GrantStatus {
+        let (addr, write) = match op {
+            CopyOp::FromGuest { src, .. } => (*src, false),
+            CopyOp::ToGuest { dst, .. } => (*dst, true),
+        };
+        let dom = match self.inner.domain(addr.domid) {
+            Ok(d) => d,
+            Err(st) => return st,
+        };
+        let frame = match dom.gnttab.pin(addr.gref, self.inner.domid, write) {
+            Ok(f) => f,
+            Err(st) => return st,
+        };
+        let at = frame as usize * PAGE_SIZE + usize::from(addr.offset);
+        let done = match op {
+            CopyOp::FromGuest { dst, .. } => dom.mem.mem().read_into(at, dst),
+            CopyOp::ToGuest { src, .. } => dom.mem.mem().write_from(at, src),
+        };
+        dom.gnttab.unpin(addr.gref, write);
+        match done {
+            Ok(()) => GrantStatus::Okay,
+            Err(_) => GrantStatus::BadCopyArg,
+        }
+    }
+}
+
+impl GrantCopier for SimGnttab {
+    fn copy(&self, ops: &mut [CopyOp<'_>]) -> Result<(), GrantError> {
+        check_copy_batch(ops)?;
+        for op in ops.iter_mut() {
+            let st = self.copy_one(op);
+            match op {
+                CopyOp::FromGuest { status, .. } | CopyOp::ToGuest { status, .. } => *status = st,
+            }
+        }
+        Ok(())
+    }
+}
