@@ -45,7 +45,9 @@ pub const DEFAULT_SOCKET: &str = "/var/run/xenstored/socket";
 /// The kernel's XenStore device, used when no socket is there (e.g. in a driver domain).
 pub const XENBUS_DEVICE: &str = "/dev/xen/xenbus";
 /// How often [`XenStore::transaction`] runs a conflicting transaction before giving up.
-pub const TRANSACTION_ATTEMPTS: u32 = 16;
+pub const TRANSACTION_ATTEMPTS: u32 = 32;
+/// The longest pause between two attempts of a conflicting transaction.
+const MAX_BACKOFF: Duration = Duration::from_millis(20);
 
 /// A watch event: `path` changed (or the watch was just registered), for the watch
 /// registered with `token`.
@@ -384,6 +386,19 @@ impl XsOps for Transaction<'_> {
     fn request(&self, ty: MsgType, payload: &[u8]) -> Result<Vec<u8>, XsError> {
         self.xs.conn.request(ty, self.id, payload)
     }
+}
+
+/// A growing, jittered pause after the `attempt`th conflict, so that transactions that keep
+/// colliding (the same node rewritten by several clients) stop doing so in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_micros(50)
+        .saturating_mul(1 << attempt.min(16))
+        .min(MAX_BACKOFF);
+    // Jitter from the clock's nanoseconds: no randomness source needed for spreading retries.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base / 2 + base.mul_f64(f64::from(nanos % 1000) / 1000.0)
 }
 
 /// `path\0`, refusing what cannot be framed.

@@ -1,0 +1,683 @@
+//! The XenStore client against the simulated xenstored: every operation, permissions,
+//! transactions (conflicts and retries), watches, typed errors, and a server that dies
+//! mid-reply.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use xen::sim::xenstored::{Fault, SimXenstored, QUOTA_WATCHES};
+use xen::xenstore::{Perm, PermAccess, WatchEvent, XenStore, XsError, XsOps};
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(5));
+
+fn scratch_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "xs-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+struct Setup {
+    sim: SimXenstored,
+    xs: XenStore,
+}
+
+fn setup() -> Setup {
+    let sim = SimXenstored::start(scratch_dir()).unwrap();
+    let xs = XenStore::open_at(sim.socket_path()).unwrap();
+    Setup { sim, xs }
+}
+
+impl Setup {
+    /// Introduces `domid` with a home owned by it that dom0 may read (as libxl does), and
+    /// connects as it.
+    fn domain(&self, domid: u16) -> XenStore {
+        let home = format!("/local/domain/{domid}");
+        self.xs.mkdir(&home).unwrap();
+        self.xs
+            .set_perms(
+                &home,
+                &[
+                    Perm::new(domid, PermAccess::None),
+                    Perm::new(0, PermAccess::Read),
+                ],
+            )
+            .unwrap();
+        let path = self.sim.introduce_domain(domid).unwrap();
+        XenStore::open_at(path).unwrap()
+    }
+}
+
+fn ev(path: &str, token: &str) -> WatchEvent {
+    WatchEvent {
+        path: path.into(),
+        token: token.into(),
+    }
+}
+
+fn fd_readable(xs: &XenStore) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let fd = xs.watch_fd();
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&zero)).unwrap() == 1
+}
+
+fn no_more_events(xs: &XenStore) {
+    assert_eq!(
+        xs.wait_watch_event(Some(Duration::from_millis(100)))
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn every_operation() {
+    let s = setup();
+    let xs = &s.xs;
+    xs.write("/a/b/c", "hello").unwrap();
+    assert_eq!(xs.read("/a/b/c").unwrap(), b"hello");
+    assert_eq!(xs.read_string("/a/b/c").unwrap(), "hello");
+    // Missing parents were created, empty.
+    assert_eq!(xs.read("/a/b").unwrap(), b"");
+    assert_eq!(xs.directory("/a").unwrap(), vec!["b"]);
+    xs.write("/a/b/c", b"\x00\xffbinary").unwrap();
+    assert_eq!(xs.read("/a/b/c").unwrap(), b"\x00\xffbinary");
+    assert!(matches!(xs.read_string("/a/b/c"), Err(XsError::Invalid)));
+
+    xs.mkdir("/a/d").unwrap();
+    xs.mkdir("/a/d").unwrap(); // existing: fine
+    xs.write("/a/e", "").unwrap();
+    assert_eq!(xs.directory("/a").unwrap(), vec!["b", "d", "e"]);
+    assert_eq!(xs.directory("/a/d").unwrap(), Vec::<String>::new());
+
+    xs.rm("/a/b").unwrap();
+    assert!(matches!(xs.read("/a/b/c"), Err(XsError::NotFound)));
+    assert_eq!(xs.directory("/a").unwrap(), vec!["d", "e"]);
+    xs.rm("/a/b").unwrap(); // missing, parent exists: fine
+    assert!(matches!(xs.rm("/a/b/c"), Err(XsError::NotFound))); // parent missing
+    assert!(matches!(xs.rm("/"), Err(XsError::Invalid)));
+
+    assert!(matches!(xs.read("/nope"), Err(XsError::NotFound)));
+    assert!(matches!(xs.directory("/nope"), Err(XsError::NotFound)));
+
+    assert_eq!(
+        xs.get_perms("/a").unwrap(),
+        vec![Perm::new(0, PermAccess::None)]
+    );
+    let perms = [
+        Perm::new(0, PermAccess::Read),
+        Perm::new(7, PermAccess::Both),
+    ];
+    xs.set_perms("/a", &perms).unwrap();
+    assert_eq!(xs.get_perms("/a").unwrap(), perms);
+    // New nodes inherit their parent's permissions.
+    xs.write("/a/f", "1").unwrap();
+    assert_eq!(xs.get_perms("/a/f").unwrap(), perms);
+    assert!(matches!(xs.set_perms("/a", &[]), Err(XsError::Invalid)));
+    assert!(matches!(xs.get_perms("/nope"), Err(XsError::NotFound)));
+
+    assert_eq!(xs.get_domain_path(5).unwrap(), "/local/domain/5");
+    assert_eq!(xs.get_domain_path(0).unwrap(), "/local/domain/0");
+    // Relative paths are relative to the connection's home.
+    xs.write("rel", "x").unwrap();
+    assert_eq!(xs.read("/local/domain/0/rel").unwrap(), b"x");
+}
+
+#[test]
+fn errors_are_typed() {
+    let s = setup();
+    let xs = &s.xs;
+    for bad in ["/a//b", "/a/", "/a b", "/a\u{e9}", "@introduceDomain"] {
+        assert!(matches!(xs.write(bad, "v"), Err(XsError::Invalid)), "{bad}");
+    }
+    assert!(matches!(xs.read(""), Err(XsError::BadArgument(_))));
+    assert!(matches!(xs.read("/a\0b"), Err(XsError::BadArgument(_))));
+    let long = format!("/{}", "x".repeat(3100));
+    assert!(matches!(xs.write(&long, "v"), Err(XsError::Invalid)));
+    // Over the socket's 4096-byte payload: refused before sending, connection intact.
+    let big = vec![b'v'; 4096];
+    assert!(matches!(
+        xs.write("/big", &big),
+        Err(XsError::PayloadTooLarge {
+            len: 4101,
+            max: 4096
+        })
+    ));
+    xs.write("/big", &big[..4096 - "/big\0".len()]).unwrap();
+    assert_eq!(xs.read("/big").unwrap().len(), 4091);
+    // A directory listing over the payload limit: E2BIG, as xenstored's send_reply.
+    for i in 0..100 {
+        xs.mkdir(&format!("/wide/{i:03}-{}", "n".repeat(40)))
+            .unwrap();
+    }
+    assert!(matches!(xs.directory("/wide"), Err(XsError::TooBig)));
+    // The same watch twice: EEXIST; unwatching an unknown watch: ENOENT.
+    xs.watch("/w", "t").unwrap();
+    assert!(matches!(xs.watch("/w", "t"), Err(XsError::Exists)));
+    assert!(matches!(xs.unwatch("/w", "other"), Err(XsError::NotFound)));
+    // Ending a transaction that does not exist.
+    let tx = xs.transaction_start().unwrap();
+    let id = tx.id();
+    tx.abort().unwrap();
+    let reply = xs.request(xen::xenstore::wire::MsgType::Read, b"/a\0");
+    assert!(matches!(reply, Err(XsError::NotFound)));
+    let _ = id;
+}
+
+#[test]
+fn domain_permissions() {
+    let s = setup();
+    let d5 = s.domain(5);
+    let d6 = s.domain(6);
+    s.xs.write("/secret", "dom0 only").unwrap();
+
+    // Relative paths are under the domain's home; new nodes belong to the creator and
+    // inherit the rest of the parent's permissions.
+    d5.write("device/vbd/51712/state", "1").unwrap();
+    assert_eq!(
+        s.xs.get_perms("/local/domain/5/device/vbd/51712/state")
+            .unwrap(),
+        vec![
+            Perm::new(5, PermAccess::None),
+            Perm::new(0, PermAccess::Read)
+        ]
+    );
+    assert_eq!(
+        s.xs.read("/local/domain/5/device/vbd/51712/state").unwrap(),
+        b"1"
+    );
+
+    assert!(matches!(d5.read("/secret"), Err(XsError::PermissionDenied)));
+    assert!(matches!(
+        d5.write("/secret", "x"),
+        Err(XsError::PermissionDenied)
+    ));
+    assert!(matches!(
+        d5.write("/local/domain/0/x", "x"),
+        Err(XsError::PermissionDenied)
+    ));
+    // Whether a node exists is not revealed below an unreadable parent.
+    assert!(matches!(
+        d6.read("/local/domain/5/nope"),
+        Err(XsError::PermissionDenied)
+    ));
+    assert!(matches!(
+        d5.read("/local/domain/5/nope"),
+        Err(XsError::NotFound)
+    ));
+    assert!(matches!(
+        d6.read("/local/domain/5/device/vbd/51712/state"),
+        Err(XsError::PermissionDenied)
+    ));
+
+    // The owner grants domain 6 read access.
+    d5.set_perms(
+        "device/vbd/51712/state",
+        &[
+            Perm::new(5, PermAccess::None),
+            Perm::new(6, PermAccess::Read),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        d6.read("/local/domain/5/device/vbd/51712/state").unwrap(),
+        b"1"
+    );
+    assert!(matches!(
+        d6.write("/local/domain/5/device/vbd/51712/state", "2"),
+        Err(XsError::PermissionDenied)
+    ));
+    // Only the owner sets permissions, and an unprivileged owner cannot give a node away.
+    assert!(matches!(
+        d6.set_perms(
+            "/local/domain/5/device/vbd/51712/state",
+            &[Perm::new(6, PermAccess::Both)]
+        ),
+        Err(XsError::PermissionDenied)
+    ));
+    assert!(matches!(
+        d5.set_perms("device", &[Perm::new(6, PermAccess::Both)]),
+        Err(XsError::NotPermitted)
+    ));
+    // dom0 is privileged: reads and writes anything, gives nodes away.
+    s.xs.set_perms("/local/domain/5/device", &[Perm::new(6, PermAccess::None)])
+        .unwrap();
+    assert!(matches!(d5.read("device"), Err(XsError::PermissionDenied)));
+    // Node size quota for unprivileged domains: ENOSPC.
+    assert!(matches!(
+        d6.write("big", vec![b'x'; 3000]),
+        Err(XsError::NoSpace)
+    ));
+    s.xs.write("/local/domain/6/big", vec![b'x'; 3000]).unwrap();
+}
+
+#[test]
+fn watch_quota_is_e2big() {
+    let s = setup();
+    let d5 = s.domain(5);
+    // xenstored checks `held > quota` before adding, so quota + 1 watches fit.
+    for i in 0..=QUOTA_WATCHES {
+        d5.watch("w", &format!("t{i}")).unwrap();
+    }
+    assert!(matches!(
+        d5.watch("w", "one-too-many"),
+        Err(XsError::TooBig)
+    ));
+    // dom0 has no watch quota.
+    for i in 0..QUOTA_WATCHES + 10 {
+        s.xs.watch("/w", &format!("t{i}")).unwrap();
+    }
+}
+
+#[test]
+fn watches_fire_on_registration_create_change_delete_and_subtree() {
+    let s = setup();
+    let xs = &s.xs;
+    xs.watch("/be/vbd", "tok").unwrap();
+    assert_eq!(
+        xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/be/vbd", "tok"))
+    );
+    no_more_events(xs);
+
+    xs.write("/be/vbd", "").unwrap();
+    assert_eq!(
+        xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/be/vbd", "tok"))
+    );
+    xs.write("/be/vbd/1/51712/state", "2").unwrap();
+    assert_eq!(
+        xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/be/vbd/1/51712/state", "tok"))
+    );
+    xs.write("/be/vbd/1/51712/state", "4").unwrap();
+    assert_eq!(
+        xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/be/vbd/1/51712/state", "tok"))
+    );
+    xs.mkdir("/be/vbd/2").unwrap();
+    assert_eq!(
+        xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/be/vbd/2", "tok"))
+    );
+    xs.set_perms("/be/vbd/2", &[Perm::new(0, PermAccess::Read)])
+        .unwrap();
+    assert_eq!(
+        xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/be/vbd/2", "tok"))
+    );
+    // Changes elsewhere, or to a sibling sharing a prefix, do not fire.
+    xs.write("/be/vbdx", "1").unwrap();
+    xs.write("/be", "1").unwrap();
+    no_more_events(xs);
+
+    // Removing a parent fires the watch on it and, exactly, watches on removed nodes.
+    xs.watch("/be/vbd/1/51712/state", "state").unwrap();
+    assert_eq!(
+        xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/be/vbd/1/51712/state", "state"))
+    );
+    xs.rm("/be/vbd/1").unwrap();
+    let mut got = vec![
+        xs.wait_watch_event(WAIT).unwrap().unwrap(),
+        xs.wait_watch_event(WAIT).unwrap().unwrap(),
+    ];
+    got.sort_by(|a, b| a.token.cmp(&b.token));
+    assert_eq!(
+        got,
+        vec![ev("/be/vbd/1/51712/state", "state"), ev("/be/vbd/1", "tok")]
+    );
+    no_more_events(xs);
+
+    xs.unwatch("/be/vbd", "tok").unwrap();
+    xs.write("/be/vbd/3", "").unwrap();
+    no_more_events(xs);
+}
+
+#[test]
+fn watch_fd_is_readable_while_events_are_queued() {
+    let s = setup();
+    let xs = &s.xs;
+    assert!(!fd_readable(xs));
+    assert_eq!(xs.next_watch_event(), None);
+    xs.watch("/x", "t").unwrap();
+    // The registration event may still be in flight; wait for it through the fd.
+    let fd = xs.watch_fd();
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let five = rustix::event::Timespec {
+        tv_sec: 5,
+        tv_nsec: 0,
+    };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&five)).unwrap(), 1);
+    xs.write("/x", "1").unwrap();
+    assert!(fd_readable(xs));
+    assert_eq!(xs.next_watch_event(), Some(ev("/x", "t")));
+    assert!(fd_readable(xs));
+    assert_eq!(xs.next_watch_event(), Some(ev("/x", "t")));
+    assert!(!fd_readable(xs));
+    assert_eq!(xs.next_watch_event(), None);
+}
+
+#[test]
+fn watches_see_only_what_the_domain_may_read_and_relative_paths() {
+    let s = setup();
+    let d5 = s.domain(5);
+    d5.watch("device", "rel").unwrap();
+    assert_eq!(
+        d5.wait_watch_event(WAIT).unwrap(),
+        Some(ev("device", "rel"))
+    );
+    d5.watch("/", "root").unwrap();
+    assert_eq!(d5.wait_watch_event(WAIT).unwrap(), Some(ev("/", "root")));
+    // A change to a node the domain cannot read is not reported.
+    s.xs.write("/secret", "x").unwrap();
+    no_more_events(&d5);
+    // dom0 writes into the domain's area: the domain sees it, relative to its home for
+    // the relative watch.
+    s.xs.write("/local/domain/5/device/vbd", "").unwrap();
+    let mut got = vec![
+        d5.wait_watch_event(WAIT).unwrap().unwrap(),
+        d5.wait_watch_event(WAIT).unwrap().unwrap(),
+    ];
+    got.sort_by(|a, b| a.token.cmp(&b.token));
+    assert_eq!(
+        got,
+        vec![
+            ev("device/vbd", "rel"),
+            ev("/local/domain/5/device/vbd", "root")
+        ]
+    );
+}
+
+#[test]
+fn special_watches_on_domain_introduction_and_release() {
+    let s = setup();
+    s.xs.watch("@introduceDomain", "intro").unwrap();
+    s.xs.watch("@releaseDomain", "release").unwrap();
+    let mut first = vec![
+        s.xs.wait_watch_event(WAIT).unwrap().unwrap(),
+        s.xs.wait_watch_event(WAIT).unwrap().unwrap(),
+    ];
+    first.sort_by(|a, b| a.token.cmp(&b.token));
+    assert_eq!(
+        first,
+        vec![
+            ev("@introduceDomain", "intro"),
+            ev("@releaseDomain", "release")
+        ]
+    );
+
+    let path = s.sim.introduce_domain(3).unwrap();
+    assert_eq!(
+        s.xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("@introduceDomain", "intro"))
+    );
+    let d3 = XenStore::open_at(&path).unwrap();
+    assert_eq!(d3.get_domain_path(3).unwrap(), "/local/domain/3");
+    // Unprivileged domains may not watch special nodes unless their permissions allow it.
+    d3.watch("@releaseDomain", "r").unwrap();
+    s.sim.release_domain(3).unwrap();
+    assert_eq!(
+        s.xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("@releaseDomain", "release"))
+    );
+    // The released domain's connection is closed and its socket gone.
+    assert!(matches!(d3.read("/x"), Err(XsError::Closed)));
+    assert!(matches!(
+        d3.wait_watch_event(WAIT),
+        Err(XsError::Closed) | Ok(Some(_))
+    ));
+    assert!(!path.exists());
+    assert!(XenStore::open_at(&path).is_err());
+    assert!(s.sim.release_domain(3).is_err());
+}
+
+#[test]
+fn raw_transaction_end_returns_eagain_on_conflict() {
+    let s = setup();
+    let other = XenStore::open_at(s.sim.socket_path()).unwrap();
+    s.xs.write("/counter", "0").unwrap();
+
+    let tx = s.xs.transaction_start().unwrap();
+    assert_eq!(tx.read("/counter").unwrap(), b"0");
+    tx.write("/result", "from tx").unwrap();
+    // Invisible outside the transaction until committed.
+    assert!(matches!(s.xs.read("/result"), Err(XsError::NotFound)));
+    assert_eq!(tx.read("/result").unwrap(), b"from tx");
+    other.write("/counter", "1").unwrap();
+    assert!(matches!(tx.commit(), Err(XsError::Again)));
+    assert!(matches!(s.xs.read("/result"), Err(XsError::NotFound)));
+
+    // Without interference the same commits.
+    let tx = s.xs.transaction_start().unwrap();
+    assert_eq!(tx.read("/counter").unwrap(), b"1");
+    tx.write("/result", "committed").unwrap();
+    tx.commit().unwrap();
+    assert_eq!(s.xs.read("/result").unwrap(), b"committed");
+
+    // Abort (explicit or by drop) discards.
+    let tx = s.xs.transaction_start().unwrap();
+    tx.write("/aborted", "x").unwrap();
+    tx.abort().unwrap();
+    {
+        let tx = s.xs.transaction_start().unwrap();
+        tx.rm("/result").unwrap();
+        tx.write("/dropped", "x").unwrap();
+    }
+    assert!(matches!(s.xs.read("/aborted"), Err(XsError::NotFound)));
+    assert!(matches!(s.xs.read("/dropped"), Err(XsError::NotFound)));
+    assert_eq!(s.xs.read("/result").unwrap(), b"committed");
+
+    // Two transactions touching the same node: the first to commit wins.
+    let t1 = s.xs.transaction_start().unwrap();
+    let t2 = other.transaction_start().unwrap();
+    t1.write("/counter", "t1").unwrap();
+    t2.write("/counter", "t2").unwrap();
+    t1.commit().unwrap();
+    assert!(matches!(t2.commit(), Err(XsError::Again)));
+    assert_eq!(s.xs.read("/counter").unwrap(), b"t1");
+}
+
+#[test]
+fn transaction_retries_conflicts_transparently() {
+    let s = setup();
+    let other = XenStore::open_at(s.sim.socket_path()).unwrap();
+    s.xs.write("/n", "0").unwrap();
+    let mut attempts = 0;
+    let result =
+        s.xs.transaction(|tx| {
+            attempts += 1;
+            let n: u32 = tx
+                .read_string("/n")?
+                .parse()
+                .map_err(|_| XsError::Invalid)?;
+            if attempts == 1 {
+                // Someone else changes the node under the first attempt.
+                other.write("/n", "10").unwrap();
+            }
+            tx.write("/n", (n + 1).to_string())?;
+            Ok(n)
+        })
+        .unwrap();
+    assert_eq!((attempts, result), (2, 10));
+    assert_eq!(s.xs.read("/n").unwrap(), b"11");
+
+    // An error from the closure aborts and is returned unchanged.
+    let r: Result<(), _> = s.xs.transaction(|tx| {
+        tx.write("/n", "999")?;
+        tx.read("/missing").map(drop)
+    });
+    assert!(matches!(r, Err(XsError::NotFound)));
+    assert_eq!(s.xs.read("/n").unwrap(), b"11");
+}
+
+#[test]
+fn concurrent_transactions_from_many_threads_lose_no_update() {
+    let s = setup();
+    s.xs.write("/count", "0").unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    // Threads 0 and 1 share a connection; 2 and 3 have their own.
+    let shared = Arc::new(XenStore::open_at(s.sim.socket_path()).unwrap());
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let xs = if i < 2 {
+                Arc::clone(&shared)
+            } else {
+                Arc::new(XenStore::open_at(s.sim.socket_path()).unwrap())
+            };
+            let runs = Arc::clone(&runs);
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    xs.transaction(|tx| {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        let n: u32 = tx
+                            .read_string("/count")?
+                            .parse()
+                            .map_err(|_| XsError::Invalid)?;
+                        tx.write("/count", (n + 1).to_string())
+                    })
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(s.xs.read("/count").unwrap(), b"100");
+    assert!(runs.load(Ordering::Relaxed) >= 100);
+}
+
+#[test]
+fn one_connection_many_threads_replies_matched_by_request_id() {
+    let s = setup();
+    let xs = Arc::new(s.xs);
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let xs = Arc::clone(&xs);
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let path = format!("/t{t}/n{}", i % 5);
+                    let value = format!("{t}-{i}");
+                    xs.write(&path, &value).unwrap();
+                    assert_eq!(xs.read_string(&path).unwrap(), value);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn transaction_watches_fire_at_commit_only() {
+    let s = setup();
+    let watcher = XenStore::open_at(s.sim.socket_path()).unwrap();
+    watcher.watch("/fe", "fe").unwrap();
+    assert_eq!(
+        watcher.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/fe", "fe"))
+    );
+    let tx = s.xs.transaction_start().unwrap();
+    tx.write("/fe/state", "3").unwrap();
+    no_more_events(&watcher);
+    tx.commit().unwrap();
+    assert_eq!(
+        watcher.wait_watch_event(WAIT).unwrap(),
+        Some(ev("/fe/state", "fe"))
+    );
+    // An aborted transaction fires nothing.
+    let tx = s.xs.transaction_start().unwrap();
+    tx.write("/fe/state", "4").unwrap();
+    tx.abort().unwrap();
+    no_more_events(&watcher);
+}
+
+#[test]
+fn server_closing_mid_reply_fails_every_pending_caller_promptly() {
+    let s = setup();
+    let xs = Arc::new(s.xs);
+    xs.write("/v", vec![b'x'; 2000]).unwrap();
+    s.sim.inject_fault(Fault::CloseMidReply);
+    let (done_tx, done_rx) = mpsc::channel();
+    for _ in 0..4 {
+        let xs = Arc::clone(&xs);
+        let done = done_tx.clone();
+        std::thread::spawn(move || {
+            let r = (0..50).map(|_| xs.read("/v")).find(Result::is_err);
+            let _ = done.send(r);
+        });
+    }
+    let waiter = {
+        let xs = Arc::clone(&xs);
+        let done = done_tx.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(Some(xs.wait_watch_event(None).map(|_| Vec::new())));
+        })
+    };
+    for _ in 0..5 {
+        let r = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a caller hung");
+        assert!(matches!(r, Some(Err(XsError::Closed))), "{r:?}");
+    }
+    waiter.join().unwrap();
+    assert!(xs.is_closed());
+    assert!(fd_readable(&xs));
+    assert!(matches!(xs.write("/after", "x"), Err(XsError::Closed)));
+    // The server itself lives on for other connections.
+    let again = XenStore::open_at(s.sim.socket_path()).unwrap();
+    assert_eq!(again.read("/v").unwrap().len(), 2000);
+}
+
+#[test]
+fn oversized_request_from_a_raw_client_drops_its_connection() {
+    use std::io::{Read, Write};
+    let s = setup();
+    let mut raw = std::os::unix::net::UnixStream::connect(s.sim.socket_path()).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut frame = xen::xenstore::wire::encode(2, 1, 0, b"/a\0");
+    frame[12..16].copy_from_slice(&5000u32.to_ne_bytes());
+    raw.write_all(&frame).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(raw.read(&mut buf).unwrap(), 0);
+    s.xs.write("/still", "alive").unwrap();
+}
+
+#[test]
+fn open_follows_xenstored_path() {
+    let s = setup();
+    // Only this test touches the variable.
+    std::env::set_var("XENSTORED_PATH", s.sim.socket_path());
+    let xs = XenStore::open().unwrap();
+    std::env::remove_var("XENSTORED_PATH");
+    xs.write("/via-env", "1").unwrap();
+    assert_eq!(s.xs.read("/via-env").unwrap(), b"1");
+    assert!(XenStore::open_at(s.sim.dir().join("missing")).is_err());
+}
+
+#[test]
+fn stop_closes_clients_and_removes_sockets() {
+    let s = setup();
+    let d2 = s.domain(2);
+    let dom0_sock = s.sim.socket_path();
+    let d2_sock = s.sim.domain_socket_path(2);
+    s.sim.stop();
+    assert!(matches!(s.xs.read("/"), Err(XsError::Closed)));
+    assert!(matches!(d2.read("x"), Err(XsError::Closed)));
+    assert!(!dom0_sock.exists() && !d2_sock.exists());
+}
