@@ -1,0 +1,112 @@
+//! Persistent grants (`feature-persistent`): pages the frontend keeps granted for the whole
+//! connection, mapped once and reused, so a request costs no map/unmap.
+//!
+//! Linux's rules (drivers/block/xen-blkback/blkback.c): at most `max_persistent_grants` per
+//! ring (module parameter, default 1056); grants beyond the cap are mapped for one request
+//! only; every 100 ms (`LRU_INTERVAL`) grants unused for longer than the timeout (60 s,
+//! `persistent_grant_unused_seconds`) are unmapped, and when the cache is full a further 5 %
+//! (`LRU_PERCENT_CLEAN`) of the least recently used are purged to make room.
+//!
+//! Ownership instead of Linux's flags: each mapping is an `Arc`, and a request in flight holds
+//! a clone (inside the io_uring's owned entry) until its completion. Purging only drops the
+//! cache's clone, so a mapping is unmapped when the last user is done, never under the kernel
+//! (XSA-365/371: a map error or a purge cannot leak or free a grant still in use). A
+//! frontend reusing a page in two requests at once shares the mapping (Linux would map the
+//! second use separately); its data is then as racy as it made it, our memory is not.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use xen::{Access, DomId, GrantError, GrantMapper, GrantMapping, GrantRef};
+
+/// Linux's `xen_blkif_max_pgrants` default.
+pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
+/// Linux's `xen_blkif_pgrant_timeout` default.
+pub const DEFAULT_PERSISTENT_GRANT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Linux's `LRU_INTERVAL`.
+pub(super) const LRU_INTERVAL: Duration = Duration::from_millis(100);
+/// Linux's `LRU_PERCENT_CLEAN`.
+const LRU_PERCENT_CLEAN: usize = 5;
+
+#[derive(Debug)]
+struct Entry {
+    mapping: Arc<GrantMapping>,
+    last_used: Instant,
+}
+
+/// The persistent grants of one queue.
+#[derive(Debug)]
+pub(super) struct PersistentGrants {
+    frontend: DomId,
+    max: usize,
+    timeout: Duration,
+    map: HashMap<GrantRef, Entry>,
+    next_purge: Instant,
+}
+
+impl PersistentGrants {
+    pub(super) fn new(frontend: DomId, max: usize, timeout: Duration) -> Self {
+        Self {
+            frontend,
+            max,
+            timeout,
+            map: HashMap::with_capacity(max.min(4096)),
+            next_purge: Instant::now() + LRU_INTERVAL,
+        }
+    }
+
+    /// Number of grants mapped.
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The mapping of `gref`: the cached one, or a fresh one that is cached while there is
+    /// room. `None` when the cache is full and `gref` is not in it (the caller maps it for
+    /// this request only).
+    ///
+    /// # Errors
+    /// The mapper's error; nothing is cached then.
+    pub(super) fn get(&mut self, mapper: &dyn GrantMapper, gref: GrantRef, now: Instant) -> Result<Option<Arc<GrantMapping>>, GrantError> {
+        if let Some(e) = self.map.get_mut(&gref) {
+            e.last_used = now;
+            return Ok(Some(Arc::clone(&e.mapping)));
+        }
+        if self.map.len() >= self.max {
+            return Ok(None);
+        }
+        // Persistent grants are always mapped writable, as Linux does: the same page serves
+        // reads and writes over its lifetime.
+        let mapping = Arc::new(mapper.map(self.frontend, &[gref], Access::ReadWrite)?);
+        self.map.insert(gref, Entry { mapping: Arc::clone(&mapping), last_used: now });
+        Ok(Some(mapping))
+    }
+
+    /// Linux's `purge_persistent_gnt`, run at most every [`LRU_INTERVAL`]: drops grants idle
+    /// past the timeout and, when the cache is full, the least recently used 5 % besides.
+    /// Returns how many were dropped from the cache.
+    pub(super) fn purge(&mut self, now: Instant) -> usize {
+        if now < self.next_purge {
+            return 0;
+        }
+        self.next_purge = now + LRU_INTERVAL;
+        let before = self.map.len();
+        let timeout = self.timeout;
+        self.map.retain(|_, e| now.saturating_duration_since(e.last_used) < timeout);
+        if self.map.len() >= self.max && self.max > 0 {
+            let n = (self.max * LRU_PERCENT_CLEAN / 100).max(1);
+            let mut by_age: Vec<(Instant, GrantRef)> = self.map.iter().map(|(g, e)| (e.last_used, *g)).collect();
+            by_age.sort_unstable();
+            for (_, g) in by_age.into_iter().take(n) {
+                self.map.remove(&g);
+            }
+        }
+        before - self.map.len()
+    }
+
+    /// Drops every cached mapping (on disconnect); mappings still used by requests in flight
+    /// are unmapped when those complete.
+    pub(super) fn clear(&mut self) {
+        self.map.clear();
+    }
+}

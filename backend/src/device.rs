@@ -1,0 +1,406 @@
+//! The backing store of a virtual disk: an open block device or regular file.
+//!
+//! A [`Device`] owns the file descriptor the data plane submits I/O on and knows what the
+//! frontend must be told about it (`sectors`, `sector-size`, `physical-sector-size`, read-only,
+//! discard), read once at open time, except the size, which is re-read on demand for online
+//! resize ([`Device::refresh_size`]) and kept in an atomic that every queue validates against.
+//!
+//! I/O uses `O_DIRECT` where possible so that a guest's data does not pass through dom0's page
+//! cache and a flush means what the guest thinks it means:
+//! - block devices are always opened (or switched, for an inherited fd) to `O_DIRECT`; their
+//!   logical and physical block sizes come from `BLKSSZGET`/`BLKPBSZGET`.
+//! - regular files present 512-byte logical sectors unless the caller asks for another size
+//!   ([`DeviceOptions::logical_block_size`], e.g. 4096 for a 4Kn image). `O_DIRECT` is used
+//!   only when the file system's direct-I/O offset alignment (`statx` `STATX_DIOALIGN`) is no
+//!   larger than that logical block size (otherwise every 512-byte-aligned guest request could
+//!   fail with `EINVAL`); else the file is used buffered and flushes still reach the disk
+//!   through `fdatasync`. [`Device::direct`] says which was chosen.
+//!
+//! Discard: a block device supports it when its queue's `discard_max_bytes` is non-zero
+//! (sysfs), secure discard when `BLKSECDISCARD` is implemented (probed without side effects,
+//! see [`probe_secure_discard`]); a regular file supports it as `FALLOC_FL_PUNCH_HOLE`, probed
+//! on an empty range.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{FallocateFlags, FileType, Mode, OFlags, StatxFlags};
+use rustix::io::Errno;
+use rustix::ioctl::{opcode, Getter, IntegerSetter, Opcode, Setter};
+
+/// The unit of blkif sector numbers and of the `sectors` XenStore node, whatever the logical
+/// block size.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// `BLKROGET`: `_IO(0x12, 94)`, writes an `int`.
+const BLKROGET: Opcode = opcode::none(0x12, 94);
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: Opcode = opcode::read::<usize>(0x12, 114);
+/// `BLKDISCARD`: `_IO(0x12, 119)`, reads `u64[2]` {start, len} in bytes.
+const BLKDISCARD: Opcode = opcode::none(0x12, 119);
+/// `BLKSECDISCARD`: `_IO(0x12, 125)`, reads `u64[2]` {start, len} in bytes.
+const BLKSECDISCARD: Opcode = opcode::none(0x12, 125);
+/// `BLKGETDISKSEQ`: `_IOR(0x12, 128, __u64)`.
+const BLKGETDISKSEQ: Opcode = opcode::read::<u64>(0x12, 128);
+
+/// Why a device could not be opened or queried.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// `open` failed.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The path given.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The fd is neither a block device nor a regular file.
+    #[error("not a block device or regular file")]
+    NotABlockDeviceOrFile,
+    /// A query (fstat, ioctl, sysfs) failed.
+    #[error("{what}: {source}")]
+    Query {
+        /// Which query.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A logical block size that is not a power of two between 512 and 4096.
+    #[error("unsupported logical block size {0} (512..=4096, power of two)")]
+    BlockSize(u32),
+    /// A read-write device was asked for, but the fd or device is read-only.
+    #[error("device is read-only")]
+    ReadOnly,
+}
+
+fn query(what: &'static str) -> impl FnOnce(Errno) -> DeviceError {
+    move |e| DeviceError::Query {
+        what,
+        source: e.into(),
+    }
+}
+
+/// How to open a device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// Open (or use) it read-only; writes are then refused by validation (`mode=r`).
+    pub read_only: bool,
+    /// For regular files: the logical block size to present (default 512). Ignored for
+    /// block devices, whose own logical block size is used.
+    pub logical_block_size: Option<u32>,
+    /// Never use `O_DIRECT` (for file systems where it misbehaves). Default: use it.
+    pub buffered: bool,
+}
+
+/// What kind of object backs the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A block device with this major:minor.
+    Block {
+        /// Major number.
+        major: u32,
+        /// Minor number.
+        minor: u32,
+    },
+    /// A regular file.
+    File,
+}
+
+/// An open block device or regular file, with the properties the frontend is told about.
+#[derive(Debug)]
+pub struct Device {
+    fd: OwnedFd,
+    kind: DeviceKind,
+    sectors: AtomicU64,
+    logical_block_size: u32,
+    physical_block_size: u32,
+    read_only: bool,
+    direct: bool,
+    discard: bool,
+    secure_discard: bool,
+    discard_granularity: u32,
+    diskseq: Option<u64>,
+}
+
+impl Device {
+    /// Opens `path` (a block device or regular file).
+    ///
+    /// # Errors
+    /// [`DeviceError`] when it cannot be opened or is of the wrong type.
+    pub fn open(path: &Path, options: &DeviceOptions) -> Result<Self, DeviceError> {
+        let access = if options.read_only {
+            OFlags::RDONLY
+        } else {
+            OFlags::RDWR
+        };
+        let flags = access | OFlags::CLOEXEC | OFlags::NOCTTY;
+        let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| DeviceError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        Self::from_fd(fd, options)
+    }
+
+    /// Takes over an already open fd (inherited, or received from the hotplug tool). `O_DIRECT`
+    /// is switched on with `fcntl(F_SETFL)` where the rules above allow it.
+    ///
+    /// # Errors
+    /// [`DeviceError`] when the fd is of the wrong type, cannot be queried, or is read-only
+    /// while `options.read_only` is false.
+    pub fn from_fd(fd: OwnedFd, options: &DeviceOptions) -> Result<Self, DeviceError> {
+        let st = rustix::fs::fstat(&fd).map_err(query("fstat"))?;
+        let fl = rustix::fs::fcntl_getfl(&fd).map_err(query("fcntl(F_GETFL)"))?;
+        let fd_read_only = (fl & OFlags::RWMODE) == OFlags::RDONLY;
+        let dev = match FileType::from_raw_mode(st.st_mode) {
+            FileType::BlockDevice => Self::block(fd, st.st_rdev, options.buffered)?,
+            FileType::RegularFile => Self::file(fd, &st, options)?,
+            _ => return Err(DeviceError::NotABlockDeviceOrFile),
+        };
+        let read_only = dev.read_only || fd_read_only || options.read_only;
+        if read_only && !options.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        Ok(Self { read_only, ..dev })
+    }
+
+    fn block(fd: OwnedFd, rdev: u64, buffered: bool) -> Result<Self, DeviceError> {
+        let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+        let direct = !buffered && set_direct(&fd, true).is_ok();
+        let lbs = rustix::fs::ioctl_blksszget(&fd).map_err(query("BLKSSZGET"))?;
+        let pbs = rustix::fs::ioctl_blkpbszget(&fd).map_err(query("BLKPBSZGET"))?;
+        check_block_size(lbs)?;
+        // SAFETY: BLKROGET writes one int through the pointer Getter provides.
+        let ro: i32 = unsafe { rustix::ioctl::ioctl(&fd, Getter::<BLKROGET, i32>::new()) }
+            .map_err(query("BLKROGET"))?;
+        let bytes = block_size_bytes(fd.as_fd())?;
+        // SAFETY: BLKGETDISKSEQ writes one u64 through the pointer Getter provides.
+        let diskseq = unsafe { rustix::ioctl::ioctl(&fd, Getter::<BLKGETDISKSEQ, u64>::new()) }
+            .ok()
+            .filter(|&s| s != 0);
+        let queue = sysfs_queue_dir(major, minor);
+        let discard_max = read_sysfs_u64(&queue, "discard_max_bytes").unwrap_or(0);
+        let discard = discard_max > 0;
+        let discard_granularity = read_sysfs_u64(&queue, "discard_granularity")
+            .ok()
+            .and_then(|g| u32::try_from(g).ok())
+            .filter(|&g| g != 0)
+            .unwrap_or(lbs);
+        let secure_discard = discard && probe_secure_discard(fd.as_fd());
+        Ok(Self {
+            fd,
+            kind: DeviceKind::Block { major, minor },
+            sectors: AtomicU64::new(bytes / SECTOR_SIZE),
+            logical_block_size: lbs,
+            physical_block_size: pbs.max(lbs),
+            read_only: ro != 0,
+            direct,
+            discard,
+            secure_discard,
+            discard_granularity,
+            diskseq,
+        })
+    }
+
+    fn file(fd: OwnedFd, st: &rustix::fs::Stat, options: &DeviceOptions) -> Result<Self, DeviceError> {
+        let lbs = options.logical_block_size.unwrap_or(SECTOR_SIZE as u32);
+        check_block_size(lbs)?;
+        let dio_align = rustix::fs::statx(&fd, "", rustix::fs::AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN)
+            .ok()
+            .filter(|sx| StatxFlags::from_bits_retain(sx.stx_mask).contains(StatxFlags::DIOALIGN))
+            .map(|sx| sx.stx_dio_offset_align);
+        // 0 means the file system does not support O_DIRECT on this file.
+        let direct_ok = matches!(dio_align, Some(a) if a != 0 && a <= lbs);
+        let direct = !options.buffered && direct_ok && set_direct(&fd, true).is_ok();
+        if !direct {
+            // An inherited fd may already carry O_DIRECT that this file system cannot honour
+            // at the presented block size.
+            let _ = set_direct(&fd, false);
+        }
+        let blksize = u32::try_from(st.st_blksize).unwrap_or(4096).max(lbs);
+        // Punching an empty range is accepted exactly when the file system implements it.
+        let discard = !options.read_only && punch_hole_supported(&fd);
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        Ok(Self {
+            fd,
+            kind: DeviceKind::File,
+            sectors: AtomicU64::new(size / SECTOR_SIZE),
+            logical_block_size: lbs,
+            physical_block_size: lbs,
+            read_only: false,
+            direct,
+            discard,
+            secure_discard: false,
+            discard_granularity: blksize,
+            diskseq: None,
+        })
+    }
+
+    /// The fd I/O is submitted on.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Block device or file.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// Size in 512-byte sectors as last read (at open or by [`Device::refresh_size`]).
+    pub fn sectors(&self) -> u64 {
+        self.sectors.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the size (after the device or file grew or shrank) and publishes it to every
+    /// queue validating against this device. Returns the new size in sectors.
+    ///
+    /// # Errors
+    /// When the size cannot be read.
+    pub fn refresh_size(&self) -> Result<u64, DeviceError> {
+        let bytes = match self.kind {
+            DeviceKind::Block { .. } => block_size_bytes(self.fd.as_fd())?,
+            DeviceKind::File => {
+                let st = rustix::fs::fstat(&self.fd).map_err(query("fstat"))?;
+                u64::try_from(st.st_size).unwrap_or(0)
+            }
+        };
+        let sectors = bytes / SECTOR_SIZE;
+        self.sectors.store(sectors, Ordering::Release);
+        Ok(sectors)
+    }
+
+    /// Logical block size in bytes (`sector-size`): 512 or 4096 (or in between).
+    pub fn logical_block_size(&self) -> u32 {
+        self.logical_block_size
+    }
+
+    /// Physical block size in bytes (`physical-sector-size`).
+    pub fn physical_block_size(&self) -> u32 {
+        self.physical_block_size
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether I/O bypasses the page cache.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether discard is supported (`feature-discard`).
+    pub fn discard(&self) -> bool {
+        self.discard && !self.read_only
+    }
+
+    /// Whether secure discard is supported (`discard-secure`).
+    pub fn secure_discard(&self) -> bool {
+        self.secure_discard && !self.read_only
+    }
+
+    /// Discard granularity in bytes (`discard-granularity`).
+    pub fn discard_granularity(&self) -> u32 {
+        self.discard_granularity
+    }
+
+    /// The block device's disk sequence number (`BLKGETDISKSEQ`), `None` for files and kernels
+    /// without it.
+    pub fn diskseq(&self) -> Option<u64> {
+        self.diskseq
+    }
+
+    /// Discards `len` bytes at `offset` synchronously: `BLKDISCARD` (or `BLKSECDISCARD` when
+    /// `secure`) on a block device, a punched hole in a file. The data plane prefers the
+    /// asynchronous io_uring forms and uses this for secure discard, which has none.
+    ///
+    /// # Errors
+    /// The system call's error.
+    pub fn discard_sync(&self, offset: u64, len: u64, secure: bool) -> std::io::Result<()> {
+        match self.kind {
+            DeviceKind::Block { .. } => {
+                let range = [offset, len];
+                let res = if secure {
+                    // SAFETY: BLKSECDISCARD reads two u64 through the pointer Setter passes.
+                    unsafe { rustix::ioctl::ioctl(&self.fd, Setter::<BLKSECDISCARD, [u64; 2]>::new(range)) }
+                } else {
+                    // SAFETY: BLKDISCARD reads two u64 through the pointer Setter passes.
+                    unsafe { rustix::ioctl::ioctl(&self.fd, Setter::<BLKDISCARD, [u64; 2]>::new(range)) }
+                };
+                res.map_err(Into::into)
+            }
+            DeviceKind::File => {
+                if secure {
+                    return Err(Errno::OPNOTSUPP.into());
+                }
+                rustix::fs::fallocate(&self.fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
+                    .map_err(Into::into)
+            }
+        }
+    }
+}
+
+fn check_block_size(lbs: u32) -> Result<(), DeviceError> {
+    if lbs.is_power_of_two() && (512..=4096).contains(&lbs) {
+        Ok(())
+    } else {
+        Err(DeviceError::BlockSize(lbs))
+    }
+}
+
+fn set_direct(fd: &OwnedFd, on: bool) -> rustix::io::Result<()> {
+    let fl = rustix::fs::fcntl_getfl(fd)?;
+    let fl = if on { fl | OFlags::DIRECT } else { fl - OFlags::DIRECT };
+    rustix::fs::fcntl_setfl(fd, fl)
+}
+
+fn block_size_bytes(fd: BorrowedFd<'_>) -> Result<u64, DeviceError> {
+    // SAFETY: BLKGETSIZE64 writes one u64 (size_t on 64-bit) through the pointer Getter provides.
+    let bytes = unsafe { rustix::ioctl::ioctl(fd, Getter::<BLKGETSIZE64, usize>::new()) }
+        .map_err(query("BLKGETSIZE64"))?;
+    Ok(bytes as u64)
+}
+
+/// The sysfs queue directory of a whole disk or, for a partition, of its parent disk.
+fn sysfs_queue_dir(major: u32, minor: u32) -> PathBuf {
+    let base = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let own = base.join("queue");
+    if own.is_dir() {
+        own
+    } else {
+        base.join("..").join("queue")
+    }
+}
+
+fn read_sysfs_u64(dir: &Path, name: &str) -> std::io::Result<u64> {
+    let s = std::fs::read_to_string(dir.join(name))?;
+    s.trim()
+        .parse()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{name}: {s:?}")))
+}
+
+/// Whether `BLKSECDISCARD` is implemented for this device, found without side effects: the
+/// kernel (block/ioctl.c `blk_ioctl_secure_erase`) returns `EOPNOTSUPP` when the device has no
+/// secure erase before it reads its argument, so a NULL argument gets `EFAULT` exactly when the
+/// device supports it. (`EBADF` on a read-only fd: then it is not usable either.)
+pub fn probe_secure_discard(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: a NULL argument is never dereferenced by us; the kernel validates it
+    // (copy_from_user fails with EFAULT).
+    let res = unsafe {
+        rustix::ioctl::ioctl(fd, IntegerSetter::<BLKSECDISCARD>::new_pointer(std::ptr::null_mut()))
+    };
+    matches!(res, Err(Errno::FAULT))
+}
+
+/// Whether the file's file system punches holes: probed one block past the end of the file,
+/// where punching changes nothing (an empty range would be refused as invalid everywhere).
+fn punch_hole_supported(fd: &OwnedFd) -> bool {
+    let Ok(st) = rustix::fs::fstat(fd) else {
+        return false;
+    };
+    let end = u64::try_from(st.st_size).unwrap_or(0);
+    rustix::fs::fallocate(fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, end.next_multiple_of(4096), 4096)
+        .is_ok()
+}
