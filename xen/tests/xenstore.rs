@@ -155,12 +155,20 @@ fn errors_are_typed() {
     ));
     xs.write("/big", &big[..4096 - "/big\0".len()]).unwrap();
     assert_eq!(xs.read("/big").unwrap().len(), 4091);
-    // A directory listing over the payload limit: E2BIG, as xenstored's send_reply.
-    for i in 0..100 {
-        xs.mkdir(&format!("/wide/{i:03}-{}", "n".repeat(40)))
-            .unwrap();
+    // A directory listing over the payload limit: E2BIG, as xenstored's send_reply; the
+    // client then lists it in parts.
+    let names: Vec<String> = (0..200)
+        .map(|i| format!("{i:03}-{}", "n".repeat(40)))
+        .collect();
+    for name in &names {
+        xs.mkdir(&format!("/wide/{name}")).unwrap();
     }
-    assert!(matches!(xs.directory("/wide"), Err(XsError::TooBig)));
+    let raw = xs.request(xen::xenstore::wire::MsgType::Directory, b"/wide\0");
+    assert!(matches!(raw, Err(XsError::TooBig)));
+    assert_eq!(xs.directory("/wide").unwrap(), names);
+    let tx = xs.transaction_start().unwrap();
+    assert_eq!(tx.directory("/wide").unwrap(), names);
+    tx.abort().unwrap();
     // The same watch twice: EEXIST; unwatching an unknown watch: ENOENT.
     xs.watch("/w", "t").unwrap();
     assert!(matches!(xs.watch("/w", "t"), Err(XsError::Exists)));

@@ -87,16 +87,20 @@ impl Shared {
         ev
     }
 
+    /// Marks the connection closed (first, so `is_closed` holds for anyone woken), then
+    /// fails every pending request.
     fn close(&self) {
+        {
+            let mut q = lock(&self.watch);
+            q.closed = true;
+            efd_signal(&self.watch_efd);
+            self.watch_cv.notify_all();
+        }
         if let Some(pending) = lock(&self.pending).take() {
             for (_, tx) in pending {
                 let _ = tx.try_send(Err(XsError::Closed));
             }
         }
-        let mut q = lock(&self.watch);
-        q.closed = true;
-        efd_signal(&self.watch_efd);
-        self.watch_cv.notify_all();
     }
 
     fn dispatch(&self, msg: Message) {

@@ -84,8 +84,11 @@ pub enum XsError {
     Io(#[from] std::io::Error),
 }
 
+/// Makes the variant for one errno name.
+type MakeError = fn() -> XsError;
+
 /// The errno names of xenstored's replies and their variants, one table for both directions.
-const ERRNO_NAMES: &[(&str, fn() -> XsError)] = &[
+const ERRNO_NAMES: &[(&str, MakeError)] = &[
     ("ENOENT", || XsError::NotFound),
     ("EACCES", || XsError::PermissionDenied),
     ("EPERM", || XsError::NotPermitted),

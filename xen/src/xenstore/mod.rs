@@ -136,7 +136,8 @@ impl XenStore {
             };
             match outcome {
                 Err(XsError::Again) => {
-                    tracing::debug!(attempt, "xenstore: transaction conflict, retrying")
+                    tracing::debug!(attempt, "xenstore: transaction conflict, retrying");
+                    std::thread::sleep(backoff(attempt));
                 }
                 other => return other,
             }
@@ -333,12 +334,16 @@ pub trait XsOps {
         self.request(MsgType::Rm, &path_arg(path)?).map(drop)
     }
 
-    /// The names of a node's children.
+    /// The names of a node's children. A list too long for one reply (`E2BIG`) is fetched in
+    /// parts with `XS_DIRECTORY_PART`, as libxenstore does.
     ///
     /// # Errors
     /// [`XsError::NotFound`], [`XsError::PermissionDenied`], ...
     fn directory(&self, path: &str) -> Result<Vec<String>, XsError> {
-        let reply = self.request(MsgType::Directory, &path_arg(path)?)?;
+        let reply = match self.request(MsgType::Directory, &path_arg(path)?) {
+            Err(XsError::TooBig) => directory_in_parts(self, path)?,
+            other => other?,
+        };
         wire::split_strings(&reply)
             .into_iter()
             .map(|s| {
@@ -386,6 +391,48 @@ impl XsOps for Transaction<'_> {
     fn request(&self, ty: MsgType, payload: &[u8]) -> Result<Vec<u8>, XsError> {
         self.xs.conn.request(ty, self.id, payload)
     }
+}
+
+/// How often a listing in parts restarts because the node changed in between.
+const DIRECTORY_PART_RESTARTS: u32 = 8;
+
+/// `xs_directory_part`: the NUL-terminated child names, collected from replies that each
+/// start with the node's generation; a changed generation means the list changed, so start
+/// over.
+fn directory_in_parts<S: XsOps + ?Sized>(s: &S, path: &str) -> Result<Vec<u8>, XsError> {
+    let bad = |what: &str| XsError::Protocol(format!("XS_DIRECTORY_PART reply: {what}"));
+    'restart: for _ in 0..DIRECTORY_PART_RESTARTS {
+        let mut names: Vec<u8> = Vec::new();
+        let mut generation: Option<Vec<u8>> = None;
+        loop {
+            let mut req = path_arg(path)?;
+            req.extend_from_slice(&wire::nul_terminated(names.len().to_string().as_bytes()));
+            let reply = s.request(MsgType::DirectoryPart, &req)?;
+            let nul = reply
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| bad("no generation"))?;
+            let (gen, data) = (&reply[..nul], &reply[nul + 1..]);
+            match &generation {
+                Some(g) if g.as_slice() != gen => continue 'restart,
+                Some(_) => {}
+                None => generation = Some(gen.to_vec()),
+            }
+            if data.is_empty() {
+                return Err(bad("no progress"));
+            }
+            names.extend_from_slice(data);
+            // The last part ends with an extra NUL (an empty list is just that NUL).
+            if names == [0] {
+                return Ok(Vec::new());
+            }
+            if names.ends_with(&[0, 0]) {
+                names.pop();
+                return Ok(names);
+            }
+        }
+    }
+    Err(XsError::Again)
 }
 
 /// A growing, jittered pause after the `attempt`th conflict, so that transactions that keep
