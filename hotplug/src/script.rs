@@ -1,0 +1,379 @@
+//! The toolstack side: `add` and `remove` as a block hotplug script, reading the backend
+//! directory's nodes and writing the results in one XenStore transaction.
+//!
+//! `add`: read `params`, `mode`, and what the backend advertises (`handoff-socket`, `opened`);
+//! open or create the device; in one transaction write `physical-device`,
+//! `physical-device-path`, `diskseq` and the [`CREATED`] record (refusing if the backend
+//! directory is gone); hand the device over (fd over the socket, or wait for `opened` = `1`);
+//! write `hotplug-status` = `connected`; close our fd. Every wait is bounded. On failure the
+//! device nodes are removed, `hotplug-error` and `hotplug-status` = `busy` written, and what was
+//! created is undone (or vanishes by itself when our fd closes).
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use xen::handoff::{self, DeviceInfo, Reply};
+use xen::xenstore::{XenStore, XsError, XsOps};
+
+use crate::attach::{self, AttachOptions, Attached, Created, Released, CREATED};
+use crate::params::{Mode, Source};
+use crate::Error;
+
+/// How a backend takes the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handover {
+    /// blkbackd: the fd goes over this unix socket.
+    Socket(PathBuf),
+    /// A backend that writes `opened` = `1` once it holds the device (the series' blkback).
+    Opened,
+    /// A backend that says nothing (upstream blkback): no autoclear; `remove` tears down.
+    Legacy,
+}
+
+/// Settings for [`add`] and [`remove`].
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Bound on each wait for the backend.
+    pub timeout: Duration,
+}
+
+/// A backend directory path: absolute, printable, no empty components.
+///
+/// # Errors
+/// [`Error::BadParams`].
+pub fn check_backend_path(path: &str) -> Result<(), Error> {
+    let ok = path.starts_with('/')
+        && path.len() > 1
+        && path.len() <= 3072
+        && !path.ends_with('/')
+        && !path.contains("//")
+        && path.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadParams {
+            params: path.into(),
+            why: "not an absolute XenStore path",
+        })
+    }
+}
+
+fn node(backend: &str, name: &str) -> String {
+    format!("{backend}/{name}")
+}
+
+fn read_opt(xs: &impl XsOps, path: &str) -> Result<Option<Vec<u8>>, Error> {
+    match xs.read(path) {
+        Ok(v) => Ok(Some(v)),
+        Err(XsError::NotFound) => Ok(None),
+        Err(e) => Err(Error::XenStore {
+            op: "read",
+            path: path.into(),
+            source: e,
+        }),
+    }
+}
+
+fn read_req(xs: &impl XsOps, path: &str) -> Result<Vec<u8>, Error> {
+    read_opt(xs, path)?.ok_or_else(|| Error::MissingNode(path.into()))
+}
+
+fn rm_opt(xs: &impl XsOps, path: &str) -> Result<(), XsError> {
+    match xs.rm(path) {
+        Ok(()) | Err(XsError::NotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the backend advertises.
+///
+/// # Errors
+/// [`Error::XenStore`], or [`Error::Handoff`] for a malformed socket path.
+pub fn handover_of(xs: &XenStore, backend: &str) -> Result<Handover, Error> {
+    if let Some(sock) = read_opt(xs, &node(backend, handoff::HANDOFF_SOCKET))? {
+        return Ok(Handover::Socket(handoff::parse_socket_path(&sock)?));
+    }
+    if read_opt(xs, &node(backend, handoff::OPENED))?.is_some() {
+        return Ok(Handover::Opened);
+    }
+    Ok(Handover::Legacy)
+}
+
+/// A device-mapper name and uuid for this attachment: unique, so an older device still
+/// waiting for its deferred removal never collides with a new one.
+fn dm_identity(backend: &str) -> (String, String) {
+    let mut rand = [0u8; 8];
+    let nonce = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut rand))
+        .map_or_else(
+            |_| {
+                format!(
+                    "{:x}{:x}",
+                    std::process::id(),
+                    Instant::now().elapsed().as_nanos()
+                )
+            },
+            |()| rand.iter().map(|b| format!("{b:02x}")).collect(),
+        );
+    let tail: Vec<&str> = backend.rsplit('/').take(2).collect();
+    let (devid, domid) = (
+        tail.first().copied().unwrap_or("x"),
+        tail.get(1).copied().unwrap_or("x"),
+    );
+    (
+        format!("blkhotplug-{domid}-{devid}-{nonce}"),
+        format!("BLKHOTPLUG-{nonce}"),
+    )
+}
+
+/// `add`: see the module documentation. On failure the error is also written to the backend
+/// directory (`hotplug-error`, `hotplug-status` = `busy`).
+///
+/// # Errors
+/// What went wrong.
+pub fn add(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, Error> {
+    check_backend_path(backend)?;
+    let mut attached = None;
+    let result = add_inner(xs, backend, config, &mut attached);
+    match result {
+        Ok(()) => attached.ok_or(Error::BackendGone),
+        Err(e) => {
+            tracing::error!("add {backend}: {e}");
+            if let Some(a) = attached.take() {
+                if let Err(undo) = a.abandon() {
+                    tracing::error!("undoing: {undo}");
+                }
+            }
+            report_failure(xs, backend, &e);
+            Err(e)
+        }
+    }
+}
+
+fn add_inner(
+    xs: &XenStore,
+    backend: &str,
+    config: Config,
+    attached: &mut Option<Attached>,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + config.timeout;
+    let params = read_req(xs, &node(backend, handoff::PARAMS))?;
+    let mode = Mode::parse(&read_req(xs, &node(backend, handoff::MODE))?)?;
+    let source = Source::parse(&params)?;
+    let handover = handover_of(xs, backend)?;
+    let with_diskseq = read_opt(xs, &node(backend, handoff::OPENED))?.is_some();
+    let (dm_name, dm_uuid) = dm_identity(backend);
+    let opts = AttachOptions {
+        mode,
+        autoclear: handover != Handover::Legacy,
+        dm_name,
+        dm_uuid,
+    };
+    let a = attached.insert(attach::attach(&source, &opts)?);
+    write_device_nodes(xs, backend, a, with_diskseq)?;
+    match &handover {
+        Handover::Socket(path) => hand_fd(path, a, deadline)?,
+        Handover::Opened => wait_opened(xs, backend, deadline, config.timeout)?,
+        Handover::Legacy => {}
+    }
+    let status = node(backend, handoff::HOTPLUG_STATUS);
+    xs.write(&status, handoff::STATUS_CONNECTED)
+        .map_err(Error::xs("write", &status))?;
+    tracing::info!(device = %a.path.display(), diskseq = a.diskseq, ?handover, "{backend}: connected");
+    Ok(())
+}
+
+/// Writes the device nodes in one transaction, refusing when the backend directory is gone.
+fn write_device_nodes(
+    xs: &XenStore,
+    backend: &str,
+    a: &Attached,
+    with_diskseq: bool,
+) -> Result<(), Error> {
+    let pd = a.physical_device(with_diskseq).to_string();
+    let path = a.path.to_string_lossy().into_owned();
+    let seq = handoff::format_diskseq(a.diskseq);
+    let record = a.created.record();
+    let state = node(backend, "state");
+    let gone = xs
+        .transaction(|tx| {
+            match tx.read(&state) {
+                Err(XsError::NotFound) => return Ok(true),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+            tx.write(&node(backend, handoff::PHYSICAL_DEVICE_PATH), &path)?;
+            tx.write(&node(backend, handoff::DISKSEQ), &seq)?;
+            match &record {
+                Some(r) => tx.write(&node(backend, CREATED), r)?,
+                None => rm_opt(tx, &node(backend, CREATED))?,
+            }
+            tx.write(&node(backend, handoff::PHYSICAL_DEVICE), &pd)?;
+            Ok(false)
+        })
+        .map_err(Error::xs("transaction", backend))?;
+    if gone {
+        return Err(Error::BackendGone);
+    }
+    Ok(())
+}
+
+fn hand_fd(path: &std::path::Path, a: &Attached, deadline: Instant) -> Result<(), Error> {
+    let sock = handoff::connect(path)?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    rustix::net::sockopt::set_socket_timeout(
+        &sock,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(left),
+    )
+    .map_err(Error::sys("SO_RCVTIMEO"))?;
+    let info = DeviceInfo {
+        device: a.physical_device(true),
+        read_only: a.read_only,
+    };
+    handoff::send_device(&sock, a.fd.as_fd(), &info)?;
+    match handoff::recv_reply(&sock) {
+        Ok(Reply::Accepted) => Ok(()),
+        Ok(Reply::Rejected(e)) => Err(Error::Rejected(e)),
+        Err(handoff::HandoffError::Io {
+            source: rustix::io::Errno::AGAIN,
+            ..
+        }) => Err(Error::Timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            "the backend's handoff reply",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits until the backend writes `opened` = `1`, failing early when it goes away.
+fn wait_opened(
+    xs: &XenStore,
+    backend: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let opened = node(backend, handoff::OPENED);
+    let state = node(backend, "state");
+    let token = format!("blkhotplug-{}", std::process::id());
+    xs.watch(&opened, &token)
+        .map_err(Error::xs("watch", &opened))?;
+    xs.watch(&state, &token)
+        .map_err(Error::xs("watch", &state))?;
+    let result = loop {
+        if read_opt(xs, &opened)?.as_deref() == Some(handoff::OPENED_YES.as_bytes()) {
+            break Ok(());
+        }
+        match read_opt(xs, &state)?.as_deref() {
+            None | Some(b"5" | b"6") => break Err(Error::BackendGone),
+            Some(_) => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(Error::Timeout(
+                timeout,
+                "the backend to open the device (opened = 1)",
+            ));
+        }
+        match xs.wait_watch_event(Some(left)) {
+            Ok(_) => {}
+            Err(e) => {
+                break Err(Error::XenStore {
+                    op: "wait for watch",
+                    path: opened.clone(),
+                    source: e,
+                })
+            }
+        }
+    };
+    let _ = xs.unwatch(&opened, &token);
+    let _ = xs.unwatch(&state, &token);
+    result
+}
+
+/// Removes the device nodes and writes the error, in one transaction (best effort: the
+/// error itself is what the caller reports).
+fn report_failure(xs: &XenStore, backend: &str, e: &Error) {
+    let msg = e.to_string();
+    let state = node(backend, "state");
+    let r = xs.transaction(|tx| {
+        if matches!(tx.read(&state), Err(XsError::NotFound)) {
+            return Ok(());
+        }
+        for n in [
+            handoff::PHYSICAL_DEVICE,
+            handoff::PHYSICAL_DEVICE_PATH,
+            handoff::DISKSEQ,
+            CREATED,
+        ] {
+            rm_opt(tx, &node(backend, n))?;
+        }
+        tx.write(&node(backend, handoff::HOTPLUG_ERROR), &msg)?;
+        tx.write(
+            &node(backend, handoff::HOTPLUG_STATUS),
+            handoff::STATUS_BUSY,
+        )
+    });
+    if let Err(w) = r {
+        tracing::error!("could not report the failure in {backend}: {w}");
+    }
+}
+
+/// `remove`: tears down what `add` created, if it is still the same device.
+///
+/// # Errors
+/// What went wrong.
+pub fn remove(xs: &XenStore, backend: &str) -> Result<Released, Error> {
+    check_backend_path(backend)?;
+    let record = node(backend, CREATED);
+    let Some(created) = read_opt(xs, &record)? else {
+        return Ok(Released::Gone);
+    };
+    let created = Created::parse(&created)?;
+    let path_node = node(backend, handoff::PHYSICAL_DEVICE_PATH);
+    let path = read_req(xs, &path_node)?;
+    let path = match Source::parse(&path)? {
+        Source::Path(p) => p,
+        _ => {
+            return Err(Error::BadParams {
+                params: path_node,
+                why: "not a device node path",
+            })
+        }
+    };
+    let seq_node = node(backend, handoff::DISKSEQ);
+    let seq =
+        handoff::parse_diskseq(&read_req(xs, &seq_node)?).map_err(|source| Error::BadNode {
+            node: seq_node,
+            source,
+        })?;
+    let released = attach::release(&created, &path, seq)?;
+    rm_opt(xs, &record).map_err(Error::xs("rm", &record))?;
+    tracing::info!(?released, "{backend}: removed {}", path.display());
+    Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_paths() {
+        assert!(check_backend_path("/local/domain/0/backend/vbd/3/51712").is_ok());
+        for bad in ["", "/", "backend/vbd/1/2", "/a//b", "/a/b/", "/a b", "/a\n"] {
+            assert!(check_backend_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dm_identity_is_unique_and_valid() {
+        let (n1, u1) = dm_identity("/local/domain/0/backend/vbd/3/51712");
+        let (n2, u2) = dm_identity("/local/domain/0/backend/vbd/3/51712");
+        assert_ne!((&n1, &u1), (&n2, &u2));
+        assert!(n1.starts_with("blkhotplug-3-51712-"), "{n1}");
+        assert!(crate::params::dm_name(n1.as_bytes()).is_ok());
+        assert!(u1.len() < crate::dm::DM_UUID_LEN);
+    }
+}
