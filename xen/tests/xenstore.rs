@@ -689,3 +689,84 @@ fn stop_closes_clients_and_removes_sockets() {
     assert!(matches!(d2.read("x"), Err(XsError::Closed)));
     assert!(!dom0_sock.exists() && !d2_sock.exists());
 }
+
+#[test]
+fn toolstack_introduces_and_releases_domains_over_the_socket() {
+    use xen::xenstore::wire::MsgType;
+    let s = setup();
+    s.xs.watch("@introduceDomain", "intro").unwrap();
+    s.xs.watch("@releaseDomain", "release").unwrap();
+    s.xs.wait_watch_event(WAIT).unwrap();
+    s.xs.wait_watch_event(WAIT).unwrap();
+    assert_eq!(
+        s.xs.request(MsgType::IsDomainIntroduced, b"4\0").unwrap(),
+        b"F\0"
+    );
+    s.xs.request(MsgType::Introduce, b"4\x0012345\x007\0")
+        .unwrap();
+    assert_eq!(
+        s.xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("@introduceDomain", "intro"))
+    );
+    assert_eq!(
+        s.xs.request(MsgType::IsDomainIntroduced, b"4\0").unwrap(),
+        b"T\0"
+    );
+    let d4 = XenStore::open_at(s.sim.domain_socket_path(4)).unwrap();
+    assert_eq!(d4.get_domain_path(4).unwrap(), "/local/domain/4");
+    // Only the toolstack may.
+    assert!(matches!(
+        d4.request(MsgType::Introduce, b"9\x001\x001\0"),
+        Err(XsError::PermissionDenied)
+    ));
+    assert!(matches!(
+        d4.request(MsgType::Release, b"4\0"),
+        Err(XsError::PermissionDenied)
+    ));
+    assert!(matches!(
+        s.xs.request(MsgType::Introduce, b"4\x001\0"),
+        Err(XsError::Invalid)
+    ));
+    assert!(matches!(
+        s.xs.request(MsgType::Release, b"8\0"),
+        Err(XsError::NotFound)
+    ));
+    s.xs.request(MsgType::Release, b"4\0").unwrap();
+    assert_eq!(
+        s.xs.wait_watch_event(WAIT).unwrap(),
+        Some(ev("@releaseDomain", "release"))
+    );
+    assert!(matches!(d4.read("x"), Err(XsError::Closed)));
+}
+
+#[test]
+fn a_bad_transaction_end_keeps_the_transaction() {
+    use xen::xenstore::wire::MsgType;
+    let s = setup();
+    let tx = s.xs.transaction_start().unwrap();
+    tx.write("/kept", "1").unwrap();
+    assert!(matches!(
+        tx.request(MsgType::TransactionEnd, b"X\0"),
+        Err(XsError::Invalid)
+    ));
+    assert!(matches!(
+        tx.request(MsgType::TransactionStart, b"\0"),
+        Err(XsError::Busy)
+    ));
+    assert_eq!(tx.read("/kept").unwrap(), b"1");
+    tx.commit().unwrap();
+    assert_eq!(s.xs.read("/kept").unwrap(), b"1");
+    // The transaction is gone now: its id is unknown.
+    let tx = s.xs.transaction_start().unwrap();
+    let id = tx.id();
+    tx.commit().unwrap();
+    let stale = xen::xenstore::wire::encode(MsgType::Read as u32, 77, id, b"/kept\0");
+    use std::io::{Read, Write};
+    let mut raw = std::os::unix::net::UnixStream::connect(s.sim.socket_path()).unwrap();
+    raw.write_all(&stale).unwrap();
+    let mut reply = [0u8; 16 + 7];
+    raw.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[0..4], (MsgType::Error as u32).to_ne_bytes());
+    assert_eq!(reply[4..8], 77u32.to_ne_bytes());
+    assert_eq!(&reply[16..], b"ENOENT\0");
+}

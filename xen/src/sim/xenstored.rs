@@ -12,8 +12,9 @@
 //!
 //! Identity is the socket one connects to: in the directory given to
 //! [`SimXenstored::start`], `socket` is dom0's (privileged) and `socket.d<N>` is domain N's,
-//! created by [`SimXenstored::introduce_domain`] (or `XS_INTRODUCE` from dom0). Other
-//! processes connect with `XENSTORED_PATH=<dir>/socket`.
+//! created by [`SimXenstored::introduce_domain`] or by `XS_INTRODUCE` on dom0's socket (so
+//! another process can introduce and release domains). Other processes connect with
+//! `XENSTORED_PATH=<dir>/socket`.
 //!
 //! Known differences: no rate limiting or event timeouts, no duplicate-event suppression,
 //! watch visibility checks the node's own permissions only (not the parent fallback), and
@@ -281,7 +282,7 @@ fn signal(fd: &OwnedFd) {
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
-fn introduce(inner: &Arc<Inner>, domid: DomId) -> Result<PathBuf, SimXenstoredError> {
+fn introduce(inner: &Inner, domid: DomId) -> Result<PathBuf, SimXenstoredError> {
     if domid == 0 {
         return Err(SimXenstoredError::Dom0);
     }
@@ -303,7 +304,7 @@ fn introduce(inner: &Arc<Inner>, domid: DomId) -> Result<PathBuf, SimXenstoredEr
     Ok(path)
 }
 
-fn release(inner: &Arc<Inner>, domid: DomId) -> Result<(), SimXenstoredError> {
+fn release(inner: &Inner, domid: DomId) -> Result<(), SimXenstoredError> {
     if domid == 0 {
         return Err(SimXenstoredError::Dom0);
     }
@@ -494,11 +495,15 @@ fn read_loop(inner: &Inner, mut stream: UnixStream, id: u64) {
         loop {
             match frames.next_message() {
                 Ok(Some(msg)) => {
+                    let domain_op = domain_op(inner, id, &msg);
                     let mut st = lock(&inner.state);
                     if !st.conns.contains_key(&id) {
                         break 'conn;
                     }
-                    st.handle(id, msg);
+                    match domain_op {
+                        Some(result) => st.respond(id, &msg, result.map(|p| (p, After::Nothing))),
+                        None => st.handle(id, &msg),
+                    }
                 }
                 Ok(None) => break,
                 // xenstored drops a client that announces an oversized message.
@@ -512,6 +517,43 @@ fn read_loop(inner: &Inner, mut stream: UnixStream, id: u64) {
     if let Some(conn) = lock(&inner.state).conns.remove(&id) {
         let _ = conn.stream.shutdown(Shutdown::Both);
     }
+}
+
+/// XS_INTRODUCE (`domid\0mfn\0port\0`) and XS_RELEASE (`domid\0`) from the toolstack: the
+/// same as [`SimXenstored::introduce_domain`] and [`SimXenstored::release_domain`], so another
+/// process can manage domains through dom0's socket. `None` for other requests.
+fn domain_op(inner: &Inner, id: u64, msg: &Message) -> Option<Result<Vec<u8>, XsError>> {
+    let ty = msg
+        .msg_type()
+        .filter(|t| matches!(t, MsgType::Introduce | MsgType::Release))?;
+    let privileged = lock(&inner.state)
+        .conns
+        .get(&id)
+        .is_some_and(|c| c.caller.privileged);
+    let result = (|| {
+        if !privileged {
+            return Err(XsError::PermissionDenied);
+        }
+        let domid = if ty == MsgType::Introduce {
+            let [domid, _mfn, _port] = args::<3>(&msg.payload)?;
+            parse_domid(domid)?
+        } else {
+            parse_domid(one_arg(&msg.payload)?)?
+        };
+        let outcome = if ty == MsgType::Introduce {
+            introduce(inner, domid).map(drop)
+        } else {
+            release(inner, domid)
+        };
+        match outcome {
+            // Introducing a domain again is accepted, as xenstored does for a known domain.
+            Ok(()) | Err(SimXenstoredError::AlreadyIntroduced(_)) => Ok(b"OK\0".to_vec()),
+            Err(SimXenstoredError::NotIntroduced(_)) => Err(XsError::NotFound),
+            Err(SimXenstoredError::Dom0) => Err(XsError::Invalid),
+            Err(SimXenstoredError::Io { .. }) => Err(XsError::RemoteIo),
+        }
+    })();
+    Some(result)
 }
 
 /// The single argument of a request: exactly one NUL, at the end (`onearg`).
@@ -576,10 +618,15 @@ impl State {
         }
     }
 
-    fn handle(&mut self, id: u64, msg: Message) {
+    fn handle(&mut self, id: u64, msg: &Message) {
         let mut fires = Vec::new();
-        let result = self.execute(id, &msg, &mut fires);
+        let result = self.execute(id, msg, &mut fires);
         self.deliver(&fires);
+        self.respond(id, msg, result);
+    }
+
+    /// Sends the reply (and what follows it) to request `msg` of connection `id`.
+    fn respond(&mut self, id: u64, msg: &Message, result: Result<(Vec<u8>, After), XsError>) {
         let (ty, payload, after) = match result {
             Ok((payload, after)) if payload.len() <= PAYLOAD_MAX => (msg.ty, payload, after),
             Ok(_) => (
@@ -604,9 +651,28 @@ impl State {
         }
     }
 
+    /// Runs one request, inside its transaction if it names one (`transaction_lookup`: an
+    /// unknown transaction id is ENOENT). The transaction stays open unless ended.
     fn execute(
         &mut self,
         id: u64,
+        msg: &Message,
+        fires: &mut Vec<Fire>,
+    ) -> Result<(Vec<u8>, After), XsError> {
+        let conn = self.conns.get_mut(&id).ok_or(XsError::RemoteIo)?;
+        let mut tx = match msg.tx_id {
+            0 => None,
+            t => Some((t, conn.txs.remove(&t).ok_or(XsError::NotFound)?)),
+        };
+        let result = self.run(id, &mut tx, msg, fires);
+        self.put_back(id, tx);
+        result
+    }
+
+    fn run(
+        &mut self,
+        id: u64,
+        tx: &mut Option<(u32, Tx)>,
         msg: &Message,
         fires: &mut Vec<Fire>,
     ) -> Result<(Vec<u8>, After), XsError> {
@@ -614,35 +680,26 @@ impl State {
         let ack = || Ok((b"OK\0".to_vec(), After::Nothing));
         let conn = self.conns.get_mut(&id).ok_or(XsError::RemoteIo)?;
         let caller = conn.caller;
-        // `transaction_lookup`: an unknown transaction id is ENOENT.
-        let mut tx = match msg.tx_id {
-            0 => None,
-            t => Some((t, conn.txs.remove(&t).ok_or(XsError::NotFound)?)),
-        };
-        let ty = msg.msg_type();
         let p = msg.payload.as_slice();
-        let result = match ty {
+        match msg.msg_type() {
             Some(MsgType::TransactionStart) if tx.is_some() => Err(XsError::Busy),
             Some(MsgType::TransactionStart) => {
                 if !caller.privileged && conn.txs.len() > QUOTA_TRANSACTIONS {
-                    Err(XsError::NoSpace)
-                } else {
-                    let mut t = conn.next_tx;
-                    while t == 0 || conn.txs.contains_key(&t) {
-                        t = t.wrapping_add(1);
-                    }
-                    conn.next_tx = t.wrapping_add(1);
-                    conn.txs.insert(t, Tx::default());
-                    ok(wire::nul_terminated(t.to_string().as_bytes()))
+                    return Err(XsError::NoSpace);
                 }
+                let mut t = conn.next_tx;
+                while t == 0 || conn.txs.contains_key(&t) {
+                    t = t.wrapping_add(1);
+                }
+                conn.next_tx = t.wrapping_add(1);
+                conn.txs.insert(t, Tx::default());
+                ok(wire::nul_terminated(t.to_string().as_bytes()))
             }
             Some(MsgType::TransactionEnd) => {
                 let commit = match one_arg(p)? {
                     b"T" => true,
                     b"F" => false,
-                    _ => {
-                        return Err(XsError::Invalid).inspect_err(|_| self.put_back(id, tx.take()))
-                    }
+                    _ => return Err(XsError::Invalid),
                 };
                 let (_, t) = tx.take().ok_or(XsError::NotFound)?;
                 if commit {
@@ -670,13 +727,11 @@ impl State {
             Some(MsgType::ResetWatches) => {
                 conn.watches.clear();
                 conn.txs.clear();
-                tx = None;
+                *tx = None;
                 ack()
             }
-            Some(MsgType::Introduce | MsgType::Release) if !caller.privileged => {
-                Err(XsError::PermissionDenied)
-            }
-            Some(MsgType::Introduce) | Some(MsgType::Release) => Err(XsError::NotSupported),
+            // Handled before the state lock is taken (they create and remove sockets).
+            Some(MsgType::Introduce | MsgType::Release) => Err(XsError::RemoteIo),
             Some(
                 t @ (MsgType::Read
                 | MsgType::Directory
@@ -694,9 +749,7 @@ impl State {
                 Err(XsError::NotSupported)
             }
             Some(MsgType::WatchEvent | MsgType::Error) | None => Err(XsError::Invalid),
-        };
-        self.put_back(id, tx);
-        result
+        }
     }
 
     fn put_back(&mut self, id: u64, tx: Option<(u32, Tx)>) {
