@@ -1,2 +1,358 @@
-//! blkbackd: a per-guest userspace Xen block backend.
-fn main() {}
+//! blkbackd: a userspace Xen block backend, one process per virtual disk.
+//!
+//! `blkbackd serve` serves one disk for the toolstack; `blkbackd supervise` starts a `serve`
+//! for each new disk; `blkbackd demo` shows the whole thing working on the simulated
+//! platform; `blkbackd stats` prints a running backend's counters.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use backend::acquire::DeviceSource;
+use backend::advertise::Features;
+use backend::dataplane::GrantMode;
+use backend::device::DeviceOptions;
+use backend::serve::{BackendPath, Outcome, ServeConfig};
+use backend::{demo, serve, stats_file, supervise};
+
+/// A userspace Xen block backend (blkback), one process per virtual disk.
+#[derive(Debug, Parser)]
+#[command(name = "blkbackd", version, about, long_about = None)]
+struct Cli {
+    /// More log output (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve one virtual disk (run by the toolstack or by `blkbackd supervise`).
+    Serve(ServeArgs),
+    /// Watch this domain's backend/vbd directory and start one `serve` per new disk.
+    Supervise(SuperviseArgs),
+    /// Show the backend working with no Xen: a simulated guest writes, reads back and checks
+    /// data through the whole protocol, and the figures are printed.
+    Demo(demo::DemoArgs),
+    /// Print a running backend's statistics (Linux blkback's counters plus latency).
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+struct PlatformArg {
+    /// `xen` (the real hypervisor: /dev/xen/*, xenstored), or `sim:DIR[:DOMID]` (the
+    /// simulated platform rooted at DIR, as this domain, default 0).
+    #[arg(long, env = "BLKBACK_PLATFORM", default_value = "xen")]
+    platform: String,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    platform: PlatformArg,
+    /// The device's backend directory:
+    /// /local/domain/<backend-domid>/backend/vbd/<frontend-domid>/<devid>.
+    #[arg(long, conflicts_with_all = ["domid", "devid"], required_unless_present_all = ["domid", "devid"])]
+    backend_path: Option<String>,
+    /// The frontend (guest) domain id (with --devid, instead of --backend-path).
+    #[arg(long, requires = "devid")]
+    domid: Option<u16>,
+    /// The virtual device number, e.g. 51712 for xvda (with --domid).
+    #[arg(long, requires = "domid")]
+    devid: Option<u32>,
+    /// Use this inherited file descriptor as the disk (a block device or regular file).
+    #[arg(long, value_name = "N", group = "source")]
+    device_fd: Option<i32>,
+    /// Receive the disk's fd from blkhotplug on this unix socket (written to the
+    /// `handoff-socket` node).
+    #[arg(long, value_name = "PATH", group = "source")]
+    handoff_socket: Option<PathBuf>,
+    /// Open the toolstack's `params` path (a regular file or block device) instead of waiting
+    /// for `physical-device`. Default: open `physical-device` (`major:minor` or
+    /// `diskseq@major:minor`) once the hotplug script writes it.
+    #[arg(long, group = "source")]
+    open_params: bool,
+    /// For regular files: the logical sector size to present (512 or 4096).
+    #[arg(long, value_name = "BYTES")]
+    sector_size: Option<u32>,
+    /// Never use O_DIRECT on the disk.
+    #[arg(long)]
+    buffered: bool,
+    #[command(flatten)]
+    tuning: Tuning,
+    /// Keep the statistics in this file (default /run/blkbackd/vbd-<domid>-<devid>.stats).
+    #[arg(long, value_name = "PATH")]
+    stats_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct Tuning {
+    /// Queues offered (`multi-queue-max-queues`). Default: the number of CPUs.
+    #[arg(long)]
+    max_queues: Option<u32>,
+    /// Largest ring (`max-ring-page-order`, 0..=4: 1 to 16 pages).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=4))]
+    max_ring_page_order: u32,
+    /// Segments per indirect request (`feature-max-indirect-segments`, 0 = no indirect).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    max_indirect_segments: u32,
+    /// Do not offer persistent grants.
+    #[arg(long)]
+    no_persistent: bool,
+    /// How guest memory is reached: `map` (grant mapping, zero copy, persistent grants when
+    /// the frontend offers them) or `copy` (grant copy into bounce buffers).
+    #[arg(long, value_enum, default_value_t = GrantModeArg::Map)]
+    grant_mode: GrantModeArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GrantModeArg {
+    Map,
+    Copy,
+}
+
+impl Tuning {
+    fn features(&self) -> anyhow::Result<Features> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max_queues = self.max_queues.unwrap_or(u32::try_from(cpus).unwrap_or(1));
+        if max_queues == 0 {
+            bail!("--max-queues must be at least 1");
+        }
+        Ok(Features {
+            max_indirect_segments: self.max_indirect_segments,
+            max_queues,
+            max_ring_page_order: self.max_ring_page_order,
+            persistent_grants: !self.no_persistent,
+        })
+    }
+
+    fn grant_mode(&self) -> GrantMode {
+        match self.grant_mode {
+            GrantModeArg::Map => GrantMode::Map,
+            GrantModeArg::Copy => GrantMode::Copy,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct SuperviseArgs {
+    #[command(flatten)]
+    platform: PlatformArg,
+    #[command(flatten)]
+    tuning: Tuning,
+    /// Have each backend open `params` itself rather than wait for `physical-device`.
+    #[arg(long)]
+    open_params: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// The statistics file to read.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["domid", "devid"])]
+    stats_file: Option<PathBuf>,
+    /// The frontend domain id (with --devid): reads the default file.
+    #[arg(long, requires = "devid")]
+    domid: Option<u16>,
+    /// The virtual device number (with --domid).
+    #[arg(long, requires = "domid")]
+    devid: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blkbackd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => run_serve(args),
+        Command::Supervise(args) => run_supervise(args),
+        Command::Demo(args) => demo::run(&args).map(|report| print!("{report}")),
+        Command::Stats(args) => run_stats(&args),
+    }
+}
+
+fn parse_platform(arg: &PlatformArg) -> anyhow::Result<xen::PlatformConfig> {
+    arg.platform
+        .parse::<xen::PlatformConfig>()
+        .with_context(|| format!("bad --platform {:?} (expected xen or sim:DIR[:DOMID])", arg.platform))
+}
+
+/// Sets the returned flag on SIGTERM or SIGINT.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+    }
+    Ok(stop)
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let platform_config = parse_platform(&args.platform)?;
+    let platform = platform_config
+        .open()
+        .with_context(|| format!("opening the {} platform", args.platform.platform))?;
+    let backend_path = match (&args.backend_path, args.domid, args.devid) {
+        (Some(p), _, _) => BackendPath::parse(p).map_err(anyhow::Error::msg)?,
+        (None, Some(domid), Some(devid)) => BackendPath::new(platform.domid(), domid, devid),
+        _ => bail!("give --backend-path, or --domid and --devid"),
+    };
+    if backend_path.backend_domid != platform.domid() {
+        bail!(
+            "--backend-path names backend domain {}, but this is domain {}",
+            backend_path.backend_domid,
+            platform.domid()
+        );
+    }
+    let source = if let Some(fd) = args.device_fd {
+        DeviceSource::Fd(inherited_fd(fd)?)
+    } else if let Some(path) = args.handoff_socket {
+        if !path.is_absolute() {
+            bail!("--handoff-socket must be an absolute path");
+        }
+        DeviceSource::Handoff(path)
+    } else if args.open_params {
+        DeviceSource::Params
+    } else {
+        DeviceSource::PhysicalDevice
+    };
+    if let Some(size) = args.sector_size {
+        if !(size.is_power_of_two() && (512..=4096).contains(&size)) {
+            bail!("--sector-size must be 512, 1024, 2048 or 4096");
+        }
+    }
+    let stats_file = args
+        .stats_file
+        .unwrap_or_else(|| stats_file::default_path(backend_path.frontend_domid, backend_path.devid));
+    let config = ServeConfig {
+        platform,
+        backend_path: backend_path.path.clone(),
+        source,
+        device_options: DeviceOptions {
+            read_only: false,
+            logical_block_size: args.sector_size,
+            buffered: args.buffered,
+        },
+        features: args.tuning.features()?,
+        grant_mode: args.tuning.grant_mode(),
+        stats_file: Some(stats_file),
+    };
+    let stop = stop_flag()?;
+    match serve::serve(config, &stop).with_context(|| format!("serving {}", backend_path.path))? {
+        Outcome::Removed | Outcome::Stopped => Ok(()),
+    }
+}
+
+/// Takes ownership of an inherited fd after checking that it is open.
+fn inherited_fd(fd: i32) -> anyhow::Result<OwnedFd> {
+    if fd < 3 {
+        bail!("--device-fd {fd} is a standard stream, not a disk");
+    }
+    // SAFETY: the number is only borrowed for one fcntl(F_GETFD), which fails with EBADF and
+    // does nothing else when it is not open.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    if rustix::io::fcntl_getfd(borrowed).is_err() {
+        bail!("--device-fd {fd} is not an open file descriptor");
+    }
+    // SAFETY: the fd is open, was inherited for this process to use, and nothing else here
+    // owns it: this is the only place that wraps it, once at startup.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn run_supervise(args: SuperviseArgs) -> anyhow::Result<()> {
+    let platform_config = parse_platform(&args.platform)?;
+    let platform = platform_config
+        .open()
+        .with_context(|| format!("opening the {} platform", args.platform.platform))?;
+    let program = std::env::current_exe().context("finding this program's path")?;
+    let t = &args.tuning;
+    let features = t.features()?;
+    let mut serve_args = vec![
+        "serve".to_owned(),
+        "--platform".to_owned(),
+        args.platform.platform.clone(),
+        "--max-queues".to_owned(),
+        features.max_queues.to_string(),
+        "--max-ring-page-order".to_owned(),
+        t.max_ring_page_order.to_string(),
+        "--max-indirect-segments".to_owned(),
+        t.max_indirect_segments.to_string(),
+        "--grant-mode".to_owned(),
+        match t.grant_mode {
+            GrantModeArg::Map => "map",
+            GrantModeArg::Copy => "copy",
+        }
+        .to_owned(),
+    ];
+    if t.no_persistent {
+        serve_args.push("--no-persistent".to_owned());
+    }
+    if args.open_params {
+        serve_args.push("--open-params".to_owned());
+    }
+    let config = supervise::SuperviseConfig {
+        program,
+        serve_args,
+        xenstore_path: platform.xenstore_path(),
+        domid: platform.domid(),
+    };
+    let stop = stop_flag()?;
+    supervise::supervise(&config, &stop).context("supervising")?;
+    Ok(())
+}
+
+fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
+    let paths: Vec<PathBuf> = match (&args.stats_file, args.domid, args.devid) {
+        (Some(p), _, _) => vec![p.clone()],
+        (None, Some(domid), Some(devid)) => vec![stats_file::default_path(domid, devid)],
+        _ => {
+            let dir = std::path::Path::new(stats_file::DEFAULT_DIR);
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("listing {} (no backend running?)", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "stats"))
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                bail!("no statistics files in {}", dir.display());
+            }
+            v
+        }
+    };
+    for path in paths {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let report = stats_file::Report::parse(&text)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        print!("{}", report.display());
+    }
+    Ok(())
+}

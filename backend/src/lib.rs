@@ -1,0 +1,23 @@
+//! blkbackd: a per-guest userspace Xen block backend.
+//!
+//! - [`serve`]: one virtual disk from probe to removal (the xenbus state machine of
+//!   [`xenbus_state`] carried out against XenStore), with the device held race-free
+//!   ([`acquire`]) and served by the [`dataplane`];
+//! - [`supervise`]: one `serve` process per disk, started as devices appear;
+//! - [`simfront`]: a simulated blkfront for the demo, the tests and the benches;
+//! - [`demo`]: the README's main command.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod acquire;
+pub mod advertise;
+pub mod dataplane;
+pub mod demo;
+pub mod dev_error;
+pub mod device;
+pub mod frontend_config;
+pub mod serve;
+pub mod simfront;
+pub mod stats_file;
+pub mod supervise;
+pub mod xenbus_state;
