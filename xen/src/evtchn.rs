@@ -32,6 +32,13 @@ struct BindInterdomain {
     remote_port: u32,
 }
 
+/// `struct ioctl_evtchn_bind_unbound_port`.
+#[repr(C)]
+#[allow(dead_code)] // Fields are read by the kernel.
+struct BindUnboundPort {
+    remote_domain: u32,
+}
+
 /// `struct ioctl_evtchn_unbind` and `struct ioctl_evtchn_notify`: one port.
 #[repr(C)]
 #[allow(dead_code)] // Fields are read by the kernel.
@@ -47,6 +54,7 @@ struct RestrictDomid {
 }
 
 const IOCTL_EVTCHN_BIND_INTERDOMAIN: Opcode = none_op(b'E', 1, size_of::<BindInterdomain>());
+const IOCTL_EVTCHN_BIND_UNBOUND_PORT: Opcode = none_op(b'E', 2, size_of::<BindUnboundPort>());
 const IOCTL_EVTCHN_UNBIND: Opcode = none_op(b'E', 3, size_of::<PortArg>());
 const IOCTL_EVTCHN_NOTIFY: Opcode = none_op(b'E', 4, size_of::<PortArg>());
 const IOCTL_EVTCHN_RESET: Opcode = none_op(b'E', 5, 0);
@@ -82,6 +90,23 @@ impl XenEventChannel {
             fd,
             bound: BTreeSet::new(),
         })
+    }
+
+    /// Allocates a port offered to `remote` for binding and binds it to this handle
+    /// (`IOCTL_EVTCHN_BIND_UNBOUND_PORT`): the frontend's side of a channel.
+    ///
+    /// # Errors
+    /// When the device refuses (restricted handle, no free port).
+    pub fn bind_unbound_port(&mut self, remote: DomId) -> Result<Port, EvtchnError> {
+        let mut arg = BindUnboundPort {
+            remote_domain: u32::from(remote),
+        };
+        // SAFETY: BIND_UNBOUND_PORT takes a struct ioctl_evtchn_bind_unbound_port.
+        let port = unsafe { call(self.fd.as_fd(), IOCTL_EVTCHN_BIND_UNBOUND_PORT, &mut arg) }
+            .map_err(err)?;
+        let port = Port::try_from(port).map_err(|_| err(Errno::INVAL))?;
+        self.bound.insert(port);
+        Ok(port)
     }
 
     fn port_ioctl(&self, opcode: Opcode, port: Port) -> Result<(), EvtchnError> {
@@ -197,6 +222,7 @@ mod tests {
     #[test]
     fn request_numbers_match_the_header() {
         assert_eq!(IOCTL_EVTCHN_BIND_INTERDOMAIN as u64, 0x0008_4501);
+        assert_eq!(IOCTL_EVTCHN_BIND_UNBOUND_PORT as u64, 0x0004_4502);
         assert_eq!(IOCTL_EVTCHN_UNBIND as u64, 0x0004_4503);
         assert_eq!(IOCTL_EVTCHN_NOTIFY as u64, 0x0004_4504);
         assert_eq!(IOCTL_EVTCHN_RESET as u64, 0x0000_4505);

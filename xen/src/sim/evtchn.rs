@@ -280,7 +280,14 @@ impl EvtchnTable {
         };
         match rustix::net::sendto(sock, &port.to_ne_bytes(), SendFlags::DONTWAIT, &addr) {
             Ok(_) => {}
-            Err(Errno::AGAIN) => self.mark_lost(port),
+            Err(Errno::AGAIN) => {
+                // The owner's queue is full, so its fd is readable and its next `pending`
+                // reports lost ports. Mark this one, then send once more: if the owner drained
+                // the queue and scanned for lost ports between our two steps, this datagram
+                // wakes it again (at worst the port is reported twice, which is harmless).
+                self.mark_lost(port);
+                let _ = rustix::net::sendto(sock, &port.to_ne_bytes(), SendFlags::DONTWAIT, &addr);
+            }
             // The owner is gone (its process died): nobody is listening, as for a closed fd.
             Err(e) => tracing::debug!("sim evtchn: delivery of port {port} to handle {owner}: {e}"),
         }

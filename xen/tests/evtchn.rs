@@ -1,0 +1,273 @@
+//! Event channels: one suite written against `&mut dyn EventChannel`, run on the simulation
+//! and, where `/dev/xen/evtchn` exists, on the real device (dom0 to itself); then
+//! simulation-only checks (ring overflow, destroyed domains).
+
+use std::path::{Path, PathBuf};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use xen::sim::{SimDomain, SimPlatform};
+use xen::{DomId, EventChannel, EvtchnError, Platform, Port, XenEventChannel, EVTCHN_PATH};
+
+/// A sim directory removed when the test ends.
+struct SimDir(PathBuf);
+
+impl SimDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("xen-evtchn-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+}
+
+impl Drop for SimDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether `ch`'s fd polls readable within `ms` milliseconds.
+fn readable(ch: &dyn EventChannel, ms: u64) -> bool {
+    let fd = ch.as_fd();
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    let t = Timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    };
+    rustix::event::poll(&mut fds, Some(&t)).expect("poll") == 1
+}
+
+/// Waits (up to 5 s) for the fd to be readable, then returns the pending ports.
+fn wait_pending(ch: &mut dyn EventChannel) -> Vec<Port> {
+    assert!(readable(ch, 5000), "no event within 5 s");
+    let mut out = Vec::new();
+    ch.pending(&mut out).expect("pending");
+    out
+}
+
+/// No event arrives within a short while.
+fn quiet(ch: &mut dyn EventChannel) {
+    assert!(!readable(ch, 50), "unexpected event");
+    let mut out = Vec::new();
+    ch.pending(&mut out).expect("pending");
+    assert_eq!(out, Vec::<Port>::new());
+}
+
+/// A frontend handle with one port offered to the backend's domain, and a backend handle.
+struct Pair {
+    front: Box<dyn EventChannel>,
+    front_port: Port,
+    front_dom: DomId,
+    back: Box<dyn EventChannel>,
+}
+
+/// Binds the backend to the offered port and consumes Xen's initial event on the new port
+/// (`evtchn_bind_interdomain` sets the local port pending), leaving it unmasked.
+fn connect(p: &mut Pair) -> Port {
+    let bport = p
+        .back
+        .bind_interdomain(p.front_dom, p.front_port)
+        .expect("bind");
+    assert_eq!(
+        wait_pending(p.back.as_mut()),
+        vec![bport],
+        "bind sets the new port pending"
+    );
+    p.back.unmask(bport).expect("unmask");
+    bport
+}
+
+fn suite_notify_both_ways(p: &mut Pair) {
+    let bport = connect(p);
+    p.front.notify(p.front_port).expect("front notify");
+    assert_eq!(wait_pending(p.back.as_mut()), vec![bport]);
+    p.back.unmask(bport).expect("unmask");
+    p.back.notify(bport).expect("back notify");
+    assert_eq!(wait_pending(p.front.as_mut()), vec![p.front_port]);
+    p.front.unmask(p.front_port).expect("unmask");
+    quiet(p.back.as_mut());
+    quiet(p.front.as_mut());
+}
+
+fn suite_masking_coalesces(p: &mut Pair) {
+    let bport = connect(p);
+    for _ in 0..50 {
+        p.front.notify(p.front_port).expect("notify");
+    }
+    assert_eq!(
+        wait_pending(p.back.as_mut()),
+        vec![bport],
+        "50 notifications, one wake-up"
+    );
+    // Delivered, so masked: nothing more until unmasked, however many notifications.
+    p.front.notify(p.front_port).expect("notify");
+    quiet(p.back.as_mut());
+    // Events arrived while masked: unmasking delivers them, once.
+    p.back.unmask(bport).expect("unmask");
+    assert_eq!(wait_pending(p.back.as_mut()), vec![bport]);
+    p.back.unmask(bport).expect("unmask");
+    quiet(p.back.as_mut());
+}
+
+fn suite_unbind_and_rebind(p: &mut Pair) {
+    let bport = connect(p);
+    p.back.unbind(bport).expect("unbind");
+    assert!(matches!(p.back.notify(bport), Err(EvtchnError::NotBound(x)) if x == bport));
+    assert!(matches!(
+        p.back.unmask(bport),
+        Err(EvtchnError::NotBound(_))
+    ));
+    assert!(matches!(
+        p.back.unbind(bport),
+        Err(EvtchnError::NotBound(_))
+    ));
+    // The frontend's end is unbound again: its events are dropped, not errors.
+    p.front
+        .notify(p.front_port)
+        .expect("notify on unbound port");
+    quiet(p.back.as_mut());
+    // ... and offered to the backend's domain again: a reconnect binds it anew.
+    let again = connect(p);
+    p.front.notify(p.front_port).expect("notify");
+    assert_eq!(wait_pending(p.back.as_mut()), vec![again]);
+}
+
+fn suite_bind_needs_an_offered_unbound_port(p: &mut Pair) {
+    connect(p);
+    assert!(
+        p.back.bind_interdomain(p.front_dom, p.front_port).is_err(),
+        "bound twice"
+    );
+    assert!(
+        p.back
+            .bind_interdomain(p.front_dom, p.front_port + 300)
+            .is_err(),
+        "never offered"
+    );
+    assert!(p.back.bind_interdomain(p.front_dom, 0).is_err(), "port 0");
+    quiet(p.back.as_mut());
+}
+
+fn suite_restrict(p: &mut Pair) {
+    let other = if p.front_dom == 7 { 8 } else { 7 };
+    p.back.restrict(other).expect("restrict");
+    assert!(
+        p.back.bind_interdomain(p.front_dom, p.front_port).is_err(),
+        "restricted handle bound another domain"
+    );
+    assert!(p.back.restrict(other).is_err(), "restricting twice");
+    assert!(p.front.restrict(0).is_err(), "restricting to dom0");
+}
+
+type Suite = fn(&mut Pair);
+const SUITE: &[(&str, Suite)] = &[
+    ("notify_both_ways", suite_notify_both_ways),
+    ("masking_coalesces", suite_masking_coalesces),
+    ("unbind_and_rebind", suite_unbind_and_rebind),
+    (
+        "bind_needs_an_offered_unbound_port",
+        suite_bind_needs_an_offered_unbound_port,
+    ),
+    ("restrict", suite_restrict),
+];
+
+fn sim_pair(dir: &Path, front_dom: DomId) -> (SimDomain, Pair) {
+    let dom = SimDomain::create(dir, front_dom, 1).expect("create domain");
+    let backend = SimPlatform::open(dir, 0).expect("platform");
+    let mut front = dom.open_event_channel().expect("front handle");
+    let front_port = front.alloc_unbound(0).expect("alloc unbound");
+    let back = backend.open_event_channel().expect("back handle");
+    let pair = Pair {
+        front: Box::new(front),
+        front_port,
+        front_dom,
+        back,
+    };
+    (dom, pair)
+}
+
+#[test]
+fn suite_on_simulation() {
+    for (i, (name, test)) in SUITE.iter().enumerate() {
+        let dir = SimDir::new(name);
+        let (_dom, mut pair) = sim_pair(&dir.0, 5 + i as DomId);
+        test(&mut pair);
+    }
+}
+
+#[test]
+fn suite_on_real_device() {
+    if !Path::new(EVTCHN_PATH).exists() {
+        eprintln!("skipped: {EVTCHN_PATH} does not exist (not running on Xen)");
+        return;
+    }
+    for (name, test) in SUITE {
+        eprintln!("real evtchn: {name}");
+        let mut front = XenEventChannel::open().expect("open");
+        let front_port = front.bind_unbound_port(0).expect("bind unbound");
+        let mut pair = Pair {
+            front: Box::new(front),
+            front_port,
+            front_dom: 0,
+            back: Box::new(XenEventChannel::open().expect("open")),
+        };
+        test(&mut pair);
+    }
+}
+
+#[test]
+fn overflowing_the_wakeup_queue_loses_no_port() {
+    // Far more ports on one handle than its socket queues: every port is still reported.
+    let dir = SimDir::new("overflow");
+    let dom = SimDomain::create(&dir.0, 5, 1).expect("create domain");
+    let backend = SimPlatform::open(&dir.0, 0).expect("platform");
+    let mut front = dom.open_event_channel().expect("front");
+    let mut back = backend.open_event_channel().expect("back");
+    let offered: Vec<Port> = (0..300)
+        .map(|_| front.alloc_unbound(0).expect("alloc"))
+        .collect();
+    // Each bind sets its new port pending: 300 events at once.
+    let mut bound: Vec<Port> = offered
+        .iter()
+        .map(|&fp| back.bind_interdomain(5, fp).expect("bind"))
+        .collect();
+    let mut seen = Vec::new();
+    while readable(back.as_ref(), 200) {
+        back.pending(&mut seen).expect("pending");
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    bound.sort_unstable();
+    assert_eq!(
+        seen, bound,
+        "every bound port reported after the queue overflowed"
+    );
+}
+
+#[test]
+fn destroyed_domain_drops_events_and_refuses_binds() {
+    let dir = SimDir::new("destroy");
+    let (dom, mut p) = sim_pair(&dir.0, 5);
+    let bport = connect(&mut p);
+    drop(p.front);
+    // Closing the frontend's handle left the backend's end unbound: notifying is harmless.
+    p.back.notify(bport).expect("notify after peer closed");
+    dom.destroy().expect("destroy");
+    p.back.notify(bport).expect("notify after peer destroyed");
+    assert!(
+        p.back.bind_interdomain(5, 1).is_err(),
+        "bound to a destroyed domain"
+    );
+    quiet(p.back.as_mut());
+}
+
+#[test]
+fn fds_are_distinct_per_handle() {
+    let dir = SimDir::new("fds");
+    let backend = SimPlatform::open(&dir.0, 0).expect("platform");
+    let a = backend.open_event_channel().expect("a");
+    let b = backend.open_event_channel().expect("b");
+    assert_ne!(
+        rustix::fs::fstat(a.as_fd()).expect("stat").st_ino,
+        rustix::fs::fstat(b.as_fd()).expect("stat").st_ino
+    );
+}
