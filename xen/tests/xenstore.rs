@@ -393,6 +393,30 @@ fn watches_see_only_what_the_domain_may_read_and_relative_paths() {
     // A change to a node the domain cannot read is not reported.
     s.xs.write("/secret", "x").unwrap();
     no_more_events(&d5);
+    // A node the domain cannot read, under a parent it can: reported (`watch_permitted`
+    // falls back to the parent), including the permission change that hid it.
+    d5.watch("hidden", "hidden").unwrap();
+    assert_eq!(
+        d5.wait_watch_event(WAIT).unwrap(),
+        Some(ev("hidden", "hidden"))
+    );
+    s.xs.write("/local/domain/5/hidden", "x").unwrap();
+    s.xs.set_perms("/local/domain/5/hidden", &[Perm::new(0, PermAccess::None)])
+        .unwrap();
+    s.xs.write("/local/domain/5/hidden", "y").unwrap();
+    for _ in 0..3 {
+        let mut got = vec![
+            d5.wait_watch_event(WAIT).unwrap().unwrap(),
+            d5.wait_watch_event(WAIT).unwrap().unwrap(),
+        ];
+        got.sort_by(|a, b| a.token.cmp(&b.token));
+        assert_eq!(
+            got,
+            vec![ev("hidden", "hidden"), ev("/local/domain/5/hidden", "root")]
+        );
+    }
+    assert!(matches!(d5.read("hidden"), Err(XsError::PermissionDenied)));
+    no_more_events(&d5);
     // dom0 writes into the domain's area: the domain sees it, relative to its home for
     // the relative watch.
     s.xs.write("/local/domain/5/device/vbd", "").unwrap();

@@ -16,9 +16,9 @@
 //! another process can introduce and release domains). Other processes connect with
 //! `XENSTORED_PATH=<dir>/socket`.
 //!
-//! Known differences: no rate limiting or event timeouts, no duplicate-event suppression,
-//! watch visibility checks the node's own permissions only (not the parent fallback), and
-//! the node quota inside a transaction counts committed nodes only.
+//! Known differences: no rate limiting or event timeouts, no duplicate-event suppression, no
+//! per-domain memory quota, and the node quota inside a transaction counts committed nodes
+//! only.
 
 mod store;
 
@@ -602,7 +602,10 @@ impl State {
     /// Sends watch events for `fires` to every connection allowed to see them.
     fn deliver(&self, fires: &[Fire]) {
         for conn in self.conns.values() {
-            for fire in fires.iter().filter(|f| f.visible_to(&conn.caller)) {
+            let visible = |f: &&Fire| {
+                f.visible_to(&conn.caller) || self.store.parent_readable(&f.path, &conn.caller)
+            };
+            for fire in fires.iter().filter(visible) {
                 for w in &conn.watches {
                     let hit = if fire.exact {
                         fire.path == w.node

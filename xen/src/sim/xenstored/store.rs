@@ -53,7 +53,7 @@ impl Caller {
         }
     }
 
-    fn can_read(&self, perms: &[Perm]) -> bool {
+    pub(super) fn can_read(&self, perms: &[Perm]) -> bool {
         self.access(perms).read
     }
 }
@@ -180,6 +180,13 @@ impl Store {
 
     fn gen_of(&self, path: &str) -> Option<u64> {
         self.nodes.get(path).map(|n| n.gen)
+    }
+
+    /// `watch_permitted`'s fallback: may `caller` read the parent of `path` (committed)?
+    pub(super) fn parent_readable(&self, path: &str, caller: &Caller) -> bool {
+        self.nodes
+            .get(&parent_of(path))
+            .is_some_and(|n| caller.can_read(&n.perms))
     }
 
     fn owned_by(&self, domid: DomId) -> usize {
