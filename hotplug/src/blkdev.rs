@@ -44,6 +44,7 @@ pub fn open(path: &Path, write: bool) -> Result<(OwnedFd, Kind), Error> {
     .map_err(|e| match e {
         Errno::NOENT | Errno::NOTDIR => Error::NotFound(path.to_owned()),
         Errno::LOOP => Error::Symlink(path.to_owned()),
+        Errno::ISDIR => Error::NotFileOrDevice(path.to_owned()),
         Errno::ACCESS | Errno::ROFS | Errno::PERM if write => Error::ReadOnly(path.to_owned()),
         e => Error::Sys {
             what: format!("open {}", path.display()),

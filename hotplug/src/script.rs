@@ -202,13 +202,14 @@ fn write_device_nodes(
                 Err(e) => return Err(e),
                 Ok(_) => {}
             }
+            // physical-device first: a reader outside the transaction sees all or nothing.
+            tx.write(&node(backend, handoff::PHYSICAL_DEVICE), &pd)?;
             tx.write(&node(backend, handoff::PHYSICAL_DEVICE_PATH), &path)?;
             tx.write(&node(backend, handoff::DISKSEQ), &seq)?;
             match &record {
                 Some(r) => tx.write(&node(backend, CREATED), r)?,
                 None => rm_opt(tx, &node(backend, CREATED))?,
             }
-            tx.write(&node(backend, handoff::PHYSICAL_DEVICE), &pd)?;
             Ok(false)
         })
         .map_err(Error::xs("transaction", backend))?;
