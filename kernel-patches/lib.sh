@@ -1,0 +1,88 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# Shared by kernel-patches/check and kernel-patches/boot-test: the cache
+# directory, installing linux-source-6.12, extracting it once, applying the
+# series.  Sourced, not run; expects `set -euo pipefail` and $here.
+
+work=${KPATCH_WORK:-$here/work}
+series_dir=$here
+source_pkg=linux-source-6.12
+tarball=/usr/src/linux-source-6.12.tar.xz
+
+step() { printf '==> %s\n' "$*"; }
+fail() {
+	printf 'FAILED: %s\n' "$*" >&2
+	exit 1
+}
+
+as_root() {
+	if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# The patches of the series, in order (the cover letter is not a patch).
+series() {
+	local p
+	for p in "$series_dir"/[0-9][0-9][0-9][0-9]-*.patch; do
+		case $p in */0000-*) continue ;; esac
+		printf '%s\n' "$p"
+	done
+}
+
+# Files the series changes, relative to the tree root, without duplicates.
+series_files() {
+	series | xargs sed -n 's|^+++ b/||p' | sort -u
+}
+
+# install_build_deps [extra packages...]
+install_build_deps() {
+	local pkgs=("$source_pkg" bc bison flex libelf-dev libssl-dev make gcc g++
+		patch xz-utils git "$@")
+	local missing=() p
+	for p in "${pkgs[@]}"; do
+		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+			missing+=("$p")
+	done
+	if [ "${#missing[@]}" -eq 0 ]; then
+		step "build dependencies present"
+		return
+	fi
+	[ "${NO_INSTALL:-0}" != 1 ] || fail "missing packages: ${missing[*]} (NO_INSTALL=1)"
+	step "installing ${missing[*]}"
+	as_root apt-get update -qq
+	as_root env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Extract the Debian source once per package version; print its path.
+pristine_tree() {
+	local version dir
+	version=$(dpkg-query -W -f='${Version}' "$source_pkg")
+	dir=$work/src/$source_pkg-$version
+	if [ ! -f "$dir/.extracted" ]; then
+		step "extracting $tarball ($version) into $dir" >&2
+		rm -rf "$dir" "$dir.tmp"
+		mkdir -p "$dir.tmp"
+		tar -xJf "$tarball" -C "$dir.tmp" --strip-components=1
+		mv "$dir.tmp" "$dir"
+		touch "$dir/.extracted"
+	fi
+	printf '%s\n' "$dir"
+}
+
+# apply_series TREE: dry run of the whole series first, then apply it.
+apply_series() {
+	local tree=$1 p
+	local patches
+	mapfile -t patches < <(series)
+	[ "${#patches[@]}" -gt 0 ] || fail "no patches in $series_dir"
+	step "dry run: git apply --check of ${#patches[@]} patches"
+	# The ceiling keeps git from finding an enclosing repository (this one),
+	# which would make it apply paths relative to that repository's root.
+	(cd "$tree" && GIT_CEILING_DIRECTORIES=$(dirname "$tree") git apply --check "${patches[@]}") ||
+		fail "the series does not apply"
+	for p in "${patches[@]}"; do
+		printf '    %s\n' "$(basename "$p")"
+		patch -d "$tree" -p1 -s --fuzz=0 --no-backup-if-mismatch <"$p" ||
+			fail "$(basename "$p") does not apply"
+	done
+}
