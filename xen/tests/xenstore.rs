@@ -794,3 +794,66 @@ fn a_bad_transaction_end_keeps_the_transaction() {
     assert_eq!(reply[4..8], 77u32.to_ne_bytes());
     assert_eq!(&reply[16..], b"ENOENT\0");
 }
+
+mod hostile {
+    //! Arbitrary requests never break the simulated xenstored: each gets a reply with its
+    //! request id (the request's type or XS_ERROR), and the server keeps serving.
+
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use proptest::prelude::*;
+    use xen::xenstore::wire::{self, FrameReader, MsgType};
+
+    use super::*;
+
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            Just(0u8),
+            Just(b'/'),
+            Just(b'a'),
+            Just(b'@'),
+            Just(b'T'),
+            Just(b'5'),
+            any::<u8>()
+        ];
+        proptest::collection::vec(byte, 0..48)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_requests_get_replies(
+            reqs in proptest::collection::vec((0u32..24, 0u32..3, payload()), 1..24),
+            domain in any::<bool>(),
+        ) {
+            let s = setup();
+            let path = if domain { s.domain(5); s.sim.domain_socket_path(5) } else { s.sim.socket_path() };
+            let mut raw = UnixStream::connect(&path).unwrap();
+            raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut frames = FrameReader::new(wire::PAYLOAD_MAX);
+            let mut buf = [0u8; 8192];
+            for (i, (ty, tx, payload)) in reqs.into_iter().enumerate() {
+                // Release would close this very connection when it is domain 5's.
+                let ty = if ty == MsgType::Release as u32 { MsgType::Read as u32 } else { ty };
+                let req_id = 1000 + i as u32;
+                raw.write_all(&wire::encode(ty, req_id, tx, &payload)).unwrap();
+                let reply = loop {
+                    if let Some(m) = frames.next_message().unwrap() {
+                        if m.msg_type() != Some(MsgType::WatchEvent) {
+                            break m;
+                        }
+                        continue;
+                    }
+                    let n = raw.read(&mut buf).unwrap();
+                    prop_assert_ne!(n, 0, "server closed the connection");
+                    frames.push(&buf[..n]);
+                };
+                prop_assert_eq!(reply.req_id, req_id);
+                prop_assert!(reply.ty == ty || reply.msg_type() == Some(MsgType::Error));
+            }
+            // Still serving everyone.
+            s.xs.write("/alive", "1").unwrap();
+        }
+    }
+}

@@ -262,6 +262,33 @@ mod tests {
         assert!(!r.has_partial());
     }
 
+    proptest::proptest! {
+        /// However a stream of messages is cut into reads, the same messages come out.
+        #[test]
+        fn any_split_reassembles(
+            msgs in proptest::collection::vec(
+                (0u32..30, proptest::prelude::any::<u32>(), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)),
+                0..8,
+            ),
+            cuts in proptest::collection::vec(1usize..200, 0..40),
+        ) {
+            let stream: Vec<u8> = msgs.iter().flat_map(|(t, id, p)| encode(*t, *id, 0, p)).collect();
+            let mut r = FrameReader::new(PAYLOAD_MAX);
+            let mut out = Vec::new();
+            let mut rest = stream.as_slice();
+            for cut in cuts.into_iter().chain(std::iter::once(usize::MAX)) {
+                let (now, later) = rest.split_at(cut.min(rest.len()));
+                r.push(now);
+                rest = later;
+                while let Some(m) = r.next_message().unwrap() {
+                    out.push((m.ty, m.req_id, m.payload));
+                }
+            }
+            proptest::prop_assert_eq!(out, msgs);
+            proptest::prop_assert!(!r.has_partial());
+        }
+    }
+
     #[test]
     fn oversized_header_rejected() {
         let mut r = FrameReader::new(PAYLOAD_MAX);
