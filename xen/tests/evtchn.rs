@@ -271,3 +271,36 @@ fn fds_are_distinct_per_handle() {
         rustix::fs::fstat(b.as_fd()).expect("stat").st_ino
     );
 }
+
+#[test]
+fn no_wakeup_is_lost_under_concurrent_notify_and_unmask() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LAST: u32 = 2000;
+    let dir = SimDir::new("race");
+    let (_dom, mut p) = sim_pair(&dir.0, 5);
+    let bport = connect(&mut p);
+    let seq = AtomicU32::new(0);
+    let front = p.front;
+    let back = &mut p.back;
+    std::thread::scope(|s| {
+        let seq = &seq;
+        s.spawn(move || {
+            for i in 1..=LAST {
+                seq.store(i, Ordering::SeqCst);
+                front.notify(p.front_port).expect("notify");
+                if i % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        // Every notification after our last look must produce a wake-up.
+        loop {
+            let got = wait_pending(back.as_mut());
+            assert!(got.iter().all(|&x| x == bport), "{got:?}");
+            back.unmask(bport).expect("unmask");
+            if seq.load(Ordering::SeqCst) == LAST {
+                break;
+            }
+        }
+    });
+}

@@ -187,7 +187,6 @@ fn suite_copy_batch_with_bad_segments(c: &Ctx<'_>) {
     assert_ne!(st[1], GrantStatus::Okay, "never-granted ref");
     assert_eq!(st[2], GrantStatus::Okay);
     assert_ne!(st[3], GrantStatus::Okay, "write to a read-only grant");
-    drop(ops);
     assert_eq!(a, pattern(6)[10..110].to_vec());
     assert_eq!(b, vec![0xee; 100], "failed segment left the buffer alone");
     assert_eq!(g.read(7, 4000, 50), vec![0x11; 50]);
@@ -781,4 +780,56 @@ fn readonly_mapping_write_child() {
     let _ = m.mem().write_u8(0, 0x42);
     eprintln!("write to a read-only mapping did not fault");
     std::process::exit(0);
+}
+
+#[test]
+fn end_access_never_succeeds_while_mapped_under_contention() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = SimDir::new("race");
+    let (dom, backend) = sim_setup(&dir.0);
+    let r = dom.grant(0, 1, Access::ReadWrite).unwrap();
+    let holders = AtomicUsize::new(0);
+    let revoked = AtomicBool::new(false);
+    let maps = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (backend, holders, revoked, maps) = (&backend, &holders, &revoked, &maps);
+            s.spawn(move || {
+                let access = if t % 2 == 0 {
+                    Access::ReadWrite
+                } else {
+                    Access::ReadOnly
+                };
+                loop {
+                    match backend.grant_mapper().map(5, &[r], access) {
+                        Ok(m) => {
+                            holders.fetch_add(1, Ordering::SeqCst);
+                            assert!(!revoked.load(Ordering::SeqCst), "mapped after revocation");
+                            maps.fetch_add(1, Ordering::Relaxed);
+                            m.mem().read_u8(0).unwrap();
+                            holders.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        Err(GrantError::Status(GrantStatus::GeneralError)) => return,
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+            });
+        }
+        // Let the mappers get going, then revoke as soon as the grant is momentarily unused.
+        while maps.load(Ordering::Relaxed) < 200 {
+            std::thread::yield_now();
+        }
+        loop {
+            match dom.end_access(r) {
+                Ok(()) => {
+                    revoked.store(true, Ordering::SeqCst);
+                    assert_eq!(holders.load(Ordering::SeqCst), 0, "revoked while mapped");
+                    break;
+                }
+                Err(SimError::GrantInUse(_)) => std::thread::yield_now(),
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+    });
+    assert!(!dom.grant_in_use(r));
 }
