@@ -23,7 +23,7 @@
 mod store;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -463,22 +463,35 @@ fn serve(inner: &Arc<Inner>, stream: UnixStream, caller: Caller) -> std::io::Res
     Ok(())
 }
 
-fn write_loop(mut stream: UnixStream, rx: &Receiver<Out>) {
+fn write_loop(stream: UnixStream, rx: &Receiver<Out>) {
     while let Ok(out) = rx.recv() {
         match out {
             Out::Frame(f) => {
-                if stream.write_all(&f).is_err() {
+                if send_all(&stream, &f).is_err() {
                     break;
                 }
             }
             Out::Cut(f) => {
                 let keep = wire::HEADER_LEN + (f.len() - wire::HEADER_LEN) / 2;
-                let _ = stream.write_all(&f[..keep]);
+                let _ = send_all(&stream, &f[..keep]);
                 break;
             }
         }
     }
     let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Sends all of `buf` with MSG_NOSIGNAL: a client gone away must not SIGPIPE the server.
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> rustix::io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::net::send(stream, buf, rustix::net::SendFlags::NOSIGNAL) {
+            Ok(0) => return Err(rustix::io::Errno::PIPE),
+            Ok(n) => buf = &buf[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn read_loop(inner: &Inner, mut stream: UnixStream, id: u64) {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use rustix::io::Errno;
+use rustix::net::SendFlags;
 
 use super::wire::{self, FrameReader, Message, MsgType};
 use super::{WatchEvent, XsError};
@@ -227,7 +228,12 @@ impl Connection {
         let _guard = lock(&self.write_lock);
         let mut rest = frame;
         while !rest.is_empty() {
-            match rustix::io::write(&*self.fd, rest) {
+            // On the socket, MSG_NOSIGNAL: a closed xenstored must be an error, not a SIGPIPE.
+            let sent = match self.transport {
+                Transport::Socket => rustix::net::send(&*self.fd, rest, SendFlags::NOSIGNAL),
+                Transport::XenbusDevice => rustix::io::write(&*self.fd, rest),
+            };
+            match sent {
                 Ok(0) => return Err(XsError::Closed),
                 Ok(n) => rest = &rest[n..],
                 Err(Errno::INTR) => {}

@@ -1,5 +1,6 @@
-//! XenStore errors: xenstored's errno names (`xsd_errors` in `xs_wire.h`) as typed variants,
-//! plus what can go wrong on this side of the connection.
+//! XenStore errors: xenstored's errno names (`xsd_errors` in `xs_wire.h`: EINVAL ... E2BIG,
+//! EPERM; plus oxenstored's EQUOTA) as typed variants, plus what can go wrong on this side of
+//! the connection.
 
 /// A XenStore failure. The variants up to [`XsError::Other`] are xenstored's replies
 /// (`XS_ERROR` with an errno name); the rest arise locally.
@@ -33,7 +34,8 @@ pub enum XsError {
     /// ENOSPC: no space (e.g. too many transactions).
     #[error("no space (ENOSPC)")]
     NoSpace,
-    /// EQUOTA: a per-domain quota is exhausted.
+    /// EQUOTA: a per-domain quota is exhausted (oxenstored's reply; C xenstored answers
+    /// ENOSPC or E2BIG instead).
     #[error("quota exceeded (EQUOTA)")]
     Quota,
     /// ENOMEM: xenstored ran out of memory (or a memory quota).
