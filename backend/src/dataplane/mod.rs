@@ -294,12 +294,37 @@ pub fn spawn_queue(params: QueueParams) -> Result<QueueHandle, DataplaneError> {
     let stats = Arc::clone(&params.stats);
     let finished = Arc::new(AtomicBool::new(false));
     let name = params.name.clone();
-    let queue = queue::Queue::new(params, Arc::clone(&stop))?;
     let fin = Arc::clone(&finished);
+    let stop2 = Arc::clone(&stop);
+    // The queue is set up on its own thread: the io_uring is single-issuer, bound to the
+    // thread that creates it. Setup errors come back through the channel.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || queue.run(&fin))
+        .spawn(move || match queue::Queue::new(params, stop2) {
+            Ok(queue) => {
+                let _ = tx.send(Ok(()));
+                queue.run(&fin)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = tx.send(Err(e));
+                fin.store(true, Ordering::Release);
+                QueueExit::Failed(msg)
+            }
+        })
         .map_err(DataplaneError::Thread)?;
+    match rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(DataplaneError::Thread(std::io::Error::other("queue thread died during setup")));
+        }
+    }
     Ok(QueueHandle {
         thread: Some(thread),
         stop,

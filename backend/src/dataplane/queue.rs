@@ -615,6 +615,13 @@ impl Queue {
     /// Maps a request's pages (persistent ones from the cache, the rest in one map call) and
     /// builds the slot's iovecs in segment order.
     fn map_segments(&mut self, slot: usize, segs: &ring::Segments, write: bool) -> Result<(), String> {
+        let r = self.map_segments_inner(slot, segs, write);
+        // The scratch list must not keep mappings alive past the request's own guards.
+        self.seg_maps.clear();
+        r
+    }
+
+    fn map_segments_inner(&mut self, slot: usize, segs: &ring::Segments, write: bool) -> Result<(), String> {
         let now = Instant::now();
         let mapper = self.platform.grant_mapper();
         self.seg_maps.clear();
