@@ -8,7 +8,17 @@
 //!   the simulated one, so production code is the code under test.
 //!
 //! [`Platform`] bundles them; [`PlatformConfig`] selects the real or simulated one by
-//! configuration, never by code changes.
+//! configuration, never by code changes: `xen` opens [`XenPlatform`] ([`Gntdev`] and
+//! [`XenEventChannel`] over `/dev/xen`), `sim:DIR[:DOMID]` opens [`sim::SimPlatform`].
+//!
+//! What the traits promise, on both implementations: a map is all or nothing and is undone
+//! by dropping its [`GrantMapping`]; a copy batch fails as a whole only for malformed
+//! segments, and otherwise reports every segment's own status; an event-channel port, once
+//! reported by `pending`, stays masked until `unmask`, so notifications coalesce; the event
+//! fd polls readable exactly while something is pending.
+//!
+//! The ioctl and mmap `unsafe` is confined to one module per device (`gntdev`, `evtchn`, with
+//! the shared ioctl call in `ioctl`) and to `sim::shm` for the simulation.
 #![deny(missing_docs)]
 
 mod platform;

@@ -14,7 +14,11 @@ pub trait GrantMapper: Send + Sync {
     /// (XSA-361/362/365: partial failures must not leak or crash).
     ///
     /// # Errors
-    /// [`GrantError::Status`] with Xen's status for the first ref that failed.
+    /// [`GrantError::Status`] with Xen's status for the first ref that failed (the real
+    /// gntdev does not report per-ref statuses: there a failed map is [`GrantError::Io`]
+    /// with the kernel's errno, except [`crate::GrantStatus::Eagain`] once retries of a
+    /// paged-out grant are exhausted); [`GrantError::Invalid`] for an empty or oversized
+    /// batch.
     fn map(
         &self,
         domid: DomId,
@@ -67,6 +71,9 @@ pub trait EventChannel: Send {
     /// Appends the ports that fired since the last call to `out`, without blocking. Each
     /// delivered port stays masked until [`EventChannel::unmask`].
     ///
+    /// A port may be reported spuriously (after an overflow, or twice around one): treat a
+    /// report as "look at the ring", not as a count of notifications.
+    ///
     /// # Errors
     /// On device failure (an overflowed device ring is reset and reported as all bound ports
     /// pending, not as an error).
@@ -81,7 +88,10 @@ pub trait EventChannel: Send {
     /// # Errors
     /// When the device refuses.
     fn restrict(&mut self, domid: DomId) -> Result<(), EvtchnError>;
-    /// A file descriptor that polls readable while ports are pending, for io_uring or epoll.
+    /// A file descriptor that polls readable while ports are pending, for io_uring
+    /// (`POLL_ADD`) or epoll. Wait for readability, then call [`EventChannel::pending`]; never
+    /// read the fd directly (the simulation's fd is a socket whose datagrams `pending`
+    /// interprets).
     fn as_fd(&self) -> BorrowedFd<'_>;
 }
 

@@ -200,7 +200,7 @@ pub struct GrantAddr {
     pub offset: u16,
 }
 
-/// One segment of a batched grant copy. After [`GrantCopier::copy`] each op's `status` says
+/// One segment of a batched grant copy. After [`crate::GrantCopier::copy`] each op's `status` says
 /// whether that segment was done: the batch as a whole succeeds even when segments fail.
 #[derive(Debug)]
 pub enum CopyOp<'a> {

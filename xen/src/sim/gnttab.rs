@@ -574,14 +574,26 @@ impl GrantMapper for SimGnttab {
 }
 
 impl SimGnttab {
-    fn copy_one(&self, op: &mut CopyOp<'_>) -> GrantStatus {
+    /// One segment; `last` keeps the domain of the previous segment, so that a batch (all
+    /// of one guest, usually) looks its domain up once.
+    fn copy_one(
+        &self,
+        op: &mut CopyOp<'_>,
+        last: &mut Option<(DomId, Arc<ForeignDomain>)>,
+    ) -> GrantStatus {
         let (addr, write) = match op {
             CopyOp::FromGuest { src, .. } => (*src, false),
             CopyOp::ToGuest { dst, .. } => (*dst, true),
         };
-        let dom = match self.inner.domain(addr.domid) {
-            Ok(d) => d,
-            Err(st) => return st,
+        let dom = match last {
+            Some((id, d)) if *id == addr.domid => Arc::clone(d),
+            _ => match self.inner.domain(addr.domid) {
+                Ok(d) => {
+                    *last = Some((addr.domid, Arc::clone(&d)));
+                    d
+                }
+                Err(st) => return st,
+            },
         };
         let frame = match dom.gnttab.pin(addr.gref, self.inner.domid, write) {
             Ok(f) => f,
@@ -603,8 +615,9 @@ impl SimGnttab {
 impl GrantCopier for SimGnttab {
     fn copy(&self, ops: &mut [CopyOp<'_>]) -> Result<(), GrantError> {
         check_copy_batch(ops)?;
+        let mut last = None;
         for op in ops.iter_mut() {
-            let st = self.copy_one(op);
+            let st = self.copy_one(op, &mut last);
             match op {
                 CopyOp::FromGuest { status, .. } | CopyOp::ToGuest { status, .. } => *status = st,
             }
