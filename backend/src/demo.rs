@@ -8,7 +8,7 @@
 //! bandwidth, and tears everything down: frontend Closing and Closed, the toolstack's removal,
 //! the backend process exiting 0.
 
-use std::fmt::Write as _;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -128,11 +128,12 @@ impl Drop for Backend {
     }
 }
 
-/// Runs the demo and returns what it has to say.
+/// Runs the demo, writing what it does to `out` as it goes. `verbose` is passed on to the
+/// backend process (`-v` flags).
 ///
 /// # Errors
 /// Any failure, with what was being done.
-pub fn run(args: &DemoArgs) -> anyhow::Result<String> {
+pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<()> {
     let tmp = TempDir::new(args.keep)?;
     let sim = tmp.path.join("sim");
     let (image, discard_zeroes) = match &args.image {
@@ -149,7 +150,6 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<String> {
         }
     };
     let image_str = image.to_str().context("the image path is not UTF-8")?.to_owned();
-    let mut out = String::new();
 
     let xenstored = xen::sim::xenstored::SimXenstored::start(xen::sim::xenstored_dir(&sim))
         .context("starting the simulated xenstored")?;
@@ -164,6 +164,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<String> {
     let stats_path = tmp.path.join("vbd.stats");
     let exe = std::env::current_exe().context("finding blkbackd's own path")?;
     let mut cmd = Command::new(exe);
+    if verbose > 0 {
+        cmd.arg(format!("-{}", "v".repeat(usize::from(verbose.min(3)))));
+    }
     cmd.arg("serve")
         .arg("--platform")
         .arg(format!("sim:{}:0", sim.display()))
@@ -229,7 +232,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<String> {
     let depth = usize::try_from(args.depth).unwrap_or(32);
     let big = u64::from(front.max_sectors_per_request() / 8).clamp(1, 32);
     let mut phase = |name: &str, plan: Vec<Planned>, front: &mut SimFront, model: &mut DiskModel| -> anyhow::Result<PhaseResult> {
-        let r = workload::run(front, model, &plan, depth).with_context(|| format!("{name}"))?;
+        let r = workload::run(front, model, &plan, depth).with_context(|| name.to_owned())?;
         writeln!(
             out,
             "  {name:<34} {:>6} requests {:>9.0} IOPS {:>8.1} MiB/s",
@@ -286,7 +289,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<String> {
     if args.keep {
         writeln!(out, "  files kept in {}", tmp.path.display())?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn on_off(b: bool) -> &'static str {

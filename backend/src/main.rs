@@ -167,7 +167,7 @@ struct StatsArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    match run(cli.command) {
+    match run(cli.command, cli.verbose) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blkbackd: {e:#}");
@@ -191,11 +191,11 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, verbose: u8) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => run_serve(args),
         Command::Supervise(args) => run_supervise(args),
-        Command::Demo(args) => demo::run(&args).map(|report| print!("{report}")),
+        Command::Demo(args) => demo::run(&args, verbose, &mut std::io::stdout().lock()),
         Command::Stats(args) => run_stats(&args),
     }
 }

@@ -714,7 +714,7 @@ impl Backend {
     fn shutdown(&mut self) {
         self.disconnect();
         if let Some(f) = &mut self.stats_file {
-            f.update(&self.stats, self.state);
+            f.flush(&self.stats, self.state);
         }
         if let (Some(_), DeviceSource::Handoff(path)) = (self.listener.take(), &self.source) {
             let _ = std::fs::remove_file(path);

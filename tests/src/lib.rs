@@ -1,1 +1,346 @@
-//! End-to-end tests live in `tests/`; this library holds what they share.
+//! What the end-to-end tests share: a simulated platform in a temporary directory (the
+//! simulated hypervisor and xenstored), the toolstack's part, and the real `blkbackd` binary
+//! run as a child process, as the toolstack or `blkbackd supervise` would run it.
+//!
+//! The binary is built on first use with the cargo that runs the tests (same profile and
+//! target directory), so `cargo test -p tests` needs nothing built beforehand.
+#![deny(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use backend::simfront::toolstack::{self, VbdSpec};
+use backend::simfront::{FrontOptions, SimFront};
+use xen::sim::xenstored::SimXenstored;
+use xen::xenstore::{XenStore, XsOps};
+use xen::DomId;
+
+/// The frontend domain used by default.
+pub const GUEST: DomId = 1;
+/// xvda.
+pub const DEVID: u32 = 51712;
+
+/// The `blkbackd` binary of this build, built once per test process.
+///
+/// # Panics
+/// When it cannot be built.
+pub fn blkbackd() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "backend", "--bin", "blkbackd", "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for blkbackd");
+        assert!(status.success(), "building blkbackd failed");
+        profile_dir.join("blkbackd")
+    })
+}
+
+/// A temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("blkbackd-e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating the test directory");
+        Self(p)
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A simulated platform: hypervisor files and xenstored in a temporary directory, and a
+/// privileged (dom0) XenStore connection for the toolstack's part.
+pub struct Sim {
+    /// dom0's XenStore connection.
+    pub dom0: XenStore,
+    xenstored: SimXenstored,
+    dir: PathBuf,
+    tmp: TempDir,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Sim {
+    /// Starts a simulation with guest [`GUEST`] introduced.
+    pub fn new(tag: &str) -> Self {
+        let tmp = TempDir::new(tag);
+        let dir = tmp.path().join("sim");
+        let xenstored = SimXenstored::start(xen::sim::xenstored_dir(&dir)).expect("starting the simulated xenstored");
+        let dom0 = XenStore::open_at(xen::sim::xenstore_socket(&dir, 0)).expect("connecting as dom0");
+        let sim = Self { dom0, xenstored, dir, tmp };
+        sim.introduce(GUEST);
+        sim
+    }
+
+    /// Introduces another guest to xenstored.
+    pub fn introduce(&self, domid: DomId) {
+        self.xenstored.introduce_domain(domid).expect("introducing a domain");
+    }
+
+    /// The simulation directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The temporary directory (for images and statistics files).
+    pub fn tmp(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// `--platform` for the backend.
+    pub fn platform_arg(&self) -> String {
+        format!("sim:{}:0", self.dir.display())
+    }
+
+    /// A sparse image file of `mib` MiB in the temporary directory.
+    pub fn image(&self, name: &str, mib: u64) -> PathBuf {
+        let p = self.tmp().join(name);
+        let f = std::fs::File::create(&p).expect("creating an image");
+        f.set_len(mib << 20).expect("sizing an image");
+        p
+    }
+
+    /// Writes the toolstack's nodes for a disk.
+    pub fn create_vbd(&self, spec: &VbdSpec) {
+        toolstack::create_vbd(&self.dom0, spec).expect("writing the disk's nodes");
+    }
+
+    /// A node's value as dom0 sees it.
+    pub fn read(&self, path: &str) -> Option<String> {
+        self.dom0.read_string(path).ok()
+    }
+
+    /// The error node Linux's `xenbus_dev_fatal` would write for the disk.
+    pub fn error_node(&self, spec: &VbdSpec) -> Option<String> {
+        let home = format!("/local/domain/{}", spec.backend_domid);
+        self.read(&backend::dev_error::error_node_path(&home, &spec.backend_path()))
+    }
+
+    /// Waits until `path` reads `want`.
+    ///
+    /// # Panics
+    /// When it does not within 10 s.
+    pub fn wait_for(&self, path: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.read(path);
+            if v.as_deref() == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{path} is {v:?}, expected {want:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A simulated frontend for the disk of guest [`GUEST`].
+    pub fn front(&self, options: FrontOptions) -> SimFront {
+        SimFront::new(&self.dir, GUEST, DEVID, options).expect("creating the simulated guest")
+    }
+}
+
+/// A running `blkbackd serve`, killed on drop if still running.
+#[derive(Debug)]
+pub struct Backend {
+    child: Option<Child>,
+    /// Its statistics file.
+    pub stats_file: PathBuf,
+}
+
+impl Backend {
+    /// Starts `blkbackd serve` for `spec` on `sim`, with `extra` arguments (e.g.
+    /// `--open-params`).
+    pub fn serve(sim: &Sim, spec: &VbdSpec, extra: &[&str]) -> Self {
+        let stats_file = sim.tmp().join(format!("vbd-{}-{}.stats", spec.frontend_domid, spec.devid));
+        let child = Command::new(blkbackd())
+            .arg("serve")
+            .arg("--platform")
+            .arg(sim.platform_arg())
+            .arg("--backend-path")
+            .arg(spec.backend_path())
+            .arg("--stats-file")
+            .arg(&stats_file)
+            .args(extra)
+            .env_remove("BLKBACK_PLATFORM")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting blkbackd serve");
+        Self {
+            child: Some(child),
+            stats_file,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits for the process to exit.
+    ///
+    /// # Panics
+    /// When it does not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("backend already reaped");
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for blkbackd") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "blkbackd did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.pid()).expect("pid")).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    }
+
+    /// The statistics file, parsed.
+    pub fn stats(&self) -> Option<backend::stats_file::Report> {
+        let text = std::fs::read_to_string(&self.stats_file).ok()?;
+        backend::stats_file::Report::parse(&text).ok()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether the tests run as root (loop devices need it).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A loop device over a file, detached on drop (`losetup`, util-linux).
+#[derive(Debug)]
+pub struct Loop {
+    /// `/dev/loopN`.
+    pub device: PathBuf,
+}
+
+impl Loop {
+    /// Attaches `file`.
+    ///
+    /// # Panics
+    /// When `losetup` fails.
+    pub fn attach(file: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("running losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Self { device }
+    }
+
+    /// The device's major and minor numbers.
+    pub fn numbers(&self) -> (u32, u32) {
+        let st = rustix::fs::stat(&self.device).expect("stat loop device");
+        (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev))
+    }
+
+    /// The device's diskseq (`BLKGETDISKSEQ`).
+    pub fn diskseq(&self) -> u64 {
+        let dev = backend::device::Device::open(&self.device, &backend::device::DeviceOptions { read_only: true, ..Default::default() })
+            .expect("opening the loop device");
+        dev.diskseq().expect("loop devices have a diskseq")
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// Reads a backend node under `spec`'s directory.
+pub fn backend_node(sim: &Sim, spec: &VbdSpec, name: &str) -> Option<String> {
+    sim.read(&format!("{}/{name}", spec.backend_path()))
+}
+
+/// A disk image of `mib` MiB served with `args` to a frontend with `options`, connected.
+pub fn connected(sim: &Sim, mib: u64, args: &[&str], options: FrontOptions) -> (VbdSpec, Backend, SimFront) {
+    let image = sim.image("disk.img", mib);
+    let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().expect("utf-8 path"));
+    sim.create_vbd(&spec);
+    let mut all = vec!["--open-params"];
+    all.extend_from_slice(args);
+    let backend = Backend::serve(sim, &spec, &all);
+    let mut front = sim.front(options);
+    front.connect().expect("handshake");
+    (spec, backend, front)
+}
+
+/// A verified mixed workload: sequential writes in large requests, random 4 KiB writes, a
+/// flush, then every block written read back and checked.
+///
+/// # Panics
+/// On any failed request or data mismatch.
+pub fn exercise(front: &mut SimFront, model: &mut backend::simfront::workload::DiskModel) {
+    use backend::simfront::workload::{self, Planned, Rng};
+    let blocks = model.blocks().min(2048);
+    let big = u64::from(front.max_sectors_per_request() / 8).clamp(1, 64);
+    workload::run(front, model, &workload::sequential(blocks, big, true), 16).expect("sequential writes");
+    let mut rng = Rng::new(blocks);
+    workload::run(front, model, &workload::random_blocks(&mut rng, blocks, 256, true), 32).expect("random writes");
+    workload::run(front, model, &[Planned::Flush], 1).expect("flush");
+    workload::run(front, model, &workload::sequential(blocks, big, false), 16).expect("sequential reads");
+    workload::run(front, model, &workload::random_blocks(&mut rng, blocks, 256, false), 32).expect("random reads");
+}
+
+/// Closes the frontend, asks for removal as libxl does, and checks the backend exits 0.
+///
+/// # Panics
+/// When any step fails, a request was never answered, or a grant leaked.
+pub fn remove(sim: &Sim, spec: &VbdSpec, backend: &mut Backend, front: &mut SimFront) {
+    toolstack::request_removal(&sim.dom0, spec).expect("removal request");
+    let lost = front.close().expect("closing the frontend");
+    assert!(lost.is_empty(), "requests never answered: {lost:?}");
+    let status = backend.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "blkbackd exited with {status}");
+}
