@@ -450,6 +450,8 @@ fn serve(inner: &Arc<Inner>, stream: UnixStream, caller: Caller) -> std::io::Res
             .spawn(move || read_loop(&inner, reader_stream, id))
     };
     let mut threads = lock(&inner.threads);
+    // Forget connections that have ended, so a long run does not pile up handles.
+    threads.retain(|t| !t.is_finished());
     threads.push(writer);
     match reader {
         Ok(r) => threads.push(r),
