@@ -155,3 +155,36 @@ fn backend_child() {
     let got = wait_event(ch.as_mut(), Duration::from_secs(20));
     assert_eq!(got, vec![bport], "event from the guest process");
 }
+
+#[test]
+fn domains_are_created_concurrently_and_once() {
+    let dir = SimDir::new("create");
+    std::thread::scope(|s| {
+        for i in 0..8u16 {
+            let dir = &dir.0;
+            s.spawn(move || {
+                let d = SimDomain::create(dir, 10 + i, 2).expect("create");
+                d.page(1).unwrap().write_u8(0, i as u8).unwrap();
+                xen::sim::SimPlatform::open(dir, 0).expect("backend platform");
+            });
+        }
+    });
+    for i in 0..8u16 {
+        let d = SimDomain::open(&dir.0, 10 + i).expect("open");
+        assert_eq!(
+            d.page(1).unwrap().read_u8(0).unwrap(),
+            i as u8,
+            "each domain its own memory"
+        );
+        assert!(matches!(
+            SimDomain::create(&dir.0, 10 + i, 2),
+            Err(xen::sim::SimError::Exists(id)) if id == 10 + i
+        ));
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}

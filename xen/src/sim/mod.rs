@@ -28,6 +28,7 @@ pub mod xenstored;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shmem::{SharedMem, PAGE_SIZE};
@@ -126,7 +127,10 @@ fn create_file(
     len: usize,
     init: impl FnOnce(&File, &Path) -> Result<(), SimError>,
 ) -> Result<bool, SimError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}.{seq}", std::process::id()));
     let file = File::options()
         .read(true)
         .write(true)
