@@ -857,3 +857,44 @@ mod hostile {
         }
     }
 }
+
+#[test]
+fn special_node_permissions_decide_which_domains_see_special_events() {
+    let s = setup();
+    let d5 = s.domain(5);
+    let d7 = s.domain(7);
+    s.domain(6);
+    assert_eq!(
+        s.xs.get_perms("@releaseDomain").unwrap(),
+        vec![Perm::new(0, PermAccess::None)]
+    );
+    s.xs.set_perms(
+        "@releaseDomain",
+        &[
+            Perm::new(0, PermAccess::None),
+            Perm::new(5, PermAccess::Read),
+        ],
+    )
+    .unwrap();
+    for d in [&d5, &d7] {
+        d.watch("@releaseDomain", "rel").unwrap();
+        assert_eq!(
+            d.wait_watch_event(WAIT).unwrap(),
+            Some(ev("@releaseDomain", "rel"))
+        );
+    }
+    s.sim.release_domain(6).unwrap();
+    assert_eq!(
+        d5.wait_watch_event(WAIT).unwrap(),
+        Some(ev("@releaseDomain", "rel"))
+    );
+    no_more_events(&d7);
+    // Special nodes are not part of the tree.
+    assert!(!s
+        .xs
+        .directory("/")
+        .unwrap()
+        .iter()
+        .any(|c| c.starts_with('@')));
+    assert!(matches!(s.xs.read("@releaseDomain"), Err(XsError::Invalid)));
+}
