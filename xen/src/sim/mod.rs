@@ -330,7 +330,9 @@ impl SimDomain {
 
     /// Destroys the domain: grant operations on it fail with `GNTST_bad_domain`, its ports
     /// close (remote ends become unbound), and its files are removed. Existing mappings of its
-    /// pages stay valid until unmapped, as Xen keeps a dying domain's mapped pages.
+    /// pages stay valid until unmapped, as Xen keeps a dying domain's mapped pages. As in Xen,
+    /// no event is sent: a backend learns of the death from XenStore, so pair this with the
+    /// simulated xenstored's `release_domain` (`@releaseDomain`).
     ///
     /// # Errors
     /// I/O failures removing the files.
