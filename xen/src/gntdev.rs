@@ -127,6 +127,27 @@ impl CopySegment {
         pad: 0,
     };
 
+    /// The segment for `op`, whose length was checked to be 1..=PAGE_SIZE (so it fits u16).
+    /// A `FromGuest` local buffer is written by the kernel: it is taken `&mut`.
+    fn for_op(op: &mut CopyOp<'_>) -> Self {
+        match op {
+            CopyOp::FromGuest { src, dst, .. } => Self {
+                source: Self::foreign(src.gref, src.offset, src.domid),
+                dest: Self::virt(dst.as_mut_ptr()),
+                len: dst.len() as u16,
+                flags: GNTCOPY_SOURCE_GREF,
+                ..Self::ZERO
+            },
+            CopyOp::ToGuest { src, dst, .. } => Self {
+                source: Self::virt(src.as_ptr()),
+                dest: Self::foreign(dst.gref, dst.offset, dst.domid),
+                len: src.len() as u16,
+                flags: GNTCOPY_DEST_GREF,
+                ..Self::ZERO
+            },
+        }
+    }
+
     /// The union's `foreign` member.
     fn foreign(gref: GrantRef, offset: u16, domid: DomId) -> [u8; 8] {
         let mut b = [0u8; 8];
@@ -173,6 +194,14 @@ const COPY_CHUNK: usize = 32;
 
 fn io_err(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// `SET_MAX_GRANTS`'s answer: `ENOTTY` (no such limit in this kernel) is success.
+fn max_grants_result(r: rustix::io::Result<rustix::ioctl::IoctlOutput>) -> io::Result<()> {
+    match r {
+        Ok(_) | Err(Errno::NOTTY) => Ok(()),
+        Err(e) => Err(io_err(e)),
+    }
 }
 
 /// The open device, shared by the mapper and its mappings (which unmap through it).
@@ -251,10 +280,9 @@ impl Gntdev {
     pub fn set_max_grants(&self, count: u32) -> io::Result<()> {
         let mut arg = SetMaxGrants { count };
         // SAFETY: SET_MAX_GRANTS takes a struct ioctl_gntdev_set_max_grants.
-        match unsafe { call(self.dev.fd.as_fd(), IOCTL_GNTDEV_SET_MAX_GRANTS, &mut arg) } {
-            Ok(_) | Err(Errno::NOTTY) => Ok(()),
-            Err(e) => Err(io_err(e)),
-        }
+        max_grants_result(unsafe {
+            call(self.dev.fd.as_fd(), IOCTL_GNTDEV_SET_MAX_GRANTS, &mut arg)
+        })
     }
 
     /// `mmap` of `pages` pages at `index`, retrying `EAGAIN` as libxengnttab does.
@@ -381,23 +409,7 @@ impl GrantCopier for Gntdev {
         let mut segs = [CopySegment::ZERO; COPY_CHUNK];
         for chunk in ops.chunks_mut(COPY_CHUNK) {
             for (seg, op) in segs.iter_mut().zip(chunk.iter_mut()) {
-                // Lengths were checked to be 1..=PAGE_SIZE, so they fit u16.
-                *seg = match op {
-                    CopyOp::FromGuest { src, dst, .. } => CopySegment {
-                        source: CopySegment::foreign(src.gref, src.offset, src.domid),
-                        dest: CopySegment::virt(dst.as_mut_ptr()),
-                        len: dst.len() as u16,
-                        flags: GNTCOPY_SOURCE_GREF,
-                        ..CopySegment::ZERO
-                    },
-                    CopyOp::ToGuest { src, dst, .. } => CopySegment {
-                        source: CopySegment::virt(src.as_ptr()),
-                        dest: CopySegment::foreign(dst.gref, dst.offset, dst.domid),
-                        len: src.len() as u16,
-                        flags: GNTCOPY_DEST_GREF,
-                        ..CopySegment::ZERO
-                    },
-                };
+                *seg = CopySegment::for_op(op);
             }
             let mut arg = GrantCopy {
                 count: chunk.len() as u32,
@@ -472,6 +484,50 @@ mod tests {
         assert_eq!(
             usize::from_ne_bytes(v[..size_of::<usize>()].try_into().unwrap()),
             0x1234_5678
+        );
+    }
+
+    #[test]
+    fn copy_segments_name_the_grant_side_and_length() {
+        let mut local = [0u8; 100];
+        let src = crate::GrantAddr {
+            domid: 7,
+            gref: 42,
+            offset: 300,
+        };
+        let mut op = CopyOp::FromGuest {
+            src,
+            dst: &mut local,
+            status: GrantStatus::Okay,
+        };
+        let seg = CopySegment::for_op(&mut op);
+        assert_eq!(seg.flags, GNTCOPY_SOURCE_GREF);
+        assert_eq!(seg.len, 100);
+        assert_eq!(seg.source, CopySegment::foreign(42, 300, 7));
+        assert_eq!(seg.dest, CopySegment::virt(local.as_ptr()));
+        let data = [1u8; 4096];
+        let mut op = CopyOp::ToGuest {
+            src: &data,
+            dst: src,
+            status: GrantStatus::Okay,
+        };
+        let seg = CopySegment::for_op(&mut op);
+        assert_eq!(seg.flags, GNTCOPY_DEST_GREF);
+        assert_eq!(seg.len, 4096);
+        assert_eq!(seg.source, CopySegment::virt(data.as_ptr()));
+        assert_eq!(seg.dest, CopySegment::foreign(42, 300, 7));
+        assert_eq!(seg.status, 0);
+    }
+
+    #[test]
+    fn set_max_grants_enotty_is_success() {
+        assert!(max_grants_result(Err(Errno::NOTTY)).is_ok());
+        assert!(max_grants_result(Ok(0)).is_ok());
+        assert_eq!(
+            max_grants_result(Err(Errno::INVAL))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(Errno::INVAL.raw_os_error())
         );
     }
 
