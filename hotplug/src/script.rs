@@ -161,7 +161,9 @@ fn add_inner(
     let mode = Mode::parse(&read_req(xs, &node(backend, handoff::MODE))?)?;
     let source = Source::parse(&params)?;
     let handover = handover_of(xs, backend)?;
-    let with_diskseq = read_opt(xs, &node(backend, handoff::OPENED))?.is_some();
+    // The series' form for backends that say they understand it: `opened` (blkback with the
+    // series), or the fd handoff (blkbackd parses physical-device with xen::handoff).
+    let with_diskseq = handover != Handover::Legacy;
     let (dm_name, dm_uuid) = dm_identity(backend);
     let opts = AttachOptions {
         mode,
@@ -172,7 +174,7 @@ fn add_inner(
     let a = attached.insert(attach::attach(&source, &opts)?);
     write_device_nodes(xs, backend, a, with_diskseq)?;
     match &handover {
-        Handover::Socket(path) => hand_fd(path, a, deadline)?,
+        Handover::Socket(path) => hand_fd(path, a, deadline, config.timeout)?,
         Handover::Opened => wait_opened(xs, backend, deadline, config.timeout)?,
         Handover::Legacy => {}
     }
@@ -219,33 +221,32 @@ fn write_device_nodes(
     Ok(())
 }
 
-fn hand_fd(path: &std::path::Path, a: &Attached, deadline: Instant) -> Result<(), Error> {
-    let sock = handoff::connect(path)?;
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    rustix::net::sockopt::set_socket_timeout(
-        &sock,
-        rustix::net::sockopt::Timeout::Recv,
-        Some(left),
-    )
-    .map_err(Error::sys("SO_RCVTIMEO"))?;
+fn hand_fd(
+    path: &std::path::Path,
+    a: &Attached,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let timed_out = |what| {
+        move |e| match e {
+            handoff::HandoffError::Io {
+                source: rustix::io::Errno::AGAIN,
+                ..
+            } => Error::Timeout(timeout, what),
+            e => e.into(),
+        }
+    };
+    let sock = handoff::connect(path, deadline.saturating_duration_since(Instant::now()))
+        .map_err(timed_out("a connection to the backend's handoff socket"))?;
     let info = DeviceInfo {
         device: a.physical_device(true),
         read_only: a.read_only,
     };
-    handoff::send_device(&sock, a.fd.as_fd(), &info)?;
-    match handoff::recv_reply(&sock) {
-        Ok(Reply::Accepted) => Ok(()),
-        Ok(Reply::Rejected(e)) => Err(Error::Rejected(e)),
-        Err(handoff::HandoffError::Io {
-            source: rustix::io::Errno::AGAIN,
-            ..
-        }) => Err(Error::Timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            "the backend's handoff reply",
-        )),
-        Err(e) => Err(e.into()),
+    handoff::send_device(&sock, a.fd.as_fd(), &info)
+        .map_err(timed_out("the handoff to be sent"))?;
+    match handoff::recv_reply(&sock).map_err(timed_out("the backend's handoff reply"))? {
+        Reply::Accepted => Ok(()),
+        Reply::Rejected(e) => Err(Error::Rejected(e)),
     }
 }
 

@@ -515,3 +515,39 @@ fn refused_handoff_fails_and_leaves_nothing() {
     );
     assert_eq!(wait_unbound(&env.dir, Duration::from_secs(5)), vec![]);
 }
+
+/// A backend that never answers: `add` gives up after its timeout. The fd it sent is still in
+/// flight in the unaccepted connection; once the backend's socket closes, nothing is left.
+#[test]
+fn silent_backend_times_out_and_leaves_nothing() {
+    if !can_run("silent_backend_times_out_and_leaves_nothing") {
+        return;
+    }
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let env = Env::new("silent");
+    let a = env.file("a.img", MIB);
+    let path = env.dir.join("silent.sock");
+    let l = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    rustix::net::bind(&l, &SocketAddrUnix::new(&path).expect("addr")).expect("bind");
+    rustix::net::listen(&l, 4).expect("listen");
+    let be = env.backend(1, &a.to_string_lossy(), "w", true, Some(&path));
+    let t = Instant::now();
+    let out = env.run("add", &be, "0.5");
+    assert!(!out.status.success());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let (st, err) = status(&env, &be);
+    assert_eq!(st.as_deref(), Some("busy"));
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("timed out") && e.contains("reply")),
+        "{err:?}"
+    );
+    drop(l);
+    assert_eq!(wait_unbound(&env.dir, Duration::from_secs(5)), vec![]);
+}

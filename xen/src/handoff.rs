@@ -40,6 +40,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use rustix::fs::{FileType, OFlags};
 use rustix::io::Errno;
@@ -458,11 +459,14 @@ fn io(op: &'static str) -> impl FnOnce(Errno) -> HandoffError {
 }
 
 /// Connects to a handoff socket (`SOCK_SEQPACKET`, close-on-exec) and checks that the listener
-/// runs as root or as this process's uid.
+/// runs as root or as this process's uid. `timeout` bounds the connect (a full backlog blocks
+/// it), the send and the wait for the reply (`SO_SNDTIMEO`, `SO_RCVTIMEO`; expiry shows as
+/// `EAGAIN`).
 ///
 /// # Errors
 /// [`HandoffError::Io`] or [`HandoffError::UntrustedPeer`].
-pub fn connect(path: &Path) -> Result<OwnedFd, HandoffError> {
+pub fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, HandoffError> {
+    use rustix::net::sockopt::Timeout;
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let sock = rustix::net::socket_with(
         AddressFamily::UNIX,
@@ -471,6 +475,11 @@ pub fn connect(path: &Path) -> Result<OwnedFd, HandoffError> {
         None,
     )
     .map_err(io("socket"))?;
+    let timeout = Some(timeout.max(Duration::from_millis(1)));
+    rustix::net::sockopt::set_socket_timeout(&sock, Timeout::Send, timeout)
+        .map_err(io("SO_SNDTIMEO"))?;
+    rustix::net::sockopt::set_socket_timeout(&sock, Timeout::Recv, timeout)
+        .map_err(io("SO_RCVTIMEO"))?;
     let addr = SocketAddrUnix::new(path).map_err(io("socket address"))?;
     rustix::net::connect(&sock, &addr).map_err(io("connect"))?;
     let cred = rustix::net::sockopt::socket_peercred(&sock).map_err(io("SO_PEERCRED"))?;
@@ -601,8 +610,8 @@ pub fn send_reply(sock: impl AsFd, reply: Reply) -> Result<(), HandoffError> {
     Ok(())
 }
 
-/// Receives the backend's answer. Bound the wait with `SO_RCVTIMEO` on the socket
-/// (`EAGAIN` then comes back as [`HandoffError::Io`]).
+/// Receives the backend's answer. The wait is bounded by `SO_RCVTIMEO` ([`connect`] sets it;
+/// `EAGAIN` then comes back as [`HandoffError::Io`]).
 ///
 /// # Errors
 /// [`HandoffError`]; [`HandoffError::Closed`] when the backend hung up without answering.
@@ -1032,11 +1041,11 @@ mod tests {
         .expect("socket");
         rustix::net::bind(&l, &SocketAddrUnix::new(&path).expect("addr")).expect("bind");
         rustix::net::listen(&l, 1).expect("listen");
-        let c = connect(&path).expect("connect");
+        let c = connect(&path, Duration::from_secs(5)).expect("connect");
         let s = rustix::net::accept(&l).expect("accept");
         send_reply(&s, Reply::Accepted).expect("reply");
         assert_eq!(recv_reply(&c).expect("recv"), Reply::Accepted);
-        assert!(connect(&dir.join("absent")).is_err());
+        assert!(connect(&dir.join("absent"), Duration::from_secs(1)).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -264,7 +264,7 @@ impl Drop for FdBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop.
-        if let Ok(s) = handoff::connect(&self.path) {
+        if let Ok(s) = handoff::connect(&self.path, Duration::from_secs(1)) {
             drop(s);
         }
         if let Some(t) = self.thread.take() {
