@@ -139,17 +139,29 @@ pub fn check_device(device: &Device, expected: Option<&Expected>, explicit_disks
     Ok(())
 }
 
-/// Opens the block device XenStore names, race-free: `/dev/block/<major>:<minor>`, then the
-/// number and diskseq of what was opened are checked.
+/// Opens the block device XenStore names, race-free: `/dev/block/<major>:<minor>` (or, where
+/// udev made no such link, the node sysfs names for the number), then the number and diskseq
+/// of what was opened are checked, so whatever path led there, only the named device with the
+/// named diskseq is accepted.
 ///
 /// # Errors
 /// `ENOENT` when it cannot be opened, `ENODEV` on a mismatch.
 pub fn open_physical(expected: &Expected, options: &DeviceOptions) -> Result<Device, DevError> {
-    let path = PathBuf::from(format!("/dev/block/{}:{}", expected.device.major, expected.device.minor));
+    let (major, minor) = (expected.device.major, expected.device.minor);
+    let link = PathBuf::from(format!("/dev/block/{major}:{minor}"));
+    let path = if link.exists() { link } else { sysfs_devnode(major, minor).unwrap_or(link) };
     let device = Device::open(&path, options)
         .map_err(|e| DevError::new(errno::ENOENT, format!("creating vbd structure: {e}")))?;
     check_device(&device, Some(expected), None)?;
     Ok(device)
+}
+
+/// `/dev/<DEVNAME>` from `/sys/dev/block/<major>:<minor>/uevent`.
+fn sysfs_devnode(major: u32, minor: u32) -> Option<PathBuf> {
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")).ok()?;
+    let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
+    // DEVNAME is relative to /dev and never climbs out of it.
+    (!name.is_empty() && !name.split('/').any(|c| c == ".." || c.is_empty())).then(|| Path::new("/dev").join(name))
 }
 
 /// Opens the toolstack's `params` path: a regular file is served directly; a block device

@@ -165,7 +165,21 @@ struct StatsArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's first line without its "error: " prefix.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("blkbackd: {} (see --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     init_logging(cli.verbose);
     match run(cli.command, cli.verbose) {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,22 +230,20 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Everything the command line says is checked before anything is opened.
     let platform_config = parse_platform(&args.platform)?;
-    let platform = platform_config
-        .open()
-        .with_context(|| format!("opening the {} platform", args.platform.platform))?;
-    let backend_path = match (&args.backend_path, args.domid, args.devid) {
-        (Some(p), _, _) => BackendPath::parse(p).map_err(anyhow::Error::msg)?,
-        (None, Some(domid), Some(devid)) => BackendPath::new(platform.domid(), domid, devid),
-        _ => bail!("give --backend-path, or --domid and --devid"),
-    };
-    if backend_path.backend_domid != platform.domid() {
-        bail!(
-            "--backend-path names backend domain {}, but this is domain {}",
-            backend_path.backend_domid,
-            platform.domid()
-        );
+    let given_path = args
+        .backend_path
+        .as_deref()
+        .map(BackendPath::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if let Some(size) = args.sector_size {
+        if !(size.is_power_of_two() && (512..=4096).contains(&size)) {
+            bail!("--sector-size must be 512, 1024, 2048 or 4096");
+        }
     }
+    let features = args.tuning.features()?;
     let source = if let Some(fd) = args.device_fd {
         DeviceSource::Fd(inherited_fd(fd)?)
     } else if let Some(path) = args.handoff_socket {
@@ -244,10 +256,20 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         DeviceSource::PhysicalDevice
     };
-    if let Some(size) = args.sector_size {
-        if !(size.is_power_of_two() && (512..=4096).contains(&size)) {
-            bail!("--sector-size must be 512, 1024, 2048 or 4096");
-        }
+    let platform = platform_config
+        .open()
+        .with_context(|| format!("opening the {} platform", args.platform.platform))?;
+    let backend_path = match (given_path, args.domid, args.devid) {
+        (Some(p), _, _) => p,
+        (None, Some(domid), Some(devid)) => BackendPath::new(platform.domid(), domid, devid),
+        _ => bail!("give --backend-path, or --domid and --devid"),
+    };
+    if backend_path.backend_domid != platform.domid() {
+        bail!(
+            "--backend-path names backend domain {}, but this is domain {}",
+            backend_path.backend_domid,
+            platform.domid()
+        );
     }
     let stats_file = args
         .stats_file
@@ -261,7 +283,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             logical_block_size: args.sector_size,
             buffered: args.buffered,
         },
-        features: args.tuning.features()?,
+        features,
         grant_mode: args.tuning.grant_mode(),
         stats_file: Some(stats_file),
     };

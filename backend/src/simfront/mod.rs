@@ -246,6 +246,11 @@ impl SimFront {
         self.info.as_ref()
     }
 
+    /// The options, to change them between connections.
+    pub fn options_mut(&mut self) -> &mut FrontOptions {
+        &mut self.options
+    }
+
     /// Changes how long waits on the backend may take.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
@@ -290,6 +295,9 @@ impl SimFront {
     /// error (switches to Closing or Closed while something else was awaited).
     pub fn wait_backend_state(&self, want: &[XenbusState]) -> Result<XenbusState, SimFrontError> {
         let deadline = Instant::now() + self.timeout;
+        // Closing or Closed at the start is where the backend was left (a reconnect after a
+        // close); only a switch to them during the wait is the backend giving up.
+        let initial = self.backend_state()?;
         loop {
             let state = self.backend_state()?;
             if let ReadState::Known(s) = state {
@@ -297,6 +305,7 @@ impl SimFront {
                     return Ok(s);
                 }
                 if matches!(s, XenbusState::Closing | XenbusState::Closed)
+                    && state != initial
                     && !want.iter().any(|w| matches!(w, XenbusState::Closing | XenbusState::Closed))
                 {
                     return Err(SimFrontError::Backend(format!(
@@ -307,7 +316,8 @@ impl SimFront {
             }
             if Instant::now() > deadline {
                 return Err(SimFrontError::Timeout(format!(
-                    "backend state {want:?} (it is {state:?})"
+                    "backend state {want:?} (it is {state:?}{})",
+                    self.backend_error().map(|e| format!(", error {e}")).unwrap_or_default()
                 )));
             }
             std::thread::sleep(Duration::from_millis(2));

@@ -1,0 +1,99 @@
+//! Real device errors, as root: each fails its own request with `BLKIF_RSP_ERROR`, and the
+//! backend keeps serving.
+//!
+//! No fault-injecting block device exists on a plain host (no device-mapper `error`/`flakey`
+//! targets, no `null_blk` or `scsi_debug` modules here), so the errors come from real kernel
+//! paths that fail deterministically:
+//! - EIO: a loop device whose backing file is truncated after it was attached keeps its size;
+//!   reading a sector past the backing file's new end finds no data, and the loop driver ends
+//!   the request with `BLK_STS_IOERR` (`lo_complete_rq`: a short read with no data is EIO);
+//! - ENOSPC: an image on a full tmpfs, where writing into a hole needs a page it cannot get.
+
+use std::process::Command;
+
+use backend::simfront::toolstack::VbdSpec;
+use backend::simfront::workload::{self, DiskModel};
+use backend::simfront::{FrontOptions, IoOp};
+use ring::Status;
+use tests::{is_root, remove, Backend, Loop, Sim, DEVID, GUEST};
+
+#[test]
+fn eio_on_one_sector_fails_that_request_only() {
+    if !is_root() {
+        eprintln!("skipped: loop devices need root");
+        return;
+    }
+    let sim = Sim::new("eio");
+    let file = sim.image("backing.img", 8);
+    std::fs::write(&file, vec![0x3cu8; 8 << 20]).unwrap();
+    let lo = Loop::attach(&file);
+    // Cut the last 4 KiB off the backing file: the loop device still says 8 MiB.
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len((8 << 20) - 4096).unwrap();
+    let spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
+    sim.create_vbd(&spec);
+    let mut backend = Backend::serve(&sim, &spec, &["--open-params"]);
+    let mut front = sim.front(FrontOptions::default());
+    let info = front.connect().unwrap();
+    assert_eq!(info.sectors, 8 * 2048);
+    let last = info.sectors - 8;
+    for _ in 0..2 {
+        let c = front.execute(0, IoOp::Read { sector: last, sectors: 8 }).unwrap();
+        assert_eq!(c.status(), Some(Status::Error), "reading past the backing file");
+        // The sector before is fine, and so is everything else.
+        let c = front.execute(1, IoOp::Read { sector: last - 8, sectors: 8 }).unwrap();
+        assert_eq!(c.data, Some(vec![0x3c; 4096]));
+    }
+    let mut model = DiskModel::zeroed(256, false);
+    workload::run(&mut front, &mut model, &workload::sequential(256, 16, true), 8).unwrap();
+    workload::run(&mut front, &mut model, &workload::sequential(256, 16, false), 8).unwrap();
+    remove(&sim, &spec, &mut backend, &mut front);
+    let c = backend.stats().unwrap().counters;
+    assert!(c.rd_req >= 4);
+}
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn enospc_fails_the_write_and_the_backend_carries_on() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let sim = Sim::new("enospc");
+    let mnt = sim.tmp().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(ok.success(), "mount tmpfs");
+    let _guard = Tmpfs(mnt.clone());
+    let image = mnt.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().unwrap());
+    sim.create_vbd(&spec);
+    let mut backend = Backend::serve(&sim, &spec, &["--open-params"]);
+    let mut front = sim.front(FrontOptions::default());
+    front.connect().unwrap();
+    let data = vec![0x99u8; 65536];
+    let mut failed = None;
+    for i in 0..64u64 {
+        let c = front.execute(0, IoOp::Write { sector: i * 128, data: &data }).unwrap();
+        if !c.is_ok() {
+            assert_eq!(c.status(), Some(Status::Error));
+            failed = Some(i);
+            break;
+        }
+    }
+    let failed = failed.expect("a 1 MiB tmpfs cannot hold 4 MiB");
+    assert!(failed > 0);
+    // What was written before is intact, and the backend still answers.
+    let c = front.execute(1, IoOp::Read { sector: 0, sectors: 128 }).unwrap();
+    assert_eq!(c.data, Some(data));
+    assert!(front.execute(0, IoOp::Flush).unwrap().status().is_some());
+    remove(&sim, &spec, &mut backend, &mut front);
+}

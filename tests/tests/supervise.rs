@@ -1,0 +1,96 @@
+//! `blkbackd supervise`: one backend process per disk, started as disks appear, cleaned up
+//! after when they die, all stopped on SIGTERM.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backend::simfront::toolstack::VbdSpec;
+use backend::simfront::workload::DiskModel;
+use backend::simfront::{FrontOptions, SimFront};
+use tests::{blkbackd, exercise, Sim, GUEST};
+
+struct Supervisor(Child);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
+}
+
+#[test]
+fn one_backend_per_disk_cleaned_up_after() {
+    let sim = Sim::new("supervise");
+    sim.introduce(2);
+    let sup = Supervisor(
+        Command::new(blkbackd())
+            .args(["supervise", "--open-params", "--max-queues", "2", "--platform"])
+            .arg(sim.platform_arg())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let img1 = sim.image("one.img", 8);
+    let img2 = sim.image("two.img", 8);
+    let one = VbdSpec::disk(0, GUEST, 51712, img1.to_str().unwrap());
+    let two = VbdSpec::disk(0, 2, 51728, img2.to_str().unwrap());
+    sim.create_vbd(&one);
+    sim.create_vbd(&two);
+    sim.wait_for(&format!("{}/state", one.backend_path()), "2");
+    sim.wait_for(&format!("{}/state", two.backend_path()), "2");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while children(sup.0.id()).len() < 2 {
+        assert!(Instant::now() < deadline, "two backend processes expected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut front = SimFront::new(sim.dir(), GUEST, 51712, FrontOptions::default()).unwrap();
+    let info = front.connect().unwrap();
+    let mut model = DiskModel::zeroed(info.sectors / 8, true);
+    exercise(&mut front, &mut model);
+
+    // Kill the second disk's backend: the supervisor reports it and does not restart it.
+    let before = children(sup.0.id());
+    let two_pid = before
+        .iter()
+        .copied()
+        .find(|&p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&two.backend_path())))
+        .expect("the second disk's backend");
+    signal(two_pid, rustix::process::Signal::KILL);
+    sim.wait_for(&format!("{}/state", two.backend_path()), "6");
+    assert_eq!(sim.error_node(&two).as_deref(), Some("5 blkbackd was killed by signal 9"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(children(sup.0.id()).len(), 1, "nothing restarted silently");
+
+    // SIGTERM: the remaining backend closes its disk and the supervisor exits.
+    let mut sup = sup;
+    signal(sup.0.id(), rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = sup.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "supervisor did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    sim.wait_for(&format!("{}/state", one.backend_path()), "6");
+    front.wait_backend_state(&[backend::xenbus_state::XenbusState::Closed]).unwrap();
+    front.close().unwrap();
+}
