@@ -172,12 +172,15 @@ impl Device {
         let lbs = rustix::fs::ioctl_blksszget(&fd).map_err(query("BLKSSZGET"))?;
         let pbs = rustix::fs::ioctl_blkpbszget(&fd).map_err(query("BLKPBSZGET"))?;
         check_block_size(lbs)?;
-        // SAFETY: BLKROGET writes one int through the pointer Getter provides.
-        let ro: i32 = unsafe { rustix::ioctl::ioctl(&fd, Getter::<BLKROGET, i32>::new()) }
-            .map_err(query("BLKROGET"))?;
+        // SAFETY: BLKROGET writes one int.
+        let req = unsafe { Getter::<BLKROGET, i32>::new() };
+        // SAFETY: req's opcode and output type match (above).
+        let ro: i32 = unsafe { rustix::ioctl::ioctl(&fd, req) }.map_err(query("BLKROGET"))?;
         let bytes = block_size_bytes(fd.as_fd())?;
-        // SAFETY: BLKGETDISKSEQ writes one u64 through the pointer Getter provides.
-        let diskseq = unsafe { rustix::ioctl::ioctl(&fd, Getter::<BLKGETDISKSEQ, u64>::new()) }
+        // SAFETY: BLKGETDISKSEQ writes one u64.
+        let req = unsafe { Getter::<BLKGETDISKSEQ, u64>::new() };
+        // SAFETY: req's opcode and output type match (above).
+        let diskseq = unsafe { rustix::ioctl::ioctl(&fd, req) }
             .ok()
             .filter(|&s| s != 0);
         let queue = sysfs_queue_dir(major, minor);
@@ -204,13 +207,22 @@ impl Device {
         })
     }
 
-    fn file(fd: OwnedFd, st: &rustix::fs::Stat, options: &DeviceOptions) -> Result<Self, DeviceError> {
+    fn file(
+        fd: OwnedFd,
+        st: &rustix::fs::Stat,
+        options: &DeviceOptions,
+    ) -> Result<Self, DeviceError> {
         let lbs = options.logical_block_size.unwrap_or(SECTOR_SIZE as u32);
         check_block_size(lbs)?;
-        let dio_align = rustix::fs::statx(&fd, "", rustix::fs::AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN)
-            .ok()
-            .filter(|sx| StatxFlags::from_bits_retain(sx.stx_mask).contains(StatxFlags::DIOALIGN))
-            .map(|sx| sx.stx_dio_offset_align);
+        let dio_align = rustix::fs::statx(
+            &fd,
+            "",
+            rustix::fs::AtFlags::EMPTY_PATH,
+            StatxFlags::DIOALIGN,
+        )
+        .ok()
+        .filter(|sx| StatxFlags::from_bits_retain(sx.stx_mask).contains(StatxFlags::DIOALIGN))
+        .map(|sx| sx.stx_dio_offset_align);
         // 0 means the file system does not support O_DIRECT on this file.
         let direct_ok = matches!(dio_align, Some(a) if a != 0 && a <= lbs);
         let direct = !options.buffered && direct_ok && set_direct(&fd, true).is_ok();
@@ -323,11 +335,15 @@ impl Device {
             DeviceKind::Block { .. } => {
                 let range = [offset, len];
                 let res = if secure {
-                    // SAFETY: BLKSECDISCARD reads two u64 through the pointer Setter passes.
-                    unsafe { rustix::ioctl::ioctl(&self.fd, Setter::<BLKSECDISCARD, [u64; 2]>::new(range)) }
+                    // SAFETY: BLKSECDISCARD reads two u64 {start, len}.
+                    let req = unsafe { Setter::<BLKSECDISCARD, [u64; 2]>::new(range) };
+                    // SAFETY: req's opcode and input type match (above).
+                    unsafe { rustix::ioctl::ioctl(&self.fd, req) }
                 } else {
-                    // SAFETY: BLKDISCARD reads two u64 through the pointer Setter passes.
-                    unsafe { rustix::ioctl::ioctl(&self.fd, Setter::<BLKDISCARD, [u64; 2]>::new(range)) }
+                    // SAFETY: BLKDISCARD reads two u64 {start, len}.
+                    let req = unsafe { Setter::<BLKDISCARD, [u64; 2]>::new(range) };
+                    // SAFETY: req's opcode and input type match (above).
+                    unsafe { rustix::ioctl::ioctl(&self.fd, req) }
                 };
                 res.map_err(Into::into)
             }
@@ -335,8 +351,13 @@ impl Device {
                 if secure {
                     return Err(Errno::OPNOTSUPP.into());
                 }
-                rustix::fs::fallocate(&self.fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
-                    .map_err(Into::into)
+                rustix::fs::fallocate(
+                    &self.fd,
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .map_err(Into::into)
             }
         }
     }
@@ -352,14 +373,19 @@ fn check_block_size(lbs: u32) -> Result<(), DeviceError> {
 
 fn set_direct(fd: &OwnedFd, on: bool) -> rustix::io::Result<()> {
     let fl = rustix::fs::fcntl_getfl(fd)?;
-    let fl = if on { fl | OFlags::DIRECT } else { fl - OFlags::DIRECT };
+    let fl = if on {
+        fl | OFlags::DIRECT
+    } else {
+        fl - OFlags::DIRECT
+    };
     rustix::fs::fcntl_setfl(fd, fl)
 }
 
 fn block_size_bytes(fd: BorrowedFd<'_>) -> Result<u64, DeviceError> {
-    // SAFETY: BLKGETSIZE64 writes one u64 (size_t on 64-bit) through the pointer Getter provides.
-    let bytes = unsafe { rustix::ioctl::ioctl(fd, Getter::<BLKGETSIZE64, usize>::new()) }
-        .map_err(query("BLKGETSIZE64"))?;
+    // SAFETY: BLKGETSIZE64 writes one size_t.
+    let req = unsafe { Getter::<BLKGETSIZE64, usize>::new() };
+    // SAFETY: req's opcode and output type match (above).
+    let bytes = unsafe { rustix::ioctl::ioctl(fd, req) }.map_err(query("BLKGETSIZE64"))?;
     Ok(bytes as u64)
 }
 
@@ -386,11 +412,11 @@ fn read_sysfs_u64(dir: &Path, name: &str) -> std::io::Result<u64> {
 /// secure erase before it reads its argument, so a NULL argument gets `EFAULT` exactly when the
 /// device supports it. (`EBADF` on a read-only fd: then it is not usable either.)
 pub fn probe_secure_discard(fd: BorrowedFd<'_>) -> bool {
-    // SAFETY: a NULL argument is never dereferenced by us; the kernel validates it
-    // (copy_from_user fails with EFAULT).
-    let res = unsafe {
-        rustix::ioctl::ioctl(fd, IntegerSetter::<BLKSECDISCARD>::new_pointer(std::ptr::null_mut()))
-    };
+    // SAFETY: the pointer is passed as is; the kernel validates it (copy_from_user fails
+    // with EFAULT), nobody dereferences it in this process.
+    let req = unsafe { IntegerSetter::<BLKSECDISCARD>::new_pointer(std::ptr::null_mut()) };
+    // SAFETY: as above: a NULL argument only makes the kernel fail with EFAULT.
+    let res = unsafe { rustix::ioctl::ioctl(fd, req) };
     matches!(res, Err(Errno::FAULT))
 }
 
@@ -401,6 +427,11 @@ fn punch_hole_supported(fd: &OwnedFd) -> bool {
         return false;
     };
     let end = u64::try_from(st.st_size).unwrap_or(0);
-    rustix::fs::fallocate(fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, end.next_multiple_of(4096), 4096)
-        .is_ok()
+    rustix::fs::fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        end.next_multiple_of(4096),
+        4096,
+    )
+    .is_ok()
 }

@@ -288,8 +288,11 @@ impl Drop for QueueHandle {
 /// # Errors
 /// [`DataplaneError`] when any of that fails; nothing is left mapped or bound then.
 pub fn spawn_queue(params: QueueParams) -> Result<QueueHandle, DataplaneError> {
-    let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
-        .map_err(|e| DataplaneError::Uring(e.into()))?;
+    let stop = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .map_err(|e| DataplaneError::Uring(e.into()))?;
     let stop = Arc::new(stop);
     let stats = Arc::clone(&params.stats);
     let finished = Arc::new(AtomicBool::new(false));
@@ -322,7 +325,9 @@ pub fn spawn_queue(params: QueueParams) -> Result<QueueHandle, DataplaneError> {
         }
         Err(_) => {
             let _ = thread.join();
-            return Err(DataplaneError::Thread(std::io::Error::other("queue thread died during setup")));
+            return Err(DataplaneError::Thread(std::io::Error::other(
+                "queue thread died during setup",
+            )));
         }
     }
     Ok(QueueHandle {

@@ -67,7 +67,12 @@ impl PersistentGrants {
     ///
     /// # Errors
     /// The mapper's error; nothing is cached then.
-    pub(super) fn get(&mut self, mapper: &dyn GrantMapper, gref: GrantRef, now: Instant) -> Result<Option<Arc<GrantMapping>>, GrantError> {
+    pub(super) fn get(
+        &mut self,
+        mapper: &dyn GrantMapper,
+        gref: GrantRef,
+        now: Instant,
+    ) -> Result<Option<Arc<GrantMapping>>, GrantError> {
         if let Some(e) = self.map.get_mut(&gref) {
             e.last_used = now;
             return Ok(Some(Arc::clone(&e.mapping)));
@@ -78,7 +83,13 @@ impl PersistentGrants {
         // Persistent grants are always mapped writable, as Linux does: the same page serves
         // reads and writes over its lifetime.
         let mapping = Arc::new(mapper.map(self.frontend, &[gref], Access::ReadWrite)?);
-        self.map.insert(gref, Entry { mapping: Arc::clone(&mapping), last_used: now });
+        self.map.insert(
+            gref,
+            Entry {
+                mapping: Arc::clone(&mapping),
+                last_used: now,
+            },
+        );
         Ok(Some(mapping))
     }
 
@@ -92,10 +103,12 @@ impl PersistentGrants {
         self.next_purge = now + LRU_INTERVAL;
         let before = self.map.len();
         let timeout = self.timeout;
-        self.map.retain(|_, e| now.saturating_duration_since(e.last_used) < timeout);
+        self.map
+            .retain(|_, e| now.saturating_duration_since(e.last_used) < timeout);
         if self.map.len() >= self.max && self.max > 0 {
             let n = (self.max * LRU_PERCENT_CLEAN / 100).max(1);
-            let mut by_age: Vec<(Instant, GrantRef)> = self.map.iter().map(|(g, e)| (e.last_used, *g)).collect();
+            let mut by_age: Vec<(Instant, GrantRef)> =
+                self.map.iter().map(|(g, e)| (e.last_used, *g)).collect();
             by_age.sort_unstable();
             for (_, g) in by_age.into_iter().take(n) {
                 self.map.remove(&g);

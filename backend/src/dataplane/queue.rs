@@ -12,10 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ring::{BackRing, DeviceLimits, FlushKind, IndirectPage, Op, Parsed, Request, RingError, Status};
+use ring::{
+    BackRing, DeviceLimits, FlushKind, IndirectPage, Op, Parsed, Request, RingError, Status,
+};
 use rustix::io::Errno;
 use shmem::{SharedMem, PAGE_SIZE};
-use xen::{Access, CopyOp, EventChannel, GrantAddr, GrantMapping, GrantRef, GrantStatus, Platform, Port};
+use xen::{
+    Access, CopyOp, EventChannel, GrantAddr, GrantMapping, GrantRef, GrantStatus, Platform, Port,
+};
 
 use super::persistent::{PersistentGrants, LRU_INTERVAL};
 use super::stats::Stats;
@@ -102,7 +106,9 @@ pub(super) struct Queue {
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Queue")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,17 +125,28 @@ impl Queue {
             .map_err(DataplaneError::MapRing)?;
         let back = BackRing::attach(&ring_map.mem(), p.abi, pages).map_err(DataplaneError::Ring)?;
         let size = back.size() as usize;
-        let max_indirect = p.max_indirect_segments.min(ring::MAX_INDIRECT_SEGMENTS as u16);
+        let max_indirect = p
+            .max_indirect_segments
+            .min(ring::MAX_INDIRECT_SEGMENTS as u16);
         let max_segs = usize::from(max_indirect).max(ring::MAX_SEGMENTS_PER_REQUEST);
         let copy = p.grant_mode == GrantMode::Copy;
         let nr_large = if max_indirect > 0 { LARGE_REGIONS } else { 0 };
-        let uring = Uring::new(size, copy, max_segs, nr_large, max_segs).map_err(DataplaneError::Uring)?;
-        let mut evtchn = p.platform.open_event_channel().map_err(DataplaneError::EventChannel)?;
+        let uring =
+            Uring::new(size, copy, max_segs, nr_large, max_segs).map_err(DataplaneError::Uring)?;
+        let mut evtchn = p
+            .platform
+            .open_event_channel()
+            .map_err(DataplaneError::EventChannel)?;
         let local_port = evtchn
             .bind_interdomain(p.frontend, p.port)
             .map_err(DataplaneError::EventChannel)?;
-        let pgrants = (p.persistent_grants && !copy)
-            .then(|| PersistentGrants::new(p.frontend, p.max_persistent_grants, p.persistent_grant_timeout));
+        let pgrants = (p.persistent_grants && !copy).then(|| {
+            PersistentGrants::new(
+                p.frontend,
+                p.max_persistent_grants,
+                p.persistent_grant_timeout,
+            )
+        });
         let slots = (0..size)
             .map(|_| Slot {
                 stage: Stage::Free,
@@ -223,7 +240,9 @@ impl Queue {
             .poll(Control::Stop, stop.as_fd())
             .map_err(|e| format!("arming the stop poll: {e}"))?;
         if self.pgrants.is_some() {
-            self.uring.timer(Control::Tick, LRU_INTERVAL).map_err(|e| e.to_string())?;
+            self.uring
+                .timer(Control::Tick, LRU_INTERVAL)
+                .map_err(|e| e.to_string())?;
         }
         loop {
             let mut reaped = std::mem::take(&mut self.reaped);
@@ -242,7 +261,9 @@ impl Queue {
             if event {
                 Stats::add(&self.stats.events, 1);
                 self.ports.clear();
-                self.evtchn.pending(&mut self.ports).map_err(|e| format!("event channel: {e}"))?;
+                self.evtchn
+                    .pending(&mut self.ports)
+                    .map_err(|e| format!("event channel: {e}"))?;
                 self.eoi_due = true;
             }
             self.copy_out(&mem);
@@ -264,7 +285,9 @@ impl Queue {
                 return Ok(());
             }
             let want = usize::from(!self.uring.has_completions());
-            self.uring.submit_and_wait(want).map_err(|e| format!("io_uring_enter: {e}"))?;
+            self.uring
+                .submit_and_wait(want)
+                .map_err(|e| format!("io_uring_enter: {e}"))?;
         }
     }
 
@@ -294,11 +317,15 @@ impl Queue {
         }
         let shift = (self.spurious - 2).min(20);
         let delay = Duration::from_millis(1u64 << shift).min(MAX_EOI_DELAY);
-        self.uring.timer(Control::EoiTimer, delay).map_err(|e| format!("arming the EOI timer: {e}"))
+        self.uring
+            .timer(Control::EoiTimer, delay)
+            .map_err(|e| format!("arming the EOI timer: {e}"))
     }
 
     fn unmask(&mut self) -> Result<(), String> {
-        self.evtchn.unmask(self.local_port).map_err(|e| format!("unmask: {e}"))?;
+        self.evtchn
+            .unmask(self.local_port)
+            .map_err(|e| format!("unmask: {e}"))?;
         self.uring
             .poll(Control::Event, self.evtchn.as_fd())
             .map_err(|e| format!("arming the event poll: {e}"))
@@ -307,9 +334,13 @@ impl Queue {
     fn tick(&mut self) -> Result<(), String> {
         if let Some(pg) = self.pgrants.as_mut() {
             pg.purge(Instant::now());
-            self.stats.persistent_grants.store(pg.len() as u64, Ordering::Relaxed);
+            self.stats
+                .persistent_grants
+                .store(pg.len() as u64, Ordering::Relaxed);
         }
-        self.uring.timer(Control::Tick, LRU_INTERVAL).map_err(|e| e.to_string())
+        self.uring
+            .timer(Control::Tick, LRU_INTERVAL)
+            .map_err(|e| e.to_string())
     }
 
     fn limits(&self) -> DeviceLimits {
@@ -423,13 +454,24 @@ impl Queue {
                     .chunks_mut(PAGE_SIZE)
                     .zip(grefs)
                     .map(|(dst, &gref)| CopyOp::FromGuest {
-                        src: GrantAddr { domid: self.frontend, gref, offset: 0 },
+                        src: GrantAddr {
+                            domid: self.frontend,
+                            gref,
+                            offset: 0,
+                        },
                         dst,
                         status: GrantStatus::GeneralError,
                     })
                     .collect();
-                self.platform.grant_copier().copy(&mut ops).map_err(|_| GrantStatus::GeneralError)?;
-                if let Some(bad) = ops.iter().map(CopyOp::status).find(|s| *s != GrantStatus::Okay) {
+                self.platform
+                    .grant_copier()
+                    .copy(&mut ops)
+                    .map_err(|_| GrantStatus::GeneralError)?;
+                if let Some(bad) = ops
+                    .iter()
+                    .map(CopyOp::status)
+                    .find(|s| *s != GrantStatus::Okay)
+                {
                     return Err(bad);
                 }
                 drop(ops);
@@ -452,8 +494,11 @@ impl Queue {
                 let mem = m.mem();
                 for i in 0..grefs.len() {
                     let mut page = IndirectPage::new();
-                    let sub = mem.subregion(i * PAGE_SIZE, PAGE_SIZE).map_err(|_| GrantStatus::GeneralError)?;
-                    page.read_from(&sub).map_err(|_| GrantStatus::GeneralError)?;
+                    let sub = mem
+                        .subregion(i * PAGE_SIZE, PAGE_SIZE)
+                        .map_err(|_| GrantStatus::GeneralError)?;
+                    page.read_from(&sub)
+                        .map_err(|_| GrantStatus::GeneralError)?;
                     self.ind_pages.push(page);
                 }
             }
@@ -495,9 +540,14 @@ impl Queue {
                     self.finish(mem, slot, Status::Error);
                 }
             }
-            Op::Discard { sector, nr_sectors, secure } => {
+            Op::Discard {
+                sector,
+                nr_sectors,
+                secure,
+            } => {
                 Stats::add(&self.stats.ds_req, 1);
-                let (Some(offset), Some(len)) = (sector.bytes(), ring::Sector(nr_sectors).bytes()) else {
+                let (Some(offset), Some(len)) = (sector.bytes(), ring::Sector(nr_sectors).bytes())
+                else {
                     return self.finish(mem, slot, Status::Error);
                 };
                 if len == 0 {
@@ -546,11 +596,20 @@ impl Queue {
         }
     }
 
-    fn start_rw(&mut self, mem: &SharedMem<'_>, slot: usize, t: &ring::Transfer, write: bool, fsync: bool) {
+    fn start_rw(
+        &mut self,
+        mem: &SharedMem<'_>,
+        slot: usize,
+        t: &ring::Transfer,
+        write: bool,
+        fsync: bool,
+    ) {
         let Some(offset) = t.sector.bytes() else {
             return self.finish(mem, slot, Status::Error);
         };
-        let len = usize::try_from(t.nr_sectors).unwrap_or(usize::MAX).saturating_mul(512);
+        let len = usize::try_from(t.nr_sectors)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(512);
         match self.grant_mode {
             GrantMode::Copy => {
                 let region = if len <= super::uring::SMALL_REGION {
@@ -576,7 +635,10 @@ impl Queue {
                 }
                 s.stage = Stage::InFlight;
                 let fd = self.device.fd();
-                if let Err((e, r)) = self.uring.submit_rw(slot, fd, false, offset, Data::Bounce(region, len), false) {
+                if let Err((e, r)) =
+                    self.uring
+                        .submit_rw(slot, fd, false, offset, Data::Bounce(region, len), false)
+                {
                     tracing::error!(queue = %self.name, "submitting a read: {e}");
                     if let Some(r) = r {
                         self.uring.pool().give_back(r);
@@ -594,7 +656,10 @@ impl Queue {
                 self.slots[slot].stage = Stage::InFlight;
                 self.slots[slot].len = len;
                 let fd = self.device.fd();
-                if let Err((e, _)) = self.uring.submit_rw(slot, fd, write, offset, Data::Mapped, fsync) {
+                if let Err((e, _)) =
+                    self.uring
+                        .submit_rw(slot, fd, write, offset, Data::Mapped, fsync)
+                {
                     tracing::error!(queue = %self.name, "submitting I/O: {e}");
                     self.finish(mem, slot, Status::Error);
                 }
@@ -614,14 +679,24 @@ impl Queue {
 
     /// Maps a request's pages (persistent ones from the cache, the rest in one map call) and
     /// builds the slot's iovecs in segment order.
-    fn map_segments(&mut self, slot: usize, segs: &ring::Segments, write: bool) -> Result<(), String> {
+    fn map_segments(
+        &mut self,
+        slot: usize,
+        segs: &ring::Segments,
+        write: bool,
+    ) -> Result<(), String> {
         let r = self.map_segments_inner(slot, segs, write);
         // The scratch list must not keep mappings alive past the request's own guards.
         self.seg_maps.clear();
         r
     }
 
-    fn map_segments_inner(&mut self, slot: usize, segs: &ring::Segments, write: bool) -> Result<(), String> {
+    fn map_segments_inner(
+        &mut self,
+        slot: usize,
+        segs: &ring::Segments,
+        write: bool,
+    ) -> Result<(), String> {
         let now = Instant::now();
         let mapper = self.platform.grant_mapper();
         self.seg_maps.clear();
@@ -637,15 +712,23 @@ impl Queue {
             self.seg_maps.push(cached);
         }
         if let Some(pg) = self.pgrants.as_ref() {
-            self.stats.persistent_grants.store(pg.len() as u64, Ordering::Relaxed);
+            self.stats
+                .persistent_grants
+                .store(pg.len() as u64, Ordering::Relaxed);
         }
         let once = if self.np_grefs.is_empty() {
             None
         } else {
             // Linux maps a write's pages read-only: the device only reads them.
-            let access = if write { Access::ReadOnly } else { Access::ReadWrite };
+            let access = if write {
+                Access::ReadOnly
+            } else {
+                Access::ReadWrite
+            };
             Some(Arc::new(
-                mapper.map(self.frontend, &self.np_grefs, access).map_err(|e| e.to_string())?,
+                mapper
+                    .map(self.frontend, &self.np_grefs, access)
+                    .map_err(|e| e.to_string())?,
             ))
         };
         let mut k = 0;
@@ -659,7 +742,12 @@ impl Queue {
                 (None, None) => return Err("segment without a mapping".into()),
             };
             self.uring
-                .map_segment(slot, m, base + seg.offset_bytes() as usize, seg.len_bytes() as usize)
+                .map_segment(
+                    slot,
+                    m,
+                    base + seg.offset_bytes() as usize,
+                    seg.len_bytes() as usize,
+                )
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -669,7 +757,13 @@ impl Queue {
     /// batch, and submits those whose copy succeeded.
     fn copy_in(&mut self, mem: &SharedMem<'_>) {
         self.batch.clear();
-        self.batch.extend(self.slots.iter().enumerate().filter(|(_, s)| s.stage == Stage::CopyIn).map(|(i, _)| i));
+        self.batch.extend(
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.stage == Stage::CopyIn)
+                .map(|(i, _)| i),
+        );
         if self.batch.is_empty() {
             return;
         }
@@ -679,7 +773,9 @@ impl Queue {
             let slot = self.batch[bi];
             let failed = self.failed[bi];
             let s = &mut self.slots[slot];
-            let Some(region) = s.region.take() else { continue };
+            let Some(region) = s.region.take() else {
+                continue;
+            };
             if failed {
                 self.uring.pool().give_back(region);
                 tracing::debug!(queue = %self.name, id = self.slots[slot].req.id, "grant copy of write data failed");
@@ -688,11 +784,20 @@ impl Queue {
             }
             s.stage = Stage::InFlight;
             let (offset, fsync) = match &s.req.op {
-                Op::Write { transfer, flush } => (transfer.sector.bytes().unwrap_or(0), flush.is_some()),
+                Op::Write { transfer, flush } => {
+                    (transfer.sector.bytes().unwrap_or(0), flush.is_some())
+                }
                 _ => (0, false),
             };
             let len = s.len;
-            if let Err((e, r)) = self.uring.submit_rw(slot, device.fd(), true, offset, Data::Bounce(region, len), fsync) {
+            if let Err((e, r)) = self.uring.submit_rw(
+                slot,
+                device.fd(),
+                true,
+                offset,
+                Data::Bounce(region, len),
+                fsync,
+            ) {
                 tracing::error!(queue = %self.name, "submitting a write: {e}");
                 if let Some(r) = r {
                     self.uring.pool().give_back(r);
@@ -706,7 +811,13 @@ impl Queue {
     /// and answers them.
     fn copy_out(&mut self, mem: &SharedMem<'_>) {
         self.batch.clear();
-        self.batch.extend(self.slots.iter().enumerate().filter(|(_, s)| s.stage == Stage::CopyOut).map(|(i, _)| i));
+        self.batch.extend(
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.stage == Stage::CopyOut)
+                .map(|(i, _)| i),
+        );
         if self.batch.is_empty() {
             return;
         }
@@ -758,11 +869,23 @@ impl Queue {
                 let n = (seg.len_bytes() as usize).min(buf.len());
                 let (chunk, rest) = std::mem::take(&mut buf).split_at_mut(n);
                 buf = rest;
-                let addr = GrantAddr { domid, gref: seg.gref, offset: seg.offset_bytes() as u16 };
+                let addr = GrantAddr {
+                    domid,
+                    gref: seg.gref,
+                    offset: seg.offset_bytes() as u16,
+                };
                 ops.push(if from_guest {
-                    CopyOp::FromGuest { src: addr, dst: chunk, status: GrantStatus::GeneralError }
+                    CopyOp::FromGuest {
+                        src: addr,
+                        dst: chunk,
+                        status: GrantStatus::GeneralError,
+                    }
                 } else {
-                    CopyOp::ToGuest { src: chunk, dst: addr, status: GrantStatus::GeneralError }
+                    CopyOp::ToGuest {
+                        src: chunk,
+                        dst: addr,
+                        status: GrantStatus::GeneralError,
+                    }
                 });
                 owner.push(bi);
             }
@@ -779,7 +902,9 @@ impl Queue {
     /// Handles a slot whose I/O completed.
     fn complete(&mut self, mem: &SharedMem<'_>, c: Completion) {
         let slot = c.slot;
-        let Some(s) = self.slots.get_mut(slot) else { return };
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
         s.region = c.region;
         match &c.result {
             Ok(()) => {}

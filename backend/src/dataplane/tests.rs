@@ -65,19 +65,40 @@ impl Front {
         let dom = SimDomain::create(&dir.join("sim"), FRONT, GUEST_PAGES).unwrap();
         let mut evt = dom.open_event_channel().unwrap();
         let port = evt.alloc_unbound(0).unwrap();
-        let ring_refs: Vec<GrantRef> = (0..ring_pages as u32).map(|f| dom.grant(0, f, Access::ReadWrite).unwrap()).collect();
+        let ring_refs: Vec<GrantRef> = (0..ring_pages as u32)
+            .map(|f| dom.grant(0, f, Access::ReadWrite).unwrap())
+            .collect();
         let mem = dom.mem().subregion(0, ring_pages * PAGE_SIZE).unwrap();
         let ring = FrontRing::init(&mem, abi, ring_pages).unwrap();
-        let data_refs = (DATA0..GUEST_PAGES as u32).map(|f| dom.grant(0, f, Access::ReadWrite).unwrap()).collect();
-        Self { dom, evt, port, ring, ring_pages, ring_refs, data_refs }
+        let data_refs = (DATA0..GUEST_PAGES as u32)
+            .map(|f| dom.grant(0, f, Access::ReadWrite).unwrap())
+            .collect();
+        Self {
+            dom,
+            evt,
+            port,
+            ring,
+            ring_pages,
+            ring_refs,
+            data_refs,
+        }
     }
 
     fn platform(dir: &Path) -> Arc<dyn xen::Platform> {
-        SimPlatform::open(&dir.join("sim"), 0).unwrap().into_platform()
+        SimPlatform::open(&dir.join("sim"), 0)
+            .unwrap()
+            .into_platform()
     }
 
     fn params(&self, dir: &Path, device: Arc<Device>) -> QueueParams {
-        let mut p = QueueParams::new(Self::platform(dir), FRONT, self.ring.abi(), self.ring_refs.clone(), self.port, device);
+        let mut p = QueueParams::new(
+            Self::platform(dir),
+            FRONT,
+            self.ring.abi(),
+            self.ring_refs.clone(),
+            self.port,
+            device,
+        );
         p.name = "test-q".into();
         p
     }
@@ -88,12 +109,20 @@ impl Front {
     }
 
     fn queue(&mut self, req: &FrontRequest<'_>) {
-        let mem = self.dom.mem().subregion(0, self.ring_pages * PAGE_SIZE).unwrap();
+        let mem = self
+            .dom
+            .mem()
+            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .unwrap();
         self.ring.queue_request(&mem, req).unwrap();
     }
 
     fn push(&mut self) {
-        let mem = self.dom.mem().subregion(0, self.ring_pages * PAGE_SIZE).unwrap();
+        let mem = self
+            .dom
+            .mem()
+            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .unwrap();
         if self.ring.push_requests(&mem).unwrap() {
             self.evt.notify(self.port).unwrap();
         }
@@ -101,7 +130,11 @@ impl Front {
 
     /// Waits for `n` responses.
     fn responses(&mut self, n: usize) -> Vec<RawResponse> {
-        let mem = self.dom.mem().subregion(0, self.ring_pages * PAGE_SIZE).unwrap();
+        let mem = self
+            .dom
+            .mem()
+            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         while out.len() < n {
@@ -112,7 +145,11 @@ impl Front {
                 break;
             }
             if !self.ring.final_check_for_responses(&mem).unwrap() {
-                assert!(Instant::now() < deadline, "timed out with {} of {n} responses", out.len());
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out with {} of {n} responses",
+                    out.len()
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -129,7 +166,13 @@ impl Front {
     /// Reads `nsect` sectors at `sector` into data pages from `first` on (8 sectors a page).
     fn rw(&mut self, op: u8, id: u64, sector: u64, first: usize, nsect: usize) -> Option<Status> {
         let segs = segs_for(self, first, nsect);
-        self.one(&FrontRequest::Direct { operation: op, id, sector, handle: 0, segs: &segs })
+        self.one(&FrontRequest::Direct {
+            operation: op,
+            id,
+            sector,
+            handle: 0,
+            segs: &segs,
+        })
     }
 }
 
@@ -137,7 +180,11 @@ fn segs_for(f: &Front, first: usize, nsect: usize) -> Vec<Segment> {
     (0..nsect.div_ceil(8))
         .map(|i| {
             let n = (nsect - i * 8).min(8);
-            Segment { gref: f.page(first + i).1, first_sect: 0, last_sect: (n - 1) as u8 }
+            Segment {
+                gref: f.page(first + i).1,
+                first_sect: 0,
+                last_sect: (n - 1) as u8,
+            }
         })
         .collect()
 }
@@ -145,7 +192,14 @@ fn segs_for(f: &Front, first: usize, nsect: usize) -> Vec<Segment> {
 fn fill(f: &Front, first: usize, pages: usize, seed: u8) {
     for i in 0..pages {
         let (m, _) = f.page(first + i);
-        let bytes: Vec<u8> = (0..PAGE_SIZE).map(|b| (b as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add(i as u8)).collect();
+        let bytes: Vec<u8> = (0..PAGE_SIZE)
+            .map(|b| {
+                (b as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(seed)
+                    .wrapping_add(i as u8)
+            })
+            .collect();
         m.write_from(0, &bytes).unwrap();
     }
 }
@@ -177,18 +231,36 @@ fn round_trip(mode: GrantMode, persistent: bool, abi: Abi, ring_pages: usize) {
     assert_eq!(f.rw(OP_WRITE, 1, 64, 0, 88), Some(Status::Okay));
     let file = std::fs::read(&img).unwrap();
     for i in 0..11 {
-        assert_eq!(&file[(64 * 512 + i * PAGE_SIZE)..][..PAGE_SIZE], &page_bytes(&f, i)[..], "page {i} on disk");
+        assert_eq!(
+            &file[(64 * 512 + i * PAGE_SIZE)..][..PAGE_SIZE],
+            &page_bytes(&f, i)[..],
+            "page {i} on disk"
+        );
     }
     assert_eq!(f.rw(OP_READ, 2, 64, 20, 88), Some(Status::Okay));
     for i in 0..11 {
-        assert_eq!(page_bytes(&f, 20 + i), page_bytes(&f, i), "page {i} read back");
+        assert_eq!(
+            page_bytes(&f, 20 + i),
+            page_bytes(&f, i),
+            "page {i} read back"
+        );
     }
 
     // A batch of many requests at once, with a repeated guest id, all answered with their ids.
     let n = f.ring.size() as usize;
     for k in 0..n {
-        let segs = [Segment { gref: f.page(40 + k % 64).1, first_sect: 1, last_sect: 6 }];
-        f.queue(&FrontRequest::Direct { operation: OP_READ, id: 1000 + (k as u64 % 7), sector: (k * 8) as u64, handle: 0, segs: &segs });
+        let segs = [Segment {
+            gref: f.page(40 + k % 64).1,
+            first_sect: 1,
+            last_sect: 6,
+        }];
+        f.queue(&FrontRequest::Direct {
+            operation: OP_READ,
+            id: 1000 + (k as u64 % 7),
+            sector: (k * 8) as u64,
+            handle: 0,
+            segs: &segs,
+        });
     }
     f.push();
     let rs = f.responses(n);
@@ -248,7 +320,14 @@ fn indirect(mode: GrantMode) {
         write_entry(&f, i, f.page(1 + i).1, (i % 8) as u8);
     }
     fill(&f, 1, 256, 9);
-    let st = f.one(&FrontRequest::Indirect { indirect_op: OP_WRITE, id: 5, sector: 8, handle: 0, nr_segments: 256, page_grefs: &[ind_ref] });
+    let st = f.one(&FrontRequest::Indirect {
+        indirect_op: OP_WRITE,
+        id: 5,
+        sector: 8,
+        handle: 0,
+        nr_segments: 256,
+        page_grefs: &[ind_ref],
+    });
     assert_eq!(st, Some(Status::Okay));
     let file = std::fs::read(&img).unwrap();
     for i in 0..256usize {
@@ -260,13 +339,31 @@ fn indirect(mode: GrantMode) {
     for i in 0..256usize {
         write_entry(&f, i, f.page(300 + i).1, 0);
     }
-    let st = f.one(&FrontRequest::Indirect { indirect_op: OP_READ, id: 6, sector: 8, handle: 0, nr_segments: 256, page_grefs: &[ind_ref] });
+    let st = f.one(&FrontRequest::Indirect {
+        indirect_op: OP_READ,
+        id: 6,
+        sector: 8,
+        handle: 0,
+        nr_segments: 256,
+        page_grefs: &[ind_ref],
+    });
     assert_eq!(st, Some(Status::Okay));
     for i in 0..256usize {
-        assert_eq!(&page_bytes(&f, 300 + i)[..512], &file[(8 + i) * 512..][..512], "read segment {i}");
+        assert_eq!(
+            &page_bytes(&f, 300 + i)[..512],
+            &file[(8 + i) * 512..][..512],
+            "read segment {i}"
+        );
     }
     // 257 segments: more than advertised, refused.
-    let st = f.one(&FrontRequest::Indirect { indirect_op: OP_READ, id: 7, sector: 8, handle: 0, nr_segments: 257, page_grefs: &[ind_ref] });
+    let st = f.one(&FrontRequest::Indirect {
+        indirect_op: OP_READ,
+        id: 7,
+        sector: 8,
+        handle: 0,
+        nr_segments: 257,
+        page_grefs: &[ind_ref],
+    });
     assert_eq!(st, Some(Status::Error));
     assert_eq!(q.stop(), QueueExit::Stopped);
 }
@@ -289,20 +386,52 @@ fn flush_and_barrier() {
     let p = f.params(&dir.0, open(&img));
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
-    let flush = |id| FrontRequest::Direct { operation: ring::OP_FLUSH_DISKCACHE, id, sector: 0, handle: 0, segs: &[] };
+    let flush = |id| FrontRequest::Direct {
+        operation: ring::OP_FLUSH_DISKCACHE,
+        id,
+        sector: 0,
+        handle: 0,
+        segs: &[],
+    };
     assert_eq!(f.one(&flush(1)), Some(Status::Okay));
     // A barrier carrying data, queued behind reads: drained, written, flushed.
     fill(&f, 0, 1, 1);
-    let seg = [Segment { gref: f.page(0).1, first_sect: 0, last_sect: 7 }];
+    let seg = [Segment {
+        gref: f.page(0).1,
+        first_sect: 0,
+        last_sect: 7,
+    }];
     for k in 0..8u64 {
-        let s = [Segment { gref: f.page(10 + k as usize).1, first_sect: 0, last_sect: 7 }];
-        f.queue(&FrontRequest::Direct { operation: OP_READ, id: 100 + k, sector: k * 8, handle: 0, segs: &s });
+        let s = [Segment {
+            gref: f.page(10 + k as usize).1,
+            first_sect: 0,
+            last_sect: 7,
+        }];
+        f.queue(&FrontRequest::Direct {
+            operation: OP_READ,
+            id: 100 + k,
+            sector: k * 8,
+            handle: 0,
+            segs: &s,
+        });
     }
-    f.queue(&FrontRequest::Direct { operation: ring::OP_WRITE_BARRIER, id: 2, sector: 16, handle: 0, segs: &seg });
+    f.queue(&FrontRequest::Direct {
+        operation: ring::OP_WRITE_BARRIER,
+        id: 2,
+        sector: 16,
+        handle: 0,
+        segs: &seg,
+    });
     f.push();
     let rs = f.responses(9);
-    assert!(rs.iter().all(|r| r.status() == Some(Status::Okay)), "{rs:?}");
-    assert_eq!(&std::fs::read(&img).unwrap()[16 * 512..][..PAGE_SIZE], &page_bytes(&f, 0)[..]);
+    assert!(
+        rs.iter().all(|r| r.status() == Some(Status::Okay)),
+        "{rs:?}"
+    );
+    assert_eq!(
+        &std::fs::read(&img).unwrap()[16 * 512..][..PAGE_SIZE],
+        &page_bytes(&f, 0)[..]
+    );
     assert_eq!(stats.snapshot().f_req, 2);
     q.stop();
 
@@ -331,17 +460,32 @@ fn discard_punches_a_hole() {
     let blocks = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap());
     let before = blocks(&img);
     assert!(before >= 8 * 88, "data written: {before} blocks");
-    let st = f.one(&FrontRequest::Discard { id: 9, sector: 0, nr_sectors: 4096, secure: false });
+    let st = f.one(&FrontRequest::Discard {
+        id: 9,
+        sector: 0,
+        nr_sectors: 4096,
+        secure: false,
+    });
     assert_eq!(st, Some(Status::Okay));
     let after = blocks(&img);
     assert!(after < before / 2, "blocks {before} -> {after}");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
     // Secure discard is not offered for a file: the flag is ignored, as Linux does
     // (`discard_secure && flag`), and a plain discard is done.
-    let st = f.one(&FrontRequest::Discard { id: 10, sector: 0, nr_sectors: 8, secure: true });
+    let st = f.one(&FrontRequest::Discard {
+        id: 10,
+        sector: 0,
+        nr_sectors: 8,
+        secure: true,
+    });
     assert_eq!(st, Some(Status::Okay));
     // Past the end: refused.
-    let st = f.one(&FrontRequest::Discard { id: 11, sector: 4090, nr_sectors: 8, secure: false });
+    let st = f.one(&FrontRequest::Discard {
+        id: 11,
+        sector: 4090,
+        nr_sectors: 8,
+        secure: false,
+    });
     assert_eq!(st, Some(Status::Error));
     assert_eq!(stats.snapshot().ds_req, 2);
     q.stop();
@@ -356,7 +500,12 @@ fn device_error_fails_one_request_only() {
     let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
     // Shrink the file under the backend (which still believes in 2048 sectors): a read past
     // the new end is short, which is a device error for that request only.
-    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(1024 * 512).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(1024 * 512)
+        .unwrap();
     assert_eq!(f.rw(OP_READ, 1, 1536, 0, 8), Some(Status::Error));
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
     assert_eq!(q.stop(), QueueExit::Stopped);
@@ -366,7 +515,16 @@ fn device_error_fails_one_request_only() {
 fn read_only_refuses_writes() {
     let dir = TempDir::new("ro");
     let img = image(&dir.0, 1024);
-    let dev = Arc::new(Device::open(&img, &DeviceOptions { read_only: true, ..DeviceOptions::default() }).unwrap());
+    let dev = Arc::new(
+        Device::open(
+            &img,
+            &DeviceOptions {
+                read_only: true,
+                ..DeviceOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     let mut f = Front::new(&dir.0, Abi::X86_64, 1);
     let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
     assert_eq!(f.rw(OP_WRITE, 1, 0, 0, 8), Some(Status::Error));
@@ -378,7 +536,16 @@ fn read_only_refuses_writes() {
 fn logical_block_size_4096() {
     let dir = TempDir::new("4k");
     let img = image(&dir.0, 1024);
-    let dev = Arc::new(Device::open(&img, &DeviceOptions { logical_block_size: Some(4096), ..DeviceOptions::default() }).unwrap());
+    let dev = Arc::new(
+        Device::open(
+            &img,
+            &DeviceOptions {
+                logical_block_size: Some(4096),
+                ..DeviceOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     assert_eq!(dev.logical_block_size(), 4096);
     let mut f = Front::new(&dir.0, Abi::X86_64, 1);
     let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
@@ -389,8 +556,18 @@ fn logical_block_size_4096() {
     // Misaligned start, length or in-page offset.
     assert_eq!(f.rw(OP_READ, 3, 4, 5, 8), Some(Status::Error));
     assert_eq!(f.rw(OP_READ, 4, 8, 5, 4), Some(Status::Error));
-    let seg = [Segment { gref: f.page(5).1, first_sect: 1, last_sect: 7 }];
-    let st = f.one(&FrontRequest::Direct { operation: OP_READ, id: 5, sector: 8, handle: 0, segs: &seg });
+    let seg = [Segment {
+        gref: f.page(5).1,
+        first_sect: 1,
+        last_sect: 7,
+    }];
+    let st = f.one(&FrontRequest::Direct {
+        operation: OP_READ,
+        id: 5,
+        sector: 8,
+        handle: 0,
+        segs: &seg,
+    });
     assert_eq!(st, Some(Status::Error));
     q.stop();
 }
@@ -411,23 +588,51 @@ fn persistent_grants_are_capped_and_released() {
     fill(&f, 0, 11, 1);
     assert_eq!(f.rw(OP_WRITE, 1, 0, 0, 88), Some(Status::Okay));
     assert_eq!(stats.snapshot().persistent_grants, 4);
-    let in_use = |f: &Front| f.data_refs.iter().filter(|g| f.dom.grant_in_use(**g)).count();
+    let in_use = |f: &Front| {
+        f.data_refs
+            .iter()
+            .filter(|g| f.dom.grant_in_use(**g))
+            .count()
+    };
     assert_eq!(in_use(&f), 4, "only the persistent grants stay mapped");
     // Aged out once unused for longer than the timeout.
     let deadline = Instant::now() + Duration::from_secs(5);
     while in_use(&f) > 0 {
-        assert!(Instant::now() < deadline, "persistent grants never aged out");
+        assert!(
+            Instant::now() < deadline,
+            "persistent grants never aged out"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(stats.snapshot().persistent_grants, 0);
     // A grant the frontend revoked: the request fails, nothing stays mapped.
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
-    let bad = [Segment { gref: 0xdead, first_sect: 0, last_sect: 7 }, Segment { gref: f.page(3).1, first_sect: 0, last_sect: 7 }];
-    let st = f.one(&FrontRequest::Direct { operation: OP_READ, id: 3, sector: 0, handle: 0, segs: &bad });
+    let bad = [
+        Segment {
+            gref: 0xdead,
+            first_sect: 0,
+            last_sect: 7,
+        },
+        Segment {
+            gref: f.page(3).1,
+            first_sect: 0,
+            last_sect: 7,
+        },
+    ];
+    let st = f.one(&FrontRequest::Direct {
+        operation: OP_READ,
+        id: 3,
+        sector: 0,
+        handle: 0,
+        segs: &bad,
+    });
     assert_eq!(st, Some(Status::Error));
     assert_eq!(q.stop(), QueueExit::Stopped);
     assert_eq!(in_use(&f), 0, "no grant leaked after stop");
-    assert!(f.ring_refs.iter().all(|g| !f.dom.grant_in_use(*g)), "ring unmapped");
+    assert!(
+        f.ring_refs.iter().all(|g| !f.dom.grant_in_use(*g)),
+        "ring unmapped"
+    );
 }
 
 #[test]
@@ -436,9 +641,19 @@ fn grant_failure_fails_the_request_in_copy_mode() {
     let img = image(&dir.0, 1024);
     let mut f = Front::new(&dir.0, Abi::X86_64, 1);
     let q = spawn_queue(f.params(&dir.0, open(&img))).unwrap();
-    let bad = [Segment { gref: 0xdead, first_sect: 0, last_sect: 7 }];
+    let bad = [Segment {
+        gref: 0xdead,
+        first_sect: 0,
+        last_sect: 7,
+    }];
     for op in [OP_READ, OP_WRITE] {
-        let st = f.one(&FrontRequest::Direct { operation: op, id: 3, sector: 0, handle: 0, segs: &bad });
+        let st = f.one(&FrontRequest::Direct {
+            operation: op,
+            id: 3,
+            sector: 0,
+            handle: 0,
+            segs: &bad,
+        });
         assert_eq!(st, Some(Status::Error));
     }
     assert_eq!(f.rw(OP_READ, 4, 0, 0, 8), Some(Status::Okay));
@@ -457,12 +672,16 @@ fn bogus_producer_halts_the_queue() {
     let q = spawn_queue(p).unwrap();
     assert_eq!(f.rw(OP_READ, 1, 0, 0, 8), Some(Status::Okay));
     let mem = f.dom.mem();
-    mem.store_u32(ring::REQ_PROD, 1 + 1000, Ordering::SeqCst).unwrap();
+    mem.store_u32(ring::REQ_PROD, 1 + 1000, Ordering::SeqCst)
+        .unwrap();
     f.evt.notify(f.port).unwrap();
     let exit = q.wait();
     assert!(matches!(exit, QueueExit::Protocol(_)), "{exit:?}");
     assert!(exited.load(Ordering::SeqCst));
-    assert!(f.ring_refs.iter().all(|g| !f.dom.grant_in_use(*g)), "ring unmapped");
+    assert!(
+        f.ring_refs.iter().all(|g| !f.dom.grant_in_use(*g)),
+        "ring unmapped"
+    );
 }
 
 #[test]

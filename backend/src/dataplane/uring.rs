@@ -124,7 +124,8 @@ impl BouncePool {
             )
         }
         .map_err(io::Error::from)?;
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        let base =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         let large_base = nr_small * small;
         Ok(Self {
             base,
@@ -132,7 +133,10 @@ impl BouncePool {
             small,
             nr_small,
             large,
-            free_large: (0..nr_large).rev().map(|i| large_base + i * large).collect(),
+            free_large: (0..nr_large)
+                .rev()
+                .map(|i| large_base + i * large)
+                .collect(),
         })
     }
 
@@ -172,7 +176,7 @@ impl BouncePool {
         // lives as long as self; regions never overlap and a Region is not Clone, so this is
         // the only live slice of these bytes; the kernel touches them only while an SQE owns
         // the Region, which it cannot while we borrow it here.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(r.offset), len) }
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().wrapping_add(r.offset), len) }
     }
 
     fn iovec(&self) -> Iovec {
@@ -246,7 +250,9 @@ pub(super) struct Uring {
 
 impl std::fmt::Debug for Uring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uring").field("slots", &self.owned.len()).finish_non_exhaustive()
+        f.debug_struct("Uring")
+            .field("slots", &self.owned.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -262,9 +268,20 @@ pub(super) enum Data {
 impl Uring {
     /// A ring for `slots` request slots, with a bounce pool when `bounce` is set
     /// (`large_pages` pages for each of `nr_large` indirect regions).
-    pub(super) fn new(slots: usize, bounce: bool, large_pages: usize, nr_large: usize, max_segs: usize) -> io::Result<Self> {
-        let entries = u32::try_from((slots * 2 + 8).next_power_of_two()).unwrap_or(4096).min(4096);
-        let ring = IoUring::builder().setup_single_issuer().setup_coop_taskrun().build(entries)
+    pub(super) fn new(
+        slots: usize,
+        bounce: bool,
+        large_pages: usize,
+        nr_large: usize,
+        max_segs: usize,
+    ) -> io::Result<Self> {
+        let entries = u32::try_from((slots * 2 + 8).next_power_of_two())
+            .unwrap_or(4096)
+            .min(4096);
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(entries)
             .or_else(|_| IoUring::new(entries))?;
         let pool = if bounce {
             BouncePool::new(slots, large_pages, nr_large)?
@@ -273,9 +290,12 @@ impl Uring {
         };
         if bounce {
             let iov = [pool.iovec()];
+            // SAFETY: Iovec is #[repr(C)] {pointer, usize}, the layout of struct iovec; the
+            // slice borrows `iov` for this statement only.
+            let iovs = unsafe { std::slice::from_raw_parts(iov.as_ptr().cast(), 1) };
             // SAFETY: the registered memory is the pool's mapping, which outlives the ring
             // (field order; Drop waits for in-flight I/O first).
-            unsafe { ring.submitter().register_buffers(std::slice::from_raw_parts(iov.as_ptr().cast(), 1)) }?;
+            unsafe { ring.submitter().register_buffers(iovs) }?;
         }
         let owned = (0..slots)
             .map(|_| Owned {
@@ -309,12 +329,22 @@ impl Uring {
     ///
     /// # Errors
     /// `EINVAL` if the range lies outside the mapping or the slot is busy.
-    pub(super) fn map_segment(&mut self, slot: usize, guard: &Arc<GrantMapping>, offset: usize, len: usize) -> Result<(), Errno> {
+    pub(super) fn map_segment(
+        &mut self,
+        slot: usize,
+        guard: &Arc<GrantMapping>,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), Errno> {
         let o = self.owned.get_mut(slot).ok_or(Errno::INVAL)?;
         if o.pending > 0 {
             return Err(Errno::INVAL);
         }
-        let base = guard.mem().subregion(offset, len).map_err(|_| Errno::INVAL)?.as_ptr();
+        let base = guard
+            .mem()
+            .subregion(offset, len)
+            .map_err(|_| Errno::INVAL)?
+            .as_ptr();
         if !o.guards.last().is_some_and(|g| Arc::ptr_eq(g, guard)) {
             o.guards.push(Arc::clone(guard));
         }
@@ -360,9 +390,13 @@ impl Uring {
                 let ptr = self.pool.base.as_ptr().wrapping_add(region.offset);
                 let len32 = u32::try_from(len).unwrap_or(u32::MAX);
                 let e = if write {
-                    opcode::WriteFixed::new(fdt, ptr, len32, 0).offset(offset).build()
+                    opcode::WriteFixed::new(fdt, ptr, len32, 0)
+                        .offset(offset)
+                        .build()
                 } else {
-                    opcode::ReadFixed::new(fdt, ptr, len32, 0).offset(offset).build()
+                    opcode::ReadFixed::new(fdt, ptr, len32, 0)
+                        .offset(offset)
+                        .build()
                 };
                 o.expect = len;
                 o.region = Some(region);
@@ -381,10 +415,13 @@ impl Uring {
         };
         o.error = None;
         let tag = slot as u64;
-        let mut entries = [entry.user_data(tag), opcode::Fsync::new(fdt)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .user_data(tag | AUX)];
+        let mut entries = [
+            entry.user_data(tag),
+            opcode::Fsync::new(fdt)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(tag | AUX),
+        ];
         let n = if fsync {
             entries[0] = entries[0].clone().flags(squeue::Flags::IO_LINK);
             2
@@ -425,16 +462,29 @@ impl Uring {
     ///
     /// # Errors
     /// When the submission queue is full even after submitting.
-    pub(super) fn submit_discard(&mut self, slot: usize, fd: BorrowedFd<'_>, block: bool, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn submit_discard(
+        &mut self,
+        slot: usize,
+        fd: BorrowedFd<'_>,
+        block: bool,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
         let fdt = types::Fd(fd.as_raw_fd());
         let e = if block {
             // blkdev_uring_cmd reads the start from sqe->addr and the length from sqe->addr3,
             // which is where the command bytes begin.
             let mut cmd = [0u8; 16];
             cmd[..8].copy_from_slice(&len.to_ne_bytes());
-            opcode::UringCmd16::new(fdt, BLOCK_URING_CMD_DISCARD).addr(Some(offset)).cmd(cmd).build()
+            opcode::UringCmd16::new(fdt, BLOCK_URING_CMD_DISCARD)
+                .addr(Some(offset))
+                .cmd(cmd)
+                .build()
         } else {
-            opcode::Fallocate::new(fdt, len).offset(offset).mode(PUNCH_HOLE).build()
+            opcode::Fallocate::new(fdt, len)
+                .offset(offset)
+                .mode(PUNCH_HOLE)
+                .build()
         };
         self.submit_aux(slot, e)
     }
@@ -458,7 +508,11 @@ impl Uring {
     /// # Errors
     /// When the submission queue is full even after submitting.
     pub(super) fn poll(&mut self, what: Control, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), rustix::event::PollFlags::IN.bits().into()).build();
+        let e = opcode::PollAdd::new(
+            types::Fd(fd.as_raw_fd()),
+            rustix::event::PollFlags::IN.bits().into(),
+        )
+        .build();
         self.push(&[e.user_data(what.tag())])
     }
 
@@ -467,7 +521,9 @@ impl Uring {
     /// # Errors
     /// When the submission queue is full even after submitting.
     pub(super) fn timer(&mut self, what: Control, after: Duration) -> io::Result<()> {
-        let ts = types::Timespec::new().sec(after.as_secs()).nsec(after.subsec_nanos());
+        let ts = types::Timespec::new()
+            .sec(after.as_secs())
+            .nsec(after.subsec_nanos());
         let p: *const types::Timespec = if what == Control::Tick {
             *self.tick_ts = ts;
             &*self.tick_ts
@@ -504,7 +560,9 @@ impl Uring {
     pub(super) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         match self.ring.submit_and_wait(want) {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc_eintr) if libc_eintr == Errno::INTR.raw_os_error() || libc_eintr == Errno::BUSY.raw_os_error()) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc_eintr) if libc_eintr == Errno::INTR.raw_os_error() || libc_eintr == Errno::BUSY.raw_os_error()) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -517,7 +575,8 @@ impl Uring {
     /// Reaps every queued completion into `out`.
     pub(super) fn reap(&mut self, out: &mut Vec<Reaped>) {
         self.cqes.clear();
-        self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.cqes
+            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for i in 0..self.cqes.len() {
             let (tag, res) = self.cqes[i];
             if tag & CONTROL != 0 {
@@ -528,7 +587,9 @@ impl Uring {
             }
             let slot = (tag & 0xffff_ffff) as usize;
             let aux = tag & AUX != 0;
-            let Some(o) = self.owned.get_mut(slot) else { continue };
+            let Some(o) = self.owned.get_mut(slot) else {
+                continue;
+            };
             if res < 0 {
                 o.error.get_or_insert(Errno::from_raw_os_error(-res));
             } else if !aux && res as usize != o.expect {
@@ -574,7 +635,17 @@ impl Drop for Uring {
                     tracing::error!("io_uring wait failed while draining: {e}; leaking buffers");
                     let owned = std::mem::take(&mut self.owned);
                     std::mem::forget(owned);
-                    let pool = std::mem::replace(&mut self.pool, BouncePool { base: NonNull::dangling(), len: 0, small: 0, nr_small: 0, large: 0, free_large: Vec::new() });
+                    let pool = std::mem::replace(
+                        &mut self.pool,
+                        BouncePool {
+                            base: NonNull::dangling(),
+                            len: 0,
+                            small: 0,
+                            nr_small: 0,
+                            large: 0,
+                            free_large: Vec::new(),
+                        },
+                    );
                     std::mem::forget(pool);
                     return;
                 }
