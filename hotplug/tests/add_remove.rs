@@ -101,6 +101,17 @@ fn concurrent_adds_each_get_their_own_loop_device() {
             Some(format!("/dev/loop{}", pd.minor))
         );
     }
+    for r in &received {
+        let sys = format!(
+            "/sys/dev/block/{}:{}/loop/autoclear",
+            r.info.device.major, r.info.device.minor
+        );
+        assert_eq!(
+            std::fs::read_to_string(&sys).expect("autoclear").trim(),
+            "1",
+            "{sys}"
+        );
+    }
     // blkhotplug has exited; the backend still holds them: all still attached.
     assert_eq!(bound_under(&env.dir).len(), n as usize);
     // The backend lets go: autoclear detaches every one.
@@ -282,6 +293,32 @@ fn remove_tears_down_what_add_made() {
     let ro = std::fs::read_to_string(format!("/sys/block/{}/ro", dev.trim_start_matches("/dev/")))
         .expect("ro");
     assert_eq!(ro.trim(), "1", "mode r gives a read-only loop device");
+    let sys = |f: &str| {
+        std::fs::read_to_string(format!(
+            "/sys/block/{}/{f}",
+            dev.trim_start_matches("/dev/")
+        ))
+        .expect(f)
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(
+        sys("loop/autoclear"),
+        "0",
+        "no autoclear for a backend that never says it holds the device"
+    );
+    assert_eq!(sys("loop/partscan"), "0");
+    // Direct I/O and the block size of the storage under the file, where the file allows it.
+    let align = common::dio_alignment(&a);
+    assert_eq!(
+        sys("loop/dio"),
+        if align.is_some() { "1" } else { "0" },
+        "dio alignment {align:?}"
+    );
+    assert_eq!(
+        sys("queue/logical_block_size"),
+        align.unwrap_or(512).to_string()
+    );
     let out = env.run("remove", &be, "5");
     assert!(
         out.status.success(),

@@ -190,15 +190,6 @@ impl PhysicalDevice {
             diskseq,
         })
     }
-
-    /// The same device without its diskseq: the form for backends without [`OPENED`].
-    #[must_use]
-    pub fn without_diskseq(self) -> Self {
-        Self {
-            diskseq: None,
-            ..self
-        }
-    }
 }
 
 impl FromStr for PhysicalDevice {
@@ -280,13 +271,6 @@ fn hex_digit(b: u8) -> Option<u8> {
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
     }
-}
-
-/// Whether a backend's [`OPENED`] node says it understands `diskseq@major:minor` (it exists,
-/// whatever its value).
-#[must_use]
-pub fn backend_understands_diskseq(opened: Option<&[u8]>) -> bool {
-    opened.is_some()
 }
 
 /// Validates the [`HANDOFF_SOCKET`] value: an absolute path, no NUL, no `.`/`..` components, short
@@ -806,7 +790,6 @@ mod tests {
         }
         assert_eq!(pd(0xfd, 0x10, Some(0x2a)).to_string(), "2a@fd:10");
         assert_eq!(pd(0xfd, 0x10, Some(0)).to_string(), "fd:10");
-        assert_eq!(pd(7, 3, Some(9)).without_diskseq().to_string(), "7:3");
     }
 
     #[test]

@@ -302,3 +302,15 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
     }
 }
+
+/// The direct-I/O offset alignment of `file` (`STATX_DIOALIGN`) when it supports direct I/O
+/// with a block size a loop device can have.
+pub fn dio_alignment(file: &Path) -> Option<u32> {
+    use rustix::fs::{AtFlags, StatxFlags, CWD};
+    let st = rustix::fs::statx(CWD, file, AtFlags::empty(), StatxFlags::DIOALIGN).ok()?;
+    let a = st.stx_dio_offset_align;
+    (st.stx_mask & StatxFlags::DIOALIGN.bits() != 0
+        && a.is_power_of_two()
+        && (512..=4096).contains(&a))
+    .then_some(a)
+}
