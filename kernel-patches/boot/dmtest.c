@@ -173,6 +173,19 @@ static long long sysfs_diskseq(dev_t dev)
 	return v;
 }
 
+/* dm_destroy() runs after the device leaves the name hash: wait for it. */
+static int sysfs_gone(dev_t dev)
+{
+	int i;
+
+	for (i = 0; i < 500; i++) {
+		if (sysfs_diskseq(dev) == -1)
+			return 1;
+		usleep(10000);
+	}
+	return 0;
+}
+
 static int count_fds(void)
 {
 	int n = 0, fd;
@@ -295,8 +308,7 @@ static void test_fd_deferred(void)
 
 	CHECK(close(fd) == 0 && dm_gone(name),
 	      "fd+deferred: device removed after the last close", "still there");
-	CHECK(access("/sys/dev/block", F_OK) == 0 &&
-		      sysfs_diskseq(dev) == -1,
+	CHECK(access("/sys/dev/block", F_OK) == 0 && sysfs_gone(dev),
 	      "fd+deferred: its sysfs node is gone too", "diskseq %lld",
 	      sysfs_diskseq(dev));
 }
