@@ -435,3 +435,130 @@ fn punch_hole_supported(fd: &OwnedFd) -> bool {
     )
     .is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str, bytes: u64) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("dev-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("img");
+        std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn regular_file_properties_and_resize() {
+        let (dir, p) = scratch("file", 1 << 20);
+        let d = Device::open(&p, &DeviceOptions::default()).unwrap();
+        assert_eq!(d.kind(), DeviceKind::File);
+        assert_eq!(d.sectors(), 2048);
+        assert_eq!(
+            (d.logical_block_size(), d.physical_block_size()),
+            (512, 512)
+        );
+        assert!(!d.read_only());
+        assert!(d.discard(), "ext4/tmpfs punch holes");
+        assert!(!d.secure_discard());
+        assert_eq!(d.diskseq(), None);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        assert_eq!(d.sectors(), 2048, "size is cached until refreshed");
+        assert_eq!(d.refresh_size().unwrap(), 6144);
+        assert_eq!(d.sectors(), 6144);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn options_and_refusals() {
+        let (dir, p) = scratch("opts", 1 << 20);
+        let d = Device::open(
+            &p,
+            &DeviceOptions {
+                logical_block_size: Some(4096),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(d.logical_block_size(), 4096);
+        let bad = Device::open(
+            &p,
+            &DeviceOptions {
+                logical_block_size: Some(1000),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(bad, Err(DeviceError::BlockSize(1000))));
+        let ro = Device::open(
+            &p,
+            &DeviceOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(ro.read_only() && !ro.discard());
+        // A read-only fd cannot serve a read-write vbd.
+        let fd: OwnedFd = std::fs::File::open(&p).unwrap().into();
+        assert!(matches!(
+            Device::from_fd(fd, &DeviceOptions::default()),
+            Err(DeviceError::ReadOnly)
+        ));
+        // Neither a directory nor a character device is a disk.
+        assert!(matches!(
+            Device::open(
+                &dir,
+                &DeviceOptions {
+                    read_only: true,
+                    ..Default::default()
+                }
+            ),
+            Err(DeviceError::Open { .. } | DeviceError::NotABlockDeviceOrFile)
+        ));
+        assert!(matches!(
+            Device::open(Path::new("/dev/null"), &DeviceOptions::default()),
+            Err(DeviceError::NotABlockDeviceOrFile)
+        ));
+        assert!(matches!(
+            Device::open(&dir.join("missing"), &DeviceOptions::default()),
+            Err(DeviceError::Open { .. })
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn inherited_fd_gets_o_direct_where_the_file_system_allows() {
+        let (dir, p) = scratch("fd", 1 << 20);
+        let fd: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .into();
+        let d = Device::from_fd(fd, &DeviceOptions::default()).unwrap();
+        let fl = rustix::fs::fcntl_getfl(d.fd()).unwrap();
+        assert_eq!(fl.contains(OFlags::DIRECT), d.direct());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn discard_sync_punches_a_hole_in_a_file() {
+        let (dir, p) = scratch("punch", 0);
+        std::fs::write(&p, vec![0xa5u8; 1 << 20]).unwrap();
+        let d = Device::open(&p, &DeviceOptions::default()).unwrap();
+        let blocks = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&p).unwrap());
+        let before = blocks();
+        d.discard_sync(0, 1 << 20, false).unwrap();
+        assert!(blocks() < before);
+        assert!(
+            d.discard_sync(0, 4096, true).is_err(),
+            "no secure discard on files"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -99,6 +99,10 @@ pub(super) struct Queue {
 
     // Late EOI (XSA-332).
     eoi_due: bool,
+    /// Requests consumed since the port was last unmasked: an event is spurious only if
+    /// none were (requests consumed by a pass that a completion woke count too, or a busy
+    /// queue would see its own events as spurious).
+    consumed_since_unmask: usize,
     spurious: u32,
     stopping: bool,
     broken: Option<ring::ProtocolViolation>,
@@ -191,6 +195,7 @@ impl Queue {
             ind_scratch: vec![0; ring::MAX_INDIRECT_PAGES * PAGE_SIZE],
             ind_pages: Vec::with_capacity(ring::MAX_INDIRECT_PAGES),
             eoi_due: false,
+            consumed_since_unmask: 0,
             spurious: 0,
             stopping: false,
             broken: None,
@@ -268,7 +273,7 @@ impl Queue {
             }
             self.copy_out(&mem);
             self.start_deferred(&mem);
-            let consumed = if self.stopping || self.broken.is_some() {
+            self.consumed_since_unmask += if self.stopping || self.broken.is_some() {
                 0
             } else {
                 self.consume(&mem)
@@ -276,7 +281,7 @@ impl Queue {
             self.copy_in(&mem);
             if self.eoi_due {
                 self.eoi_due = false;
-                self.late_eoi(consumed > 0 || self.free.is_empty())?;
+                self.late_eoi(self.consumed_since_unmask > 0 || self.free.is_empty())?;
             }
             self.push(&mem)?;
             let busy = self.slots.len() - self.free.len();
@@ -323,6 +328,7 @@ impl Queue {
     }
 
     fn unmask(&mut self) -> Result<(), String> {
+        self.consumed_since_unmask = 0;
         self.evtchn
             .unmask(self.local_port)
             .map_err(|e| format!("unmask: {e}"))?;

@@ -711,3 +711,263 @@ fn event_storm_is_throttled() {
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
     q.stop();
 }
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A loop device over a file, detached on drop (set up with losetup: tests need root).
+struct LoopDev(PathBuf);
+
+impl LoopDev {
+    fn attach(file: &Path, sector_size: u32) -> Option<Self> {
+        if !is_root() {
+            eprintln!("skipped: loop devices need root");
+            return None;
+        }
+        let out = std::process::Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "--direct-io=on",
+                "--sector-size",
+                &sector_size.to_string(),
+            ])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(Self(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn block_device_with_4096_byte_sectors() {
+    let dir = TempDir::new("loop");
+    let backing = dir.0.join("backing.img");
+    std::fs::write(&backing, vec![0x5au8; 4 << 20]).unwrap();
+    let Some(lo) = LoopDev::attach(&backing, 4096) else {
+        return;
+    };
+    let dev = open(&lo.0);
+    assert!(matches!(
+        dev.kind(),
+        crate::device::DeviceKind::Block { .. }
+    ));
+    assert_eq!(dev.logical_block_size(), 4096);
+    assert_eq!(dev.sectors(), 8192);
+    assert!(
+        dev.diskseq().is_some(),
+        "loop devices have a diskseq on 6.x"
+    );
+    assert!(dev.discard());
+    assert!(!dev.secure_discard(), "loop devices have no secure erase");
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let p = f.params(&dir.0, Arc::clone(&dev));
+    let q = spawn_queue(p).unwrap();
+    fill(&f, 0, 4, 2);
+    assert_eq!(f.rw(OP_WRITE, 1, 64, 0, 32), Some(Status::Okay));
+    assert_eq!(f.rw(OP_READ, 2, 64, 10, 32), Some(Status::Okay));
+    for i in 0..4 {
+        assert_eq!(page_bytes(&f, 10 + i), page_bytes(&f, i));
+    }
+    assert_eq!(
+        f.rw(OP_READ, 3, 60, 10, 8),
+        Some(Status::Error),
+        "misaligned for 4096"
+    );
+    let flush = FrontRequest::Direct {
+        operation: ring::OP_FLUSH_DISKCACHE,
+        id: 4,
+        sector: 0,
+        handle: 0,
+        segs: &[],
+    };
+    assert_eq!(f.one(&flush), Some(Status::Okay));
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert_eq!(&on_disk[64 * 512..][..PAGE_SIZE], &page_bytes(&f, 0)[..]);
+    // Discard through the block layer: the loop driver punches the backing file.
+    let blocks = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&backing).unwrap());
+    let before = blocks();
+    let st = f.one(&FrontRequest::Discard {
+        id: 5,
+        sector: 0,
+        nr_sectors: 8192,
+        secure: false,
+    });
+    assert_eq!(st, Some(Status::Okay));
+    assert!(
+        blocks() < before / 2,
+        "discard reached the backing file: {before} -> {}",
+        blocks()
+    );
+    assert_eq!(q.stop(), QueueExit::Stopped);
+}
+
+#[test]
+fn enospc_fails_one_request_only() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = TempDir::new("enospc");
+    let mnt = dir.0.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: cannot mount tmpfs");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _um = Unmount(mnt.clone());
+    // A sparse 1 MiB image on a 64 KiB file system: writing it all cannot succeed.
+    let img = image(&mnt, 2048);
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let q = spawn_queue(f.params(&dir.0, open(&img))).unwrap();
+    fill(&f, 0, 11, 4);
+    let mut statuses = Vec::new();
+    for k in 0..23u64 {
+        statuses.push(f.rw(OP_WRITE, k, k * 88, 0, 88));
+    }
+    assert!(
+        statuses.contains(&Some(Status::Error)),
+        "the file system filled up: {statuses:?}"
+    );
+    assert_eq!(statuses[0], Some(Status::Okay));
+    // The queue still serves requests.
+    assert_eq!(f.rw(OP_READ, 100, 0, 20, 88), Some(Status::Okay));
+    assert_eq!(page_bytes(&f, 20), page_bytes(&f, 0));
+    assert_eq!(q.stop(), QueueExit::Stopped);
+}
+
+#[test]
+fn stop_answers_requests_in_flight_and_releases_everything() {
+    for mode in [GrantMode::Copy, GrantMode::Map] {
+        let dir = TempDir::new("stop");
+        let img = image(&dir.0, 65536);
+        let mut f = Front::new(&dir.0, Abi::X86_64, 4);
+        let mut p = f.params(&dir.0, open(&img));
+        p.grant_mode = mode;
+        p.persistent_grants = true;
+        let q = spawn_queue(p).unwrap();
+        let n = f.ring.size() as usize;
+        for k in 0..n {
+            let segs: Vec<Segment> = (0..11)
+                .map(|i| Segment {
+                    gref: f.page((k * 11 + i) % 500).1,
+                    first_sect: 0,
+                    last_sect: 7,
+                })
+                .collect();
+            let op = if k % 2 == 0 { OP_READ } else { OP_WRITE };
+            f.queue(&FrontRequest::Direct {
+                operation: op,
+                id: k as u64,
+                sector: (k * 88) as u64,
+                handle: 0,
+                segs: &segs,
+            });
+        }
+        f.push();
+        // Stop while they are being served: whatever was taken off the ring is answered.
+        assert_eq!(q.stop(), QueueExit::Stopped);
+        let mem = f.dom.mem().subregion(0, f.ring_pages * PAGE_SIZE).unwrap();
+        let mut answered = 0;
+        while let Some(r) = f.ring.next_response(&mem).unwrap() {
+            assert_eq!(r.status(), Some(Status::Okay));
+            answered += 1;
+        }
+        let req_cons_bound = mem.load_u32(ring::RSP_PROD, Ordering::SeqCst).unwrap();
+        assert_eq!(
+            answered, req_cons_bound as usize,
+            "every response published"
+        );
+        for g in f.ring_refs.iter().chain(&f.data_refs) {
+            assert!(
+                !f.dom.grant_in_use(*g),
+                "{mode:?}: grant {g} still mapped after stop"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_queues_share_a_device() {
+    let dir = TempDir::new("mq");
+    let img = image(&dir.0, 4096);
+    let dev = open(&img);
+    let mut f0 = Front::new(&dir.0, Abi::X86_64, 1);
+    // A second queue of the same frontend: its own ring pages and port, same domain.
+    let mut evt1 = f0.dom.open_event_channel().unwrap();
+    let port1 = evt1.alloc_unbound(0).unwrap();
+    let ring1_frame = 15u32;
+    let ring1_ref = f0.dom.grant(0, ring1_frame, Access::ReadWrite).unwrap();
+    let dom1 = SimDomain::open(&dir.0.join("sim"), FRONT).unwrap();
+    let ring1_mem = dom1.page(ring1_frame).unwrap();
+    let mut ring1 = FrontRing::init(&ring1_mem, Abi::X86_64, 1).unwrap();
+    let q0 = spawn_queue(f0.params(&dir.0, Arc::clone(&dev))).unwrap();
+    let mut p1 = f0.params(&dir.0, Arc::clone(&dev));
+    p1.ring_refs = vec![ring1_ref];
+    p1.port = port1;
+    let q1 = spawn_queue(p1).unwrap();
+    fill(&f0, 0, 1, 8);
+    assert_eq!(f0.rw(OP_WRITE, 1, 0, 0, 8), Some(Status::Okay));
+    let seg = [Segment {
+        gref: f0.page(3).1,
+        first_sect: 0,
+        last_sect: 7,
+    }];
+    ring1
+        .queue_request(
+            &ring1_mem,
+            &FrontRequest::Direct {
+                operation: OP_READ,
+                id: 9,
+                sector: 0,
+                handle: 0,
+                segs: &seg,
+            },
+        )
+        .unwrap();
+    if ring1.push_requests(&ring1_mem).unwrap() {
+        evt1.notify(port1).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        if let Some(r) = ring1.next_response(&ring1_mem).unwrap() {
+            break r;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!((r.id, r.status()), (9, Some(Status::Okay)));
+    assert_eq!(page_bytes(&f0, 3), page_bytes(&f0, 0));
+    assert_eq!(q0.stop(), QueueExit::Stopped);
+    assert_eq!(q1.stop(), QueueExit::Stopped);
+}
