@@ -792,6 +792,26 @@ mod tests {
         assert_eq!(pd(0xfd, 0x10, Some(0)).to_string(), "fd:10");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_and_accepts_only_canonical_alphabet(input in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
+            if let Ok(dev) = PhysicalDevice::parse(&input) {
+                proptest::prop_assert!(input.iter().all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'@'));
+                // What was accepted means the same after formatting.
+                proptest::prop_assert_eq!(PhysicalDevice::parse(dev.to_string().as_bytes()), Ok(dev));
+            }
+        }
+
+        #[test]
+        fn format_then_parse_round_trips(major in 0..=MAX_MAJOR, minor in 0..=MAX_MINOR, seq in proptest::option::of(1..=u64::MAX)) {
+            let dev = PhysicalDevice { major, minor, diskseq: seq };
+            proptest::prop_assert_eq!(PhysicalDevice::parse(dev.to_string().as_bytes()), Ok(dev));
+            if let Some(seq) = seq {
+                proptest::prop_assert_eq!(parse_diskseq(format_diskseq(seq).as_bytes()), Ok(seq));
+            }
+        }
+    }
+
     #[test]
     fn socket_path_rules() {
         assert_eq!(
