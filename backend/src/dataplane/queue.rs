@@ -99,6 +99,9 @@ pub(super) struct Queue {
 
     // Late EOI (XSA-332).
     eoi_due: bool,
+    /// This queue's share of the shared gauges, as last added.
+    gauge_in_flight: u64,
+    gauge_pgrants: u64,
     /// Requests consumed since the port was last unmasked: an event is spurious only if
     /// none were (requests consumed by a pass that a completion woke count too, or a busy
     /// queue would see its own events as spurious).
@@ -195,6 +198,8 @@ impl Queue {
             ind_scratch: vec![0; ring::MAX_INDIRECT_PAGES * PAGE_SIZE],
             ind_pages: Vec::with_capacity(ring::MAX_INDIRECT_PAGES),
             eoi_due: false,
+            gauge_in_flight: 0,
+            gauge_pgrants: 0,
             consumed_since_unmask: 0,
             spurious: 0,
             stopping: false,
@@ -228,7 +233,7 @@ impl Queue {
         if let Some(pg) = self.pgrants.as_mut() {
             pg.clear();
         }
-        self.stats.persistent_grants.store(0, Ordering::Relaxed);
+        self.sync_gauges();
         if let Err(e) = self.evtchn.unbind(self.local_port) {
             tracing::debug!(queue = %self.name, "unbinding the event channel: {e}");
         }
@@ -283,9 +288,9 @@ impl Queue {
                 self.eoi_due = false;
                 self.late_eoi(self.consumed_since_unmask > 0 || self.free.is_empty())?;
             }
+            self.sync_gauges();
             self.push(&mem)?;
             let busy = self.slots.len() - self.free.len();
-            self.stats.in_flight.store(busy as u64, Ordering::Relaxed);
             if (self.stopping || self.broken.is_some()) && busy == 0 {
                 return Ok(());
             }
@@ -337,13 +342,29 @@ impl Queue {
             .map_err(|e| format!("arming the event poll: {e}"))
     }
 
+    /// Moves the shared gauges by this queue's change since the last call, so that queues
+    /// sharing one [`Stats`] add up instead of overwriting each other.
+    fn sync_gauges(&mut self) {
+        let busy = (self.slots.len() - self.free.len()) as u64;
+        let pg = self.pgrants.as_ref().map_or(0, |p| p.len() as u64);
+        for (gauge, last, now) in [
+            (&self.stats.in_flight, &mut self.gauge_in_flight, busy),
+            (&self.stats.persistent_grants, &mut self.gauge_pgrants, pg),
+        ] {
+            if now > *last {
+                gauge.fetch_add(now - *last, Ordering::Relaxed);
+            } else {
+                gauge.fetch_sub(*last - now, Ordering::Relaxed);
+            }
+            *last = now;
+        }
+    }
+
     fn tick(&mut self) -> Result<(), String> {
         if let Some(pg) = self.pgrants.as_mut() {
             pg.purge(Instant::now());
-            self.stats
-                .persistent_grants
-                .store(pg.len() as u64, Ordering::Relaxed);
         }
+        self.sync_gauges();
         self.uring
             .timer(Control::Tick, LRU_INTERVAL)
             .map_err(|e| e.to_string())
@@ -716,11 +737,6 @@ impl Queue {
                 self.np_grefs.push(seg.gref);
             }
             self.seg_maps.push(cached);
-        }
-        if let Some(pg) = self.pgrants.as_ref() {
-            self.stats
-                .persistent_grants
-                .store(pg.len() as u64, Ordering::Relaxed);
         }
         let once = if self.np_grefs.is_empty() {
             None

@@ -7,8 +7,9 @@
 //! Latency is measured from the moment a request was taken off the ring to the moment its
 //! response was written.
 //!
-//! Every counter is a relaxed atomic written by the queue's own thread only: reading them
-//! costs the data path nothing and never blocks it.
+//! Every counter is a relaxed atomic: reading them costs the data path nothing and never
+//! blocks it. One [`Stats`] may be shared by all queues of a device: counters are added to,
+//! and each queue moves the gauges (`in_flight`, `persistent_grants`) only by its own change.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,8 +116,7 @@ impl Stats {
     }
 
     pub(super) fn add(counter: &AtomicU64, n: u64) {
-        // Only the queue thread writes: a load and a store would do, but fetch_add is as
-        // cheap uncontended and stays right if that ever changes.
+        // Queues of one device may share the counters.
         counter.fetch_add(n, Ordering::Relaxed);
     }
 

@@ -931,8 +931,12 @@ fn two_queues_share_a_device() {
     let dom1 = SimDomain::open(&dir.0.join("sim"), FRONT).unwrap();
     let ring1_mem = dom1.page(ring1_frame).unwrap();
     let mut ring1 = FrontRing::init(&ring1_mem, Abi::X86_64, 1).unwrap();
-    let q0 = spawn_queue(f0.params(&dir.0, Arc::clone(&dev))).unwrap();
+    let stats = Arc::new(Stats::new());
+    let mut p0 = f0.params(&dir.0, Arc::clone(&dev));
+    p0.stats = Arc::clone(&stats);
+    let q0 = spawn_queue(p0).unwrap();
     let mut p1 = f0.params(&dir.0, Arc::clone(&dev));
+    p1.stats = Arc::clone(&stats);
     p1.ring_refs = vec![ring1_ref];
     p1.port = port1;
     let q1 = spawn_queue(p1).unwrap();
@@ -970,4 +974,7 @@ fn two_queues_share_a_device() {
     assert_eq!(page_bytes(&f0, 3), page_bytes(&f0, 0));
     assert_eq!(q0.stop(), QueueExit::Stopped);
     assert_eq!(q1.stop(), QueueExit::Stopped);
+    // One set of counters for the device: both queues added to it.
+    let s = stats.snapshot();
+    assert_eq!((s.rd_req, s.wr_req, s.in_flight), (1, 1, 0));
 }
