@@ -107,11 +107,10 @@ fn dm_identity(backend: &str) -> (String, String) {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut rand))
         .map_or_else(
             |_| {
-                format!(
-                    "{:x}{:x}",
-                    std::process::id(),
-                    Instant::now().elapsed().as_nanos()
-                )
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                format!("{:x}{:x}", std::process::id(), now.as_nanos())
             },
             |()| rand.iter().map(|b| format!("{b:02x}")).collect(),
         );
@@ -133,37 +132,18 @@ fn dm_identity(backend: &str) -> (String, String) {
 /// What went wrong.
 pub fn add(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, Error> {
     check_backend_path(backend)?;
-    let mut attached = None;
-    let result = add_inner(xs, backend, config, &mut attached);
-    match result {
-        Ok(()) => attached.ok_or(Error::BackendGone),
-        Err(e) => {
-            tracing::error!("add {backend}: {e}");
-            if let Some(a) = attached.take() {
-                if let Err(undo) = a.abandon() {
-                    tracing::error!("undoing: {undo}");
-                }
-            }
-            report_failure(xs, backend, &e);
-            Err(e)
-        }
-    }
+    add_inner(xs, backend, config).inspect_err(|e| {
+        tracing::error!("add {backend}: {e}");
+        report_failure(xs, backend, e);
+    })
 }
 
-fn add_inner(
-    xs: &XenStore,
-    backend: &str,
-    config: Config,
-    attached: &mut Option<Attached>,
-) -> Result<(), Error> {
+fn add_inner(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, Error> {
     let deadline = Instant::now() + config.timeout;
     let params = read_req(xs, &node(backend, handoff::PARAMS))?;
     let mode = Mode::parse(&read_req(xs, &node(backend, handoff::MODE))?)?;
     let source = Source::parse(&params)?;
     let handover = handover_of(xs, backend)?;
-    // The series' form for backends that say they understand it: `opened` (blkback with the
-    // series), or the fd handoff (blkbackd parses physical-device with xen::handoff).
-    let with_diskseq = handover != Handover::Legacy;
     let (dm_name, dm_uuid) = dm_identity(backend);
     let opts = AttachOptions {
         mode,
@@ -171,18 +151,41 @@ fn add_inner(
         dm_name,
         dm_uuid,
     };
-    let a = attached.insert(attach::attach(&source, &opts)?);
-    write_device_nodes(xs, backend, a, with_diskseq)?;
-    match &handover {
-        Handover::Socket(path) => hand_fd(path, a, deadline, config.timeout)?,
-        Handover::Opened => wait_opened(xs, backend, deadline, config.timeout)?,
+    let a = attach::attach(&source, &opts)?;
+    match connect_device(xs, backend, &a, &handover, deadline, config.timeout) {
+        Ok(()) => {
+            tracing::info!(device = %a.path.display(), diskseq = a.diskseq, ?handover, "{backend}: connected");
+            Ok(a)
+        }
+        Err(e) => {
+            if let Err(undo) = a.abandon() {
+                tracing::error!("undoing: {undo}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Publishes the opened device and hands it over; `connected` once the backend holds it.
+fn connect_device(
+    xs: &XenStore,
+    backend: &str,
+    a: &Attached,
+    handover: &Handover,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
+    // The series' form for backends that say they understand it: `opened` (blkback with the
+    // series), or the fd handoff (blkbackd parses physical-device with xen::handoff).
+    write_device_nodes(xs, backend, a, *handover != Handover::Legacy)?;
+    match handover {
+        Handover::Socket(path) => hand_fd(path, a, deadline, timeout)?,
+        Handover::Opened => wait_opened(xs, backend, deadline, timeout)?,
         Handover::Legacy => {}
     }
     let status = node(backend, handoff::HOTPLUG_STATUS);
     xs.write(&status, handoff::STATUS_CONNECTED)
-        .map_err(Error::xs("write", &status))?;
-    tracing::info!(device = %a.path.display(), diskseq = a.diskseq, ?handover, "{backend}: connected");
-    Ok(())
+        .map_err(Error::xs("write", &status))
 }
 
 /// Writes the device nodes in one transaction, refusing when the backend directory is gone.
