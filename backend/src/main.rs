@@ -173,10 +173,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line: clap's first line without its "error: " prefix.
+            // One line: clap's first paragraph, joined, without its "error: " prefix.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            eprintln!("blkbackd: {} (see --help)", first.trim_start_matches("error: "));
+            let first: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            eprintln!("blkbackd: {} (see --help)", first.join(" ").trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };

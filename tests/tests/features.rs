@@ -82,9 +82,20 @@ fn indirect_requests_of_256_segments() {
     workload::run(&mut front, &mut model, &workload::sequential(1024, 256, true), 4).unwrap();
     workload::run(&mut front, &mut model, &workload::sequential(1024, 256, false), 4).unwrap();
     // One segment too many is refused by the backend, and only that request.
-    let data = vec![0x5a; 257 * 4096];
-    let err = front.execute(0, IoOp::Write { sector: 0, data: &data });
-    assert!(err.is_err(), "the frontend refuses to build it: {err:?}");
+    let abi = front.info().unwrap().abi;
+    let raw = ring::FrontRequest::Indirect {
+        indirect_op: ring::OP_READ,
+        id: 999_999,
+        sector: 0,
+        handle: 0,
+        nr_segments: 257,
+        page_grefs: &[1],
+    }
+    .encode(abi)
+    .unwrap();
+    front.submit_raw(0, 999_999, ring::OP_INDIRECT, raw.as_bytes()).unwrap();
+    let c = front.wait().unwrap();
+    assert_eq!((c.id, c.status()), (999_999, Some(Status::Error)));
     workload::run(&mut front, &mut model, &workload::sequential(64, 1, false), 8).unwrap();
     remove(&sim, &spec, &mut backend, &mut front);
 }
