@@ -200,6 +200,8 @@ impl Rejection {
 
 /// The outcome of [`parse`] for a request that passed the checks possible on the slot alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// `Ready` is the common case and boxing it would allocate per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Parsed {
     /// Fully validated.
     Ready(Request),

@@ -20,19 +20,42 @@ fn rewriting_a_slot_after_the_copy_changes_nothing() {
         let mem = m.mem();
         let mut front = FrontRing::init(&mem, abi, 1).unwrap();
         let mut back = BackRing::attach(&mem, abi, 1).unwrap();
-        let good = FrontRequest::Direct { operation: OP_READ, id: 1, sector: 0, handle: 0, segs: &[page(5)] };
+        let good = FrontRequest::Direct {
+            operation: OP_READ,
+            id: 1,
+            sector: 0,
+            handle: 0,
+            segs: &[page(5)],
+        };
         front.queue_request(&mem, &good).unwrap();
         front.push_requests(&mem).unwrap();
 
         let raw = back.next_request(&mem).unwrap().unwrap();
-        let evil_segs = [Segment { gref: 6, first_sect: 0, last_sect: 200 }; 11];
-        let evil = FrontRequest::Direct { operation: OP_WRITE, id: 2, sector: u64::MAX, handle: 0, segs: &evil_segs };
-        front.rewrite_raw(&mem, 0, evil.encode(abi).unwrap().as_bytes()).unwrap();
+        let evil_segs = [Segment {
+            gref: 6,
+            first_sect: 0,
+            last_sect: 200,
+        }; 11];
+        let evil = FrontRequest::Direct {
+            operation: OP_WRITE,
+            id: 2,
+            sector: u64::MAX,
+            handle: 0,
+            segs: &evil_segs,
+        };
+        front
+            .rewrite_raw(&mem, 0, evil.encode(abi).unwrap().as_bytes())
+            .unwrap();
 
         assert_eq!(raw.as_bytes(), good.encode(abi).unwrap().as_bytes());
-        let Ok(Parsed::Ready(r)) = parse(&raw, &limits()) else { panic!() };
+        let Ok(Parsed::Ready(r)) = parse(&raw, &limits()) else {
+            panic!()
+        };
         let Op::Read(t) = r.op else { panic!() };
-        assert_eq!((r.id, t.sector, t.nr_sectors, t.segs.as_slice()), (1, Sector(0), 8, &[page(5)][..]));
+        assert_eq!(
+            (r.id, t.sector, t.nr_sectors, t.segs.as_slice()),
+            (1, Sector(0), 8, &[page(5)][..])
+        );
     }
 }
 
@@ -45,15 +68,26 @@ fn rewriting_an_indirect_page_after_the_copy_changes_nothing() {
     let segs: Vec<Segment> = (0..100).map(page).collect();
     for (i, s) in segs.iter().enumerate() {
         page_mem.write_from(i * 8, &s.gref.to_le_bytes()).unwrap();
-        page_mem.write_from(i * 8 + 4, &[s.first_sect, s.last_sect]).unwrap();
+        page_mem
+            .write_from(i * 8 + 4, &[s.first_sect, s.last_sect])
+            .unwrap();
     }
     let mut front = FrontRing::init(&ring_mem, Abi::X86_64, 1).unwrap();
     let mut back = BackRing::attach(&ring_mem, Abi::X86_64, 1).unwrap();
-    let req = FrontRequest::Indirect { indirect_op: OP_READ, id: 3, sector: 0, handle: 0, nr_segments: 100, page_grefs: &[1] };
+    let req = FrontRequest::Indirect {
+        indirect_op: OP_READ,
+        id: 3,
+        sector: 0,
+        handle: 0,
+        nr_segments: 100,
+        page_grefs: &[1],
+    };
     front.queue_request(&ring_mem, &req).unwrap();
     front.push_requests(&ring_mem).unwrap();
     let raw = back.next_request(&ring_mem).unwrap().unwrap();
-    let Ok(Parsed::Indirect(h)) = parse(&raw, &limits()) else { panic!() };
+    let Ok(Parsed::Indirect(h)) = parse(&raw, &limits()) else {
+        panic!()
+    };
 
     let mut copy = IndirectPage::new();
     copy.read_from(&page_mem).unwrap();
@@ -71,19 +105,75 @@ fn rewriting_an_indirect_page_after_the_copy_changes_nothing() {
 
 /// Slot images the hostile thread cycles through: valid and invalid, each a different shape.
 fn images(abi: Abi) -> Vec<Vec<u8>> {
-    let bad = [Segment { gref: 0xBAD, first_sect: 3, last_sect: 9 }; 11];
+    let bad = [Segment {
+        gref: 0xBAD,
+        first_sect: 3,
+        last_sect: 9,
+    }; 11];
     let many: Vec<Segment> = (0..11).map(page).collect();
     let reqs = [
-        FrontRequest::Direct { operation: OP_READ, id: 0xA, sector: 0, handle: 0, segs: &[page(1)] },
-        FrontRequest::Direct { operation: OP_WRITE, id: 0xB, sector: u64::MAX - 4, handle: 0xFFFF, segs: &bad },
-        FrontRequest::Direct { operation: OP_WRITE, id: 0xC, sector: 8, handle: 0, segs: &many },
-        FrontRequest::Direct { operation: OP_FLUSH_DISKCACHE, id: 0xD, sector: 0, handle: 0, segs: &[] },
-        FrontRequest::Indirect { indirect_op: OP_READ, id: 0xE, sector: 16, handle: 0, nr_segments: 200, page_grefs: &[9] },
-        FrontRequest::Indirect { indirect_op: OP_WRITE, id: 0xF, sector: 16, handle: 0, nr_segments: 60000, page_grefs: &[9; 8] },
-        FrontRequest::Discard { id: 0x10, sector: 1 << 20, nr_sectors: u64::MAX, secure: true },
-        FrontRequest::Direct { operation: 0xEE, id: u64::MAX, sector: 0, handle: 0, segs: &many },
+        FrontRequest::Direct {
+            operation: OP_READ,
+            id: 0xA,
+            sector: 0,
+            handle: 0,
+            segs: &[page(1)],
+        },
+        FrontRequest::Direct {
+            operation: OP_WRITE,
+            id: 0xB,
+            sector: u64::MAX - 4,
+            handle: 0xFFFF,
+            segs: &bad,
+        },
+        FrontRequest::Direct {
+            operation: OP_WRITE,
+            id: 0xC,
+            sector: 8,
+            handle: 0,
+            segs: &many,
+        },
+        FrontRequest::Direct {
+            operation: OP_FLUSH_DISKCACHE,
+            id: 0xD,
+            sector: 0,
+            handle: 0,
+            segs: &[],
+        },
+        FrontRequest::Indirect {
+            indirect_op: OP_READ,
+            id: 0xE,
+            sector: 16,
+            handle: 0,
+            nr_segments: 200,
+            page_grefs: &[9],
+        },
+        FrontRequest::Indirect {
+            indirect_op: OP_WRITE,
+            id: 0xF,
+            sector: 16,
+            handle: 0,
+            nr_segments: 60000,
+            page_grefs: &[9; 8],
+        },
+        FrontRequest::Discard {
+            id: 0x10,
+            sector: 1 << 20,
+            nr_sectors: u64::MAX,
+            secure: true,
+        },
+        FrontRequest::Direct {
+            operation: 0xEE,
+            id: u64::MAX,
+            sector: 0,
+            handle: 0,
+            segs: &many,
+        },
     ];
-    let mut v: Vec<Vec<u8>> = reqs.iter().map(|r| r.encode(abi).unwrap().as_bytes().to_vec()).collect();
+    let mut v: Vec<Vec<u8>> = reqs
+        .iter()
+        .map(|r| r.encode(abi).unwrap().as_bytes().to_vec())
+        .collect();
     v.push(vec![0xFF; abi.request_size()]);
     v
 }
@@ -117,7 +207,8 @@ fn concurrent_rewrites_give_results_consistent_with_one_snapshot() {
                 while !stop.load(Ordering::Relaxed) {
                     for slot in 0..size as usize {
                         let img = &imgs[(k + slot) % imgs.len()];
-                        mem.write_from(RING_HEADER_SIZE + slot * abi.slot_size(), img).unwrap();
+                        mem.write_from(RING_HEADER_SIZE + slot * abi.slot_size(), img)
+                            .unwrap();
                     }
                     k += 1;
                     rewrites.fetch_add(1, Ordering::Relaxed);

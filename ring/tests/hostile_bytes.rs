@@ -89,17 +89,111 @@ fn fuzz_seed_corpus() {
     }
     let pages = [IndirectPage::from_bytes(p)];
     let l = limits();
-    let l4k = DeviceLimits { logical_block_size: 4096, ..l };
-    let ro = DeviceLimits { read_only: true, ..l };
+    let l4k = DeviceLimits {
+        logical_block_size: 4096,
+        ..l
+    };
+    let ro = DeviceLimits {
+        read_only: true,
+        ..l
+    };
     let cases: [(&str, FrontRequest<'_>, DeviceLimits, bool); 8] = [
-        ("read", FrontRequest::Direct { operation: OP_READ, id: 1, sector: 8, handle: 0, segs: &segs }, l, true),
-        ("write-4k", FrontRequest::Direct { operation: OP_WRITE, id: 2, sector: 8, handle: 0, segs: &segs[..2] }, l4k, true),
-        ("flush", FrontRequest::Direct { operation: OP_FLUSH_DISKCACHE, id: 3, sector: 0, handle: 0, segs: &[] }, l, true),
-        ("barrier-data", FrontRequest::Direct { operation: OP_WRITE_BARRIER, id: 4, sector: 0, handle: 0, segs: &segs[..1] }, l, true),
-        ("discard-secure", FrontRequest::Discard { id: 5, sector: 64, nr_sectors: 64, secure: true }, l, true),
-        ("indirect-256", FrontRequest::Indirect { indirect_op: OP_WRITE, id: 6, sector: 0, handle: 0, nr_segments: 256, page_grefs: &[77] }, l, true),
-        ("write-read-only", FrontRequest::Direct { operation: OP_WRITE, id: 7, sector: 0, handle: 0, segs: &segs[..1] }, ro, false),
-        ("unknown-op", FrontRequest::Direct { operation: OP_RESERVED_1, id: 8, sector: 0, handle: 0, segs: &[] }, l, false),
+        (
+            "read",
+            FrontRequest::Direct {
+                operation: OP_READ,
+                id: 1,
+                sector: 8,
+                handle: 0,
+                segs: &segs,
+            },
+            l,
+            true,
+        ),
+        (
+            "write-4k",
+            FrontRequest::Direct {
+                operation: OP_WRITE,
+                id: 2,
+                sector: 8,
+                handle: 0,
+                segs: &segs[..2],
+            },
+            l4k,
+            true,
+        ),
+        (
+            "flush",
+            FrontRequest::Direct {
+                operation: OP_FLUSH_DISKCACHE,
+                id: 3,
+                sector: 0,
+                handle: 0,
+                segs: &[],
+            },
+            l,
+            true,
+        ),
+        (
+            "barrier-data",
+            FrontRequest::Direct {
+                operation: OP_WRITE_BARRIER,
+                id: 4,
+                sector: 0,
+                handle: 0,
+                segs: &segs[..1],
+            },
+            l,
+            true,
+        ),
+        (
+            "discard-secure",
+            FrontRequest::Discard {
+                id: 5,
+                sector: 64,
+                nr_sectors: 64,
+                secure: true,
+            },
+            l,
+            true,
+        ),
+        (
+            "indirect-256",
+            FrontRequest::Indirect {
+                indirect_op: OP_WRITE,
+                id: 6,
+                sector: 0,
+                handle: 0,
+                nr_segments: 256,
+                page_grefs: &[77],
+            },
+            l,
+            true,
+        ),
+        (
+            "write-read-only",
+            FrontRequest::Direct {
+                operation: OP_WRITE,
+                id: 7,
+                sector: 0,
+                handle: 0,
+                segs: &segs[..1],
+            },
+            ro,
+            false,
+        ),
+        (
+            "unknown-op",
+            FrontRequest::Direct {
+                operation: OP_RESERVED_1,
+                id: 8,
+                sector: 0,
+                handle: 0,
+                segs: &[],
+            },
+            l,
+            false,
+        ),
     ];
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse");
     std::fs::create_dir_all(&dir).unwrap();
@@ -110,7 +204,11 @@ fn fuzz_seed_corpus() {
             let case = decode(&data);
             assert_eq!(case.raw, raw);
             assert_eq!(&case.limits, limits);
-            assert_eq!(run_parse(&case.raw, &case.limits, &case.pages).is_ok(), *ok, "{name}");
+            assert_eq!(
+                run_parse(&case.raw, &case.limits, &case.pages).is_ok(),
+                *ok,
+                "{name}"
+            );
             check(&data);
             let file = dir.join(format!("{name}-{abi:?}").to_lowercase());
             if std::fs::read(&file).ok().as_deref() != Some(&data[..]) {

@@ -14,7 +14,13 @@ use std::sync::atomic::Ordering;
 const ABIS: [Abi; 3] = [Abi::Native, Abi::X86_32, Abi::X86_64];
 
 fn read(id: u64, sector: u64, segs: &[Segment]) -> FrontRequest<'_> {
-    FrontRequest::Direct { operation: OP_READ, id, sector, handle: 0, segs }
+    FrontRequest::Direct {
+        operation: OP_READ,
+        id,
+        sector,
+        handle: 0,
+        segs,
+    }
 }
 
 /// Backend side: consume everything, answer each request (Okay, or its rejection's status).
@@ -46,7 +52,10 @@ fn round_trip_every_abi_and_ring_size() {
             let mut front = FrontRing::init(&mem, abi, pages).unwrap();
             let mut back = BackRing::attach(&mem, abi, pages).unwrap();
             let size = ring_size(abi, pages);
-            assert_eq!((front.size(), back.size(), front.free_slots()), (size, size, size));
+            assert_eq!(
+                (front.size(), back.size(), front.free_slots()),
+                (size, size, size)
+            );
             assert_eq!(back.abi(), abi);
 
             // Two full rounds so that slots are reused.
@@ -56,14 +65,34 @@ fn round_trip_every_abi_and_ring_size() {
                     let segs = [page(i as u32)];
                     let req = match i % 4 {
                         0 => read(id, i * 8, &segs),
-                        1 => FrontRequest::Direct { operation: OP_WRITE, id, sector: 0, handle: 3, segs: &[] },
-                        2 => FrontRequest::Discard { id, sector: 8, nr_sectors: 8, secure: true },
-                        _ => FrontRequest::Direct { operation: 9, id, sector: 0, handle: 0, segs: &[] },
+                        1 => FrontRequest::Direct {
+                            operation: OP_WRITE,
+                            id,
+                            sector: 0,
+                            handle: 3,
+                            segs: &[],
+                        },
+                        2 => FrontRequest::Discard {
+                            id,
+                            sector: 8,
+                            nr_sectors: 8,
+                            secure: true,
+                        },
+                        _ => FrontRequest::Direct {
+                            operation: 9,
+                            id,
+                            sector: 0,
+                            handle: 0,
+                            segs: &[],
+                        },
                     };
                     front.queue_request(&mem, &req).unwrap();
                 }
                 assert_eq!(front.free_slots(), 0);
-                assert_eq!(front.queue_request(&mem, &read(0, 0, &[page(0)])), Err(RingError::Full));
+                assert_eq!(
+                    front.queue_request(&mem, &read(0, 0, &[page(0)])),
+                    Err(RingError::Full)
+                );
                 front.push_requests(&mem).unwrap();
 
                 let served = serve(&mut back, &mem, &limits());
@@ -73,7 +102,10 @@ fn round_trip_every_abi_and_ring_size() {
                     let i = 2 * k as u64;
                     assert_eq!(r.id, round << 32 | i);
                     match &r.op {
-                        Op::Read(t) => assert_eq!((t.sector, t.segs.as_slice()), (Sector(i * 8), &[page(i as u32)][..])),
+                        Op::Read(t) => assert_eq!(
+                            (t.sector, t.segs.as_slice()),
+                            (Sector(i * 8), &[page(i as u32)][..])
+                        ),
                         Op::Discard { secure: true, .. } => assert_eq!(i % 4, 2),
                         other => panic!("{other:?}"),
                     }
@@ -86,7 +118,14 @@ fn round_trip_every_abi_and_ring_size() {
                         2 => (OP_DISCARD, Status::Okay),
                         _ => (9, Status::NotSupported),
                     };
-                    assert_eq!(rsp, RawResponse { id: round << 32 | i, operation: op, status: status.code() });
+                    assert_eq!(
+                        rsp,
+                        RawResponse {
+                            id: round << 32 | i,
+                            operation: op,
+                            status: status.code()
+                        }
+                    );
                     assert_eq!(rsp.status(), Some(status));
                 }
                 assert_eq!(front.next_response(&mem).unwrap(), None);
@@ -109,15 +148,29 @@ fn responses_touch_only_id_operation_and_status() {
         let _ = back.next_request(&mem).unwrap().unwrap();
         let mut before = vec![0u8; 4096];
         mem.read_into(0, &mut before).unwrap();
-        back.put_response(&mem, &Response { id: 0x0102_0304_0506_0708, operation: 1, status: Status::NotSupported }).unwrap();
+        back.put_response(
+            &mem,
+            &Response {
+                id: 0x0102_0304_0506_0708,
+                operation: 1,
+                status: Status::NotSupported,
+            },
+        )
+        .unwrap();
         let mut after = vec![0u8; 4096];
         mem.read_into(0, &mut after).unwrap();
         let changed: Vec<usize> = (0..4096).filter(|&i| before[i] != after[i]).collect();
         let mut expected: Vec<usize> = (64..72).collect();
         expected.extend([72, 74, 75]);
         assert_eq!(changed, expected, "{abi:?}");
-        assert_eq!(after[73], 0xA5, "padding between operation and status untouched");
-        assert_eq!(&after[76..64 + abi.slot_size()], &before[76..64 + abi.slot_size()]);
+        assert_eq!(
+            after[73], 0xA5,
+            "padding between operation and status untouched"
+        );
+        assert_eq!(
+            &after[76..64 + abi.slot_size()],
+            &before[76..64 + abi.slot_size()]
+        );
         assert_eq!(&after[74..76], &(-2i16).to_le_bytes());
     }
 }
@@ -133,11 +186,17 @@ fn notify_decisions_follow_the_event_indices() {
     front.queue_request(&mem, &read(1, 0, &s)).unwrap();
     assert!(front.push_requests(&mem).unwrap(), "req_event starts at 1");
     front.queue_request(&mem, &read(2, 0, &s)).unwrap();
-    assert!(!front.push_requests(&mem).unwrap(), "backend has not asked again");
+    assert!(
+        !front.push_requests(&mem).unwrap(),
+        "backend has not asked again"
+    );
     assert!(!front.push_requests(&mem).unwrap(), "nothing new pushed");
 
     assert!(back.next_request(&mem).unwrap().is_some());
-    assert!(back.final_check_for_requests(&mem).unwrap(), "one request still waiting");
+    assert!(
+        back.final_check_for_requests(&mem).unwrap(),
+        "one request still waiting"
+    );
     assert!(back.next_request(&mem).unwrap().is_some());
     assert!(back.next_request(&mem).unwrap().is_none());
     assert!(!back.final_check_for_requests(&mem).unwrap());
@@ -145,14 +204,36 @@ fn notify_decisions_follow_the_event_indices() {
 
     front.queue_request(&mem, &read(3, 0, &s)).unwrap();
     front.queue_request(&mem, &read(4, 0, &s)).unwrap();
-    assert!(front.push_requests(&mem).unwrap(), "req_event 3 is among 3 and 4");
+    assert!(
+        front.push_requests(&mem).unwrap(),
+        "req_event 3 is among 3 and 4"
+    );
     assert!(back.final_check_for_requests(&mem).unwrap());
 
     // Responses: rsp_event starts at 1.
-    back.put_response(&mem, &Response { id: 1, operation: 0, status: Status::Okay }).unwrap();
+    back.put_response(
+        &mem,
+        &Response {
+            id: 1,
+            operation: 0,
+            status: Status::Okay,
+        },
+    )
+    .unwrap();
     assert!(back.push_responses(&mem).unwrap());
-    back.put_response(&mem, &Response { id: 2, operation: 0, status: Status::Okay }).unwrap();
-    assert!(!back.push_responses(&mem).unwrap(), "frontend has not asked again");
+    back.put_response(
+        &mem,
+        &Response {
+            id: 2,
+            operation: 0,
+            status: Status::Okay,
+        },
+    )
+    .unwrap();
+    assert!(
+        !back.push_responses(&mem).unwrap(),
+        "frontend has not asked again"
+    );
     assert_eq!(front.next_response(&mem).unwrap().unwrap().id, 1);
     assert!(front.final_check_for_responses(&mem).unwrap());
     assert_eq!(front.next_response(&mem).unwrap().unwrap().id, 2);
@@ -161,18 +242,49 @@ fn notify_decisions_follow_the_event_indices() {
     for _ in 0..2 {
         back.next_request(&mem).unwrap().unwrap();
     }
-    back.put_response(&mem, &Response { id: 3, operation: 0, status: Status::Okay }).unwrap();
+    back.put_response(
+        &mem,
+        &Response {
+            id: 3,
+            operation: 0,
+            status: Status::Okay,
+        },
+    )
+    .unwrap();
     assert!(back.push_responses(&mem).unwrap());
-    assert_eq!(back.put_response(&mem, &Response { id: 9, operation: 0, status: Status::Okay }), Ok(()));
     assert_eq!(
-        back.put_response(&mem, &Response { id: 9, operation: 0, status: Status::Okay }),
+        back.put_response(
+            &mem,
+            &Response {
+                id: 9,
+                operation: 0,
+                status: Status::Okay
+            }
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        back.put_response(
+            &mem,
+            &Response {
+                id: 9,
+                operation: 0,
+                status: Status::Okay
+            }
+        ),
         Err(RingError::NothingToAnswer)
     );
 }
 
 fn bogus(back: &mut BackRing, mem: &SharedMem<'_>) {
     let e = back.next_request(mem).unwrap_err();
-    assert!(matches!(e, RingError::Protocol(ProtocolViolation::BogusRequestProducer { .. })), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            RingError::Protocol(ProtocolViolation::BogusRequestProducer { .. })
+        ),
+        "{e:?}"
+    );
     // Halted: the same violation every time, whatever the frontend does next.
     mem.store_u32(REQ_PROD, 0, Ordering::Relaxed).unwrap();
     assert_eq!(back.next_request(mem).unwrap_err(), e);
@@ -192,9 +304,20 @@ fn bogus_request_producer_halts_the_ring() {
         for _ in 0..32 {
             assert!(back.next_request(&mem).unwrap().is_some());
         }
-        assert!(back.next_request(&mem).unwrap().is_none(), "RING_REQUEST_CONS_OVERFLOW");
+        assert!(
+            back.next_request(&mem).unwrap().is_none(),
+            "RING_REQUEST_CONS_OVERFLOW"
+        );
         assert!(!back.final_check_for_requests(&mem).unwrap());
-        back.put_response(&mem, &Response { id: 0, operation: 0, status: Status::Okay }).unwrap();
+        back.put_response(
+            &mem,
+            &Response {
+                id: 0,
+                operation: 0,
+                status: Status::Okay,
+            },
+        )
+        .unwrap();
         mem.store_u32(REQ_PROD, 33, Ordering::Relaxed).unwrap();
         assert!(back.next_request(&mem).unwrap().is_some());
         // One past the ring: halted.
@@ -204,7 +327,8 @@ fn bogus_request_producer_halts_the_ring() {
         // A huge producer right away (CVE-2010-4247's infinite loop).
         FrontRing::init(&mem, abi, 1).unwrap();
         let mut back = BackRing::attach(&mem, abi, 1).unwrap();
-        mem.store_u32(REQ_PROD, u32::MAX, Ordering::Relaxed).unwrap();
+        mem.store_u32(REQ_PROD, u32::MAX, Ordering::Relaxed)
+            .unwrap();
         bogus(&mut back, &mem);
 
         // A producer moved back behind what was consumed.
@@ -220,12 +344,23 @@ fn bogus_request_producer_halts_the_ring() {
         mem.store_u32(REQ_PROD, 2, Ordering::Relaxed).unwrap();
         bogus(&mut back, &mem);
         // Responses to requests in flight can still be written.
-        back.put_response(&mem, &Response { id: 0, operation: 0, status: Status::Error }).unwrap();
+        back.put_response(
+            &mem,
+            &Response {
+                id: 0,
+                operation: 0,
+                status: Status::Error,
+            },
+        )
+        .unwrap();
 
         // At attach: more requests than slots beyond the responses.
         FrontRing::init_at(&mem, abi, 1, 100).unwrap();
         mem.store_u32(REQ_PROD, 133, Ordering::Relaxed).unwrap();
-        assert!(matches!(BackRing::attach(&mem, abi, 1), Err(RingError::Protocol(_))));
+        assert!(matches!(
+            BackRing::attach(&mem, abi, 1),
+            Err(RingError::Protocol(_))
+        ));
         mem.store_u32(REQ_PROD, 132, Ordering::Relaxed).unwrap();
         assert!(BackRing::attach(&mem, abi, 1).is_ok());
     }
@@ -241,7 +376,9 @@ fn bogus_response_producer_is_caught_by_the_frontend() {
     mem.store_u32(RSP_PROD, 2, Ordering::Relaxed).unwrap();
     assert!(matches!(
         front.next_response(&mem),
-        Err(RingError::Protocol(ProtocolViolation::BogusResponseProducer { rsp_prod: 2, .. }))
+        Err(RingError::Protocol(
+            ProtocolViolation::BogusResponseProducer { rsp_prod: 2, .. }
+        ))
     ));
     assert!(front.final_check_for_responses(&mem).is_err());
 }
@@ -251,10 +388,19 @@ fn geometry_is_checked() {
     let m = OwnedMem::new(4).unwrap();
     let mem = m.mem();
     for pages in [0, 3, 5, 32] {
-        assert_eq!(FrontRing::init(&mem, Abi::Native, pages).unwrap_err(), RingError::Pages(pages));
-        assert_eq!(BackRing::attach(&mem, Abi::Native, pages).unwrap_err(), RingError::Pages(pages));
+        assert_eq!(
+            FrontRing::init(&mem, Abi::Native, pages).unwrap_err(),
+            RingError::Pages(pages)
+        );
+        assert_eq!(
+            BackRing::attach(&mem, Abi::Native, pages).unwrap_err(),
+            RingError::Pages(pages)
+        );
     }
-    assert!(matches!(BackRing::attach(&mem, Abi::Native, 8), Err(RingError::Memory(_))));
+    assert!(matches!(
+        BackRing::attach(&mem, Abi::Native, 8),
+        Err(RingError::Memory(_))
+    ));
     assert!(BackRing::attach(&mem, Abi::Native, 4).is_ok());
     let small = mem.subregion(0, 4096).unwrap();
     let mut back = BackRing::attach(&mem, Abi::Native, 4).unwrap();
@@ -268,10 +414,20 @@ fn geometry_is_checked() {
     for _ in 0..36 {
         back.next_request(&small).unwrap().unwrap();
     }
-    assert!(matches!(back.next_request(&small), Err(RingError::Memory(_))));
-    assert_eq!(back.in_flight(), 36, "the slot that could not be read is not consumed");
+    assert!(matches!(
+        back.next_request(&small),
+        Err(RingError::Memory(_))
+    ));
+    assert_eq!(
+        back.in_flight(),
+        36,
+        "the slot that could not be read is not consumed"
+    );
     assert!(back.next_request(&mem).unwrap().is_some());
-    assert!(matches!(front.queue_raw(&mem, &[0; 3]), Err(RingError::WrongLength(_))));
+    assert!(matches!(
+        front.queue_raw(&mem, &[0; 3]),
+        Err(RingError::WrongLength(_))
+    ));
 }
 
 #[derive(Debug, Clone)]

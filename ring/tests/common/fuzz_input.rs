@@ -90,6 +90,11 @@ pub fn encode(raw: &RawRequest, limits: &DeviceLimits, pages: &[IndirectPage]) -
 pub fn check(data: &[u8]) {
     let case = decode(data);
     let got = super::model::run_parse(&case.raw, &case.limits, &case.pages);
-    let want = super::model::model(case.raw.abi(), case.raw.as_bytes(), &case.limits, &case.pages);
+    let want = super::model::model(
+        case.raw.abi(),
+        case.raw.as_bytes(),
+        &case.limits,
+        &case.pages,
+    );
     assert_eq!(got, want, "{case:?}");
 }

@@ -66,13 +66,24 @@ pub fn model(
             };
             let n = usize::from(b[1]);
             if (n == 0 && flush.is_none()) || n > 11 {
-                return Err(rej(id, op, RejectReason::SegmentCount { nr_segments: n as u16, max: 11 }));
+                return Err(rej(
+                    id,
+                    op,
+                    RejectReason::SegmentCount {
+                        nr_segments: n as u16,
+                        max: 11,
+                    },
+                ));
             }
             let base = id_off + 16;
             let segs = (0..n)
                 .map(|i| {
                     let o = base + 8 * i;
-                    (u32::from_le_bytes(b[o..o + 4].try_into().unwrap()), b[o + 4], b[o + 5])
+                    (
+                        u32::from_le_bytes(b[o..o + 4].try_into().unwrap()),
+                        b[o + 4],
+                        b[o + 5],
+                    )
                 })
                 .collect();
             (op, flush, segs)
@@ -84,17 +95,35 @@ pub fn model(
             }
             let n = usize::from(u16::from_le_bytes([b[2], b[3]]));
             if n == 0 || n > max_ind {
-                return Err(rej(id, iop, RejectReason::SegmentCount { nr_segments: n as u16, max: max_ind as u16 }));
+                return Err(rej(
+                    id,
+                    iop,
+                    RejectReason::SegmentCount {
+                        nr_segments: n as u16,
+                        max: max_ind as u16,
+                    },
+                ));
             }
             let needed = n.div_ceil(512);
             if pages.len() < needed {
-                return Err(rej(id, iop, RejectReason::IndirectPages { needed, available: pages.len() }));
+                return Err(rej(
+                    id,
+                    iop,
+                    RejectReason::IndirectPages {
+                        needed,
+                        available: pages.len(),
+                    },
+                ));
             }
             let segs = (0..n)
                 .map(|i| {
                     let p = pages[i / 512].as_bytes();
                     let o = (i % 512) * 8;
-                    (u32::from_le_bytes(p[o..o + 4].try_into().unwrap()), p[o + 4], p[o + 5])
+                    (
+                        u32::from_le_bytes(p[o..o + 4].try_into().unwrap()),
+                        p[o + 4],
+                        p[o + 5],
+                    )
                 })
                 .collect();
             (iop, None, segs)
@@ -107,9 +136,26 @@ pub fn model(
             }
             if nr != 0 {
                 match sector.checked_add(nr) {
-                    None => return Err(rej(id, 5, RejectReason::Wraps { sector, nr_sectors: nr })),
+                    None => {
+                        return Err(rej(
+                            id,
+                            5,
+                            RejectReason::Wraps {
+                                sector,
+                                nr_sectors: nr,
+                            },
+                        ))
+                    }
                     Some(end) if end > limits.sectors => {
-                        return Err(rej(id, 5, RejectReason::BeyondEnd { sector, nr_sectors: nr, device_sectors: limits.sectors }))
+                        return Err(rej(
+                            id,
+                            5,
+                            RejectReason::BeyondEnd {
+                                sector,
+                                nr_sectors: nr,
+                                device_sectors: limits.sectors,
+                            },
+                        ))
                     }
                     Some(_) => {}
                 }
@@ -118,14 +164,31 @@ pub fn model(
             if !secure && !limits.discard {
                 return Err(rej(id, 5, RejectReason::DiscardNotSupported));
             }
-            let mis = |what| rej(id, 5, RejectReason::Misaligned { what, logical_block_size: limits.logical_block_size });
+            let mis = |what| {
+                rej(
+                    id,
+                    5,
+                    RejectReason::Misaligned {
+                        what,
+                        logical_block_size: limits.logical_block_size,
+                    },
+                )
+            };
             if sector % bs != 0 {
                 return Err(mis(Misalignment::Sector));
             }
             if nr % bs != 0 {
                 return Err(mis(Misalignment::Length));
             }
-            return Ok(Request { id, operation: 5, op: Op::Discard { sector: Sector(sector), nr_sectors: nr, secure } });
+            return Ok(Request {
+                id,
+                operation: 5,
+                op: Op::Discard {
+                    sector: Sector(sector),
+                    nr_sectors: nr,
+                    secure,
+                },
+            });
         }
         other => return Err(rej(id, other, RejectReason::UnknownOperation(other))),
     };
@@ -133,7 +196,15 @@ pub fn model(
     let mut total = 0u64;
     for (i, &(_, first, last)) in segs.iter().enumerate() {
         if last >= 8 || last < first {
-            return Err(rej(id, operation, RejectReason::Segment { index: i as u16, first_sect: first, last_sect: last }));
+            return Err(rej(
+                id,
+                operation,
+                RejectReason::Segment {
+                    index: i as u16,
+                    first_sect: first,
+                    last_sect: last,
+                },
+            ));
         }
         total += u64::from(last - first) + 1;
     }
@@ -142,14 +213,40 @@ pub fn model(
     }
     if total != 0 {
         match sector.checked_add(total) {
-            None => return Err(rej(id, operation, RejectReason::Wraps { sector, nr_sectors: total })),
+            None => {
+                return Err(rej(
+                    id,
+                    operation,
+                    RejectReason::Wraps {
+                        sector,
+                        nr_sectors: total,
+                    },
+                ))
+            }
             Some(end) if end > limits.sectors => {
-                return Err(rej(id, operation, RejectReason::BeyondEnd { sector, nr_sectors: total, device_sectors: limits.sectors }))
+                return Err(rej(
+                    id,
+                    operation,
+                    RejectReason::BeyondEnd {
+                        sector,
+                        nr_sectors: total,
+                        device_sectors: limits.sectors,
+                    },
+                ))
             }
             Some(_) => {}
         }
     }
-    let mis = |what| rej(id, operation, RejectReason::Misaligned { what, logical_block_size: limits.logical_block_size });
+    let mis = |what| {
+        rej(
+            id,
+            operation,
+            RejectReason::Misaligned {
+                what,
+                logical_block_size: limits.logical_block_size,
+            },
+        )
+    };
     for &(_, first, last) in &segs {
         if sector % bs != 0 {
             return Err(mis(Misalignment::Sector));
@@ -163,12 +260,20 @@ pub fn model(
     }
     let expected: Vec<Segment> = segs
         .iter()
-        .map(|&(gref, first_sect, last_sect)| Segment { gref, first_sect, last_sect })
+        .map(|&(gref, first_sect, last_sect)| Segment {
+            gref,
+            first_sect,
+            last_sect,
+        })
         .collect();
     let op = if segs.is_empty() {
         Op::Flush(flush.unwrap())
     } else {
-        let transfer = Transfer { sector: Sector(sector), nr_sectors: total, segs: Segments::from_slice(&expected).unwrap() };
+        let transfer = Transfer {
+            sector: Sector(sector),
+            nr_sectors: total,
+            segs: Segments::from_slice(&expected).unwrap(),
+        };
         if operation == 0 {
             Op::Read(transfer)
         } else {
