@@ -145,8 +145,9 @@ collect_perf() { # name backend
 	PERF_DONE="$PERF_DONE $2"
 }
 
+# perf before the data check: its sequential writes start at sector 0.
 tasks_with_perf() { # tasks
-	if selected perf; then echo "$1,perf"; else echo "$1"; fi
+	if selected perf; then echo "perf,$1"; else echo "$1"; fi
 }
 
 # ------------------------------------------------------------------ leaks
