@@ -145,6 +145,20 @@ pub fn open_node(path: &Path, write: bool) -> Result<(OwnedFd, u32, u32), Error>
     }
 }
 
+/// The diskseq of block device `major:minor` from sysfs (`/sys/dev/block/M:m/diskseq`,
+/// decimal), for a device without a node in `/dev`.
+///
+/// # Errors
+/// [`Error::NotFound`] when there is no such device, [`Error::Sys`] for a malformed value.
+pub fn sysfs_diskseq(major: u32, minor: u32) -> Result<u64, Error> {
+    let path = PathBuf::from(format!("/sys/dev/block/{major}:{minor}/diskseq"));
+    let text = std::fs::read_to_string(&path).map_err(|_| Error::NotFound(path.clone()))?;
+    text.trim_end_matches('\n').parse().map_err(|_| Error::Sys {
+        what: format!("parse {}", path.display()),
+        source: Errno::INVAL,
+    })
+}
+
 /// `/dev/loopN`.
 #[must_use]
 pub fn loop_path(index: u32) -> PathBuf {
@@ -201,6 +215,20 @@ mod tests {
             Err(Error::NotFileOrDevice(_))
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sysfs_diskseq_matches_the_ioctl() {
+        let Ok((fd, major, minor)) = open_node(Path::new("/dev/loop0"), false) else {
+            eprintln!("skipped: /dev/loop0 cannot be opened here (needs root)");
+            return;
+        };
+        let by_ioctl = diskseq(fd.as_fd(), Path::new("/dev/loop0")).expect("BLKGETDISKSEQ");
+        assert_eq!(sysfs_diskseq(major, minor).ok(), Some(by_ioctl));
+        assert!(matches!(
+            sysfs_diskseq(0xfff, 0xfffff),
+            Err(Error::NotFound(_))
+        ));
     }
 
     #[test]

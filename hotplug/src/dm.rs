@@ -519,7 +519,9 @@ pub enum Removal {
     Mismatch,
 }
 
-/// Removes (deferred) the device with `uuid` if its diskseq is still `diskseq`.
+/// Removes (deferred) the device with `uuid` if its diskseq is still `diskseq`. The uuid is
+/// blkhotplug's own random one, so it names our device alone; the diskseq comes from sysfs,
+/// so no `/dev/dm-N` node is needed.
 ///
 /// # Errors
 /// [`Error::Dm`] or [`Error::Sys`].
@@ -533,14 +535,11 @@ pub fn remove_if(uuid: &str, diskseq: u64) -> Result<Removal, Error> {
         }) => return Ok(Removal::Gone),
         Err(e) => return Err(e),
     };
-    let path = PathBuf::from(format!("/dev/dm-{}", status.dev.1));
-    let (fd, major, minor) = match blkdev::open_node(&path, false) {
-        Ok(x) => x,
+    match blkdev::sysfs_diskseq(status.dev.0, status.dev.1) {
+        Ok(found) if found == diskseq => {}
+        Ok(_) => return Ok(Removal::Mismatch),
         Err(Error::NotFound(_)) => return Ok(Removal::Gone),
         Err(e) => return Err(e),
-    };
-    if (major, minor) != status.dev || blkdev::diskseq(fd.as_fd(), &path)? != diskseq {
-        return Ok(Removal::Mismatch);
     }
     match ctl.remove(Lookup::Uuid(uuid.to_owned()), true) {
         Ok(()) => Ok(Removal::Removed),

@@ -119,9 +119,13 @@ pub enum ParseError {
         /// The limit.
         max: usize,
     },
-    /// A diskseq with a leading zero (the format has exactly one spelling per number).
-    #[error("diskseq has a leading zero")]
-    LeadingZero,
+    /// A leading zero where the format has exactly one spelling per number (diskseq, and
+    /// major/minor in the `diskseq@` form).
+    #[error("{field} has a leading zero")]
+    LeadingZero {
+        /// Which field.
+        field: &'static str,
+    },
     /// Diskseq 0 is never a device's sequence number.
     #[error("diskseq 0 is invalid")]
     ZeroDiskseq,
@@ -152,9 +156,12 @@ pub struct PhysicalDevice {
 }
 
 impl PhysicalDevice {
-    /// Parses a `physical-device` value strictly: hex digits only (either case), no sign, no
-    /// `0x`, no white space, nothing after the minor; major and minor at most 8 digits each and
-    /// within a Linux `dev_t`; a diskseq of 1 to 16 digits with no leading zero and not 0.
+    /// Parses a `physical-device` value strictly: hex digits only, no sign, no `0x`, no white
+    /// space, nothing after the minor; major and minor at most 8 digits each and within a Linux
+    /// `dev_t`. The plain form takes either case and leading zeros (as `sscanf("%x:%x")` does);
+    /// the `diskseq@` form is canonical, as the series' blkback requires
+    /// (kernel-patches/README.md): lower-case, no leading zeros (`0` alone is fine for major and
+    /// minor), diskseq 1 to 16 digits and not 0.
     ///
     /// # Errors
     /// [`ParseError`] saying what is wrong.
@@ -166,12 +173,13 @@ impl PhysicalDevice {
             Some(at) => (Some(parse_diskseq(&value[..at])?), &value[at + 1..]),
             None => (None, value),
         };
+        let canonical = diskseq.is_some();
         let colon = rest
             .iter()
             .position(|&b| b == b':')
             .ok_or(ParseError::MissingColon)?;
-        let major = parse_number(&rest[..colon], "major")?;
-        let minor = parse_number(&rest[colon + 1..], "minor")?;
+        let major = parse_number(&rest[..colon], "major", canonical)?;
+        let minor = parse_number(&rest[colon + 1..], "minor", canonical)?;
         if major > MAX_MAJOR {
             return Err(ParseError::OutOfRange {
                 field: "major",
@@ -211,7 +219,7 @@ impl fmt::Display for PhysicalDevice {
 }
 
 /// Parses a diskseq: the `diskseq` node's value and the part before `@` in `physical-device`.
-/// Hex (either case), 1 to 16 digits, no leading zero, not 0.
+/// Lower-case hex, 1 to 16 digits, no leading zero, not 0.
 ///
 /// # Errors
 /// [`ParseError`] saying what is wrong.
@@ -229,13 +237,14 @@ pub fn parse_diskseq(value: &[u8]) -> Result<u64, ParseError> {
         return Err(if value.len() == 1 {
             ParseError::ZeroDiskseq
         } else {
-            ParseError::LeadingZero
+            ParseError::LeadingZero { field: "diskseq" }
         });
     }
     let mut seq = 0u64;
     for &b in value {
         // 16 digits at most, so the shifts cannot overflow.
-        seq = (seq << 4) | u64::from(hex_digit(b).ok_or(ParseError::NotHex { field: "diskseq" })?);
+        seq = (seq << 4)
+            | u64::from(hex_digit(b, false).ok_or(ParseError::NotHex { field: "diskseq" })?);
     }
     Ok(seq)
 }
@@ -246,9 +255,13 @@ pub fn format_diskseq(seq: u64) -> String {
     format!("{seq:x}")
 }
 
-fn parse_number(value: &[u8], field: &'static str) -> Result<u32, ParseError> {
+/// A major or minor number; `canonical`: lower-case only, no leading zero.
+fn parse_number(value: &[u8], field: &'static str, canonical: bool) -> Result<u32, ParseError> {
     if value.is_empty() {
         return Err(ParseError::NotHex { field });
+    }
+    if canonical && value.len() > 1 && value[0] == b'0' {
+        return Err(ParseError::LeadingZero { field });
     }
     if value.len() > MAX_NUMBER_DIGITS {
         return Err(ParseError::TooLong {
@@ -259,16 +272,16 @@ fn parse_number(value: &[u8], field: &'static str) -> Result<u32, ParseError> {
     let mut n = 0u32;
     for &b in value {
         // 8 digits at most, so the shifts cannot overflow.
-        n = (n << 4) | u32::from(hex_digit(b).ok_or(ParseError::NotHex { field })?);
+        n = (n << 4) | u32::from(hex_digit(b, !canonical).ok_or(ParseError::NotHex { field })?);
     }
     Ok(n)
 }
 
-fn hex_digit(b: u8) -> Option<u8> {
+fn hex_digit(b: u8, upper_case_ok: bool) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
+        b'A'..=b'F' if upper_case_ok => Some(b - b'A' + 10),
         _ => None,
     }
 }
@@ -644,7 +657,8 @@ mod tests {
             PhysicalDevice::parse(b"ffffffffffffffff@103:0"),
             Ok(pd(0x103, 0, Some(u64::MAX)))
         );
-        assert_eq!("Ab@8:0".parse(), Ok(pd(8, 0, Some(0xab))));
+        assert_eq!("ab@8:0".parse(), Ok(pd(8, 0, Some(0xab))));
+        assert_eq!("1@0:0".parse(), Ok(pd(0, 0, Some(1))));
     }
 
     #[test]
@@ -718,8 +732,8 @@ mod tests {
         let cases: &[(&[u8], ParseError)] = &[
             (b"@7:3", NotHex { field: "diskseq" }),
             (b"0@7:3", ZeroDiskseq),
-            (b"01@7:3", LeadingZero),
-            (b"00@7:3", LeadingZero),
+            (b"01@7:3", LeadingZero { field: "diskseq" }),
+            (b"00@7:3", LeadingZero { field: "diskseq" }),
             (
                 b"10000000000000000@7:3",
                 TooLong {
@@ -740,6 +754,12 @@ mod tests {
                     value: 0x1000,
                 },
             ),
+            // The diskseq@ form is canonical, as the series' blkback wants it.
+            (b"Ab@8:0", NotHex { field: "diskseq" }),
+            (b"1@FD:0", NotHex { field: "major" }),
+            (b"1@fd:1A", NotHex { field: "minor" }),
+            (b"1@08:0", LeadingZero { field: "major" }),
+            (b"1@8:00", LeadingZero { field: "minor" }),
         ];
         for (input, want) in cases {
             assert_eq!(
@@ -754,14 +774,21 @@ mod tests {
     #[test]
     fn diskseq_node() {
         assert_eq!(parse_diskseq(b"1"), Ok(1));
-        assert_eq!(parse_diskseq(b"a3F"), Ok(0xa3f));
+        assert_eq!(parse_diskseq(b"a3f"), Ok(0xa3f));
+        assert_eq!(
+            parse_diskseq(b"A3F"),
+            Err(ParseError::NotHex { field: "diskseq" })
+        );
         assert_eq!(parse_diskseq(b"ffffffffffffffff"), Ok(u64::MAX));
         assert_eq!(
             parse_diskseq(b""),
             Err(ParseError::NotHex { field: "diskseq" })
         );
         assert_eq!(parse_diskseq(b"0"), Err(ParseError::ZeroDiskseq));
-        assert_eq!(parse_diskseq(b"012"), Err(ParseError::LeadingZero));
+        assert_eq!(
+            parse_diskseq(b"012"),
+            Err(ParseError::LeadingZero { field: "diskseq" })
+        );
         assert_eq!(
             parse_diskseq(b"12\n"),
             Err(ParseError::NotHex { field: "diskseq" })
