@@ -62,7 +62,9 @@ impl Abi {
     /// string is compared first, so `x86_64-abi` on an x86_64 backend is [`Abi::Native`].
     ///
     /// # Errors
-    /// [`UnknownProtocol`] for any other string (compared exactly).
+    /// [`UnknownProtocol`] for any other string. Strings are compared exactly: Linux reads
+    /// the node with `%63s`, which would also accept leading whitespace or anything after a
+    /// space; such a value is refused here.
     pub fn from_protocol(protocol: Option<&str>) -> Result<Abi, UnknownProtocol> {
         match protocol {
             None if cfg!(any(target_arch = "x86", target_arch = "x86_64")) => Ok(Abi::X86_32),

@@ -230,6 +230,15 @@ impl IndirectHeader {
         indirect_pages(self.nr_segments)
     }
 
+    /// The response to this request with `status` (when its pages cannot be reached).
+    pub fn response(&self, status: Status) -> Response {
+        Response {
+            id: self.id,
+            operation: self.operation,
+            status,
+        }
+    }
+
     /// Grant references of the indirect pages (to be mapped or copied read-only).
     pub fn page_grefs(&self) -> &[u32] {
         self.grefs.get(..self.pages()).unwrap_or(&self.grefs)
@@ -266,6 +275,12 @@ impl IndirectPage {
     /// The page's bytes.
     pub fn as_bytes(&self) -> &[u8; PAGE_SIZE] {
         &self.0
+    }
+
+    /// The page's bytes, for filling the private copy in place (a grant copy's destination),
+    /// so that pages can be reused without allocating per request.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8; PAGE_SIZE] {
+        &mut self.0
     }
 
     /// Segment `i` (below 512) of the page.
@@ -333,20 +348,7 @@ pub fn parse(raw: &RawRequest, limits: &DeviceLimits) -> Result<Parsed, Rejectio
             if indirect_op != OP_READ && indirect_op != OP_WRITE {
                 return Err(reject(RejectReason::IndirectOperation(indirect_op)));
             }
-            let max = limits.indirect_limit();
-            if nr_segments == 0 || usize::from(nr_segments) > max {
-                return Err(reject(RejectReason::SegmentCount {
-                    nr_segments,
-                    max: max as u16,
-                }));
-            }
-            let needed = indirect_pages(nr_segments);
-            if needed > MAX_INDIRECT_PAGES {
-                return Err(reject(RejectReason::IndirectPages {
-                    needed,
-                    available: MAX_INDIRECT_PAGES,
-                }));
-            }
+            check_indirect_count(nr_segments, limits).map_err(reject)?;
             Ok(Parsed::Indirect(IndirectHeader {
                 id,
                 operation: indirect_op,
@@ -376,6 +378,8 @@ pub fn parse_indirect(
     limits: &DeviceLimits,
 ) -> Result<Request, Rejection> {
     let reject = |reason| Rejection::new(header.id, header.operation, reason);
+    // Again, because the header's fields are public and could have been changed since.
+    check_indirect_count(header.nr_segments, limits).map_err(reject)?;
     if pages.len() < header.pages() {
         return Err(reject(RejectReason::IndirectPages {
             needed: header.pages(),
@@ -391,15 +395,49 @@ pub fn parse_indirect(
         let s = check_segment(index, gref, first, last).map_err(reject)?;
         segs.push(s);
     }
-    let flush = None;
     finish_rw(
         header.id,
         header.operation,
-        flush,
+        None,
         header.sector,
         segs,
         limits,
     )
+}
+
+/// Step 2 for an indirect request: 1 to the advertised maximum segments, in at most
+/// [`MAX_INDIRECT_PAGES`] pages.
+fn check_indirect_count(nr_segments: u16, limits: &DeviceLimits) -> Result<(), RejectReason> {
+    let max = limits.indirect_limit();
+    if nr_segments == 0 || usize::from(nr_segments) > max {
+        return Err(RejectReason::SegmentCount {
+            nr_segments,
+            max: max as u16,
+        });
+    }
+    let needed = indirect_pages(nr_segments);
+    if needed > MAX_INDIRECT_PAGES {
+        return Err(RejectReason::IndirectPages {
+            needed,
+            available: MAX_INDIRECT_PAGES,
+        });
+    }
+    Ok(())
+}
+
+/// Step 6 for one quantity in sectors.
+fn check_aligned(
+    sectors: u64,
+    what: Misalignment,
+    limits: &DeviceLimits,
+) -> Result<(), RejectReason> {
+    if sectors % limits.block_sectors() != 0 {
+        return Err(RejectReason::Misaligned {
+            what,
+            logical_block_size: limits.logical_block_size,
+        });
+    }
+    Ok(())
 }
 
 fn check_segment(index: usize, gref: u32, first: u8, last: u8) -> Result<Segment, RejectReason> {
@@ -435,23 +473,12 @@ fn finish_rw(
     if nr_sectors != 0 {
         check_range(sector.0, nr_sectors, limits).map_err(reject)?;
     }
-    let bs = limits.block_sectors();
-    let misaligned = |what| {
-        reject(RejectReason::Misaligned {
-            what,
-            logical_block_size: limits.logical_block_size,
-        })
-    };
+    if !segs.is_empty() {
+        check_aligned(sector.0, Misalignment::Sector, limits).map_err(reject)?;
+    }
     for s in segs.as_slice() {
-        if sector.0 % bs != 0 {
-            return Err(misaligned(Misalignment::Sector));
-        }
-        if u64::from(s.first_sect) % bs != 0 {
-            return Err(misaligned(Misalignment::Offset));
-        }
-        if u64::from(s.sectors()) % bs != 0 {
-            return Err(misaligned(Misalignment::Length));
-        }
+        check_aligned(s.first_sect.into(), Misalignment::Offset, limits).map_err(reject)?;
+        check_aligned(s.sectors().into(), Misalignment::Length, limits).map_err(reject)?;
     }
     let op = match (segs.is_empty(), flush) {
         (true, Some(kind)) => Op::Flush(kind),
@@ -501,19 +528,8 @@ fn parse_discard(
     if !secure && !limits.discard {
         return Err(reject(RejectReason::DiscardNotSupported));
     }
-    let bs = limits.block_sectors();
-    let misaligned = |what| {
-        reject(RejectReason::Misaligned {
-            what,
-            logical_block_size: limits.logical_block_size,
-        })
-    };
-    if sector % bs != 0 {
-        return Err(misaligned(Misalignment::Sector));
-    }
-    if nr_sectors % bs != 0 {
-        return Err(misaligned(Misalignment::Length));
-    }
+    check_aligned(sector, Misalignment::Sector, limits).map_err(reject)?;
+    check_aligned(nr_sectors, Misalignment::Length, limits).map_err(reject)?;
     Ok(Request {
         id,
         operation: OP_DISCARD,

@@ -422,6 +422,35 @@ fn indirect_pages_must_be_supplied() {
         };
         assert_eq!(h.page_grefs(), &[40]);
         assert!(parse_indirect(&h, &pages, &l).is_ok());
+        assert_eq!(
+            h.response(Status::Error),
+            Response {
+                id: 77,
+                operation: OP_READ,
+                status: Status::Error
+            }
+        );
+
+        // A header altered after parse is checked again, not trusted.
+        let mut tampered = h;
+        tampered.nr_segments = 60000;
+        assert_eq!(
+            parse_indirect(&tampered, &pages, &l).unwrap_err().reason,
+            RejectReason::SegmentCount {
+                nr_segments: 60000,
+                max: 256
+            }
+        );
+        // Pages filled in place.
+        let mut filled = IndirectPage::new();
+        filled.as_bytes_mut()[..8].copy_from_slice(&[5, 0, 0, 0, 0, 7, 0, 0]);
+        let raw = indirect(OP_READ, 1, &[40]).encode(abi).unwrap();
+        let Ok(Parsed::Indirect(h)) = parse(&raw, &l) else {
+            panic!()
+        };
+        let r = parse_indirect(&h, &[filled], &l).unwrap();
+        let Op::Read(t) = r.op else { panic!() };
+        assert_eq!(t.segs.as_slice(), &[page(5)]);
     }
 }
 
