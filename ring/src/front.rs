@@ -287,8 +287,9 @@ impl FrontRing {
         mem.store_u32(RSP_PROD, start, Ordering::Relaxed)?;
         mem.store_u32(REQ_EVENT, start.wrapping_add(1), Ordering::Relaxed)?;
         mem.store_u32(RSP_EVENT, start.wrapping_add(1), Ordering::Relaxed)?;
-        // wmb() before publishing the ring to the backend (the grant and XenStore writes that
-        // follow): a backend attaching later must see the initialised header.
+        // No ring.h macro has a barrier here (Linux relies on the grant and XenStore writes
+        // that publish the ring); a release fence makes the initialised header visible before
+        // anything this thread does next, such as handing the ring to a backend thread.
         fence(Ordering::Release);
         Ok(FrontRing {
             abi,

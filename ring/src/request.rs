@@ -263,3 +263,62 @@ pub struct Response {
     /// The outcome.
     pub status: Status,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sector_bytes_never_wrap() {
+        assert_eq!(Sector(8).bytes(), Some(4096));
+        let last = u64::MAX / SECTOR_SIZE;
+        assert_eq!(Sector(last).bytes(), Some(last * 512));
+        assert_eq!(Sector(last + 1).bytes(), None);
+        // The value crosvm's checked_shl(9) would have let through as 0.
+        assert_eq!(Sector(1 << 55).bytes(), None);
+    }
+
+    #[test]
+    fn status_codes() {
+        for s in [Status::Okay, Status::Error, Status::NotSupported] {
+            assert_eq!(Status::from_code(s.code()), Some(s));
+        }
+        assert_eq!(
+            (Status::Error.code(), Status::NotSupported.code()),
+            (-1, -2)
+        );
+        assert_eq!(Status::from_code(-3), None);
+        assert_eq!(Status::from_code(1), None);
+    }
+
+    #[test]
+    fn segment_geometry() {
+        let s = Segment {
+            gref: 1,
+            first_sect: 2,
+            last_sect: 5,
+        };
+        assert_eq!(
+            (s.sectors(), s.offset_bytes(), s.len_bytes()),
+            (4, 1024, 2048)
+        );
+        let whole = Segment {
+            gref: 1,
+            first_sect: 0,
+            last_sect: 7,
+        };
+        assert_eq!((whole.sectors(), whole.len_bytes()), (8, 4096));
+    }
+
+    #[test]
+    fn segments_hold_at_most_the_indirect_maximum() {
+        let many = vec![Segment::default(); MAX_INDIRECT_SEGMENTS];
+        assert_eq!(
+            Segments::from_slice(&many).map(|s| s.len()),
+            Some(MAX_INDIRECT_SEGMENTS)
+        );
+        let too_many = vec![Segment::default(); MAX_INDIRECT_SEGMENTS + 1];
+        assert!(Segments::from_slice(&too_many).is_none());
+        assert!(Segments::new().is_empty());
+    }
+}
