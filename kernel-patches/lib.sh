@@ -69,9 +69,10 @@ pristine_tree() {
 	printf '%s\n' "$dir"
 }
 
-# apply_series TREE: dry run of the whole series first, then apply it.
-apply_series() {
-	local tree=$1 p
+# dry_run_series TREE: check that the whole series applies to TREE, in order,
+# without changing anything.
+dry_run_series() {
+	local tree=$1
 	local patches
 	mapfile -t patches < <(series)
 	[ "${#patches[@]}" -gt 0 ] || fail "no patches in $series_dir"
@@ -80,9 +81,39 @@ apply_series() {
 	# which would make it apply paths relative to that repository's root.
 	(cd "$tree" && GIT_CEILING_DIRECTORIES=$(dirname "$tree") git apply --check "${patches[@]}") ||
 		fail "the series does not apply"
+}
+
+# apply_series TREE: dry run of the whole series first, then apply it.
+apply_series() {
+	local tree=$1 p
+	local patches
+	dry_run_series "$tree"
+	mapfile -t patches < <(series)
 	for p in "${patches[@]}"; do
 		printf '    %s\n' "$(basename "$p")"
 		patch -d "$tree" -p1 -s --fuzz=0 --no-backup-if-mismatch <"$p" ||
 			fail "$(basename "$p") does not apply"
 	done
+}
+
+# prepare_tree TREE PRISTINE: make TREE a copy of PRISTINE with the series
+# applied.  The copy is kept between runs and reused as long as neither the
+# patches nor the pristine source changed (a stamp records their checksum), so
+# that unchanged files keep their timestamps and the object cache stays valid;
+# otherwise it is made afresh (hard links, cheap; patch(1) replaces the files it
+# changes instead of writing through the links).
+prepare_tree() {
+	local tree=$1 pristine=$2 sum
+	sum=$( (basename "$pristine"; series | xargs cat) | sha256sum | cut -d' ' -f1)
+	if [ -f "$tree/.series-applied" ] && [ "$(cat "$tree/.series-applied")" = "$sum" ]; then
+		step "reusing $tree (series unchanged; a dry run still checks it applies)"
+		dry_run_series "$pristine"
+		return
+	fi
+	step "applying the series to a fresh copy of $(basename "$pristine")"
+	rm -rf "$tree"
+	mkdir -p "$(dirname "$tree")"
+	cp -al "$pristine" "$tree"
+	apply_series "$tree"
+	printf '%s\n' "$sum" >"$tree/.series-applied"
 }
