@@ -75,14 +75,20 @@ impl DeviceNodes {
         let Some(pd) = &self.physical_device else {
             return Ok(None);
         };
-        let mut device = PhysicalDevice::parse(pd.as_bytes())
-            .map_err(|e| DevError::new(errno::EINVAL, format!("invalid physical-device {pd:?}: {e}")))?;
+        let mut device = PhysicalDevice::parse(pd.as_bytes()).map_err(|e| {
+            DevError::new(
+                errno::EINVAL,
+                format!("invalid physical-device {pd:?}: {e}"),
+            )
+        })?;
         if let Some(seq) = self.diskseq_node()? {
             match device.diskseq {
                 Some(d) if d != seq => {
                     return Err(DevError::new(
                         errno::EINVAL,
-                        format!("physical-device diskseq 0x{d:x} differs from diskseq node 0x{seq:x}"),
+                        format!(
+                            "physical-device diskseq 0x{d:x} differs from diskseq node 0x{seq:x}"
+                        ),
                     ))
                 }
                 _ => device.diskseq = Some(seq),
@@ -99,8 +105,9 @@ impl DeviceNodes {
         self.diskseq
             .as_deref()
             .map(|s| {
-                parse_diskseq(s.as_bytes())
-                    .map_err(|e| DevError::new(errno::EINVAL, format!("invalid diskseq {s:?}: {e}")))
+                parse_diskseq(s.as_bytes()).map_err(|e| {
+                    DevError::new(errno::EINVAL, format!("invalid diskseq {s:?}: {e}"))
+                })
             })
             .transpose()
     }
@@ -111,8 +118,13 @@ impl DeviceNodes {
 ///
 /// # Errors
 /// `ENODEV` "creating vbd structure: ..." (the RFC series' refusal) saying what differs.
-pub fn check_device(device: &Device, expected: Option<&Expected>, explicit_diskseq: Option<u64>) -> Result<(), DevError> {
-    let mismatch = |what: String| DevError::new(errno::ENODEV, format!("creating vbd structure: {what}"));
+pub fn check_device(
+    device: &Device,
+    expected: Option<&Expected>,
+    explicit_diskseq: Option<u64>,
+) -> Result<(), DevError> {
+    let mismatch =
+        |what: String| DevError::new(errno::ENODEV, format!("creating vbd structure: {what}"));
     let want_seq = expected.and_then(|e| e.device.diskseq).or(explicit_diskseq);
     if let (Some(e), DeviceKind::Block { major, minor }) = (expected, device.kind()) {
         if (e.device.major, e.device.minor) != (major, minor) {
@@ -125,7 +137,9 @@ pub fn check_device(device: &Device, expected: Option<&Expected>, explicit_disks
     if let Some(want) = want_seq {
         match (device.kind(), device.diskseq()) {
             (DeviceKind::File, _) => {
-                return Err(mismatch(format!("a diskseq (0x{want:x}) is named but the device is a regular file")))
+                return Err(mismatch(format!(
+                    "a diskseq (0x{want:x}) is named but the device is a regular file"
+                )))
             }
             (DeviceKind::Block { major, minor }, got) if got != Some(want) => {
                 return Err(mismatch(format!(
@@ -149,7 +163,11 @@ pub fn check_device(device: &Device, expected: Option<&Expected>, explicit_disks
 pub fn open_physical(expected: &Expected, options: &DeviceOptions) -> Result<Device, DevError> {
     let (major, minor) = (expected.device.major, expected.device.minor);
     let link = PathBuf::from(format!("/dev/block/{major}:{minor}"));
-    let path = if link.exists() { link } else { sysfs_devnode(major, minor).unwrap_or(link) };
+    let path = if link.exists() {
+        link
+    } else {
+        sysfs_devnode(major, minor).unwrap_or(link)
+    };
     let device = Device::open(&path, options)
         .map_err(|e| DevError::new(errno::ENOENT, format!("creating vbd structure: {e}")))?;
     check_device(&device, Some(expected), None)?;
@@ -161,7 +179,8 @@ fn sysfs_devnode(major: u32, minor: u32) -> Option<PathBuf> {
     let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")).ok()?;
     let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
     // DEVNAME is relative to /dev and never climbs out of it.
-    (!name.is_empty() && !name.split('/').any(|c| c == ".." || c.is_empty())).then(|| Path::new("/dev").join(name))
+    (!name.is_empty() && !name.split('/').any(|c| c == ".." || c.is_empty()))
+        .then(|| Path::new("/dev").join(name))
 }
 
 /// Opens the toolstack's `params` path: a regular file is served directly; a block device
@@ -199,7 +218,14 @@ mod tests {
     fn merges_diskseq_sources() {
         assert_eq!(nodes(None, Some("5")).expected().unwrap(), None);
         let e = nodes(Some("7:0"), Some("1f")).expected().unwrap().unwrap();
-        assert_eq!(e.device, PhysicalDevice { major: 7, minor: 0, diskseq: Some(0x1f) });
+        assert_eq!(
+            e.device,
+            PhysicalDevice {
+                major: 7,
+                minor: 0,
+                diskseq: Some(0x1f)
+            }
+        );
         let e = nodes(Some("1f@7:0"), None).expected().unwrap().unwrap();
         assert_eq!(e.device.diskseq, Some(0x1f));
         assert!(nodes(Some("1f@7:0"), Some("1f")).expected().is_ok());
@@ -240,7 +266,12 @@ mod tests {
         let err = open_params(&n, &DeviceOptions::default()).unwrap_err();
         assert_eq!(err.errno, errno::ENODEV);
         n.params = Some("relative.img".into());
-        assert_eq!(open_params(&n, &DeviceOptions::default()).unwrap_err().errno, errno::ENOENT);
+        assert_eq!(
+            open_params(&n, &DeviceOptions::default())
+                .unwrap_err()
+                .errno,
+            errno::ENOENT
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

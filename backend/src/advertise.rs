@@ -120,7 +120,10 @@ impl DeviceInfo {
         nodes.push(("sectors", self.sectors.to_string()));
         nodes.push(("info", self.info().to_string()));
         nodes.push(("sector-size", self.sector_size.to_string()));
-        nodes.push(("physical-sector-size", self.physical_sector_size.to_string()));
+        nodes.push((
+            "physical-sector-size",
+            self.physical_sector_size.to_string(),
+        ));
         nodes
     }
 }
@@ -167,7 +170,11 @@ mod tests {
 
     #[test]
     fn no_discard_writes_only_the_feature() {
-        let nodes = DeviceInfo { discard: None, ..info() }.connect_nodes(false);
+        let nodes = DeviceInfo {
+            discard: None,
+            ..info()
+        }
+        .connect_nodes(false);
         assert_eq!(get(&nodes, "feature-discard"), Some("0"));
         assert_eq!(get(&nodes, "discard-granularity"), None);
         assert_eq!(get(&nodes, "feature-persistent"), Some("0"));
@@ -175,7 +182,15 @@ mod tests {
 
     #[test]
     fn info_bits() {
-        assert_eq!(DeviceInfo { read_only: true, cdrom: true, ..info() }.info(), 5);
+        assert_eq!(
+            DeviceInfo {
+                read_only: true,
+                cdrom: true,
+                ..info()
+            }
+            .info(),
+            5
+        );
     }
 
     #[test]

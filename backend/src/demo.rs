@@ -75,7 +75,8 @@ impl TempDir {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!("blkbackd-demo-{}-{nanos}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("blkbackd-demo-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path, keep })
     }
@@ -143,13 +144,17 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
         }
         None => {
             let p = tmp.path.join("disk.img");
-            let f = std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+            let f =
+                std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
             f.set_len(args.size_mib * 1024 * 1024)
                 .with_context(|| format!("sizing {}", p.display()))?;
             (p, true)
         }
     };
-    let image_str = image.to_str().context("the image path is not UTF-8")?.to_owned();
+    let image_str = image
+        .to_str()
+        .context("the image path is not UTF-8")?
+        .to_owned();
 
     let xenstored = xen::sim::xenstored::SimXenstored::start(xen::sim::xenstored_dir(&sim))
         .context("starting the simulated xenstored")?;
@@ -200,7 +205,8 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
         ignore_backend_limits: false,
     };
     let t = Instant::now();
-    let mut front = SimFront::new(&sim, GUEST, DEVID, options).context("creating the simulated guest")?;
+    let mut front =
+        SimFront::new(&sim, GUEST, DEVID, options).context("creating the simulated guest")?;
     let info = match front.connect() {
         Ok(i) => i,
         Err(e) => {
@@ -225,13 +231,20 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
 
     let blocks = info.sectors * 512 / BLOCK as u64;
     if blocks < 64 {
-        bail!("the disk is too small for the demo ({} sectors)", info.sectors);
+        bail!(
+            "the disk is too small for the demo ({} sectors)",
+            info.sectors
+        );
     }
     let mut model = DiskModel::zeroed(blocks, discard_zeroes);
     let mut rng = Rng::new(0x5eed);
     let depth = usize::try_from(args.depth).unwrap_or(32);
     let big = u64::from(front.max_sectors_per_request() / 8).clamp(1, 32);
-    let mut phase = |name: &str, plan: Vec<Planned>, front: &mut SimFront, model: &mut DiskModel| -> anyhow::Result<PhaseResult> {
+    let mut phase = |name: &str,
+                     plan: Vec<Planned>,
+                     front: &mut SimFront,
+                     model: &mut DiskModel|
+     -> anyhow::Result<PhaseResult> {
         let r = workload::run(front, model, &plan, depth).with_context(|| name.to_owned())?;
         writeln!(
             out,
@@ -244,15 +257,53 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
     };
     let mut verified = 0;
     let seq_blocks = blocks.min(16384);
-    phase(&format!("sequential write, {} KiB requests", big * 4), workload::sequential(seq_blocks, big, true), &mut front, &mut model)?;
-    verified += phase(&format!("sequential read, {} KiB requests", big * 4), workload::sequential(seq_blocks, big, false), &mut front, &mut model)?.verified_reads;
-    let n = args.random_ops.min(usize::try_from(blocks).unwrap_or(usize::MAX));
-    phase("random write, 4 KiB", workload::random_blocks(&mut rng, blocks, n, true), &mut front, &mut model)?;
+    phase(
+        &format!("sequential write, {} KiB requests", big * 4),
+        workload::sequential(seq_blocks, big, true),
+        &mut front,
+        &mut model,
+    )?;
+    verified += phase(
+        &format!("sequential read, {} KiB requests", big * 4),
+        workload::sequential(seq_blocks, big, false),
+        &mut front,
+        &mut model,
+    )?
+    .verified_reads;
+    let n = args
+        .random_ops
+        .min(usize::try_from(blocks).unwrap_or(usize::MAX));
+    phase(
+        "random write, 4 KiB",
+        workload::random_blocks(&mut rng, blocks, n, true),
+        &mut front,
+        &mut model,
+    )?;
     phase("flush", vec![Planned::Flush], &mut front, &mut model)?;
-    verified += phase("random read, 4 KiB", workload::random_blocks(&mut rng, blocks, n, false), &mut front, &mut model)?.verified_reads;
+    verified += phase(
+        "random read, 4 KiB",
+        workload::random_blocks(&mut rng, blocks, n, false),
+        &mut front,
+        &mut model,
+    )?
+    .verified_reads;
     if info.discard {
-        phase("discard 1 MiB", vec![Planned::Discard { block: 0, count: 256.min(blocks) }], &mut front, &mut model)?;
-        verified += phase("read back the discarded range", workload::sequential(256.min(blocks), 8, false), &mut front, &mut model)?.verified_reads;
+        phase(
+            "discard 1 MiB",
+            vec![Planned::Discard {
+                block: 0,
+                count: 256.min(blocks),
+            }],
+            &mut front,
+            &mut model,
+        )?;
+        verified += phase(
+            "read back the discarded range",
+            workload::sequential(256.min(blocks), 8, false),
+            &mut front,
+            &mut model,
+        )?
+        .verified_reads;
     }
     phase("flush", vec![Planned::Flush], &mut front, &mut model)?;
     writeln!(out, "  verified: {verified} reads, every byte as written")?;
@@ -268,7 +319,10 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
         bail!("the backend exited with {status}");
     }
     toolstack::destroy_vbd(&dom0, &spec).context("removing the disk's XenStore nodes")?;
-    writeln!(out, "  teardown: frontend Closed, every grant ended, backend exited cleanly")?;
+    writeln!(
+        out,
+        "  teardown: frontend Closed, every grant ended, backend exited cleanly"
+    )?;
     let stats = std::fs::read_to_string(&stats_path)
         .ok()
         .and_then(|t| Report::parse(&t).ok())

@@ -77,7 +77,10 @@ mod tests {
 
     #[test]
     fn formats_like_linux() {
-        let e = DevError::new(errno::EINVAL, "reading /local/domain/5/device/vbd/51712/event-channel");
+        let e = DevError::new(
+            errno::EINVAL,
+            "reading /local/domain/5/device/vbd/51712/event-channel",
+        );
         assert_eq!(
             e.node_value(),
             "22 reading /local/domain/5/device/vbd/51712/event-channel"

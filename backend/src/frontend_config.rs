@@ -74,7 +74,8 @@ pub fn read_frontend_config(
     let protocol = token.map_or_else(|| "unspecified, assuming default".to_owned(), str::to_owned);
 
     // xenbus_read_unsigned: missing or malformed means the default.
-    let offered_persistent = read_unsigned(read, &format!("{frontend}/feature-persistent"), 0)? != 0;
+    let offered_persistent =
+        read_unsigned(read, &format!("{frontend}/feature-persistent"), 0)? != 0;
     let persistent_grants = limits.persistent_grants && offered_persistent;
 
     let queues = read_unsigned(read, &format!("{frontend}/multi-queue-num-queues"), 1)?;
@@ -152,7 +153,10 @@ fn read_required(read: &mut ReadNode<'_>, dir: &str, name: &str) -> Result<u32, 
 }
 
 fn read_unsigned(read: &mut ReadNode<'_>, path: &str, default: u32) -> Result<u32, DevError> {
-    Ok(read(path)?.as_deref().and_then(parse_decimal).unwrap_or(default))
+    Ok(read(path)?
+        .as_deref()
+        .and_then(parse_decimal)
+        .unwrap_or(default))
 }
 
 #[cfg(test)]
@@ -187,7 +191,13 @@ mod tests {
         assert_eq!(c.abi, Abi::from_protocol(Some("x86_64-abi")).unwrap());
         assert!(c.persistent_grants);
         assert_eq!(c.ring_page_order, 0);
-        assert_eq!(c.queues, vec![QueueRing { ring_refs: vec![8], port: 3 }]);
+        assert_eq!(
+            c.queues,
+            vec![QueueRing {
+                ring_refs: vec![8],
+                port: 3
+            }]
+        );
     }
 
     #[test]
@@ -210,44 +220,74 @@ mod tests {
         assert_eq!(
             c.queues,
             vec![
-                QueueRing { ring_refs: vec![10, 11], port: 5 },
-                QueueRing { ring_refs: vec![20, 21], port: 6 },
+                QueueRing {
+                    ring_refs: vec![10, 11],
+                    port: 5
+                },
+                QueueRing {
+                    ring_refs: vec![20, 21],
+                    port: 6
+                },
             ]
         );
     }
 
     #[test]
     fn order_zero_present_uses_numbered_ref() {
-        let c = read_from(&[("ring-page-order", "0"), ("ring-ref0", "7"), ("event-channel", "1")])
-            .unwrap();
+        let c = read_from(&[
+            ("ring-page-order", "0"),
+            ("ring-ref0", "7"),
+            ("event-channel", "1"),
+        ])
+        .unwrap();
         assert_eq!(c.queues[0].ring_refs, vec![7]);
-        assert!(read_from(&[("ring-page-order", "0"), ("ring-ref", "7"), ("event-channel", "1")])
-            .is_err());
+        assert!(read_from(&[
+            ("ring-page-order", "0"),
+            ("ring-ref", "7"),
+            ("event-channel", "1")
+        ])
+        .is_err());
     }
 
     #[test]
     fn unknown_protocol_is_fatal() {
-        let e = read_from(&[("protocol", "arm-abi"), ("ring-ref", "1"), ("event-channel", "1")])
-            .unwrap_err();
+        let e = read_from(&[
+            ("protocol", "arm-abi"),
+            ("ring-ref", "1"),
+            ("event-channel", "1"),
+        ])
+        .unwrap_err();
         assert_eq!(e.node_value(), "38 unknown fe protocol arm-abi");
     }
 
     #[test]
     fn bad_queue_counts_are_fatal() {
         for n in ["0", "5", "4294967295"] {
-            let e = read_from(&[("multi-queue-num-queues", n), ("ring-ref", "1"), ("event-channel", "1")])
-                .unwrap_err();
+            let e = read_from(&[
+                ("multi-queue-num-queues", n),
+                ("ring-ref", "1"),
+                ("event-channel", "1"),
+            ])
+            .unwrap_err();
             assert_eq!(e.errno, errno::ENOSYS, "{n}");
             assert!(e.message.contains("exceeding the maximum of 4"), "{e}");
         }
         // Malformed counts read as the default, as xenbus_read_unsigned does.
-        assert!(read_from(&[("multi-queue-num-queues", "x"), ("ring-ref", "1"), ("event-channel", "1")]).is_ok());
+        assert!(read_from(&[
+            ("multi-queue-num-queues", "x"),
+            ("ring-ref", "1"),
+            ("event-channel", "1")
+        ])
+        .is_ok());
     }
 
     #[test]
     fn ring_page_order_above_max_is_fatal() {
         let e = read_from(&[("ring-page-order", "5"), ("event-channel", "1")]).unwrap_err();
-        assert_eq!(e.node_value(), "22 requested ring page order 5 exceed max:4");
+        assert_eq!(
+            e.node_value(),
+            "22 requested ring page order 5 exceed max:4"
+        );
     }
 
     #[test]
@@ -262,15 +302,27 @@ mod tests {
             ("queue-0/event-channel", "1"),
         ])
         .unwrap_err();
-        assert_eq!(e.node_value(), format!("22 reading {FE}/queue-1/event-channel"));
+        assert_eq!(
+            e.node_value(),
+            format!("22 reading {FE}/queue-1/event-channel")
+        );
     }
 
     #[test]
     fn persistent_needs_both_sides() {
-        let nodes = [("ring-ref", "1"), ("event-channel", "1"), ("feature-persistent", "1")];
-        let map: HashMap<String, String> =
-            nodes.iter().map(|(k, v)| (format!("{FE}/{k}"), (*v).to_owned())).collect();
-        let limits = BackendLimits { persistent_grants: false, ..LIMITS };
+        let nodes = [
+            ("ring-ref", "1"),
+            ("event-channel", "1"),
+            ("feature-persistent", "1"),
+        ];
+        let map: HashMap<String, String> = nodes
+            .iter()
+            .map(|(k, v)| (format!("{FE}/{k}"), (*v).to_owned()))
+            .collect();
+        let limits = BackendLimits {
+            persistent_grants: false,
+            ..LIMITS
+        };
         let c = read_frontend_config(FE, limits, &mut |p: &str| Ok(map.get(p).cloned())).unwrap();
         assert!(!c.persistent_grants);
     }

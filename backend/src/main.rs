@@ -175,8 +175,15 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: clap's first paragraph, joined, without its "error: " prefix.
             let text = e.to_string();
-            let first: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
-            eprintln!("blkbackd: {} (see --help)", first.join(" ").trim_start_matches("error: "));
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!(
+                "blkbackd: {} (see --help)",
+                first.join(" ").trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
     };
@@ -217,14 +224,20 @@ fn run(command: Command, verbose: u8) -> anyhow::Result<()> {
 fn parse_platform(arg: &PlatformArg) -> anyhow::Result<xen::PlatformConfig> {
     arg.platform
         .parse::<xen::PlatformConfig>()
-        .with_context(|| format!("bad --platform {:?} (expected xen or sim:DIR[:DOMID])", arg.platform))
+        .with_context(|| {
+            format!(
+                "bad --platform {:?} (expected xen or sim:DIR[:DOMID])",
+                arg.platform
+            )
+        })
 }
 
 /// Sets the returned flag on SIGTERM or SIGINT.
 fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
     }
     Ok(stop)
 }
@@ -271,9 +284,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             platform.domid()
         );
     }
-    let stats_file = args
-        .stats_file
-        .unwrap_or_else(|| stats_file::default_path(backend_path.frontend_domid, backend_path.devid));
+    let stats_file = args.stats_file.unwrap_or_else(|| {
+        stats_file::default_path(backend_path.frontend_domid, backend_path.devid)
+    });
     let config = ServeConfig {
         platform,
         backend_path: backend_path.path.clone(),
@@ -370,7 +383,8 @@ fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
         }
     };
     for path in paths {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let report = stats_file::Report::parse(&text)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("parsing {}", path.display()))?;

@@ -39,7 +39,9 @@ use crate::dev_error::{errno, error_node_path, DevError};
 use crate::device::{Device, DeviceOptions};
 use crate::frontend_config::{read_frontend_config, BackendLimits, FrontendConfig};
 use crate::stats_file::StatsFile;
-use crate::xenbus_state::{on_frontend_state, parse_decimal, FrontendAction, ReadState, XenbusState};
+use crate::xenbus_state::{
+    on_frontend_state, parse_decimal, FrontendAction, ReadState, XenbusState,
+};
 
 /// How often the loop wakes without events: to poll the device size, refresh the statistics
 /// file and notice a termination signal.
@@ -233,7 +235,10 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         )));
     }
     if !frontend.starts_with('/') {
-        return Err(ServeError::BadBackend(format!("{} is not an absolute path: {frontend:?}", be.node("frontend"))));
+        return Err(ServeError::BadBackend(format!(
+            "{} is not an absolute path: {frontend:?}",
+            be.node("frontend")
+        )));
     }
     let stats = Arc::new(Stats::new());
     let stats_file = config.stats_file.map(|p| StatsFile::new(p, be.clone()));
@@ -358,7 +363,9 @@ impl Backend {
 
     fn write_node(&self, name: &str, value: &str) -> Result<(), ServeError> {
         let path = self.be.node(name);
-        self.xs.write(&path, value).map_err(xs_err(format!("writing {path}")))
+        self.xs
+            .write(&path, value)
+            .map_err(xs_err(format!("writing {path}")))
     }
 
     fn read_opt(&self, path: &str) -> Result<Option<String>, ServeError> {
@@ -421,13 +428,16 @@ impl Backend {
     }
 
     fn take_inherited_fd(&mut self) -> Result<(), ServeError> {
-        let DeviceSource::Fd(fd) = std::mem::replace(&mut self.source, DeviceSource::PhysicalDevice) else {
+        let DeviceSource::Fd(fd) =
+            std::mem::replace(&mut self.source, DeviceSource::PhysicalDevice)
+        else {
             return Ok(());
         };
         let nodes = self.device_nodes()?;
         let result = self.device_options(&nodes).and_then(|options| {
-            let device = Device::from_fd(fd, &options)
-                .map_err(|e| DevError::new(errno::ENODEV, format!("creating vbd structure: {e}")))?;
+            let device = Device::from_fd(fd, &options).map_err(|e| {
+                DevError::new(errno::ENODEV, format!("creating vbd structure: {e}"))
+            })?;
             acquire::check_device(&device, nodes.expected()?.as_ref(), None)?;
             Ok(device)
         });
@@ -478,7 +488,8 @@ impl Backend {
                 if nodes.params.is_none() {
                     return Ok(None);
                 }
-                self.device_options(&nodes).and_then(|o| acquire::open_params(&nodes, &o))
+                self.device_options(&nodes)
+                    .and_then(|o| acquire::open_params(&nodes, &o))
             }
             DeviceSource::Fd(_) | DeviceSource::Handoff(_) => return Ok(None),
         };
@@ -507,7 +518,11 @@ impl Backend {
             }
         };
         // The message is sent right after connect; wait for it a bounded time.
-        let _ = rustix::net::sockopt::set_socket_timeout(&conn, rustix::net::sockopt::Timeout::Recv, Some(Duration::from_secs(5)));
+        let _ = rustix::net::sockopt::set_socket_timeout(
+            &conn,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(Duration::from_secs(5)),
+        );
         let (fd, info) = match handoff::recv_device(&conn) {
             Ok(r) => r,
             Err(e) => {
@@ -526,8 +541,9 @@ impl Backend {
                 read_only: options.read_only || info.read_only,
                 ..options
             };
-            let device = Device::from_fd(fd, &options)
-                .map_err(|e| DevError::new(errno::ENODEV, format!("creating vbd structure: {e}")))?;
+            let device = Device::from_fd(fd, &options).map_err(|e| {
+                DevError::new(errno::ENODEV, format!("creating vbd structure: {e}"))
+            })?;
             acquire::check_device(&device, nodes.expected()?.as_ref(), info.device.diskseq)?;
             Ok(device)
         });
@@ -545,7 +561,10 @@ impl Backend {
 
     /// Linux `frontend_changed`.
     fn frontend_changed(&mut self) -> Result<Option<Outcome>, ServeError> {
-        let fe_state = ReadState::parse(self.read_opt(&format!("{}/state", self.frontend))?.as_deref());
+        let fe_state = ReadState::parse(
+            self.read_opt(&format!("{}/state", self.frontend))?
+                .as_deref(),
+        );
         let online = self
             .read_opt(&self.be.node("online"))?
             .as_deref()
@@ -603,7 +622,10 @@ impl Backend {
                 return Ok(Some(Outcome::Removed));
             }
             FrontendAction::Fatal(n) => {
-                self.fatal(&DevError::new(errno::EINVAL, format!("saw state {n} at frontend")))?;
+                self.fatal(&DevError::new(
+                    errno::EINVAL,
+                    format!("saw state {n} at frontend"),
+                ))?;
             }
         }
         Ok(None)
@@ -631,8 +653,12 @@ impl Backend {
             );
             params.grant_mode = self.grant_mode;
             params.persistent_grants = config.persistent_grants;
-            params.max_indirect_segments =
-                u16::try_from(self.features.max_indirect_segments.min(ring::MAX_INDIRECT_SEGMENTS as u32)).unwrap_or(0);
+            params.max_indirect_segments = u16::try_from(
+                self.features
+                    .max_indirect_segments
+                    .min(ring::MAX_INDIRECT_SEGMENTS as u32),
+            )
+            .unwrap_or(0);
             params.features = dataplane::Features {
                 flush: info.flush,
                 barrier: info.flush,
@@ -646,7 +672,10 @@ impl Backend {
                 Ok(q) => queues.push(q),
                 Err(e) => {
                     Connection { queues }.stop();
-                    let err = DevError::new(errno::EIO, format!("mapping ring-ref port {}: {e}", ring.port));
+                    let err = DevError::new(
+                        errno::EIO,
+                        format!("mapping ring-ref port {}: {e}", ring.port),
+                    );
                     return self.fatal(&err);
                 }
             }
@@ -661,7 +690,10 @@ impl Backend {
                 }
                 Ok(())
             })
-            .map_err(xs_err(format!("writing the connect transaction under {}", be.path)))?;
+            .map_err(xs_err(format!(
+                "writing the connect transaction under {}",
+                be.path
+            )))?;
         self.switch_state(XenbusState::Connected)?;
         tracing::info!(backend = %self.be.path, sectors = info.sectors, "connected");
         Ok(())

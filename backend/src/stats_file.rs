@@ -61,8 +61,16 @@ pub struct Snapshot {
 }
 
 const FIELDS: [&str; 10] = [
-    "oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "lat_count",
-    "lat_sum_us", "lat_max_us",
+    "oo_req",
+    "rd_req",
+    "wr_req",
+    "f_req",
+    "ds_req",
+    "rd_sect",
+    "wr_sect",
+    "lat_count",
+    "lat_sum_us",
+    "lat_max_us",
 ];
 
 impl Snapshot {
@@ -141,9 +149,17 @@ impl Report {
                 .ok_or_else(|| format!("malformed line {line:?}"))?;
             match name {
                 "backend" => backend = Some(value.to_owned()),
-                "state" => state = Some(value.parse().map_err(|_| format!("malformed line {line:?}"))?),
+                "state" => {
+                    state = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("malformed line {line:?}"))?,
+                    )
+                }
                 _ => {
-                    let v: u64 = value.parse().map_err(|_| format!("malformed line {line:?}"))?;
+                    let v: u64 = value
+                        .parse()
+                        .map_err(|_| format!("malformed line {line:?}"))?;
                     if counters.set(name, v) {
                         seen += 1;
                     }
@@ -169,7 +185,11 @@ impl Report {
         }
         match c.mean_latency_us() {
             Some(mean) => {
-                let _ = writeln!(s, "  latency  mean {mean} us, max {} us over {} requests", c.lat_max_us, c.lat_count);
+                let _ = writeln!(
+                    s,
+                    "  latency  mean {mean} us, max {} us over {} requests",
+                    c.lat_max_us, c.lat_count
+                );
             }
             None => s.push_str("  latency  (no completed requests)\n"),
         }
@@ -277,7 +297,9 @@ mod tests {
         assert!(text.contains("\nrd_sect 6\n"));
         assert_eq!(Report::parse(&text).unwrap(), r);
         assert_eq!(r.counters.mean_latency_us(), Some(10));
-        assert!(r.display().contains("mean 10 us, max 30 us over 8 requests"));
+        assert!(r
+            .display()
+            .contains("mean 10 us, max 30 us over 8 requests"));
     }
 
     #[test]
@@ -290,6 +312,9 @@ mod tests {
 
     #[test]
     fn default_path_names_the_device() {
-        assert_eq!(default_path(5, 51712), PathBuf::from("/run/blkbackd/vbd-5-51712.stats"));
+        assert_eq!(
+            default_path(5, 51712),
+            PathBuf::from("/run/blkbackd/vbd-5-51712.stats")
+        );
     }
 }

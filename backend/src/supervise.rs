@@ -79,9 +79,12 @@ struct Served {
 /// [`SuperviseError`] when XenStore is unusable.
 pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), SuperviseError> {
     let xs = XenStore::open_at(&config.xenstore_path).map_err(xs_err("connecting"))?;
-    let home = xs.get_domain_path(config.domid).map_err(xs_err("reading our domain path"))?;
+    let home = xs
+        .get_domain_path(config.domid)
+        .map_err(xs_err("reading our domain path"))?;
     let root = format!("{home}/backend/vbd");
-    xs.watch(&root, "vbd").map_err(xs_err(format!("watching {root}")))?;
+    xs.watch(&root, "vbd")
+        .map_err(xs_err(format!("watching {root}")))?;
     tracing::info!(%root, "supervising");
     let mut children: HashMap<String, Served> = HashMap::new();
     let mut rescan = true;
@@ -102,7 +105,13 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
                 match spawn(config, &path) {
                     Ok(child) => {
                         tracing::info!(backend = %path, pid = child.id(), "started backend");
-                        children.insert(path, Served { child, started: Instant::now() });
+                        children.insert(
+                            path,
+                            Served {
+                                child,
+                                started: Instant::now(),
+                            },
+                        );
                     }
                     Err(e) => {
                         let err = DevError::new(errno::ENOENT, format!("starting blkbackd: {e}"));
@@ -141,7 +150,9 @@ fn new_devices(
             Err(e) => return Err(xs_err(format!("listing {fe_dir}"))(e)),
         };
         for dev in devices {
-            let Some(devid) = parse_decimal(&dev) else { continue };
+            let Some(devid) = parse_decimal(&dev) else {
+                continue;
+            };
             let path = BackendPath::new(own, fe_id, devid).path;
             if children.contains_key(&path) {
                 continue;
@@ -219,7 +230,10 @@ fn report_dead(xs: &XenStore, home: &str, path: &str, err: &DevError) {
 /// Stops every child: SIGTERM, a grace period, then SIGKILL.
 fn stop_all(xs: &XenStore, home: &str, mut children: HashMap<String, Served>) {
     for (path, served) in &children {
-        if let Some(pid) = i32::try_from(served.child.id()).ok().and_then(rustix::process::Pid::from_raw) {
+        if let Some(pid) = i32::try_from(served.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
             if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
                 tracing::warn!(backend = %path, "SIGTERM: {e}");
             }
@@ -234,6 +248,11 @@ fn stop_all(xs: &XenStore, home: &str, mut children: HashMap<String, Served>) {
         tracing::error!(backend = %path, "backend did not stop in time; killing it");
         let _ = served.child.kill();
         let _ = served.child.wait();
-        report_dead(xs, home, &path, &DevError::new(errno::EIO, "blkbackd did not stop in time"));
+        report_dead(
+            xs,
+            home,
+            &path,
+            &DevError::new(errno::EIO, "blkbackd did not stop in time"),
+        );
     }
 }

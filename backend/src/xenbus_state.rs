@@ -151,9 +151,10 @@ pub fn on_frontend_state(own: XenbusState, frontend: ReadState, online: bool) ->
         XenbusState::Closing => FrontendAction::Closing,
         XenbusState::Closed => FrontendAction::Close { remove: !online },
         XenbusState::Unknown => FrontendAction::Remove,
-        other @ (XenbusState::InitWait
-        | XenbusState::Reconfiguring
-        | XenbusState::Reconfigured) => FrontendAction::Fatal(other.as_u32()),
+        other
+        @ (XenbusState::InitWait | XenbusState::Reconfiguring | XenbusState::Reconfigured) => {
+            FrontendAction::Fatal(other.as_u32())
+        }
     }
 }
 
@@ -201,11 +202,20 @@ mod tests {
     fn connects_on_initialised_or_connected_unless_connected() {
         for own in [InitWait, Closed, Closing] {
             for fe in [Initialised, Connected] {
-                assert_eq!(on_frontend_state(own, known(fe), true), FrontendAction::Connect);
+                assert_eq!(
+                    on_frontend_state(own, known(fe), true),
+                    FrontendAction::Connect
+                );
             }
         }
-        assert_eq!(on_frontend_state(Connected, known(Initialised), true), FrontendAction::Nothing);
-        assert_eq!(on_frontend_state(Connected, known(Connected), true), FrontendAction::Nothing);
+        assert_eq!(
+            on_frontend_state(Connected, known(Initialised), true),
+            FrontendAction::Nothing
+        );
+        assert_eq!(
+            on_frontend_state(Connected, known(Connected), true),
+            FrontendAction::Nothing
+        );
     }
 
     #[test]
@@ -214,13 +224,22 @@ mod tests {
             on_frontend_state(Closed, known(Initialising), true),
             FrontendAction::PrepareReconnect
         );
-        assert_eq!(on_frontend_state(InitWait, known(Initialising), true), FrontendAction::Nothing);
-        assert_eq!(on_frontend_state(Connected, known(Initialising), true), FrontendAction::Nothing);
+        assert_eq!(
+            on_frontend_state(InitWait, known(Initialising), true),
+            FrontendAction::Nothing
+        );
+        assert_eq!(
+            on_frontend_state(Connected, known(Initialising), true),
+            FrontendAction::Nothing
+        );
     }
 
     #[test]
     fn closes_and_removes_when_offline() {
-        assert_eq!(on_frontend_state(Connected, known(Closing), true), FrontendAction::Closing);
+        assert_eq!(
+            on_frontend_state(Connected, known(Closing), true),
+            FrontendAction::Closing
+        );
         assert_eq!(
             on_frontend_state(Closing, known(Closed), true),
             FrontendAction::Close { remove: false }
@@ -229,13 +248,25 @@ mod tests {
             on_frontend_state(Closing, known(Closed), false),
             FrontendAction::Close { remove: true }
         );
-        assert_eq!(on_frontend_state(Connected, known(Unknown), true), FrontendAction::Remove);
+        assert_eq!(
+            on_frontend_state(Connected, known(Unknown), true),
+            FrontendAction::Remove
+        );
     }
 
     #[test]
     fn other_frontend_states_are_fatal() {
-        assert_eq!(on_frontend_state(InitWait, known(InitWait), true), FrontendAction::Fatal(2));
-        assert_eq!(on_frontend_state(InitWait, known(Reconfiguring), true), FrontendAction::Fatal(7));
-        assert_eq!(on_frontend_state(InitWait, ReadState::Invalid(42), true), FrontendAction::Fatal(42));
+        assert_eq!(
+            on_frontend_state(InitWait, known(InitWait), true),
+            FrontendAction::Fatal(2)
+        );
+        assert_eq!(
+            on_frontend_state(InitWait, known(Reconfiguring), true),
+            FrontendAction::Fatal(7)
+        );
+        assert_eq!(
+            on_frontend_state(InitWait, ReadState::Invalid(42), true),
+            FrontendAction::Fatal(42)
+        );
     }
 }

@@ -31,14 +31,25 @@ pub fn blkbackd() -> &'static Path {
     BIN.get_or_init(|| {
         // target/<profile>/deps/<test binary>
         let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
         let target_dir = profile_dir.parent().expect("target dir");
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "backend", "--bin", "blkbackd", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "backend",
+            "--bin",
+            "blkbackd",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
         if release {
             cmd.arg("--release");
         }
@@ -87,7 +98,9 @@ pub struct Sim {
 
 impl std::fmt::Debug for Sim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sim").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Sim")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,16 +109,25 @@ impl Sim {
     pub fn new(tag: &str) -> Self {
         let tmp = TempDir::new(tag);
         let dir = tmp.path().join("sim");
-        let xenstored = SimXenstored::start(xen::sim::xenstored_dir(&dir)).expect("starting the simulated xenstored");
-        let dom0 = XenStore::open_at(xen::sim::xenstore_socket(&dir, 0)).expect("connecting as dom0");
-        let sim = Self { dom0, xenstored, dir, tmp };
+        let xenstored = SimXenstored::start(xen::sim::xenstored_dir(&dir))
+            .expect("starting the simulated xenstored");
+        let dom0 =
+            XenStore::open_at(xen::sim::xenstore_socket(&dir, 0)).expect("connecting as dom0");
+        let sim = Self {
+            dom0,
+            xenstored,
+            dir,
+            tmp,
+        };
         sim.introduce(GUEST);
         sim
     }
 
     /// Introduces another guest to xenstored.
     pub fn introduce(&self, domid: DomId) {
-        self.xenstored.introduce_domain(domid).expect("introducing a domain");
+        self.xenstored
+            .introduce_domain(domid)
+            .expect("introducing a domain");
     }
 
     /// The simulation directory.
@@ -144,7 +166,10 @@ impl Sim {
     /// The error node Linux's `xenbus_dev_fatal` would write for the disk.
     pub fn error_node(&self, spec: &VbdSpec) -> Option<String> {
         let home = format!("/local/domain/{}", spec.backend_domid);
-        self.read(&backend::dev_error::error_node_path(&home, &spec.backend_path()))
+        self.read(&backend::dev_error::error_node_path(
+            &home,
+            &spec.backend_path(),
+        ))
     }
 
     /// Waits until `path` reads `want`.
@@ -158,7 +183,10 @@ impl Sim {
             if v.as_deref() == Some(want) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{path} is {v:?}, expected {want:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{path} is {v:?}, expected {want:?}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -181,7 +209,9 @@ impl Backend {
     /// Starts `blkbackd serve` for `spec` on `sim`, with `extra` arguments (e.g.
     /// `--open-params`).
     pub fn serve(sim: &Sim, spec: &VbdSpec, extra: &[&str]) -> Self {
-        let stats_file = sim.tmp().join(format!("vbd-{}-{}.stats", spec.frontend_domid, spec.devid));
+        let stats_file = sim
+            .tmp()
+            .join(format!("vbd-{}-{}.stats", spec.frontend_domid, spec.devid));
         let child = Command::new(blkbackd())
             .arg("serve")
             .arg("--platform")
@@ -218,19 +248,25 @@ impl Backend {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "blkbackd did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "blkbackd did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// Whether the process still runs.
     pub fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(self.pid()).expect("pid")).expect("pid");
+        let pid =
+            rustix::process::Pid::from_raw(i32::try_from(self.pid()).expect("pid")).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
     }
 
@@ -273,7 +309,11 @@ impl Loop {
             .arg(file)
             .output()
             .expect("running losetup");
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         Self { device }
     }
@@ -286,8 +326,14 @@ impl Loop {
 
     /// The device's diskseq (`BLKGETDISKSEQ`).
     pub fn diskseq(&self) -> u64 {
-        let dev = backend::device::Device::open(&self.device, &backend::device::DeviceOptions { read_only: true, ..Default::default() })
-            .expect("opening the loop device");
+        let dev = backend::device::Device::open(
+            &self.device,
+            &backend::device::DeviceOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .expect("opening the loop device");
         dev.diskseq().expect("loop devices have a diskseq")
     }
 }
@@ -304,7 +350,12 @@ pub fn backend_node(sim: &Sim, spec: &VbdSpec, name: &str) -> Option<String> {
 }
 
 /// A disk image of `mib` MiB served with `args` to a frontend with `options`, connected.
-pub fn connected(sim: &Sim, mib: u64, args: &[&str], options: FrontOptions) -> (VbdSpec, Backend, SimFront) {
+pub fn connected(
+    sim: &Sim,
+    mib: u64,
+    args: &[&str],
+    options: FrontOptions,
+) -> (VbdSpec, Backend, SimFront) {
     let image = sim.image("disk.img", mib);
     let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().expect("utf-8 path"));
     sim.create_vbd(&spec);
@@ -325,12 +376,26 @@ pub fn exercise(front: &mut SimFront, model: &mut backend::simfront::workload::D
     use backend::simfront::workload::{self, Planned, Rng};
     let blocks = model.blocks().min(2048);
     let big = u64::from(front.max_sectors_per_request() / 8).clamp(1, 64);
-    workload::run(front, model, &workload::sequential(blocks, big, true), 16).expect("sequential writes");
+    workload::run(front, model, &workload::sequential(blocks, big, true), 16)
+        .expect("sequential writes");
     let mut rng = Rng::new(blocks);
-    workload::run(front, model, &workload::random_blocks(&mut rng, blocks, 256, true), 32).expect("random writes");
+    workload::run(
+        front,
+        model,
+        &workload::random_blocks(&mut rng, blocks, 256, true),
+        32,
+    )
+    .expect("random writes");
     workload::run(front, model, &[Planned::Flush], 1).expect("flush");
-    workload::run(front, model, &workload::sequential(blocks, big, false), 16).expect("sequential reads");
-    workload::run(front, model, &workload::random_blocks(&mut rng, blocks, 256, false), 32).expect("random reads");
+    workload::run(front, model, &workload::sequential(blocks, big, false), 16)
+        .expect("sequential reads");
+    workload::run(
+        front,
+        model,
+        &workload::random_blocks(&mut rng, blocks, 256, false),
+        32,
+    )
+    .expect("random reads");
 }
 
 /// Closes the frontend, asks for removal as libxl does, and checks the backend exits 0.

@@ -12,14 +12,26 @@ fn demo_runs_and_verifies() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("verified:"), "{stdout}");
     assert!(stdout.contains("backend exited cleanly"), "{stdout}");
-    assert!(out.stderr.is_empty(), "quiet by default: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "quiet by default: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn one_line_error(args: &[&str], needle: &str) {
-    let out = Command::new(blkbackd()).args(args).env_remove("BLKBACK_PLATFORM").output().unwrap();
+    let out = Command::new(blkbackd())
+        .args(args)
+        .env_remove("BLKBACK_PLATFORM")
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "{args:?} succeeded");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
@@ -29,21 +41,63 @@ fn one_line_error(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_arguments_get_one_clear_line() {
-    one_line_error(&["serve", "--backend-path", "/local/domain/0/backend/vif/1/0"], "is not /local/domain/");
-    one_line_error(&["serve", "--domid", "1", "--devid", "51712", "--platform", "bogus"], "bad --platform");
-    one_line_error(&["serve", "--domid", "1", "--devid", "51712", "--max-ring-page-order", "5"], "max-ring-page-order");
+    one_line_error(
+        &["serve", "--backend-path", "/local/domain/0/backend/vif/1/0"],
+        "is not /local/domain/",
+    );
+    one_line_error(
+        &[
+            "serve",
+            "--domid",
+            "1",
+            "--devid",
+            "51712",
+            "--platform",
+            "bogus",
+        ],
+        "bad --platform",
+    );
+    one_line_error(
+        &[
+            "serve",
+            "--domid",
+            "1",
+            "--devid",
+            "51712",
+            "--max-ring-page-order",
+            "5",
+        ],
+        "max-ring-page-order",
+    );
     one_line_error(&["serve", "--domid", "1"], "devid");
-    one_line_error(&["serve", "--domid", "1", "--devid", "2", "--device-fd", "99"], "not an open file descriptor");
-    one_line_error(&["stats", "--stats-file", "/nonexistent/x.stats"], "reading /nonexistent/x.stats");
+    one_line_error(
+        &["serve", "--domid", "1", "--devid", "2", "--device-fd", "99"],
+        "not an open file descriptor",
+    );
+    one_line_error(
+        &["stats", "--stats-file", "/nonexistent/x.stats"],
+        "reading /nonexistent/x.stats",
+    );
     one_line_error(&["frobnicate"], "frobnicate");
 }
 
 #[test]
 fn help_explains_the_options() {
-    let out = Command::new(blkbackd()).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(blkbackd())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for opt in ["--backend-path", "--platform", "--device-fd", "--handoff-socket", "--open-params", "--grant-mode", "--stats-file"] {
+    for opt in [
+        "--backend-path",
+        "--platform",
+        "--device-fd",
+        "--handoff-socket",
+        "--open-params",
+        "--grant-mode",
+        "--stats-file",
+    ] {
         assert!(help.contains(opt), "{opt} missing from serve --help");
     }
 }

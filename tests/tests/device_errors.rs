@@ -28,7 +28,12 @@ fn eio_on_one_sector_fails_that_request_only() {
     std::fs::write(&file, vec![0x3cu8; 8 << 20]).unwrap();
     let lo = Loop::attach(&file);
     // Cut the last 4 KiB off the backing file: the loop device still says 8 MiB.
-    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len((8 << 20) - 4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len((8 << 20) - 4096)
+        .unwrap();
     let spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
     sim.create_vbd(&spec);
     let mut backend = Backend::serve(&sim, &spec, &["--open-params"]);
@@ -37,15 +42,47 @@ fn eio_on_one_sector_fails_that_request_only() {
     assert_eq!(info.sectors, 8 * 2048);
     let last = info.sectors - 8;
     for _ in 0..2 {
-        let c = front.execute(0, IoOp::Read { sector: last, sectors: 8 }).unwrap();
-        assert_eq!(c.status(), Some(Status::Error), "reading past the backing file");
+        let c = front
+            .execute(
+                0,
+                IoOp::Read {
+                    sector: last,
+                    sectors: 8,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            c.status(),
+            Some(Status::Error),
+            "reading past the backing file"
+        );
         // The sector before is fine, and so is everything else.
-        let c = front.execute(1, IoOp::Read { sector: last - 8, sectors: 8 }).unwrap();
+        let c = front
+            .execute(
+                1,
+                IoOp::Read {
+                    sector: last - 8,
+                    sectors: 8,
+                },
+            )
+            .unwrap();
         assert_eq!(c.data, Some(vec![0x3c; 4096]));
     }
     let mut model = DiskModel::zeroed(256, false);
-    workload::run(&mut front, &mut model, &workload::sequential(256, 16, true), 8).unwrap();
-    workload::run(&mut front, &mut model, &workload::sequential(256, 16, false), 8).unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(256, 16, true),
+        8,
+    )
+    .unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(256, 16, false),
+        8,
+    )
+    .unwrap();
     remove(&sim, &spec, &mut backend, &mut front);
     let c = backend.stats().unwrap().counters;
     assert!(c.rd_req >= 4);
@@ -69,11 +106,18 @@ fn enospc_fails_the_write_and_the_backend_carries_on() {
     let sim = Sim::new("enospc");
     let mnt = sim.tmp().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status().unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(ok.success(), "mount tmpfs");
     let _guard = Tmpfs(mnt.clone());
     let image = mnt.join("disk.img");
-    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().unwrap());
     sim.create_vbd(&spec);
     let mut backend = Backend::serve(&sim, &spec, &["--open-params"]);
@@ -82,7 +126,15 @@ fn enospc_fails_the_write_and_the_backend_carries_on() {
     let data = vec![0x99u8; 65536];
     let mut failed = None;
     for i in 0..64u64 {
-        let c = front.execute(0, IoOp::Write { sector: i * 128, data: &data }).unwrap();
+        let c = front
+            .execute(
+                0,
+                IoOp::Write {
+                    sector: i * 128,
+                    data: &data,
+                },
+            )
+            .unwrap();
         if !c.is_ok() {
             assert_eq!(c.status(), Some(Status::Error));
             failed = Some(i);
@@ -92,7 +144,15 @@ fn enospc_fails_the_write_and_the_backend_carries_on() {
     let failed = failed.expect("a 1 MiB tmpfs cannot hold 4 MiB");
     assert!(failed > 0);
     // What was written before is intact, and the backend still answers.
-    let c = front.execute(1, IoOp::Read { sector: 0, sectors: 128 }).unwrap();
+    let c = front
+        .execute(
+            1,
+            IoOp::Read {
+                sector: 0,
+                sectors: 128,
+            },
+        )
+        .unwrap();
     assert_eq!(c.data, Some(data));
     assert!(front.execute(0, IoOp::Flush).unwrap().status().is_some());
     remove(&sim, &spec, &mut backend, &mut front);

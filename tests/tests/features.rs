@@ -5,13 +5,18 @@
 
 use std::time::{Duration, Instant};
 
+use backend::simfront::toolstack::VbdSpec;
 use backend::simfront::workload::{self, DiskModel, Planned};
 use backend::simfront::{FrontOptions, IoOp};
-use backend::simfront::toolstack::VbdSpec;
 use ring::Status;
 use tests::{backend_node, connected, exercise, remove, Backend, Sim, DEVID, GUEST};
 
-fn run(tag: &str, args: &[&str], options: FrontOptions, check: impl FnOnce(&backend::simfront::DiskInfo)) {
+fn run(
+    tag: &str,
+    args: &[&str],
+    options: FrontOptions,
+    check: impl FnOnce(&backend::simfront::DiskInfo),
+) {
     let sim = Sim::new(tag);
     let (spec, mut backend, mut front) = connected(&sim, 16, args, options);
     let info = *front.info().unwrap();
@@ -23,7 +28,11 @@ fn run(tag: &str, args: &[&str], options: FrontOptions, check: impl FnOnce(&back
 
 #[test]
 fn four_queues_sixteen_page_rings() {
-    let options = FrontOptions { queues: 4, ring_page_order: Some(4), ..FrontOptions::default() };
+    let options = FrontOptions {
+        queues: 4,
+        ring_page_order: Some(4),
+        ..FrontOptions::default()
+    };
     run("mq4", &["--max-queues", "4"], options, |i| {
         assert_eq!((i.queues, i.ring_page_order), (4, 4));
     });
@@ -31,45 +40,88 @@ fn four_queues_sixteen_page_rings() {
 
 #[test]
 fn one_queue_single_page_ring_with_plain_ring_ref() {
-    let options = FrontOptions { queues: 1, ring_page_order: None, ..FrontOptions::default() };
-    run("sq", &[], options, |i| assert_eq!((i.queues, i.ring_page_order), (1, 0)));
+    let options = FrontOptions {
+        queues: 1,
+        ring_page_order: None,
+        ..FrontOptions::default()
+    };
+    run("sq", &[], options, |i| {
+        assert_eq!((i.queues, i.ring_page_order), (1, 0))
+    });
 }
 
 #[test]
 fn queue_count_and_ring_order_capped_by_the_backend() {
-    let options = FrontOptions { queues: 8, ring_page_order: Some(4), ..FrontOptions::default() };
-    run("caps", &["--max-queues", "3", "--max-ring-page-order", "1"], options, |i| {
-        assert_eq!((i.queues, i.ring_page_order), (3, 1));
-    });
+    let options = FrontOptions {
+        queues: 8,
+        ring_page_order: Some(4),
+        ..FrontOptions::default()
+    };
+    run(
+        "caps",
+        &["--max-queues", "3", "--max-ring-page-order", "1"],
+        options,
+        |i| {
+            assert_eq!((i.queues, i.ring_page_order), (3, 1));
+        },
+    );
 }
 
 #[test]
 fn grant_map_with_persistent_grants() {
-    run("map-p", &["--grant-mode", "map"], FrontOptions::default(), |i| assert!(i.persistent));
+    run(
+        "map-p",
+        &["--grant-mode", "map"],
+        FrontOptions::default(),
+        |i| assert!(i.persistent),
+    );
 }
 
 #[test]
 fn grant_map_without_persistent_grants() {
-    let options = FrontOptions { persistent: false, ..FrontOptions::default() };
-    run("map-np", &["--grant-mode", "map"], options, |i| assert!(!i.persistent));
+    let options = FrontOptions {
+        persistent: false,
+        ..FrontOptions::default()
+    };
+    run("map-np", &["--grant-mode", "map"], options, |i| {
+        assert!(!i.persistent)
+    });
 }
 
 #[test]
 fn grant_copy_with_persistent_grants_offered() {
-    run("copy-p", &["--grant-mode", "copy"], FrontOptions::default(), |i| assert!(i.persistent));
+    run(
+        "copy-p",
+        &["--grant-mode", "copy"],
+        FrontOptions::default(),
+        |i| assert!(i.persistent),
+    );
 }
 
 #[test]
 fn grant_copy_without_persistent_grants() {
-    let options = FrontOptions { persistent: false, ..FrontOptions::default() };
-    run("copy-np", &["--grant-mode", "copy", "--no-persistent"], options, |i| assert!(!i.persistent));
+    let options = FrontOptions {
+        persistent: false,
+        ..FrontOptions::default()
+    };
+    run(
+        "copy-np",
+        &["--grant-mode", "copy", "--no-persistent"],
+        options,
+        |i| assert!(!i.persistent),
+    );
 }
 
 #[test]
 fn no_indirect_requests_when_disabled() {
-    run("noind", &["--max-indirect-segments", "0"], FrontOptions::default(), |i| {
-        assert_eq!(i.max_indirect_segments, 0);
-    });
+    run(
+        "noind",
+        &["--max-indirect-segments", "0"],
+        FrontOptions::default(),
+        |i| {
+            assert_eq!(i.max_indirect_segments, 0);
+        },
+    );
 }
 
 #[test]
@@ -79,8 +131,20 @@ fn indirect_requests_of_256_segments() {
     assert_eq!(front.max_sectors_per_request(), 256 * 8);
     let mut model = DiskModel::zeroed(front.info().unwrap().sectors / 8, true);
     // 1 MiB requests: 256 segments each, in one indirect page.
-    workload::run(&mut front, &mut model, &workload::sequential(1024, 256, true), 4).unwrap();
-    workload::run(&mut front, &mut model, &workload::sequential(1024, 256, false), 4).unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(1024, 256, true),
+        4,
+    )
+    .unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(1024, 256, false),
+        4,
+    )
+    .unwrap();
     // One segment too many is refused by the backend, and only that request.
     let abi = front.info().unwrap().abi;
     let raw = ring::FrontRequest::Indirect {
@@ -93,10 +157,18 @@ fn indirect_requests_of_256_segments() {
     }
     .encode(abi)
     .unwrap();
-    front.submit_raw(0, 999_999, ring::OP_INDIRECT, raw.as_bytes()).unwrap();
+    front
+        .submit_raw(0, 999_999, ring::OP_INDIRECT, raw.as_bytes())
+        .unwrap();
     let c = front.wait().unwrap();
     assert_eq!((c.id, c.status()), (999_999, Some(Status::Error)));
-    workload::run(&mut front, &mut model, &workload::sequential(64, 1, false), 8).unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(64, 1, false),
+        8,
+    )
+    .unwrap();
     remove(&sim, &spec, &mut backend, &mut front);
 }
 
@@ -106,26 +178,70 @@ fn flush_barrier_and_discard() {
     let (spec, mut backend, mut front) = connected(&sim, 16, &[], FrontOptions::default());
     let info = *front.info().unwrap();
     assert!(info.flush && info.barrier && info.discard);
-    assert_eq!(backend_node(&sim, &spec, "feature-discard").as_deref(), Some("1"));
+    assert_eq!(
+        backend_node(&sim, &spec, "feature-discard").as_deref(),
+        Some("1")
+    );
     assert!(backend_node(&sim, &spec, "discard-granularity").is_some());
     let mut model = DiskModel::zeroed(info.sectors / 8, true);
-    workload::run(&mut front, &mut model, &workload::sequential(512, 16, true), 8).unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(512, 16, true),
+        8,
+    )
+    .unwrap();
     // A flush with no data, and a barrier carrying data.
     assert!(front.execute(0, IoOp::Flush).unwrap().is_ok());
     let data = vec![0xa5u8; 8192];
-    assert!(front.execute(1, IoOp::Barrier { sector: 4096, data: &data }).unwrap().is_ok());
-    let back = front.execute(0, IoOp::Read { sector: 4096, sectors: 16 }).unwrap();
+    assert!(front
+        .execute(
+            1,
+            IoOp::Barrier {
+                sector: 4096,
+                data: &data
+            }
+        )
+        .unwrap()
+        .is_ok());
+    let back = front
+        .execute(
+            0,
+            IoOp::Read {
+                sector: 4096,
+                sectors: 16,
+            },
+        )
+        .unwrap();
     assert_eq!(back.data.as_deref(), Some(&data[..]));
     // Discard: a file's punched hole reads back as zeros.
-    workload::run(&mut front, &mut model, &[Planned::Discard { block: 64, count: 128 }], 1).unwrap();
-    workload::run(&mut front, &mut model, &workload::sequential(512, 16, false), 8).unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &[Planned::Discard {
+            block: 64,
+            count: 128,
+        }],
+        1,
+    )
+    .unwrap();
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(512, 16, false),
+        8,
+    )
+    .unwrap();
     let stats_deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let s = backend.stats().map(|r| r.counters);
         if s.is_some_and(|c| c.f_req >= 2 && c.ds_req >= 1 && c.wr_req >= 32 && c.rd_req >= 32) {
             break;
         }
-        assert!(Instant::now() < stats_deadline, "statistics file not updated: {s:?}");
+        assert!(
+            Instant::now() < stats_deadline,
+            "statistics file not updated: {s:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     remove(&sim, &spec, &mut backend, &mut front);
@@ -137,19 +253,36 @@ fn flush_barrier_and_discard() {
 #[test]
 fn sectors_of_4096_bytes() {
     let sim = Sim::new("4k");
-    let (spec, mut backend, mut front) = connected(&sim, 16, &["--sector-size", "4096"], FrontOptions::default());
+    let (spec, mut backend, mut front) = connected(
+        &sim,
+        16,
+        &["--sector-size", "4096"],
+        FrontOptions::default(),
+    );
     let info = *front.info().unwrap();
     assert_eq!(info.sector_size, 4096);
     assert_eq!(info.sectors, 16 * 2048, "sectors stay in 512-byte units");
     let mut model = DiskModel::zeroed(info.sectors / 8, true);
     exercise(&mut front, &mut model);
     // A request not aligned to the logical block size is refused.
-    let c = front.execute(0, IoOp::Read { sector: 1, sectors: 8 }).unwrap();
+    let c = front
+        .execute(
+            0,
+            IoOp::Read {
+                sector: 1,
+                sectors: 8,
+            },
+        )
+        .unwrap();
     assert_eq!(c.status(), Some(Status::Error));
     remove(&sim, &spec, &mut backend, &mut front);
 }
 
-fn special_disk(tag: &str, mode: &str, device_type: &str) -> (Sim, VbdSpec, Backend, backend::simfront::SimFront) {
+fn special_disk(
+    tag: &str,
+    mode: &str,
+    device_type: &str,
+) -> (Sim, VbdSpec, Backend, backend::simfront::SimFront) {
     let sim = Sim::new(tag);
     let image = sim.image("disk.img", 8);
     std::fs::write(&image, vec![0x42u8; 8 << 20]).unwrap();
@@ -167,21 +300,61 @@ fn special_disk(tag: &str, mode: &str, device_type: &str) -> (Sim, VbdSpec, Back
 fn read_only_disk_refuses_writes() {
     let (sim, spec, mut backend, mut front) = special_disk("ro", "r", "disk");
     assert_eq!(front.info().unwrap().info & 4, 4, "VDISK_READONLY");
-    let c = front.execute(0, IoOp::Read { sector: 0, sectors: 8 }).unwrap();
+    let c = front
+        .execute(
+            0,
+            IoOp::Read {
+                sector: 0,
+                sectors: 8,
+            },
+        )
+        .unwrap();
     assert_eq!(c.data, Some(vec![0x42; 4096]));
     let data = vec![0u8; 4096];
-    let c = front.execute(0, IoOp::Write { sector: 0, data: &data }).unwrap();
+    let c = front
+        .execute(
+            0,
+            IoOp::Write {
+                sector: 0,
+                data: &data,
+            },
+        )
+        .unwrap();
     assert_eq!(c.status(), Some(Status::Error));
-    let c = front.execute(0, IoOp::Read { sector: 0, sectors: 8 }).unwrap();
-    assert_eq!(c.data, Some(vec![0x42; 4096]), "the refused write changed nothing");
+    let c = front
+        .execute(
+            0,
+            IoOp::Read {
+                sector: 0,
+                sectors: 8,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        c.data,
+        Some(vec![0x42; 4096]),
+        "the refused write changed nothing"
+    );
     remove(&sim, &spec, &mut backend, &mut front);
 }
 
 #[test]
 fn cdrom_is_reported_in_info() {
     let (sim, spec, mut backend, mut front) = special_disk("cdrom", "r", "cdrom");
-    assert_eq!(front.info().unwrap().info, 1 | 4, "VDISK_CDROM | VDISK_READONLY");
-    let c = front.execute(0, IoOp::Read { sector: 8, sectors: 8 }).unwrap();
+    assert_eq!(
+        front.info().unwrap().info,
+        1 | 4,
+        "VDISK_CDROM | VDISK_READONLY"
+    );
+    let c = front
+        .execute(
+            0,
+            IoOp::Read {
+                sector: 8,
+                sectors: 8,
+            },
+        )
+        .unwrap();
     assert_eq!(c.data, Some(vec![0x42; 4096]));
     remove(&sim, &spec, &mut backend, &mut front);
 }
@@ -193,23 +366,64 @@ fn online_resize_rewrites_sectors_and_state() {
     let old = front.info().unwrap().sectors;
     assert_eq!(old, 8 * 2048);
     // Beyond the end: refused.
-    let c = front.execute(0, IoOp::Read { sector: old, sectors: 8 }).unwrap();
+    let c = front
+        .execute(
+            0,
+            IoOp::Read {
+                sector: old,
+                sectors: 8,
+            },
+        )
+        .unwrap();
     assert_eq!(c.status(), Some(Status::Error));
     // The guest watches the backend's state, as blkfront does.
     let state_path = format!("{}/state", spec.backend_path());
     front.xenstore().watch(&state_path, "be-state").unwrap();
-    while front.xenstore().wait_watch_event(Some(Duration::from_millis(200))).unwrap().is_some() {}
+    while front
+        .xenstore()
+        .wait_watch_event(Some(Duration::from_millis(200)))
+        .unwrap()
+        .is_some()
+    {}
     // Grow the image; the backend notices and publishes the new size.
-    std::fs::OpenOptions::new().write(true).open(&spec.params).unwrap().set_len(16 << 20).unwrap();
-    sim.wait_for(&format!("{}/sectors", spec.backend_path()), &(16 * 2048).to_string());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&spec.params)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    sim.wait_for(
+        &format!("{}/sectors", spec.backend_path()),
+        &(16 * 2048).to_string(),
+    );
     assert_eq!(backend_node(&sim, &spec, "state").as_deref(), Some("4"));
     // state was rewritten (in the same transaction as sectors): the guest's watch fired.
-    let ev = front.xenstore().wait_watch_event(Some(Duration::from_secs(5))).unwrap();
+    let ev = front
+        .xenstore()
+        .wait_watch_event(Some(Duration::from_secs(5)))
+        .unwrap();
     assert_eq!(ev.map(|e| e.path), Some(state_path));
     assert_eq!(front.refresh_sectors().unwrap(), 16 * 2048);
     let data = vec![0x77u8; 4096];
-    assert!(front.execute(0, IoOp::Write { sector: old, data: &data }).unwrap().is_ok());
-    let c = front.execute(1, IoOp::Read { sector: old, sectors: 8 }).unwrap();
+    assert!(front
+        .execute(
+            0,
+            IoOp::Write {
+                sector: old,
+                data: &data
+            }
+        )
+        .unwrap()
+        .is_ok());
+    let c = front
+        .execute(
+            1,
+            IoOp::Read {
+                sector: old,
+                sectors: 8,
+            },
+        )
+        .unwrap();
     assert_eq!(c.data, Some(data));
     remove(&sim, &spec, &mut backend, &mut front);
 }

@@ -16,9 +16,18 @@ fn probe_advertises_features_and_waits_for_the_device() {
     // No device source: the backend waits for the hotplug script's physical-device.
     let mut backend = Backend::serve(&sim, &spec, &["--max-queues", "3"]);
     sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
-    assert_eq!(backend_node(&sim, &spec, "feature-max-indirect-segments").as_deref(), Some("256"));
-    assert_eq!(backend_node(&sim, &spec, "multi-queue-max-queues").as_deref(), Some("3"));
-    assert_eq!(backend_node(&sim, &spec, "max-ring-page-order").as_deref(), Some("4"));
+    assert_eq!(
+        backend_node(&sim, &spec, "feature-max-indirect-segments").as_deref(),
+        Some("256")
+    );
+    assert_eq!(
+        backend_node(&sim, &spec, "multi-queue-max-queues").as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        backend_node(&sim, &spec, "max-ring-page-order").as_deref(),
+        Some("4")
+    );
     // The RFC series: opened = 0 until the device is held.
     assert_eq!(backend_node(&sim, &spec, "opened").as_deref(), Some("0"));
     std::thread::sleep(Duration::from_millis(300));

@@ -21,9 +21,15 @@ fn fill_queues(front: &mut backend::simfront::SimFront, n: usize) -> usize {
     for i in 0..n {
         let q = i % 2;
         let op = if i % 3 == 0 {
-            IoOp::Read { sector: (i as u64) * 128, sectors: 128 }
+            IoOp::Read {
+                sector: (i as u64) * 128,
+                sectors: 128,
+            }
         } else {
-            IoOp::Write { sector: (i as u64) * 128, data: &data }
+            IoOp::Write {
+                sector: (i as u64) * 128,
+                data: &data,
+            }
         };
         if front.submit(q, op).is_ok() {
             submitted += 1;
@@ -46,13 +52,23 @@ fn frontend_reconnects_with_requests_in_flight() {
     // The guest reboots (kexec) with requests in flight: Closing, Closed, Initialising.
     let submitted = fill_queues(&mut front, 64);
     assert!(submitted > 0);
-    let done = front.close().expect("close with requests in flight: nothing may leak");
+    let done = front
+        .close()
+        .expect("close with requests in flight: nothing may leak");
     // Every request was answered or the ring was torn down; none answered twice.
     let answered = done.iter().filter(|c| c.status.is_some()).count();
     assert!(answered <= submitted);
-    assert!(done.iter().filter(|c| c.status.is_some()).all(|c| c.is_ok()), "{done:?}");
+    assert!(
+        done.iter()
+            .filter(|c| c.status.is_some())
+            .all(|c| c.is_ok()),
+        "{done:?}"
+    );
     assert_eq!(backend_node(&sim, &spec, "state").as_deref(), Some("6"));
-    assert!(backend.running(), "online = 1: the backend stays for a reconnect");
+    assert!(
+        backend.running(),
+        "online = 1: the backend stays for a reconnect"
+    );
     let info = front.reconnect().expect("reconnect");
     assert_eq!(info.queues, 2);
     // What was written before the reboot is still there.
@@ -69,7 +85,8 @@ fn frontend_reconnects_with_requests_in_flight() {
 #[test]
 fn closing_with_requests_in_flight_leaks_nothing() {
     let sim = Sim::new("closing");
-    let (spec, mut backend, mut front) = connected(&sim, 32, &["--grant-mode", "map"], FrontOptions::default());
+    let (spec, mut backend, mut front) =
+        connected(&sim, 32, &["--grant-mode", "map"], FrontOptions::default());
     let pid = backend.pid();
     let fds = format!("/proc/{pid}/fd");
     let tasks = format!("/proc/{pid}/task");
@@ -80,14 +97,26 @@ fn closing_with_requests_in_flight_leaks_nothing() {
         let submitted = fill_queues(&mut front, 96);
         assert!(submitted > 0);
         // close() ends every grant and fails if the backend still maps any.
-        let done = front.close().unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert!(done.iter().filter(|c| c.status.is_some()).all(|c| c.is_ok()));
+        let done = front
+            .close()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(done
+            .iter()
+            .filter(|c| c.status.is_some())
+            .all(|c| c.is_ok()));
         // Disconnected: the queue threads are gone and their fds closed.
         std::thread::sleep(Duration::from_millis(100));
-        assert!(count(&tasks) < tasks_connected, "queue threads still running");
+        assert!(
+            count(&tasks) < tasks_connected,
+            "queue threads still running"
+        );
         assert!(count(&fds) < fds_connected, "queue fds still open");
         front.reconnect().unwrap();
-        assert_eq!(count(&tasks), tasks_connected, "round {round}: threads leaked");
+        assert_eq!(
+            count(&tasks),
+            tasks_connected,
+            "round {round}: threads leaked"
+        );
         assert_eq!(count(&fds), fds_connected, "round {round}: fds leaked");
     }
     remove(&sim, &spec, &mut backend, &mut front);
@@ -124,5 +153,7 @@ fn sigterm_closes_a_connected_device() {
     assert_eq!(backend_node(&sim, &spec, "state").as_deref(), Some("6"));
     // The guest sees Closed, and after its own close every grant can be ended.
     front.wait_backend_state(&[XenbusState::Closed]).unwrap();
-    front.close().expect("no grant left mapped by the dead backend");
+    front
+        .close()
+        .expect("no grant left mapped by the dead backend");
 }

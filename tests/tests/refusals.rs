@@ -48,7 +48,11 @@ fn too_many_queues_is_fatal() {
         ..FrontOptions::default()
     });
     assert!(front.connect().is_err());
-    expect_fatal(&sim, &spec, "38 guest requested 3 queues, exceeding the maximum of 2.");
+    expect_fatal(
+        &sim,
+        &spec,
+        "38 guest requested 3 queues, exceeding the maximum of 2.",
+    );
 }
 
 /// A hostile guest writes its keys by hand.
@@ -65,7 +69,15 @@ fn hostile(sim: &Sim, spec: &VbdSpec, nodes: &[(&str, &str)]) {
 fn ring_page_order_above_the_maximum_is_fatal() {
     let sim = Sim::new("order");
     let (spec, _backend) = disk(&sim, &[]);
-    hostile(&sim, &spec, &[("ring-page-order", "5"), ("ring-ref0", "8"), ("event-channel", "1")]);
+    hostile(
+        &sim,
+        &spec,
+        &[
+            ("ring-page-order", "5"),
+            ("ring-ref0", "8"),
+            ("event-channel", "1"),
+        ],
+    );
     expect_fatal(&sim, &spec, "22 requested ring page order 5 exceed max:4");
 }
 
@@ -73,9 +85,23 @@ fn ring_page_order_above_the_maximum_is_fatal() {
 fn zero_queues_is_fatal() {
     let sim = Sim::new("zeroq");
     let (spec, _backend) = disk(&sim, &[]);
-    hostile(&sim, &spec, &[("multi-queue-num-queues", "0"), ("ring-ref", "8"), ("event-channel", "1")]);
-    expect_fatal(&sim, &spec, &format!("38 guest requested 0 queues, exceeding the maximum of {}.",
-        backend_node(&sim, &spec, "multi-queue-max-queues").unwrap()));
+    hostile(
+        &sim,
+        &spec,
+        &[
+            ("multi-queue-num-queues", "0"),
+            ("ring-ref", "8"),
+            ("event-channel", "1"),
+        ],
+    );
+    expect_fatal(
+        &sim,
+        &spec,
+        &format!(
+            "38 guest requested 0 queues, exceeding the maximum of {}.",
+            backend_node(&sim, &spec, "multi-queue-max-queues").unwrap()
+        ),
+    );
 }
 
 #[test]
@@ -83,7 +109,11 @@ fn missing_event_channel_is_fatal() {
     let sim = Sim::new("noevt");
     let (spec, _backend) = disk(&sim, &[]);
     hostile(&sim, &spec, &[("ring-ref", "8")]);
-    expect_fatal(&sim, &spec, &format!("22 reading {}/event-channel", spec.frontend_path()));
+    expect_fatal(
+        &sim,
+        &spec,
+        &format!("22 reading {}/event-channel", spec.frontend_path()),
+    );
 }
 
 #[test]
@@ -102,7 +132,10 @@ fn an_unmappable_ring_is_fatal() {
 fn after_a_fatal_error_the_frontend_can_start_over() {
     let sim = Sim::new("retry");
     let (spec, mut backend) = disk(&sim, &[]);
-    let mut front = sim.front(FrontOptions { protocol: Some("bogus".into()), ..FrontOptions::default() });
+    let mut front = sim.front(FrontOptions {
+        protocol: Some("bogus".into()),
+        ..FrontOptions::default()
+    });
     assert!(front.connect().is_err());
     expect_fatal(&sim, &spec, "38 unknown fe protocol bogus");
     front.close().unwrap();
@@ -125,9 +158,15 @@ fn loop_disk(tag: &str) -> Option<(Sim, Loop)> {
     Some((sim, lo))
 }
 
-fn physical_disk(sim: &Sim, lo: &Loop, physical_device: String, diskseq_node: Option<String>) -> (VbdSpec, Backend) {
+fn physical_disk(
+    sim: &Sim,
+    lo: &Loop,
+    physical_device: String,
+    diskseq_node: Option<String>,
+) -> (VbdSpec, Backend) {
     let mut spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
-    spec.extra_backend_nodes.push(("physical-device".into(), physical_device));
+    spec.extra_backend_nodes
+        .push(("physical-device".into(), physical_device));
     if let Some(d) = diskseq_node {
         spec.extra_backend_nodes.push(("diskseq".into(), d));
     }
@@ -139,10 +178,17 @@ fn physical_disk(sim: &Sim, lo: &Loop, physical_device: String, diskseq_node: Op
 
 #[test]
 fn diskseq_mismatch_is_refused() {
-    let Some((sim, lo)) = loop_disk("seqbad") else { return };
+    let Some((sim, lo)) = loop_disk("seqbad") else {
+        return;
+    };
     let (major, minor) = lo.numbers();
     let seq = lo.diskseq();
-    let (spec, _backend) = physical_disk(&sim, &lo, format!("{:x}@{major:x}:{minor:x}", seq + 1), None);
+    let (spec, _backend) = physical_disk(
+        &sim,
+        &lo,
+        format!("{:x}@{major:x}:{minor:x}", seq + 1),
+        None,
+    );
     sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
     let err = sim.error_node(&spec).unwrap();
     assert_eq!(
@@ -154,21 +200,34 @@ fn diskseq_mismatch_is_refused() {
 
 #[test]
 fn diskseq_node_mismatch_is_refused() {
-    let Some((sim, lo)) = loop_disk("seqnode") else { return };
+    let Some((sim, lo)) = loop_disk("seqnode") else {
+        return;
+    };
     let (major, minor) = lo.numbers();
     let seq = lo.diskseq();
-    let (spec, _backend) = physical_disk(&sim, &lo, format!("{major:x}:{minor:x}"), Some(format!("{:x}", seq + 7)));
+    let (spec, _backend) = physical_disk(
+        &sim,
+        &lo,
+        format!("{major:x}:{minor:x}"),
+        Some(format!("{:x}", seq + 7)),
+    );
     sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
-    assert!(sim.error_node(&spec).unwrap().starts_with("19 creating vbd structure"));
+    assert!(sim
+        .error_node(&spec)
+        .unwrap()
+        .starts_with("19 creating vbd structure"));
     assert_eq!(backend_node(&sim, &spec, "opened").as_deref(), Some("0"));
 }
 
 #[test]
 fn matching_diskseq_serves_the_loop_device() {
-    let Some((sim, lo)) = loop_disk("seqok") else { return };
+    let Some((sim, lo)) = loop_disk("seqok") else {
+        return;
+    };
     let (major, minor) = lo.numbers();
     let seq = lo.diskseq();
-    let (spec, mut backend) = physical_disk(&sim, &lo, format!("{seq:x}@{major:x}:{minor:x}"), None);
+    let (spec, mut backend) =
+        physical_disk(&sim, &lo, format!("{seq:x}@{major:x}:{minor:x}"), None);
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
     let mut front = sim.front(FrontOptions::default());
     let info = front.connect().unwrap();
@@ -180,7 +239,9 @@ fn matching_diskseq_serves_the_loop_device() {
 
 #[test]
 fn physical_device_written_after_probe_is_picked_up() {
-    let Some((sim, lo)) = loop_disk("late") else { return };
+    let Some((sim, lo)) = loop_disk("late") else {
+        return;
+    };
     let (major, minor) = lo.numbers();
     let seq = lo.diskseq();
     let spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
@@ -192,8 +253,14 @@ fn physical_device_written_after_probe_is_picked_up() {
     // The hotplug script's transaction, as the Qubes not-script writes it.
     sim.dom0
         .transaction(|tx| {
-            tx.write(&format!("{}/physical-device", spec.backend_path()), format!("{major:x}:{minor:x}"))?;
-            tx.write(&format!("{}/diskseq", spec.backend_path()), format!("{seq:x}"))
+            tx.write(
+                &format!("{}/physical-device", spec.backend_path()),
+                format!("{major:x}:{minor:x}"),
+            )?;
+            tx.write(
+                &format!("{}/diskseq", spec.backend_path()),
+                format!("{seq:x}"),
+            )
         })
         .unwrap();
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");

@@ -16,7 +16,8 @@ fn inherited_fd_is_served() {
     let sim = Sim::new("devfd");
     let image = sim.image("disk.img", 8);
     // Not close-on-exec: the child inherits it.
-    let fd: OwnedFd = rustix::fs::open(&image, rustix::fs::OFlags::RDWR, rustix::fs::Mode::empty()).unwrap();
+    let fd: OwnedFd =
+        rustix::fs::open(&image, rustix::fs::OFlags::RDWR, rustix::fs::Mode::empty()).unwrap();
     let spec = VbdSpec::disk(0, GUEST, DEVID, "/unused");
     sim.create_vbd(&spec);
     let n = fd.as_raw_fd().to_string();
@@ -43,17 +44,29 @@ fn handoff_setup(tag: &str) -> Option<(Sim, Loop, VbdSpec, Backend, std::path::P
     sim.create_vbd(&spec);
     let sock = sim.tmp().join("handoff.sock");
     let backend = Backend::serve(&sim, &spec, &["--handoff-socket", sock.to_str().unwrap()]);
-    sim.wait_for(&format!("{}/handoff-socket", spec.backend_path()), sock.to_str().unwrap());
+    sim.wait_for(
+        &format!("{}/handoff-socket", spec.backend_path()),
+        sock.to_str().unwrap(),
+    );
     sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
     Some((sim, lo, spec, backend, sock))
 }
 
 fn hand_over(lo: &Loop, sock: &std::path::Path, diskseq: u64) -> Reply {
     let (major, minor) = lo.numbers();
-    let fd = rustix::fs::open(&lo.device, rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).unwrap();
+    let fd = rustix::fs::open(
+        &lo.device,
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
     let conn = handoff::connect(sock, Duration::from_secs(10)).unwrap();
     let info = DeviceInfo {
-        device: PhysicalDevice { major, minor, diskseq: Some(diskseq) },
+        device: PhysicalDevice {
+            major,
+            minor,
+            diskseq: Some(diskseq),
+        },
         read_only: false,
     };
     handoff::send_device(&conn, std::os::fd::AsFd::as_fd(&fd), &info).unwrap();
@@ -62,12 +75,17 @@ fn hand_over(lo: &Loop, sock: &std::path::Path, diskseq: u64) -> Reply {
 
 #[test]
 fn handed_over_fd_is_served() {
-    let Some((sim, lo, spec, mut backend, sock)) = handoff_setup("handoff") else { return };
+    let Some((sim, lo, spec, mut backend, sock)) = handoff_setup("handoff") else {
+        return;
+    };
     let (major, minor) = lo.numbers();
     let seq = lo.diskseq();
     // The hotplug tool writes the nodes, then hands the fd over.
     sim.dom0
-        .write(&format!("{}/physical-device", spec.backend_path()), format!("{seq:x}@{major:x}:{minor:x}"))
+        .write(
+            &format!("{}/physical-device", spec.backend_path()),
+            format!("{seq:x}@{major:x}:{minor:x}"),
+        )
         .unwrap();
     assert_eq!(hand_over(&lo, &sock, seq), Reply::Accepted);
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
@@ -81,11 +99,16 @@ fn handed_over_fd_is_served() {
 
 #[test]
 fn handed_over_fd_with_the_wrong_diskseq_is_refused() {
-    let Some((sim, lo, spec, _backend, sock)) = handoff_setup("handoff-bad") else { return };
+    let Some((sim, lo, spec, _backend, sock)) = handoff_setup("handoff-bad") else {
+        return;
+    };
     let seq = lo.diskseq();
     let reply = hand_over(&lo, &sock, seq + 1);
     assert_eq!(reply, Reply::Rejected(rustix::io::Errno::NODEV));
     sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
-    assert!(sim.error_node(&spec).unwrap().starts_with("19 creating vbd structure"));
+    assert!(sim
+        .error_node(&spec)
+        .unwrap()
+        .starts_with("19 creating vbd structure"));
     assert_eq!(backend_node(&sim, &spec, "opened").as_deref(), Some("0"));
 }

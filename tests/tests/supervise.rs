@@ -41,7 +41,13 @@ fn one_backend_per_disk_cleaned_up_after() {
     sim.introduce(2);
     let sup = Supervisor(
         Command::new(blkbackd())
-            .args(["supervise", "--open-params", "--max-queues", "2", "--platform"])
+            .args([
+                "supervise",
+                "--open-params",
+                "--max-queues",
+                "2",
+                "--platform",
+            ])
             .arg(sim.platform_arg())
             .stdin(Stdio::null())
             .spawn()
@@ -70,11 +76,17 @@ fn one_backend_per_disk_cleaned_up_after() {
     let two_pid = before
         .iter()
         .copied()
-        .find(|&p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&two.backend_path())))
+        .find(|&p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&two.backend_path()))
+        })
         .expect("the second disk's backend");
     signal(two_pid, rustix::process::Signal::KILL);
     sim.wait_for(&format!("{}/state", two.backend_path()), "6");
-    assert_eq!(sim.error_node(&two).as_deref(), Some("5 blkbackd was killed by signal 9"));
+    assert_eq!(
+        sim.error_node(&two).as_deref(),
+        Some("5 blkbackd was killed by signal 9")
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(children(sup.0.id()).len(), 1, "nothing restarted silently");
 
@@ -91,6 +103,8 @@ fn one_backend_per_disk_cleaned_up_after() {
     };
     assert!(status.success(), "{status}");
     sim.wait_for(&format!("{}/state", one.backend_path()), "6");
-    front.wait_backend_state(&[backend::xenbus_state::XenbusState::Closed]).unwrap();
+    front
+        .wait_backend_state(&[backend::xenbus_state::XenbusState::Closed])
+        .unwrap();
     front.close().unwrap();
 }

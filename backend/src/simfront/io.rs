@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use ring::{FrontRequest, Segment, Status, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, OP_WRITE_BARRIER};
+use ring::{
+    FrontRequest, Segment, Status, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE,
+    OP_WRITE_BARRIER,
+};
 use rustix::event::{PollFd, PollFlags};
 use shmem::PAGE_SIZE;
 use xen::{Access, EventChannel, GrantRef};
@@ -120,7 +123,9 @@ impl SimFront {
             }
             let f = self.alloc_frame()?;
             // Persistent grants are reused for reads and writes alike: writable.
-            let g = self.domain.grant(self.backend_domid, f, Access::ReadWrite)?;
+            let g = self
+                .domain
+                .grant(self.backend_domid, f, Access::ReadWrite)?;
             return Ok((f, g, true));
         }
         let f = self.alloc_frame()?;
@@ -189,7 +194,11 @@ impl SimFront {
             IoOp::Write { sector, data } => (OP_WRITE, sector, data.len(), Some(data)),
             IoOp::Barrier { sector, data } => (OP_WRITE_BARRIER, sector, data.len(), Some(data)),
             IoOp::Flush => (OP_FLUSH_DISKCACHE, 0, 0, None),
-            IoOp::Discard { sector, sectors, secure } => {
+            IoOp::Discard {
+                sector,
+                sectors,
+                secure,
+            } => {
                 inflight.operation = OP_DISCARD;
                 let req = FrontRequest::Discard {
                     id,
@@ -202,12 +211,18 @@ impl SimFront {
         };
         inflight.operation = operation;
         if len % SECTOR != 0 {
-            return Err(SimFrontError::Usage(format!("{len} bytes is not a whole number of sectors")));
+            return Err(SimFrontError::Usage(format!(
+                "{len} bytes is not a whole number of sectors"
+            )));
         }
         if operation == OP_READ {
             inflight.read_len = Some(len);
         }
-        let access = if write_data.is_some() { Access::ReadOnly } else { Access::ReadWrite };
+        let access = if write_data.is_some() {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
         let mut segs = Vec::with_capacity(len.div_ceil(PAGE_SIZE));
         let mut offset = 0;
         while offset < len {
@@ -288,7 +303,13 @@ impl SimFront {
     ///
     /// # Errors
     /// As [`ring::FrontRing::queue_raw`].
-    pub fn submit_raw(&mut self, queue: usize, id: u64, operation: u8, bytes: &[u8]) -> Result<(), SimFrontError> {
+    pub fn submit_raw(
+        &mut self,
+        queue: usize,
+        id: u64,
+        operation: u8,
+        bytes: &[u8],
+    ) -> Result<(), SimFrontError> {
         let q = self
             .queues
             .get_mut(queue)
@@ -362,7 +383,9 @@ impl SimFront {
                     SimFrontError::Backend(format!("response for unknown request id {}", rsp.id))
                 })?;
                 let data = match inflight.read_len {
-                    Some(len) if rsp.status() == Some(Status::Okay) => Some(self.read_pages(&inflight, len)?),
+                    Some(len) if rsp.status() == Some(Status::Okay) => {
+                        Some(self.read_pages(&inflight, len)?)
+                    }
                     _ => None,
                 };
                 self.release(inflight, &mut leaked);
@@ -433,7 +456,9 @@ impl SimFront {
                 }
             }
             if Instant::now() > deadline {
-                return Err(SimFrontError::Timeout(format!("the response to request {id}")));
+                return Err(SimFrontError::Timeout(format!(
+                    "the response to request {id}"
+                )));
             }
             self.poll_responses(Some(Duration::from_millis(50)))?;
         }
@@ -445,7 +470,10 @@ impl SimFront {
     }
 }
 
-fn ring_mem<'a>(domain: &'a xen::sim::SimDomain, frames: &[u32]) -> Result<shmem::SharedMem<'a>, SimFrontError> {
+fn ring_mem<'a>(
+    domain: &'a xen::sim::SimDomain,
+    frames: &[u32],
+) -> Result<shmem::SharedMem<'a>, SimFrontError> {
     let first = frames.first().copied().unwrap_or(0) as usize;
     domain
         .mem()

@@ -18,8 +18,8 @@
 //!   every grant: ending a grant the backend still maps fails, so leaks show.
 
 mod io;
-pub mod workload;
 pub mod toolstack;
+pub mod workload;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -185,9 +185,15 @@ impl SimFront {
     ///
     /// # Errors
     /// When the guest cannot be created or XenStore reached.
-    pub fn new(dir: &Path, domid: DomId, devid: u32, options: FrontOptions) -> Result<Self, SimFrontError> {
+    pub fn new(
+        dir: &Path,
+        domid: DomId,
+        devid: u32,
+        options: FrontOptions,
+    ) -> Result<Self, SimFrontError> {
         let domain = SimDomain::create(dir, domid, options.guest_pages)?;
-        let xs = XenStore::open_at(xen::sim::xenstore_socket(dir, domid)).map_err(xs_err("connecting as the guest"))?;
+        let xs = XenStore::open_at(xen::sim::xenstore_socket(dir, domid))
+            .map_err(xs_err("connecting as the guest"))?;
         let evtchn = domain.open_event_channel()?;
         let frontend = format!("/local/domain/{domid}/device/vbd/{devid}");
         let backend = xs
@@ -199,8 +205,11 @@ impl SimFront {
             .as_deref()
             .and_then(parse_decimal)
             .and_then(|d| DomId::try_from(d).ok())
-            .ok_or_else(|| SimFrontError::Usage(format!("{frontend}/backend-id is missing or malformed")))?;
-        let pages = u32::try_from(domain.pages()).map_err(|_| SimFrontError::Usage("too many guest pages".into()))?;
+            .ok_or_else(|| {
+                SimFrontError::Usage(format!("{frontend}/backend-id is missing or malformed"))
+            })?;
+        let pages = u32::try_from(domain.pages())
+            .map_err(|_| SimFrontError::Usage("too many guest pages".into()))?;
         // Frame 0 stays unused, so that a zero grant or frame never means anything.
         let free_frames = (1..pages).rev().collect();
         Ok(Self {
@@ -306,18 +315,24 @@ impl SimFront {
                 }
                 if matches!(s, XenbusState::Closing | XenbusState::Closed)
                     && state != initial
-                    && !want.iter().any(|w| matches!(w, XenbusState::Closing | XenbusState::Closed))
+                    && !want
+                        .iter()
+                        .any(|w| matches!(w, XenbusState::Closing | XenbusState::Closed))
                 {
                     return Err(SimFrontError::Backend(format!(
                         "backend switched to {s} while waiting for {want:?}{}",
-                        self.backend_error().map(|e| format!(": {e}")).unwrap_or_default()
+                        self.backend_error()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
                     )));
                 }
             }
             if Instant::now() > deadline {
                 return Err(SimFrontError::Timeout(format!(
                     "backend state {want:?} (it is {state:?}{})",
-                    self.backend_error().map(|e| format!(", error {e}")).unwrap_or_default()
+                    self.backend_error()
+                        .map(|e| format!(", error {e}"))
+                        .unwrap_or_default()
                 )));
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -354,7 +369,11 @@ impl SimFront {
     }
 
     fn backend_unsigned(&self, name: &str, default: u32) -> Result<u32, SimFrontError> {
-        Ok(self.backend_node(name)?.as_deref().and_then(parse_decimal).unwrap_or(default))
+        Ok(self
+            .backend_node(name)?
+            .as_deref()
+            .and_then(parse_decimal)
+            .unwrap_or(default))
     }
 
     /// The handshake, from InitWait to Connected.
@@ -369,7 +388,10 @@ impl SimFront {
         let max_order = self.backend_unsigned("max-ring-page-order", 0)?;
         let max_queues = self.backend_unsigned("multi-queue-max-queues", 1)?;
         let limit = !self.options.ignore_backend_limits;
-        let order = self.options.ring_page_order.map(|o| if limit { o.min(max_order) } else { o });
+        let order = self
+            .options
+            .ring_page_order
+            .map(|o| if limit { o.min(max_order) } else { o });
         let nqueues = if limit {
             self.options.queues.clamp(1, max_queues.max(1))
         } else {
@@ -391,7 +413,10 @@ impl SimFront {
             let ring = FrontRing::init(&mem, abi, pages)?;
             let mut grefs = Vec::with_capacity(pages);
             for &f in &frames {
-                grefs.push(self.domain.grant(self.backend_domid, f, Access::ReadWrite)?);
+                grefs.push(
+                    self.domain
+                        .grant(self.backend_domid, f, Access::ReadWrite)?,
+                );
             }
             let port = self.evtchn.alloc_unbound(self.backend_domid)?;
             self.queues.push(Queue {
@@ -405,19 +430,24 @@ impl SimFront {
 
         let fe = self.frontend.clone();
         let opts = self.options.clone();
-        let queues: Vec<(Vec<GrantRef>, Port)> = self.queues.iter().map(|q| (q.ring_grefs.clone(), q.port)).collect();
+        let queues: Vec<(Vec<GrantRef>, Port)> = self
+            .queues
+            .iter()
+            .map(|q| (q.ring_grefs.clone(), q.port))
+            .collect();
         self.xs
             .transaction(|tx| {
-                let write_ring = |dir: &str, grefs: &[GrantRef], port: Port| -> Result<(), XsError> {
-                    if order.is_some() {
-                        for (i, g) in grefs.iter().enumerate() {
-                            tx.write(&format!("{dir}/ring-ref{i}"), g.to_string())?;
+                let write_ring =
+                    |dir: &str, grefs: &[GrantRef], port: Port| -> Result<(), XsError> {
+                        if order.is_some() {
+                            for (i, g) in grefs.iter().enumerate() {
+                                tx.write(&format!("{dir}/ring-ref{i}"), g.to_string())?;
+                            }
+                        } else {
+                            tx.write(&format!("{dir}/ring-ref"), grefs[0].to_string())?;
                         }
-                    } else {
-                        tx.write(&format!("{dir}/ring-ref"), grefs[0].to_string())?;
-                    }
-                    tx.write(&format!("{dir}/event-channel"), port.to_string())
-                };
+                        tx.write(&format!("{dir}/event-channel"), port.to_string())
+                    };
                 if let Some(o) = order {
                     tx.write(&format!("{fe}/ring-page-order"), o.to_string())?;
                 }
@@ -432,7 +462,10 @@ impl SimFront {
                 if let Some(p) = &opts.protocol {
                     tx.write(&format!("{fe}/protocol"), p)?;
                 }
-                tx.write(&format!("{fe}/feature-persistent"), if opts.persistent { "1" } else { "0" })?;
+                tx.write(
+                    &format!("{fe}/feature-persistent"),
+                    if opts.persistent { "1" } else { "0" },
+                )?;
                 Ok(())
             })
             .map_err(xs_err("writing the ring details"))?;
@@ -452,7 +485,8 @@ impl SimFront {
             discard: self.backend_unsigned("feature-discard", 0)? != 0,
             discard_secure: self.backend_unsigned("discard-secure", 0)? != 0,
             discard_granularity: self.backend_unsigned("discard-granularity", 0)?,
-            persistent: self.options.persistent && self.backend_unsigned("feature-persistent", 0)? != 0,
+            persistent: self.options.persistent
+                && self.backend_unsigned("feature-persistent", 0)? != 0,
             max_indirect_segments: if self.options.indirect {
                 self.backend_unsigned("feature-max-indirect-segments", 0)?
             } else {
@@ -500,7 +534,8 @@ impl SimFront {
         self.wait_backend_state(&[XenbusState::Closing, XenbusState::Closed])?;
         // Collect responses the backend sends while draining.
         let drain_deadline = Instant::now() + Duration::from_millis(200);
-        while self.queues.iter().any(|q| !q.inflight.is_empty()) && Instant::now() < drain_deadline {
+        while self.queues.iter().any(|q| !q.inflight.is_empty()) && Instant::now() < drain_deadline
+        {
             self.poll_responses(Some(Duration::from_millis(10)))?;
         }
         self.set_state(XenbusState::Closed)?;
@@ -525,7 +560,12 @@ impl SimFront {
         for q in 0..self.options.queues.max(1) {
             let _ = self.xs.rm(&format!("{}/queue-{q}", self.frontend));
         }
-        for n in ["ring-ref", "event-channel", "ring-page-order", "multi-queue-num-queues"] {
+        for n in [
+            "ring-ref",
+            "event-channel",
+            "ring-page-order",
+            "multi-queue-num-queues",
+        ] {
             let _ = self.xs.rm(&format!("{}/{n}", self.frontend));
         }
         self.set_state(XenbusState::Initialising)?;

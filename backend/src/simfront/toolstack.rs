@@ -47,7 +47,10 @@ impl VbdSpec {
 
     /// The frontend directory.
     pub fn frontend_path(&self) -> String {
-        format!("/local/domain/{}/device/vbd/{}", self.frontend_domid, self.devid)
+        format!(
+            "/local/domain/{}/device/vbd/{}",
+            self.frontend_domid, self.devid
+        )
     }
 }
 
@@ -71,7 +74,10 @@ pub fn create_vbd(xs: &XenStore, spec: &VbdSpec) -> Result<(), XsError> {
     xs.transaction(|tx| {
         let fe_home = format!("/local/domain/{}", spec.frontend_domid);
         tx.mkdir(&fe_home)?;
-        tx.set_perms(&fe_home, &[Perm::new(spec.frontend_domid, PermAccess::None)])?;
+        tx.set_perms(
+            &fe_home,
+            &[Perm::new(spec.frontend_domid, PermAccess::None)],
+        )?;
         tx.mkdir(&fe)?;
         tx.set_perms(&fe, &fe_perms)?;
         tx.mkdir(&be)?;
@@ -86,7 +92,11 @@ pub fn create_vbd(xs: &XenStore, spec: &VbdSpec) -> Result<(), XsError> {
             ("device-type", spec.device_type.clone()),
             ("online", "1".to_owned()),
         ];
-        nodes.extend(spec.extra_backend_nodes.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        nodes.extend(
+            spec.extra_backend_nodes
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone())),
+        );
         nodes.push(("state", "1".to_owned()));
         for (name, value) in &nodes {
             tx.write(&format!("{be}/{name}"), value)?;

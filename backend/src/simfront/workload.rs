@@ -57,7 +57,9 @@ pub fn pattern(block: u64, gen: u32, out: &mut [u8]) {
         out.fill(0);
         return;
     }
-    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(gen).wrapping_mul(0xC2B2_AE3D_27D4_EB4F) | 1;
+    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ u64::from(gen).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        | 1;
     for chunk in out.chunks_mut(8) {
         // xorshift64
         x ^= x << 13;
@@ -126,7 +128,12 @@ impl PhaseResult {
 ///
 /// # Errors
 /// The first failed request, data mismatch, or frontend error.
-pub fn run(front: &mut SimFront, model: &mut DiskModel, plan: &[Planned], depth: usize) -> Result<PhaseResult, SimFrontError> {
+pub fn run(
+    front: &mut SimFront,
+    model: &mut DiskModel,
+    plan: &[Planned],
+    depth: usize,
+) -> Result<PhaseResult, SimFrontError> {
     let queues = front.info().map_or(1, |i| i.queues as usize).max(1);
     let depth = depth.max(1);
     let mut result = PhaseResult::default();
@@ -166,10 +173,16 @@ pub fn run(front: &mut SimFront, model: &mut DiskModel, plan: &[Planned], depth:
         }
         let c = front.wait()?;
         let Some(p) = pending.remove(&c.id) else {
-            return Err(SimFrontError::Backend(format!("completion for unknown request {}", c.id)));
+            return Err(SimFrontError::Backend(format!(
+                "completion for unknown request {}",
+                c.id
+            )));
         };
         if !c.is_ok() {
-            return Err(SimFrontError::Backend(format!("{p:?} failed with status {:?}", c.status)));
+            return Err(SimFrontError::Backend(format!(
+                "{p:?} failed with status {:?}",
+                c.status
+            )));
         }
         result.requests += 1;
         match p {
