@@ -85,10 +85,11 @@ wait_gone() { # name seconds
 }
 
 # The guest's report lines, without the marker and carriage returns.
+guest_lines() { cat "$(guest_log "$1")" 2>/dev/null | tr -d '\r'; }
 domu() { # name key -> last "E2E-DOMU key ..." line, rest of it
-	tr -d '\r' <"$(guest_log "$1")" 2>/dev/null | sed -n "s/.*E2E-DOMU $2 *//p" | tail -n 1
+	guest_lines "$1" | sed -n "s/.*E2E-DOMU $2 *//p" | tail -n 1
 }
-domu_has() { tr -d '\r' <"$(guest_log "$1")" 2>/dev/null | grep -q "E2E-DOMU $2"; }
+domu_has() { guest_lines "$1" | grep -q "E2E-DOMU $2"; }
 
 wait_domu() { # name key seconds
 	i=0
@@ -103,14 +104,14 @@ wait_domu() { # name key seconds
 run_guest() { # name timeout
 	guest_create "$1" || return 1
 	if ! wait_gone "$1" "$2"; then
-		REASON="guest still running after $2 s (last: $(tr -d '\r' <"$(guest_log "$1")" | grep E2E-DOMU | tail -n 1))"
+		REASON="guest still running after $2 s (last: $(guest_lines "$1" | grep E2E-DOMU | tail -n 1))"
 		dump_guest "$1"
 		xl destroy "$1" >/dev/null 2>&1
 		return 1
 	fi
 }
 
-dump_guest() { tr -d '\r' <"$(guest_log "$1")" 2>/dev/null | tail -n 40 | sed "s/^/guest $1: /"; }
+dump_guest() { guest_lines "$1" | tail -n 40 | sed "s/^/guest $1: /"; }
 
 # The 16 MiB data check: guest wrote and read back the same bytes, and the
 # backing file in dom0 holds them too.
@@ -214,8 +215,24 @@ start_supervisor() {
 
 dump_blkbackd() { tail -n 40 "$BLKBACKD_LOG" 2>/dev/null | sed 's/^/blkbackd: /'; }
 
+# libxl 4.17 gives hotplug scripts a XENBUS_PATH relative to dom0's home
+# ("backend/vbd/D/N", as xenstore-read resolves it). E2E_XENBUS_PATH_ABSOLUTE=1
+# on the host puts a wrapper in between that makes it absolute, for a
+# blkhotplug that accepts only absolute paths.
+HOTPLUG_SCRIPT=$BLKHOTPLUG
+if [ "${XENBUS_PATH_ABSOLUTE:-0}" = 1 ]; then
+	HOTPLUG_SCRIPT=/e2e/blkhotplug-absolute
+	{
+		echo '#!/bin/sh'
+		echo 'case "$XENBUS_PATH" in /*) ;; *) XENBUS_PATH=/local/domain/0/$XENBUS_PATH ;; esac'
+		echo 'export XENBUS_PATH'
+		echo "exec $BLKHOTPLUG \"\$@\""
+	} >$HOTPLUG_SCRIPT
+	chmod 755 $HOTPLUG_SCRIPT
+fi
+
 hotplug_disk() { # vdev target
-	echo "format=raw, vdev=$1, access=rw, backendtype=phy, script=$BLKHOTPLUG, target=$2"
+	echo "format=raw, vdev=$1, access=rw, backendtype=phy, script=$HOTPLUG_SCRIPT, target=$2"
 }
 
 fail_bb() { # scenario
@@ -616,6 +633,8 @@ for s in blkbackd-file blkbackd-features blkbackd-lifecycle blkbackd-sigkill blk
 	t0=$(uptime_s)
 	sc_$(echo $s | tr - _)
 	progress "scenario $s took $(since "$t0") s"
+	for g in $(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }'); do xl destroy "$g"; done
+	rm -f $DISKS/*
 done
 # The kernel backend last: once xen-blkback is loaded it claims every vbd.
 for s in qdisk kernel-blkback; do
