@@ -147,8 +147,12 @@ struct SuperviseArgs {
     #[command(flatten)]
     tuning: Tuning,
     /// Have each backend open `params` itself rather than wait for `physical-device`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "handoff_dir")]
     open_params: bool,
+    /// Have each backend receive its device from blkhotplug on a socket in this directory
+    /// (`vbd-<domid>-<devid>.sock`, named in the `handoff-socket` node).
+    #[arg(long, value_name = "DIR")]
+    handoff_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +328,9 @@ fn inherited_fd(fd: i32) -> anyhow::Result<OwnedFd> {
 
 fn run_supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     let platform_config = parse_platform(&args.platform)?;
+    if args.handoff_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+        bail!("--handoff-dir must be an absolute path");
+    }
     let platform = platform_config
         .open()
         .with_context(|| format!("opening the {} platform", args.platform.platform))?;
@@ -358,6 +365,7 @@ fn run_supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         serve_args,
         xenstore_path: platform.xenstore_path(),
         domid: platform.domid(),
+        handoff_dir: args.handoff_dir.clone(),
     };
     let stop = stop_flag()?;
     supervise::supervise(&config, &stop).context("supervising")?;

@@ -34,7 +34,7 @@ use xen::{DomId, Platform};
 
 use crate::acquire::{self, DeviceNodes, DeviceSource};
 use crate::advertise::{DeviceInfo, Features};
-use crate::dataplane::{self, GrantMode, QueueHandle, QueueParams, Stats};
+use crate::dataplane::{self, GrantMode, QueueExit, QueueHandle, QueueParams, Stats};
 use crate::dev_error::{errno, error_node_path, DevError};
 use crate::device::{Device, DeviceOptions};
 use crate::frontend_config::{read_frontend_config, BackendLimits, FrontendConfig};
@@ -301,6 +301,7 @@ impl Backend {
                     return Ok(outcome);
                 }
             }
+            self.check_queues()?;
             if last_resize_check.elapsed() >= RESIZE_POLL {
                 last_resize_check = Instant::now();
                 self.check_resize()?;
@@ -713,6 +714,36 @@ impl Backend {
         if let Some(c) = self.connection.take() {
             c.stop();
             tracing::debug!(backend = %self.be.path, "disconnected");
+        }
+    }
+
+    /// Collects queues that ended by themselves. A frontend that broke the ring protocol has
+    /// that ring halted, as Linux does ("Halting ring processing"), and the device otherwise
+    /// stays as it is; a local failure (io_uring, event channel) is fatal for the device.
+    fn check_queues(&mut self) -> Result<(), ServeError> {
+        let Some(conn) = &mut self.connection else {
+            return Ok(());
+        };
+        let mut failure = None;
+        let mut i = 0;
+        while i < conn.queues.len() {
+            if !conn.queues[i].is_finished() {
+                i += 1;
+                continue;
+            }
+            match conn.queues.swap_remove(i).wait() {
+                QueueExit::Stopped => {}
+                QueueExit::Protocol(v) => {
+                    // Once per ring: the ring is gone after this.
+                    tracing::warn!(backend = %self.be.path, "frontend broke the ring protocol ({v}); ring halted");
+                }
+                QueueExit::Failed(why) => failure = Some(why),
+                QueueExit::Panicked => failure = Some("the queue thread panicked".to_owned()),
+            }
+        }
+        match failure {
+            Some(why) => self.fatal(&DevError::new(errno::EIO, format!("queue failed: {why}"))),
+            None => Ok(()),
         }
     }
 

@@ -45,6 +45,9 @@ pub struct SuperviseConfig {
     pub xenstore_path: PathBuf,
     /// This (the backend) domain's id.
     pub domid: DomId,
+    /// When set, each backend listens for its device from blkhotplug on
+    /// `<dir>/vbd-<frontend-domid>-<devid>.sock` (`serve --handoff-socket`).
+    pub handoff_dir: Option<PathBuf>,
 }
 
 /// Why supervising failed.
@@ -171,11 +174,14 @@ fn new_devices(
 }
 
 fn spawn(config: &SuperviseConfig, path: &str) -> std::io::Result<Child> {
-    Command::new(&config.program)
-        .args(&config.serve_args)
-        .arg("--backend-path")
-        .arg(path)
-        .spawn()
+    let mut cmd = Command::new(&config.program);
+    cmd.args(&config.serve_args).arg("--backend-path").arg(path);
+    if let (Some(dir), Ok(be)) = (&config.handoff_dir, BackendPath::parse(path)) {
+        std::fs::create_dir_all(dir)?;
+        cmd.arg("--handoff-socket")
+            .arg(dir.join(format!("vbd-{}-{}.sock", be.frontend_domid, be.devid)));
+    }
+    cmd.spawn()
 }
 
 /// Reaps exited children and cleans up after those that failed.

@@ -244,6 +244,18 @@ fn flush_barrier_and_discard() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // `blkbackd stats` reads the same file while the backend runs.
+    let out = std::process::Command::new(tests::blkbackd())
+        .arg("stats")
+        .arg("--stats-file")
+        .arg(&backend.stats_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for counter in ["oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "latency"] {
+        assert!(text.contains(counter), "{counter} missing from:\n{text}");
+    }
     remove(&sim, &spec, &mut backend, &mut front);
     let c = backend.stats().unwrap().counters;
     assert!(c.wr_sect >= 512 * 8 && c.rd_sect >= 512 * 8, "{c:?}");
