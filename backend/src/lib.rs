@@ -16,6 +16,7 @@ pub mod demo;
 pub mod dev_error;
 pub mod device;
 pub mod frontend_config;
+pub mod replay;
 pub mod serve;
 pub mod simfront;
 pub mod stats_file;

@@ -27,6 +27,19 @@ struct Cli {
     /// More log output (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// `serve` and `demo`: record a ring trace of every queue to FILE (see
+    /// docs/trace-format.md; replay it with `blkbackd replay`).
+    #[arg(long, global = true, value_name = "FILE", env = "BLKBACKD_RECORD")]
+    record: Option<PathBuf>,
+    /// What the disk held before the recording: `unknown` (a live disk) or `zero`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "CONTENT",
+        env = "BLKBACKD_RECORD_INITIAL",
+        default_value = "unknown"
+    )]
+    record_initial: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +55,21 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print a running backend's statistics (Linux blkback's counters plus latency).
     Stats(StatsArgs),
+    /// Replay a ring trace against the real data plane on the simulated platform and check
+    /// every response; exits 1 with the first difference.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The trace (JSON lines, docs/trace-format.md).
+    trace: PathBuf,
+    /// The disk's initial content (a copy is used); default a fresh zeroed image.
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+    /// Seconds to wait for any one response.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +220,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    if let Err(e) = setup_recording(&cli) {
+        eprintln!("blkbackd: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run(cli.command, cli.verbose) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -216,12 +248,64 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// `--record`: `serve` records itself; `demo` passes it to its backend (through the
+/// environment), with the fresh image's content known to be zero.
+fn setup_recording(cli: &Cli) -> anyhow::Result<()> {
+    let Some(path) = &cli.record else {
+        return Ok(());
+    };
+    match &cli.command {
+        Command::Serve(_) => {
+            let initial = match cli.record_initial.as_str() {
+                "zero" => backend::replay::format::Initial::Zero,
+                "unknown" => backend::replay::format::Initial::Unknown,
+                other => bail!("--record-initial {other:?}: expected zero or unknown"),
+            };
+            let rec =
+                backend::replay::Recorder::create(path, initial, "recorded by blkbackd serve")
+                    .with_context(|| format!("creating {}", path.display()))?;
+            backend::replay::Recorder::install(rec);
+        }
+        Command::Demo(args) => {
+            let abs = std::path::absolute(path).context("--record")?;
+            std::env::set_var("BLKBACKD_RECORD", abs);
+            if args.image.is_none() {
+                std::env::set_var("BLKBACKD_RECORD_INITIAL", "zero");
+            }
+        }
+        _ => bail!("--record applies to serve and demo only"),
+    }
+    Ok(())
+}
+
+fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
+    let opts = backend::replay::ReplayOptions {
+        image: args.image.clone(),
+        timeout: std::time::Duration::from_secs(args.timeout),
+        work_dir: None,
+    };
+    let s = backend::replay::replay_file(&args.trace, &opts)
+        .with_context(|| format!("replaying {}", args.trace.display()))?;
+    println!(
+        "{}: replayed {} events, {} slots, {} responses as recorded ({} read checksums{}), {} queue start(s)",
+        args.trace.display(),
+        s.events,
+        s.slots,
+        s.responses,
+        s.checksums,
+        if s.checksums_skipped { ", skipped: unknown initial disk content, give --image" } else { "" },
+        s.queues_started
+    );
+    Ok(())
+}
+
 fn run(command: Command, verbose: u8) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => run_serve(args),
         Command::Supervise(args) => run_supervise(args),
         Command::Demo(args) => demo::run(&args, verbose, &mut std::io::stdout().lock()),
         Command::Stats(args) => run_stats(&args),
+        Command::Replay(args) => run_replay(&args),
     }
 }
 

@@ -144,6 +144,8 @@ pub struct QueueParams {
     pub name: String,
     /// Called on the queue's thread when it exits for any reason.
     pub on_exit: Option<Box<dyn FnOnce() + Send>>,
+    /// Record a trace of this queue (`--record`); default: the process's installed recorder.
+    pub recorder: Option<Arc<crate::replay::Recorder>>,
 }
 
 impl std::fmt::Debug for QueueParams {
@@ -190,6 +192,7 @@ impl QueueParams {
             stats: Arc::new(Stats::new()),
             name: format!("blkback-d{frontend}"),
             on_exit: None,
+            recorder: crate::replay::Recorder::installed(),
         }
     }
 }

@@ -109,6 +109,8 @@ pub(super) struct Queue {
     spurious: u32,
     stopping: bool,
     broken: Option<ring::ProtocolViolation>,
+    /// `--record`: `None` costs one branch per request.
+    recorder: Option<crate::replay::QueueRecorder>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -122,6 +124,7 @@ impl std::fmt::Debug for Queue {
 impl Queue {
     pub(super) fn new(p: QueueParams, stop_fd: Arc<OwnedFd>) -> Result<Self, DataplaneError> {
         let pages = p.ring_refs.len();
+        let recorder = p.recorder.as_ref().map(|r| r.attach(&p));
         if !(pages.is_power_of_two() && pages <= ring::MAX_RING_PAGES) {
             return Err(DataplaneError::RingPages(pages));
         }
@@ -204,6 +207,7 @@ impl Queue {
             spurious: 0,
             stopping: false,
             broken: None,
+            recorder,
         })
     }
 
@@ -216,6 +220,9 @@ impl Queue {
             },
             Err(e) => QueueExit::Failed(e),
         };
+        if let Some(r) = self.recorder.as_mut() {
+            r.exit(&exit);
+        }
         if let QueueExit::Protocol(v) = &exit {
             tracing::warn!(queue = %self.name, "frontend broke the ring protocol, ring halted: {v}");
         }
@@ -270,6 +277,9 @@ impl Queue {
             self.reaped = reaped;
             if event {
                 Stats::add(&self.stats.events, 1);
+                if let Some(r) = self.recorder.as_mut() {
+                    r.event();
+                }
                 self.ports.clear();
                 self.evtchn
                     .pending(&mut self.ports)
@@ -425,6 +435,9 @@ impl Queue {
 
     /// Validates one request and starts it (or answers it at once).
     fn accept(&mut self, mem: &SharedMem<'_>, raw: &ring::RawRequest, limits: &DeviceLimits) {
+        if let Some(r) = self.recorder.as_mut() {
+            r.slot(raw, limits);
+        }
         let req = match ring::parse(raw, limits) {
             Ok(Parsed::Ready(req)) => req,
             Ok(Parsed::Indirect(h)) => match self.fetch_indirect(&h) {
@@ -462,6 +475,9 @@ impl Queue {
     }
 
     fn put(&mut self, mem: &SharedMem<'_>, rsp: &ring::Response) {
+        if let Some(r) = self.recorder.as_mut() {
+            r.response(rsp);
+        }
         if rsp.status != Status::Okay {
             Stats::add(&self.stats.errors, 1);
         }
@@ -955,6 +971,9 @@ impl Queue {
     fn finish(&mut self, mem: &SharedMem<'_>, slot: usize, status: Status) {
         let s = &mut self.slots[slot];
         let rsp = s.req.response(status);
+        if let Some(r) = self.recorder.as_mut() {
+            r.finishing(&s.req, status);
+        }
         if let Some(r) = s.region.take() {
             self.uring.pool().give_back(r);
         }
