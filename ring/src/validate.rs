@@ -431,7 +431,14 @@ fn check_aligned(
     what: Misalignment,
     limits: &DeviceLimits,
 ) -> Result<(), RejectReason> {
-    if sectors % limits.block_sectors() != 0 {
+    let bs = limits.block_sectors();
+    // Block sizes are powers of two in practice: a mask instead of a division per segment.
+    let rem = if bs.is_power_of_two() {
+        sectors & (bs - 1)
+    } else {
+        sectors % bs
+    };
+    if rem != 0 {
         return Err(RejectReason::Misaligned {
             what,
             logical_block_size: limits.logical_block_size,
