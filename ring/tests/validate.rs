@@ -293,6 +293,25 @@ fn alignment_on_a_4096_byte_sector_device() {
         );
         // No data, nothing to align.
         assert!(run(abi, &rw(OP_FLUSH_DISKCACHE, 3, &[]), &l, &[]).is_ok());
+
+        // Not a power of two (no real device, but no panic and no wrong mask either).
+        let odd = DeviceLimits {
+            logical_block_size: 1536,
+            ..limits()
+        };
+        assert!(run(abi, &rw(OP_READ, 3, &[seg(3, 5)]), &odd, &[]).is_ok());
+        assert_eq!(
+            reason(run(abi, &rw(OP_READ, 4, &[seg(3, 5)]), &odd, &[])),
+            RejectReason::Misaligned {
+                what: Misalignment::Sector,
+                logical_block_size: 1536
+            }
+        );
+        let tiny = DeviceLimits {
+            logical_block_size: 0,
+            ..limits()
+        };
+        assert!(run(abi, &rw(OP_READ, 1, &[seg(1, 1)]), &tiny, &[]).is_ok());
     }
 }
 
