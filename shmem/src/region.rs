@@ -94,9 +94,11 @@ impl<'a> SharedMem<'a> {
     /// [`OutOfBounds`] if the range does not lie inside this region.
     pub fn subregion(&self, offset: usize, len: usize) -> Result<SharedMem<'a>, OutOfBounds> {
         self.check(offset, len)?;
-        // SAFETY: offset+len <= self.len was checked, so the new range lies inside the one the
-        // constructor's contract covers, for the same lifetime.
-        Ok(unsafe { Self::from_raw(self.ptr.add(offset), len) })
+        // SAFETY: offset + len <= self.len was checked, so the pointer stays inside the region.
+        let ptr = unsafe { self.ptr.add(offset) };
+        // SAFETY: the new range lies inside the one the constructor's contract covers, for the
+        // same lifetime.
+        Ok(unsafe { Self::from_raw(ptr, len) })
     }
 
     /// Copies `buf.len()` bytes at `offset` into `buf` with volatile reads: each byte of
