@@ -17,6 +17,7 @@ pub mod dev_error;
 pub mod device;
 pub mod frontend_config;
 pub mod replay;
+pub mod sandbox;
 pub mod serve;
 pub mod simfront;
 pub mod stats_file;

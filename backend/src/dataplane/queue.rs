@@ -141,15 +141,22 @@ impl Queue {
         let max_segs = usize::from(max_indirect).max(ring::MAX_SEGMENTS_PER_REQUEST);
         let copy = p.grant_mode == GrantMode::Copy;
         let nr_large = if max_indirect > 0 { LARGE_REGIONS } else { 0 };
-        let uring =
-            Uring::new(size, copy, max_segs, nr_large, max_segs).map_err(DataplaneError::Uring)?;
         let mut evtchn = p
             .platform
             .open_event_channel()
             .map_err(DataplaneError::EventChannel)?;
+        // The handle can bind the frontend's ports only (Linux refuses to restrict to dom0).
+        if p.frontend != 0 {
+            evtchn
+                .restrict(p.frontend)
+                .map_err(DataplaneError::EventChannel)?;
+        }
         let local_port = evtchn
             .bind_interdomain(p.frontend, p.port)
             .map_err(DataplaneError::EventChannel)?;
+        let files = [p.device.fd(), evtchn.as_fd(), stop_fd.as_fd()];
+        let uring = Uring::new(size, copy, max_segs, nr_large, max_segs, &files)
+            .map_err(DataplaneError::Uring)?;
         let pgrants = (p.persistent_grants && !copy).then(|| {
             PersistentGrants::new(
                 p.frontend,

@@ -15,7 +15,7 @@
 //! kernel's feet (XSA-350's lesson for a userspace backend).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
@@ -246,6 +246,8 @@ pub(super) struct Uring {
     eoi_ts: Box<types::Timespec>,
     tick_ts: Box<types::Timespec>,
     cqes: Vec<(u64, i32)>,
+    /// The registered files (the ring is restricted to them: `crate::sandbox::uring`).
+    files: Vec<RawFd>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -267,22 +269,24 @@ pub(super) enum Data {
 
 impl Uring {
     /// A ring for `slots` request slots, with a bounce pool when `bounce` is set
-    /// (`large_pages` pages for each of `nr_large` indirect regions).
+    /// (`large_pages` pages for each of `nr_large` indirect regions), restricted to the
+    /// operations the queue submits on `files` (see `crate::sandbox::uring`).
     pub(super) fn new(
         slots: usize,
         bounce: bool,
         large_pages: usize,
         nr_large: usize,
         max_segs: usize,
+        files: &[BorrowedFd<'_>],
     ) -> io::Result<Self> {
         let entries = u32::try_from((slots * 2 + 8).next_power_of_two())
             .unwrap_or(4096)
             .min(4096);
-        let ring = IoUring::builder()
+        let ring = crate::sandbox::uring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
             .build(entries)
-            .or_else(|_| IoUring::new(entries))?;
+            .or_else(|_| crate::sandbox::uring::builder().build(entries))?;
         let pool = if bounce {
             BouncePool::new(slots, large_pages, nr_large)?
         } else {
@@ -297,6 +301,8 @@ impl Uring {
             // (field order; Drop waits for in-flight I/O first).
             unsafe { ring.submitter().register_buffers(iovs) }?;
         }
+        let files: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        crate::sandbox::uring::restrict(&ring, &files)?;
         let owned = (0..slots)
             .map(|_| Owned {
                 guards: Vec::with_capacity(max_segs + 1),
@@ -311,7 +317,19 @@ impl Uring {
             eoi_ts: Box::new(types::Timespec::new()),
             tick_ts: Box::new(types::Timespec::new()),
             cqes: Vec::with_capacity(entries as usize * 2),
+            files,
         })
+    }
+
+    /// The registered index of `fd`: every operation names a registered file.
+    fn fixed(&self, fd: BorrowedFd<'_>) -> io::Result<types::Fixed> {
+        let raw = fd.as_raw_fd();
+        self.files
+            .iter()
+            .position(|&f| f == raw)
+            .and_then(|i| u32::try_from(i).ok())
+            .map(types::Fixed)
+            .ok_or_else(|| io::Error::other("fd not registered with the io_uring"))
     }
 
     /// The bounce pool.
@@ -376,7 +394,10 @@ impl Uring {
         data: Data,
         fsync: bool,
     ) -> Result<(), (io::Error, Option<Region>)> {
-        let fdt = types::Fd(fd.as_raw_fd());
+        let fdt = match self.fixed(fd) {
+            Ok(f) => f,
+            Err(e) => return Err((e, data_region(data))),
+        };
         let Some(o) = self.owned.get_mut(slot) else {
             return Err((io::Error::other("bad slot"), data_region(data)));
         };
@@ -451,7 +472,7 @@ impl Uring {
     /// # Errors
     /// When the submission queue is full even after submitting.
     pub(super) fn submit_fsync(&mut self, slot: usize, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let e = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
+        let e = opcode::Fsync::new(self.fixed(fd)?)
             .flags(types::FsyncFlags::DATASYNC)
             .build();
         self.submit_aux(slot, e)
@@ -470,7 +491,7 @@ impl Uring {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let fdt = types::Fd(fd.as_raw_fd());
+        let fdt = self.fixed(fd)?;
         let e = if block {
             // blkdev_uring_cmd reads the start from sqe->addr and the length from sqe->addr3,
             // which is where the command bytes begin.
@@ -509,7 +530,7 @@ impl Uring {
     /// When the submission queue is full even after submitting.
     pub(super) fn poll(&mut self, what: Control, fd: BorrowedFd<'_>) -> io::Result<()> {
         let e = opcode::PollAdd::new(
-            types::Fd(fd.as_raw_fd()),
+            self.fixed(fd)?,
             rustix::event::PollFlags::IN.bits().into(),
         )
         .build();
@@ -531,7 +552,13 @@ impl Uring {
             *self.eoi_ts = ts;
             &*self.eoi_ts
         };
-        self.push(&[opcode::Timeout::new(p).build().user_data(what.tag())])
+        // The restriction requires IOSQE_FIXED_FILE on every SQE; a timeout has no file and
+        // the kernel ignores the flag there.
+        let e = opcode::Timeout::new(p)
+            .build()
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(what.tag());
+        self.push(&[e])
     }
 
     /// Pushes entries, submitting first when the queue has no room.

@@ -1,0 +1,216 @@
+//! Least privilege for `blkbackd serve`: the process a guest talks to gives up everything it
+//! does not need once its files are open.
+//!
+//! A backend is the part of dom0 a guest reaches directly; in Linux it is kernel code. As a
+//! process it can be confined, in layers, so that a bug the guest finds owns very little.
+//!
+//! # When
+//! - [`prepare`], first thing in `blkbackd serve` (before any thread exists, so every thread
+//!   inherits it): `no_new_privs`, and every capability dropped from all sets and the bounding
+//!   set, except `CAP_SETUID`/`CAP_SETGID` while a `--user` switch is still to come. Root's
+//!   uid stays: opening the root-owned device nodes (`/dev/xen/*`, `/dev/block/*`) needs
+//!   ownership, not capabilities.
+//! - [`confine`], as soon as the device is held (the XenStore connection, the platform's
+//!   grant device and the disk's fd are open; no frontend can connect before that, so no guest
+//!   byte is parsed unconfined). `blkbackd serve` arms it with [`arm`]; the serve loop calls
+//!   [`confine_armed`] once the device is held. In order:
+//!   1. switch to the configured user (`--user`), with no supplementary groups;
+//!   2. Landlock: no file can be opened, created, removed or executed, and no TCP bind or
+//!      connect, except what [`Reachable`] lists — the event-channel device (opened once per
+//!      queue when a frontend connects) or, on the simulated platform, its directory; and the
+//!      directory where the statistics file is atomically replaced. Abstract unix sockets and
+//!      signals are scoped to the process (ABI 6). On kernels with an older ABI the ruleset is
+//!      downgraded and the downgrade logged; without Landlock it says so loudly;
+//!   3. every capability cleared, including `CAP_SETUID`/`CAP_SETGID`;
+//!   4. seccomp, on all threads (`SECCOMP_FILTER_FLAG_TSYNC`): an allow-list of the system
+//!      calls the backend really makes ([`syscalls::ALLOWED`]); any other kills the process
+//!      (`SECCOMP_RET_KILL_PROCESS`).
+//! - Independently of this module's switches, each queue's io_uring is created disabled,
+//!   restricted to the opcodes the data plane submits and to its registered files (the disk,
+//!   the event channel, the stop eventfd), then enabled ([`uring`]): io_uring operations are
+//!   not seen by seccomp, so the ring gets its own allow-list. Each queue's event-channel
+//!   handle is restricted to the frontend's domain (`IOCTL_EVTCHN_RESTRICT_DOMID`).
+//!
+//! `--no-sandbox` skips [`prepare`] and [`confine`] (not the io_uring and event-channel
+//! restrictions, which cost nothing) and logs a warning.
+//!
+//! # Seeing a kill
+//! A forbidden system call ends the process with `SIGSYS`; `blkbackd supervise` (or the
+//! toolstack) sees the signal. The kernel also logs it through audit (`seccomp` action
+//! `kill_process` is in `/proc/sys/kernel/seccomp/actions_logged` by default):
+//! `dmesg | grep 'type=1326'`, `journalctl -k -g seccomp`, or `ausearch -m SECCOMP`, with the
+//! process, the architecture and the system call number (`ausyscall <nr>` names it).
+//!
+//! # What is not covered
+//! The XenStore client's reader thread is started when the connection opens, before
+//! [`confine`]: it has no capabilities and `no_new_privs` ([`prepare`]) and the seccomp filter
+//! (TSYNC), but Landlock and the `--user` switch apply to the calling thread and the threads it
+//! starts later (every data-plane queue), not to it. Linux has no Landlock equivalent of TSYNC
+//! before its `LANDLOCK_RESTRICT_SELF_TSYNC`.
+//!
+//! # Memory bounds per backend
+//! Everything a guest can make the backend hold is sized at connect time from values the
+//! backend caps, and nothing grows per request afterwards:
+//! - queues: at most `--max-queues` (`multi-queue-max-queues`, default: the CPU count);
+//! - in-flight requests: one slot per ring entry, at most 512 per queue (a 16-page ring,
+//!   `--max-ring-page-order` 4); a request id in flight twice is refused;
+//! - bounce buffers (`--grant-mode copy`): 11 pages per slot plus 8 regions of
+//!   `--max-indirect-segments` (≤ 256) pages: at most 22 MiB + 8 MiB = 30 MiB per queue,
+//!   allocated once;
+//! - persistent grants (`--grant-mode map`): at most 1056 mapped pages (4.1 MiB of guest
+//!   memory) per queue, as Linux's `max_persistent_grants`; per-request mappings at most one
+//!   request's segments per slot, unmapped at completion;
+//! - indirect pages: one private 8-page scratch copy per queue;
+//! - XenStore values are at most 4096 bytes (xenstored's limit), read one at a time.
+//!
+//! So the private memory of a backend is bounded by about `queues × 31 MiB` in copy mode and
+//! `queues × 1 MiB` in map mode, plus a few MiB of code, stacks and logs; the tests check
+//! that a hostile guest run keeps the anonymous RSS under that bound.
+
+mod filesystem;
+mod privileges;
+pub mod syscalls;
+pub mod uring;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub use privileges::User;
+
+/// Why confinement failed. Failing closed: `blkbackd serve` stops rather than run unconfined.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// `--user` names no user, or is malformed.
+    #[error("bad --user {spec:?}: {reason}")]
+    BadUser {
+        /// What was given.
+        spec: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A privilege operation (prctl, capset, setresuid, ...) failed.
+    #[error("{what}: {source}")]
+    Privileges {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Landlock ruleset could not be built or applied.
+    #[error("landlock: {0}")]
+    Landlock(#[source] landlock::RulesetError),
+    /// The seccomp filter could not be built or installed.
+    #[error("seccomp: {0}")]
+    Seccomp(#[source] seccompiler::Error),
+}
+
+/// Something that stays reachable after [`confine`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reachable {
+    /// A device node opened read-write after set-up (`/dev/xen/evtchn`, once per queue).
+    Device(PathBuf),
+    /// The simulated platform's directory: its files are opened read-write and its
+    /// event-channel sockets created and removed.
+    SimDir(PathBuf),
+    /// The directory where the statistics file is rewritten (a temporary file renamed over
+    /// it).
+    StatsDir(PathBuf),
+}
+
+/// What [`confine`] leaves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// The user to switch to, if any.
+    pub user: Option<User>,
+    /// What stays reachable in the file system.
+    pub reachable: Vec<Reachable>,
+}
+
+impl Policy {
+    /// The policy for a backend on `platform` keeping its statistics in `stats_file`.
+    pub fn new(
+        platform: &xen::PlatformConfig,
+        stats_file: Option<&Path>,
+        user: Option<User>,
+    ) -> Self {
+        let mut reachable = vec![match platform {
+            xen::PlatformConfig::Xen => Reachable::Device(PathBuf::from("/dev/xen/evtchn")),
+            xen::PlatformConfig::Sim { dir, .. } => Reachable::SimDir(dir.clone()),
+        }];
+        if let Some(dir) = stats_file.and_then(Path::parent) {
+            // Created now, so that the rule has a directory to name.
+            let _ = std::fs::create_dir_all(dir);
+            reachable.push(Reachable::StatsDir(dir.to_owned()));
+        }
+        Self { user, reachable }
+    }
+}
+
+/// What [`confine`] achieved, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// How far Landlock is enforced.
+    pub landlock: filesystem::Enforcement,
+    /// System calls in the seccomp allow-list.
+    pub syscalls: usize,
+}
+
+/// Stage one, before any thread exists: `no_new_privs` and no capabilities (but the two a
+/// later `--user` switch needs, when `user` is set).
+///
+/// # Errors
+/// [`SandboxError::Privileges`] when the kernel refuses.
+pub fn prepare(user: Option<&User>) -> Result<(), SandboxError> {
+    privileges::set_no_new_privs()?;
+    privileges::drop_capabilities(user.is_some())
+}
+
+/// Stage two, once every file is open: user switch, Landlock, no capabilities, seccomp.
+///
+/// # Errors
+/// When a layer cannot be applied (Landlock's absence is not an error: it is logged).
+pub fn confine(policy: &Policy) -> Result<Report, SandboxError> {
+    if let Some(user) = &policy.user {
+        privileges::switch_user(user)?;
+    }
+    let landlock = filesystem::restrict(&policy.reachable)?;
+    privileges::drop_capabilities(false)?;
+    let syscalls = syscalls::install()?;
+    Ok(Report { landlock, syscalls })
+}
+
+static ARMED: Mutex<Option<Policy>> = Mutex::new(None);
+
+/// Arms [`confine_armed`]: confinement is a property of the whole process, so
+/// `blkbackd serve`'s `main` decides it once, and the serve loop applies it at the right
+/// moment. Library users (the tests, the demo's in-process parts) never arm it.
+pub fn arm(policy: Policy) {
+    if let Ok(mut armed) = ARMED.lock() {
+        *armed = Some(policy);
+    }
+}
+
+/// Applies the armed policy, once (later calls, and calls in a process that never armed one,
+/// do nothing).
+///
+/// # Errors
+/// When confinement fails; the caller must not go on serving.
+pub fn confine_armed() -> std::io::Result<()> {
+    let policy = ARMED.lock().ok().and_then(|mut a| a.take());
+    let Some(policy) = policy else {
+        return Ok(());
+    };
+    match confine(&policy) {
+        Ok(report) => {
+            tracing::info!(
+                landlock = %report.landlock,
+                syscalls = report.syscalls,
+                user = ?policy.user,
+                "confined: no capabilities, no new files, seccomp allow-list"
+            );
+            Ok(())
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}

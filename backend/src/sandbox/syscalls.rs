@@ -1,0 +1,154 @@
+//! The seccomp allow-list: the system calls a confined backend makes, found by running the
+//! real backend under `strace -f` through the demo and the end-to-end tests (every grant mode,
+//! ABI, indirect and persistent grants, reconnects, device errors, removal and SIGTERM), and
+//! keeping what happens after confinement. Anything else kills the process.
+//!
+//! Why each group is there:
+//! - the serve loop and XenStore: `ppoll`/`poll`, `read`, `write`, `sendmsg`, `recvmsg`,
+//!   `sendto`, `recvfrom`, `accept4` (a late handoff is answered "busy"), `futex`;
+//! - starting and ending a queue: `clone3`/`clone`, `mmap`, `munmap`, `mprotect`, `madvise`,
+//!   `rseq`, `set_robust_list`, `sigaltstack`, `prctl` (thread name), `sched_getaffinity`,
+//!   `io_uring_setup`, `io_uring_register`, `io_uring_enter`, `eventfd2`, `ioctl` (grant maps,
+//!   event channels, block device queries and discard), `openat` and `close` (the event-channel
+//!   device, opened per queue; Landlock decides which paths), `fcntl`, `fstat`/`statx`;
+//! - the simulated platform's event channels: `socket`, `bind`, `unlinkat`, `getsockname`;
+//! - the statistics file: `openat`, `write`, `renameat2`/`rename`, `mkdir`;
+//! - the device: `fdatasync`, `fallocate`, `lseek`;
+//! - ending: `exit`, `exit_group`, `rt_sigreturn`, `rt_sigprocmask`, `tgkill`, `getpid`,
+//!   `gettid` (an abort), `clock_gettime`, `clock_nanosleep`, `nanosleep`, `sched_yield`,
+//!   `getrandom` (hash maps).
+
+use super::SandboxError;
+
+/// System calls allowed on every architecture.
+pub const ALLOWED: &[&str] = &[
+    "accept4",
+    "bind",
+    "brk",
+    "clock_gettime",
+    "clock_nanosleep",
+    "clone",
+    "clone3",
+    "close",
+    "eventfd2",
+    "exit",
+    "exit_group",
+    "fallocate",
+    "fcntl",
+    "fdatasync",
+    "fstat",
+    "fsync",
+    "futex",
+    "getpid",
+    "getrandom",
+    "getsockname",
+    "gettid",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_uring_setup",
+    "ioctl",
+    "lseek",
+    "madvise",
+    "mkdirat",
+    "mmap",
+    "mprotect",
+    "munmap",
+    "nanosleep",
+    "newfstatat",
+    "openat",
+    "ppoll",
+    "prctl",
+    "pread64",
+    "pwrite64",
+    "read",
+    "recvfrom",
+    "recvmsg",
+    "renameat",
+    "renameat2",
+    "rseq",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sched_getaffinity",
+    "sched_yield",
+    "sendmsg",
+    "sendto",
+    "set_robust_list",
+    "setsockopt",
+    "sigaltstack",
+    "socket",
+    "statx",
+    "tgkill",
+    "unlinkat",
+    "write",
+    "writev",
+];
+
+/// System calls that exist only on x86_64 (older forms std or rustix may pick there).
+#[cfg(target_arch = "x86_64")]
+pub const ALLOWED_ARCH: &[&str] = &["mkdir", "poll", "rename", "unlink"];
+/// System calls that exist only on this architecture.
+#[cfg(not(target_arch = "x86_64"))]
+pub const ALLOWED_ARCH: &[&str] = &[];
+
+/// Every allowed system call's name.
+pub fn allow_list() -> impl Iterator<Item = &'static str> {
+    ALLOWED.iter().chain(ALLOWED_ARCH).copied()
+}
+
+/// The filter as seccompiler's JSON: allow the list, kill the process on anything else.
+fn filter_json() -> String {
+    let rules: Vec<String> = allow_list()
+        .map(|name| format!("{{\"syscall\":\"{name}\"}}"))
+        .collect();
+    format!(
+        "{{\"blkbackd\":{{\"mismatch_action\":\"kill_process\",\"filter_action\":\"allow\",\"filter\":[{}]}}}}",
+        rules.join(",")
+    )
+}
+
+/// Installs the filter on every thread of the process. Returns the allow-list's size.
+pub(super) fn install() -> Result<usize, SandboxError> {
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| SandboxError::Seccomp(seccompiler::Error::Backend(e)))?;
+    let mut programs = seccompiler::compile_from_json(filter_json().as_bytes(), arch)
+        .map_err(SandboxError::Seccomp)?;
+    let program = programs
+        .remove("blkbackd")
+        .ok_or(SandboxError::Seccomp(seccompiler::Error::EmptyFilter))?;
+    seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Seccomp)?;
+    Ok(allow_list().count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allow_list_compiles_for_this_architecture() {
+        let arch = std::env::consts::ARCH.try_into().unwrap();
+        let programs = seccompiler::compile_from_json(filter_json().as_bytes(), arch).unwrap();
+        assert!(!programs["blkbackd"].is_empty());
+        let mut names: Vec<&str> = allow_list().collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "duplicate names");
+        for forbidden in [
+            "execve",
+            "execveat",
+            "ptrace",
+            "open_by_handle_at",
+            "setuid",
+            "capset",
+            "kexec_load",
+            "bpf",
+            "mount",
+        ] {
+            assert!(
+                !names.contains(&forbidden),
+                "{forbidden} must not be allowed"
+            );
+        }
+    }
+}
