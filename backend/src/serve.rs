@@ -208,6 +208,35 @@ struct Backend {
     connection: Option<Connection>,
     stats: Arc<Stats>,
     stats_file: Option<StatsFile>,
+    guest_log: RateLimit,
+}
+
+/// Bounds the warnings a guest can cause (a frontend cycling through bad handshakes): a few
+/// per minute at warn level, the rest at debug level.
+#[derive(Debug)]
+struct RateLimit {
+    window: Instant,
+    count: u32,
+}
+
+impl RateLimit {
+    const PER_MINUTE: u32 = 10;
+
+    fn new() -> Self {
+        Self {
+            window: Instant::now(),
+            count: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(60) {
+            self.window = Instant::now();
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= Self::PER_MINUTE
+    }
 }
 
 /// Serves one device until it is removed or `stop` is set.
@@ -260,6 +289,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         connection: None,
         stats,
         stats_file,
+        guest_log: RateLimit::new(),
     };
     let outcome = backend.run(stop);
     backend.shutdown();
@@ -402,7 +432,11 @@ impl Backend {
 
     /// `xenbus_dev_fatal`: reports the error, drops the connection, switches to Closing.
     fn fatal(&mut self, err: &DevError) -> Result<(), ServeError> {
-        tracing::warn!(backend = %self.be.path, "{err}");
+        if self.guest_log.allow() {
+            tracing::warn!(backend = %self.be.path, "{err}");
+        } else {
+            tracing::debug!(backend = %self.be.path, "{err}");
+        }
         let path = error_node_path(&self.home, &self.be.path);
         if let Err(e) = self.xs.write(&path, err.node_value()) {
             tracing::warn!("failed to write error node {path}: {e}");
@@ -460,6 +494,11 @@ impl Backend {
                     "holding the device"
                 );
                 self.device = Some(Arc::new(device));
+                // Every file the backend needs is open: confine (`blkbackd serve` armed it).
+                crate::sandbox::confine_armed().map_err(|source| ServeError::Io {
+                    what: "confining the backend",
+                    source,
+                })?;
                 self.write_node(handoff::OPENED, handoff::OPENED_YES)?;
                 Ok(())
             }
@@ -734,8 +773,11 @@ impl Backend {
             match conn.queues.swap_remove(i).wait() {
                 QueueExit::Stopped => {}
                 QueueExit::Protocol(v) => {
-                    // Once per ring: the ring is gone after this.
-                    tracing::warn!(backend = %self.be.path, "frontend broke the ring protocol ({v}); ring halted");
+                    if self.guest_log.allow() {
+                        tracing::warn!(backend = %self.be.path, "frontend broke the ring protocol ({v}); ring halted");
+                    } else {
+                        tracing::debug!(backend = %self.be.path, "frontend broke the ring protocol ({v}); ring halted");
+                    }
                 }
                 QueueExit::Failed(why) => failure = Some(why),
                 QueueExit::Panicked => failure = Some("the queue thread panicked".to_owned()),
