@@ -978,3 +978,36 @@ fn two_queues_share_a_device() {
     let s = stats.snapshot();
     assert_eq!((s.rd_req, s.wr_req, s.in_flight), (1, 1, 0));
 }
+
+#[test]
+fn resize_is_seen_by_running_queues() {
+    let dir = TempDir::new("resize");
+    let img = image(&dir.0, 1024);
+    let dev = open(&img);
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let q = spawn_queue(f.params(&dir.0, Arc::clone(&dev))).unwrap();
+    assert_eq!(
+        f.rw(OP_READ, 1, 1024, 0, 8),
+        Some(Status::Error),
+        "beyond the end"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(2048 * 512)
+        .unwrap();
+    assert_eq!(
+        f.rw(OP_READ, 2, 1024, 0, 8),
+        Some(Status::Error),
+        "not refreshed yet"
+    );
+    assert_eq!(dev.refresh_size().unwrap(), 2048);
+    assert_eq!(f.rw(OP_READ, 3, 1024, 0, 8), Some(Status::Okay));
+    assert_eq!(
+        f.rw(OP_READ, 4, 2047, 0, 2),
+        Some(Status::Error),
+        "still checked against the new end"
+    );
+    q.stop();
+}

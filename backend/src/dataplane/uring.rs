@@ -529,11 +529,8 @@ impl Uring {
     /// # Errors
     /// When the submission queue is full even after submitting.
     pub(super) fn poll(&mut self, what: Control, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let e = opcode::PollAdd::new(
-            self.fixed(fd)?,
-            rustix::event::PollFlags::IN.bits().into(),
-        )
-        .build();
+        let e = opcode::PollAdd::new(self.fixed(fd)?, rustix::event::PollFlags::IN.bits().into())
+            .build();
         self.push(&[e.user_data(what.tag())])
     }
 
@@ -587,7 +584,11 @@ impl Uring {
     pub(super) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         match self.ring.submit_and_wait(want) {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc_eintr) if libc_eintr == Errno::INTR.raw_os_error() || libc_eintr == Errno::BUSY.raw_os_error()) => {
+            // Interrupted, or the completion queue is full: reaping comes next either way.
+            Err(e)
+                if e.raw_os_error() == Some(Errno::INTR.raw_os_error())
+                    || e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) =>
+            {
                 Ok(())
             }
             Err(e) => Err(e),
