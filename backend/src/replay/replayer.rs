@@ -525,8 +525,15 @@ impl<'a> Replay<'a> {
             return Err(self.invalid("a queue before the disk"));
         };
         let pages = spec.ring_refs.len();
+        // A reconnect keeps the ring pages and what was collected but not yet matched.
+        let mut received = Vec::new();
+        let mut sent = HashMap::new();
         let frames = match self.queues.remove(&q) {
-            Some(old) => old.frames,
+            Some(old) => {
+                received = old.received;
+                sent = old.sent;
+                old.frames
+            }
             None => {
                 let frames = self.alloc_frames(pages)?;
                 for (&r, &f) in spec.ring_refs.iter().zip(&frames) {
@@ -578,8 +585,8 @@ impl<'a> Replay<'a> {
                 frames,
                 port,
                 handle: Some(handle),
-                sent: HashMap::new(),
-                received: Vec::new(),
+                sent,
+                received,
             },
         );
         Ok(())
