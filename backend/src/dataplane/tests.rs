@@ -607,14 +607,15 @@ fn persistent_grants_are_capped_and_released() {
     assert_eq!(stats.snapshot().persistent_grants, 0);
     // A grant the frontend revoked: the request fails, nothing stays mapped.
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
+    // The good page is mapped (and cached) before the bad one fails.
     let bad = [
         Segment {
-            gref: 0xdead,
+            gref: f.page(3).1,
             first_sect: 0,
             last_sect: 7,
         },
         Segment {
-            gref: f.page(3).1,
+            gref: 0xdead,
             first_sect: 0,
             last_sect: 7,
         },
@@ -627,6 +628,11 @@ fn persistent_grants_are_capped_and_released() {
         segs: &bad,
     });
     assert_eq!(st, Some(Status::Error));
+    assert_eq!(
+        stats.snapshot().persistent_grants,
+        in_use(&f) as u64,
+        "what stays mapped is exactly the cache"
+    );
     assert_eq!(q.stop(), QueueExit::Stopped);
     assert_eq!(in_use(&f), 0, "no grant leaked after stop");
     assert!(
@@ -1010,4 +1016,54 @@ fn resize_is_seen_by_running_queues() {
         "still checked against the new end"
     );
     q.stop();
+}
+
+#[test]
+fn read_only_grants_serve_writes_and_fail_reads() {
+    for mode in [GrantMode::Copy, GrantMode::Map] {
+        let dir = TempDir::new("rogrant");
+        let img = image(&dir.0, 1024);
+        let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+        let mut p = f.params(&dir.0, open(&img));
+        p.grant_mode = mode;
+        let q = spawn_queue(p).unwrap();
+        let frame = DATA0 + 500;
+        let ro = f.dom.grant(0, frame, Access::ReadOnly).unwrap();
+        f.dom.page(frame).unwrap().fill(0, PAGE_SIZE, 0x77).unwrap();
+        let seg = [Segment {
+            gref: ro,
+            first_sect: 0,
+            last_sect: 7,
+        }];
+        let w = FrontRequest::Direct {
+            operation: OP_WRITE,
+            id: 1,
+            sector: 0,
+            handle: 0,
+            segs: &seg,
+        };
+        assert_eq!(
+            f.one(&w),
+            Some(Status::Okay),
+            "{mode:?}: a write only reads the page"
+        );
+        assert!(std::fs::read(&img).unwrap()[..PAGE_SIZE]
+            .iter()
+            .all(|&b| b == 0x77));
+        let r = FrontRequest::Direct {
+            operation: OP_READ,
+            id: 2,
+            sector: 0,
+            handle: 0,
+            segs: &seg,
+        };
+        assert_eq!(
+            f.one(&r),
+            Some(Status::Error),
+            "{mode:?}: a read must not write a read-only grant"
+        );
+        assert_eq!(f.rw(OP_READ, 3, 0, 0, 8), Some(Status::Okay));
+        assert_eq!(q.stop(), QueueExit::Stopped);
+        assert!(!f.dom.grant_in_use(ro));
+    }
 }
