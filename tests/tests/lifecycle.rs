@@ -157,3 +157,30 @@ fn sigterm_closes_a_connected_device() {
         .close()
         .expect("no grant left mapped by the dead backend");
 }
+
+#[test]
+fn bogus_req_prod_halts_that_ring_only() {
+    let sim = Sim::new("bogus");
+    let (spec, mut backend, mut front) = connected(&sim, 8, &[], FrontOptions::default());
+    assert_eq!(front.info().unwrap().queues, 2);
+    let mut model = DiskModel::zeroed(front.info().unwrap().sectors / 8, true);
+    exercise(&mut front, &mut model);
+    // Queue 0's frontend claims 100000 requests it never wrote.
+    front.corrupt_req_prod(0, 100_000).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // The device stays connected and queue 1 keeps serving.
+    assert!(backend.running());
+    assert_eq!(backend_node(&sim, &spec, "state").as_deref(), Some("4"));
+    let c = front
+        .execute(
+            1,
+            IoOp::Read {
+                sector: 0,
+                sectors: 8,
+            },
+        )
+        .unwrap();
+    assert!(c.is_ok());
+    // The halted ring was unmapped: closing ends every grant.
+    remove(&sim, &spec, &mut backend, &mut front);
+}

@@ -464,6 +464,23 @@ impl SimFront {
         }
     }
 
+    /// Overwrites `queue`'s shared `req_prod` with `value` and sends an event: a hostile guest
+    /// claiming requests it never wrote (CVE-2010-4247, XSA-155).
+    ///
+    /// # Errors
+    /// [`SimFrontError::Usage`] for a bad queue; event-channel failures.
+    pub fn corrupt_req_prod(&mut self, queue: usize, value: u32) -> Result<(), SimFrontError> {
+        let q = self
+            .queues
+            .get(queue)
+            .ok_or_else(|| SimFrontError::Usage(format!("no queue {queue}")))?;
+        let mem = ring_mem(&self.domain, &q.ring_frames)?;
+        mem.store_u32(ring::REQ_PROD, value, std::sync::atomic::Ordering::Release)
+            .map_err(|e| SimFrontError::Usage(format!("ring memory: {e}")))?;
+        self.evtchn.notify(q.port)?;
+        Ok(())
+    }
+
     /// Free slots on `queue`'s ring.
     pub fn free_slots(&self, queue: usize) -> u32 {
         self.queues.get(queue).map_or(0, |q| q.ring.free_slots())
