@@ -94,7 +94,6 @@ pub(super) struct Queue {
     failed: Vec<bool>,
     seg_maps: Vec<Option<Arc<GrantMapping>>>,
     np_grefs: Vec<GrantRef>,
-    ind_scratch: Vec<u8>,
     ind_pages: Vec<IndirectPage>,
 
     // Late EOI (XSA-332).
@@ -205,8 +204,9 @@ impl Queue {
             failed: Vec::with_capacity(size),
             seg_maps: Vec::with_capacity(max_segs),
             np_grefs: Vec::with_capacity(max_segs),
-            ind_scratch: vec![0; ring::MAX_INDIRECT_PAGES * PAGE_SIZE],
-            ind_pages: Vec::with_capacity(ring::MAX_INDIRECT_PAGES),
+            ind_pages: (0..ring::MAX_INDIRECT_PAGES)
+                .map(|_| IndirectPage::new())
+                .collect(),
             eoi_due: false,
             gauge_in_flight: 0,
             gauge_pgrants: 0,
@@ -448,18 +448,17 @@ impl Queue {
         let req = match ring::parse(raw, limits) {
             Ok(Parsed::Ready(req)) => req,
             Ok(Parsed::Indirect(h)) => match self.fetch_indirect(&h) {
-                Ok(()) => match ring::parse_indirect(&h, &self.ind_pages, limits) {
+                Ok(()) => match ring::parse_indirect(
+                    &h,
+                    self.ind_pages.get(..h.pages()).unwrap_or(&[]),
+                    limits,
+                ) {
                     Ok(req) => req,
                     Err(rej) => return self.reject(mem, &rej),
                 },
                 Err(status) => {
                     tracing::debug!(queue = %self.name, id = h.id, "indirect pages unreachable: {status:?}");
-                    let rsp = ring::Response {
-                        id: h.id,
-                        operation: h.operation,
-                        status: Status::Error,
-                    };
-                    return self.put(mem, &rsp);
+                    return self.put(mem, &h.response(Status::Error));
                 }
             },
             Err(rej) => return self.reject(mem, &rej),
@@ -493,23 +492,27 @@ impl Queue {
         }
     }
 
-    /// Copies the indirect pages of `h` once into `self.ind_pages`.
+    /// Copies the indirect pages of `h` once into the first pages of `self.ind_pages`
+    /// (preallocated, reused).
     fn fetch_indirect(&mut self, h: &ring::IndirectHeader) -> Result<(), GrantStatus> {
-        self.ind_pages.clear();
         let grefs = h.page_grefs();
+        let pages = self
+            .ind_pages
+            .get_mut(..grefs.len())
+            .ok_or(GrantStatus::GeneralError)?;
         match self.grant_mode {
             GrantMode::Copy => {
-                let mut ops: Vec<CopyOp<'_>> = self
-                    .ind_scratch
-                    .chunks_mut(PAGE_SIZE)
+                let domid = self.frontend;
+                let mut ops: Vec<CopyOp<'_>> = pages
+                    .iter_mut()
                     .zip(grefs)
-                    .map(|(dst, &gref)| CopyOp::FromGuest {
+                    .map(|(page, &gref)| CopyOp::FromGuest {
                         src: GrantAddr {
-                            domid: self.frontend,
+                            domid,
                             gref,
                             offset: 0,
                         },
-                        dst,
+                        dst: &mut page.as_bytes_mut()[..],
                         status: GrantStatus::GeneralError,
                     })
                     .collect();
@@ -524,12 +527,6 @@ impl Queue {
                 {
                     return Err(bad);
                 }
-                drop(ops);
-                for chunk in self.ind_scratch.chunks(PAGE_SIZE).take(grefs.len()) {
-                    let mut page = [0u8; PAGE_SIZE];
-                    page.copy_from_slice(chunk);
-                    self.ind_pages.push(IndirectPage::from_bytes(page));
-                }
             }
             GrantMode::Map => {
                 // Linux maps indirect pages read-only and reads them once.
@@ -542,14 +539,12 @@ impl Queue {
                         _ => GrantStatus::GeneralError,
                     })?;
                 let mem = m.mem();
-                for i in 0..grefs.len() {
-                    let mut page = IndirectPage::new();
+                for (i, page) in pages.iter_mut().enumerate() {
                     let sub = mem
                         .subregion(i * PAGE_SIZE, PAGE_SIZE)
                         .map_err(|_| GrantStatus::GeneralError)?;
                     page.read_from(&sub)
                         .map_err(|_| GrantStatus::GeneralError)?;
-                    self.ind_pages.push(page);
                 }
             }
         }

@@ -355,6 +355,16 @@ fn indirect(mode: GrantMode) {
             "read segment {i}"
         );
     }
+    // An indirect page the frontend never granted: that request fails, nothing else.
+    let st = f.one(&FrontRequest::Indirect {
+        indirect_op: OP_READ,
+        id: 8,
+        sector: 8,
+        handle: 0,
+        nr_segments: 16,
+        page_grefs: &[0xdead],
+    });
+    assert_eq!(st, Some(Status::Error));
     // 257 segments: more than advertised, refused.
     let st = f.one(&FrontRequest::Indirect {
         indirect_op: OP_READ,
