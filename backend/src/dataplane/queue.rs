@@ -321,10 +321,14 @@ impl Queue {
     /// Publishes the responses written and notifies the frontend if it asked.
     fn push(&mut self, mem: &SharedMem<'_>) -> Result<(), String> {
         match self.back.push_responses(mem) {
-            Ok(true) => self
-                .evtchn
-                .notify(self.local_port)
-                .map_err(|e| format!("notify: {e}")),
+            Ok(true) => {
+                // The frontend may have closed its end (a reboot in progress): as Linux's
+                // notify_remote_via_irq, carry on; the control plane sees the state change.
+                if let Err(e) = self.evtchn.notify(self.local_port) {
+                    tracing::debug!(queue = %self.name, "notify: {e}");
+                }
+                Ok(())
+            }
             Ok(false) => Ok(()),
             Err(e) => Err(format!("pushing responses: {e}")),
         }
