@@ -1077,3 +1077,33 @@ fn read_only_grants_serve_writes_and_fail_reads() {
         assert!(!f.dom.grant_in_use(ro));
     }
 }
+
+#[test]
+fn frontend_domain_dying_under_the_queue() {
+    let dir = TempDir::new("die");
+    let img = image(&dir.0, 1024);
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let mut p = f.params(&dir.0, open(&img));
+    p.grant_mode = GrantMode::Map;
+    p.persistent_grants = true;
+    let q = spawn_queue(p).unwrap();
+    assert_eq!(f.rw(OP_READ, 1, 0, 0, 8), Some(Status::Okay));
+    // Requests pushed, then the domain is destroyed (its port closes, grants go bad).
+    f.queue(&FrontRequest::Direct {
+        operation: OP_READ,
+        id: 2,
+        sector: 0,
+        handle: 0,
+        segs: &segs_for(&f, 1, 8),
+    });
+    f.push();
+    let Front { dom, evt, .. } = f;
+    drop(evt);
+    dom.destroy().unwrap();
+    // The queue still stops cleanly, releasing its mappings.
+    let exit = q.stop();
+    assert!(
+        matches!(exit, QueueExit::Stopped | QueueExit::Failed(_)),
+        "{exit:?}"
+    );
+}
