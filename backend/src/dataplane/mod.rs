@@ -7,7 +7,10 @@
 //!   thread. It returns a [`QueueHandle`].
 //! - [`QueueHandle::stop`] stops taking requests, waits for the requests in flight to complete
 //!   and answers them, unmaps every grant (ring, persistent and per-request mappings), unbinds
-//!   the event channel and joins the thread. It returns the [`QueueExit`].
+//!   the event channel and joins the thread. It returns the [`QueueExit`]. Its time is
+//!   bounded by the device's: I/O already submitted must complete (or fail) before the memory
+//!   it points at may be released, so a hung device hangs `stop` rather than letting the
+//!   kernel write into freed memory. Dropping a [`QueueHandle`] stops the queue the same way.
 //! - A queue also stops by itself when the frontend breaks the ring protocol (a bogus
 //!   `req_prod`, [`QueueExit::Protocol`]) or on an unrecoverable local failure
 //!   ([`QueueExit::Failed`]): [`QueueHandle::is_finished`] then turns true and
@@ -17,7 +20,10 @@
 //! - Resize: validation reads [`Device::sectors`] on every pass; the control plane calls
 //!   [`Device::refresh_size`] on the shared [`Device`] and every queue sees the new size.
 //! - Statistics: [`Stats`] (Linux's `oo_req`, `rd_req`, `wr_req`, `f_req`, `ds_req`, `rd_sect`,
-//!   `wr_sect`, plus errors, events and latency), readable at any time.
+//!   `wr_sect`, plus errors, events and latency), readable at any time. One [`Stats`] may be
+//!   shared by all queues of a device.
+//! - Multi-queue: one [`spawn_queue`] per queue (`queue-%u/`), each with its own ring refs
+//!   and port; they share the [`Device`].
 //!
 //! # One request's way
 //! The event channel's fd is polled by an SQE in the queue's own io_uring. When it fires,
@@ -47,6 +53,10 @@
 //!   `BLKIF_RSP_EOPNOTSUPP`, as a backend without them answers).
 //! - CD-ROM and other read-only vbds: set [`Features::read_only`]; every non-read is refused
 //!   as Linux refuses it.
+//! - Copy mode keeps, per queue, one 44 KiB bounce region per ring slot and 8 regions of
+//!   `max_indirect_segments` pages for indirect requests (an indirect request finding none
+//!   free waits, counted in `oo_req`), all registered with the io_uring (pinned: about 24 MiB
+//!   for a 16-page ring with 256 indirect segments).
 
 mod persistent;
 mod queue;
