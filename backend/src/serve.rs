@@ -7,7 +7,8 @@
 //!    `max-ring-page-order`, `opened` = 0 (the RFC series), watch the backend directory and
 //!    the frontend's `state`, switch to InitWait;
 //! 2. hold the device (inherited fd, handoff socket, `physical-device` or `params`), checking
-//!    its diskseq, then write `opened` = 1;
+//!    its diskseq, close the handoff socket, confine the process ([`crate::sandbox`]), then
+//!    write `opened` = 1;
 //! 3. when the frontend is Initialised (or Connected): read and validate its keys, map its
 //!    rings and bind its event channels (one data-plane queue each), write the connect
 //!    transaction, switch to Connected;
@@ -494,6 +495,9 @@ impl Backend {
                     "holding the device"
                 );
                 self.device = Some(Arc::new(device));
+                // The handoff socket has done its job: close it (and remove its name) while
+                // that is still allowed, so nothing is accepted once confined.
+                self.close_listener();
                 // Every file the backend needs is open: confine (`blkbackd serve` armed it).
                 crate::sandbox::confine_armed().map_err(|source| ServeError::Io {
                     what: "confining the backend",
@@ -821,6 +825,10 @@ impl Backend {
         if let Some(f) = &mut self.stats_file {
             f.flush(&self.stats, self.state);
         }
+        self.close_listener();
+    }
+
+    fn close_listener(&mut self) {
         if let (Some(_), DeviceSource::Handoff(path)) = (self.listener.take(), &self.source) {
             let _ = std::fs::remove_file(path);
         }
