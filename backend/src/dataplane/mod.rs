@@ -55,7 +55,7 @@
 //!   as Linux refuses it.
 //! - Copy mode keeps, per queue, one 44 KiB bounce region per ring slot and 8 regions of
 //!   `max_indirect_segments` pages for indirect requests (an indirect request finding none
-//!   free waits, counted in `oo_req`), all registered with the io_uring (pinned: about 24 MiB
+//!   free waits, counted in `oo_req`), all registered with the io_uring (pinned: about 30 MiB
 //!   for a 16-page ring with 256 indirect segments).
 
 mod persistent;

@@ -98,6 +98,8 @@ pub(super) struct Queue {
 
     // Late EOI (XSA-332).
     eoi_due: bool,
+    /// A slot was freed since the flag was last cleared.
+    freed: bool,
     /// This queue's share of the shared gauges, as last added.
     gauge_in_flight: u64,
     gauge_pgrants: u64,
@@ -208,6 +210,7 @@ impl Queue {
                 .map(|_| IndirectPage::new())
                 .collect(),
             eoi_due: false,
+            freed: false,
             gauge_in_flight: 0,
             gauge_pgrants: 0,
             consumed_since_unmask: 0,
@@ -294,13 +297,22 @@ impl Queue {
                 self.eoi_due = true;
             }
             self.copy_out(&mem);
-            self.start_deferred(&mem);
-            self.consumed_since_unmask += if self.stopping || self.broken.is_some() {
-                0
-            } else {
-                self.consume(&mem)
-            };
-            self.copy_in(&mem);
+            loop {
+                self.freed = false;
+                self.start_deferred(&mem);
+                self.consumed_since_unmask += if self.stopping || self.broken.is_some() {
+                    0
+                } else {
+                    self.consume(&mem)
+                };
+                self.copy_in(&mem);
+                // A request that waits (for a barrier's drain or a bounce region) may have
+                // become startable by a slot freed after it was tried, with no completion
+                // left to wake us: try again (the loop ends once nothing more is freed).
+                if !(self.deferred.is_some() && self.freed) {
+                    break;
+                }
+            }
             if self.eoi_due {
                 self.eoi_due = false;
                 self.late_eoi(self.consumed_since_unmask > 0 || self.free.is_empty())?;
@@ -990,6 +1002,7 @@ impl Queue {
             self.deferred = None;
         }
         self.free.push(slot);
+        self.freed = true;
         self.put(mem, &rsp);
     }
 }

@@ -1107,3 +1107,80 @@ fn frontend_domain_dying_under_the_queue() {
         "{exit:?}"
     );
 }
+
+/// A frontend sending random slots (operation codes biased towards real ones, grant refs
+/// good, bad and read-only, sectors near and past the end): every request gets exactly one
+/// response, the queue stays up, and nothing stays mapped after stop.
+#[test]
+fn hostile_slots_are_all_answered_and_nothing_leaks() {
+    for (mode, persistent, abi) in [
+        (GrantMode::Copy, false, Abi::X86_64),
+        (GrantMode::Map, true, Abi::X86_32),
+        (GrantMode::Map, false, Abi::X86_64),
+    ] {
+        let dir = TempDir::new("hostile");
+        let img = image(&dir.0, 4096);
+        let mut f = Front::new(&dir.0, abi, 2);
+        let mut p = f.params(&dir.0, open(&img));
+        p.grant_mode = mode;
+        p.persistent_grants = persistent;
+        p.max_persistent_grants = 16;
+        let q = spawn_queue(p).unwrap();
+        let ro = f.dom.grant(0, DATA0 + 599, Access::ReadOnly).unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let size = abi.request_size();
+        let mut sent = 0usize;
+        let mut answered = 0usize;
+        for _round in 0..40 {
+            let n = 1 + (rnd() % u64::from(f.ring.free_slots())) as usize;
+            for _ in 0..n {
+                let mut b: Vec<u8> = (0..size).map(|_| rnd() as u8).collect();
+                b[0] = [0u8, 1, 2, 3, 5, 6, 4, 0xff][(rnd() % 8) as usize];
+                if rnd() % 2 == 0 {
+                    b[1] = (rnd() % 12) as u8; // plausible segment count
+                }
+                // Segments: mostly real grants, sometimes bad or read-only ones.
+                let seg0 = if abi == Abi::X86_64 { 24 } else { 20 };
+                for s in 0..11 {
+                    let at = seg0 + s * 8;
+                    let gref = match rnd() % 6 {
+                        0 => 0xdead,
+                        1 => ro,
+                        _ => f.page((rnd() % 500) as usize).1,
+                    };
+                    b[at..at + 4].copy_from_slice(&gref.to_le_bytes());
+                    let first = (rnd() % 8) as u8;
+                    b[at + 4] = first;
+                    b[at + 5] = first + (rnd() % u64::from(8 - first)) as u8;
+                }
+                // Sectors: mostly inside the disk.
+                let sector_at = if abi == Abi::X86_64 { 16 } else { 12 };
+                if rnd() % 4 != 0 {
+                    b[sector_at..sector_at + 8].copy_from_slice(&(rnd() % 4200).to_le_bytes());
+                }
+                let mem = f.dom.mem().subregion(0, f.ring_pages * PAGE_SIZE).unwrap();
+                f.ring.queue_raw(&mem, &b).unwrap();
+                sent += 1;
+            }
+            f.push();
+            answered += f.responses(n).len();
+            assert!(!q.is_finished(), "{mode:?}: queue died");
+        }
+        assert_eq!(answered, sent);
+        assert_eq!(
+            f.rw(OP_READ, 1, 0, 0, 8),
+            Some(Status::Okay),
+            "{mode:?}: still serving"
+        );
+        assert_eq!(q.stop(), QueueExit::Stopped);
+        for g in f.ring_refs.iter().chain(&f.data_refs).chain([&ro]) {
+            assert!(!f.dom.grant_in_use(*g), "{mode:?}: grant {g} leaked");
+        }
+    }
+}
