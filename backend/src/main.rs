@@ -117,6 +117,14 @@ struct ServeArgs {
     /// Keep the statistics in this file (default /run/blkbackd/vbd-<domid>-<devid>.stats).
     #[arg(long, value_name = "PATH")]
     stats_file: Option<PathBuf>,
+    /// Do not confine the backend (for debugging only: a bug a guest finds then gets every
+    /// privilege of this process).
+    #[arg(long, env = "BLKBACKD_NO_SANDBOX")]
+    no_sandbox: bool,
+    /// Once the device is held, run as this user (NAME, UID or UID:GID). It must be able to
+    /// open the event-channel device, which each queue opens when a frontend connects.
+    #[arg(long, env = "BLKBACKD_USER", value_name = "USER")]
+    user: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -357,6 +365,19 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         DeviceSource::PhysicalDevice
     };
+    let user = args
+        .user
+        .as_deref()
+        .map(backend::sandbox::User::parse)
+        .transpose()?;
+    if args.no_sandbox {
+        tracing::warn!(
+            "--no-sandbox: this backend will NOT be confined (capabilities, Landlock, seccomp); \
+             a guest that finds a bug gets root's privileges in dom0. For debugging only."
+        );
+    } else {
+        backend::sandbox::prepare(user.as_ref()).context("dropping privileges")?;
+    }
     let platform = platform_config
         .open()
         .with_context(|| format!("opening the {} platform", args.platform.platform))?;
@@ -375,6 +396,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let stats_file = args.stats_file.unwrap_or_else(|| {
         stats_file::default_path(backend_path.frontend_domid, backend_path.devid)
     });
+    if !args.no_sandbox {
+        backend::sandbox::arm(backend::sandbox::Policy::new(
+            &platform_config,
+            Some(&stats_file),
+            user,
+        ));
+    }
     let config = ServeConfig {
         platform,
         backend_path: backend_path.path.clone(),

@@ -156,13 +156,15 @@ pub struct Report {
     pub syscalls: usize,
 }
 
-/// Stage one, before any thread exists: `no_new_privs` and no capabilities (but the two a
+/// Stage one, before any thread exists: `no_new_privs`, `RLIMIT_MEMLOCK` lifted for the
+/// registered bounce buffers (the data plane caps them), and no capabilities (but the two a
 /// later `--user` switch needs, when `user` is set).
 ///
 /// # Errors
 /// [`SandboxError::Privileges`] when the kernel refuses.
 pub fn prepare(user: Option<&User>) -> Result<(), SandboxError> {
     privileges::set_no_new_privs()?;
+    privileges::lift_memlock_limit();
     privileges::drop_capabilities(user.is_some())
 }
 

@@ -1,5 +1,7 @@
 //! Capabilities, `no_new_privs` and the user switch.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use caps::{CapSet, Capability, CapsHashSet};
 
 use super::SandboxError;
@@ -78,21 +80,56 @@ pub(super) fn set_no_new_privs() -> Result<(), SandboxError> {
         .map_err(|e| privileges("prctl(PR_SET_NO_NEW_PRIVS)")(e.into()))
 }
 
+/// Whether `CAP_IPC_LOCK` must stay (see [`lift_memlock_limit`]).
+static KEEP_IPC_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Lifts `RLIMIT_MEMLOCK` while `CAP_SYS_RESOURCE` is still held: without `CAP_IPC_LOCK` the
+/// io_uring's registered bounce buffers (up to 30 MiB per queue, sized and capped by the data
+/// plane, see [`super`]) are charged to it, and the usual 8 MiB would refuse them. Where the
+/// limit cannot be lifted (no `CAP_SYS_RESOURCE`, as in many containers), `CAP_IPC_LOCK` is
+/// kept instead, and said so.
+pub(super) fn lift_memlock_limit() {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    let unlimited = Rlimit {
+        current: None,
+        maximum: None,
+    };
+    if let Err(e) = setrlimit(Resource::Memlock, unlimited) {
+        tracing::info!(
+            "cannot lift RLIMIT_MEMLOCK ({e}): keeping CAP_IPC_LOCK so that io_uring can \
+             register the bounce buffers"
+        );
+        KEEP_IPC_LOCK.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The capabilities that stay after [`drop_capabilities`].
+pub(super) fn kept(keep_setid: bool) -> CapsHashSet {
+    let mut keep = CapsHashSet::new();
+    if keep_setid {
+        keep.extend([Capability::CAP_SETUID, Capability::CAP_SETGID]);
+    }
+    if KEEP_IPC_LOCK.load(Ordering::Relaxed) {
+        keep.insert(Capability::CAP_IPC_LOCK);
+    }
+    keep
+}
+
 /// Drops every capability of the calling thread (and so of the threads it starts), from the
 /// bounding set too; `keep_setid` keeps `CAP_SETUID` and `CAP_SETGID` for a later switch.
 pub(super) fn drop_capabilities(keep_setid: bool) -> Result<(), SandboxError> {
-    let keep: CapsHashSet = if keep_setid {
-        [Capability::CAP_SETUID, Capability::CAP_SETGID]
-            .into_iter()
-            .collect()
-    } else {
-        CapsHashSet::new()
-    };
-    // The bounding set first: dropping from it needs CAP_SETPCAP, still held here.
-    for cap in caps::all() {
-        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
-            caps::drop(None, CapSet::Bounding, cap)
-                .map_err(caps_error("dropping from the bounding set"))?;
+    // Only what is held can be kept (an unprivileged run holds nothing).
+    let permitted =
+        caps::read(None, CapSet::Permitted).map_err(caps_error("reading capabilities"))?;
+    let keep: CapsHashSet = kept(keep_setid).intersection(&permitted).copied().collect();
+    // The bounding set first: dropping from it needs CAP_SETPCAP. Without it (an unprivileged
+    // run) the bounding set stays, harmless with an empty permitted set and no_new_privs.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::all() {
+            if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+                caps::drop(None, CapSet::Bounding, cap)
+                    .map_err(caps_error("dropping from the bounding set"))?;
+            }
         }
     }
     caps::clear(None, CapSet::Ambient).map_err(caps_error("clearing ambient capabilities"))?;
@@ -113,8 +150,21 @@ pub(super) fn switch_user(user: &User) -> Result<(), SandboxError> {
     rustix::thread::set_thread_groups(&[]).map_err(|e| privileges("setgroups")(e.into()))?;
     rustix::thread::set_thread_res_gid(gid, gid, gid)
         .map_err(|e| privileges("setresgid")(e.into()))?;
+    // Leaving uid 0 clears the permitted set unless told otherwise; CAP_IPC_LOCK may have to
+    // survive it (see lift_memlock_limit).
+    let keep = kept(false);
+    if !keep.is_empty() {
+        rustix::thread::set_keep_capabilities(true)
+            .map_err(|e| privileges("prctl(PR_SET_KEEPCAPS)")(e.into()))?;
+    }
     rustix::thread::set_thread_res_uid(uid, uid, uid)
         .map_err(|e| privileges("setresuid")(e.into()))?;
+    if !keep.is_empty() {
+        rustix::thread::set_keep_capabilities(false)
+            .map_err(|e| privileges("prctl(PR_SET_KEEPCAPS)")(e.into()))?;
+        caps::set(None, CapSet::Effective, &keep)
+            .map_err(caps_error("setting effective capabilities"))?;
+    }
     Ok(())
 }
 

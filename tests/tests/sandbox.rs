@@ -1,0 +1,246 @@
+//! Least privilege, layer by layer: the real `blkbackd serve` is confined once it holds its
+//! device (and still serves), a confined process cannot open a new file nor make a system call
+//! outside the allow-list (it is killed with SIGSYS), and a restricted io_uring cannot reach an
+//! fd it was not given nor run an operation outside its list.
+//!
+//! The layer tests run the confinement in a child process (this test binary, re-run with
+//! `BLKBACKD_SANDBOX_CHILD` naming what to try), since confinement cannot be undone.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+
+use backend::sandbox::{self, Policy, Reachable};
+use backend::simfront::workload::DiskModel;
+use backend::simfront::FrontOptions;
+use io_uring::{opcode, types};
+use tests::{connected, exercise, remove, Sim, TempDir};
+
+const CHILD: &str = "BLKBACKD_SANDBOX_CHILD";
+const SIGSYS: i32 = 31;
+
+/// One line of `/proc/<pid>/status` (or of a thread's), its value.
+fn status_field(status: &str, name: &str) -> Option<String> {
+    status.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// Capability bits a confined backend may keep: none, or CAP_IPC_LOCK (bit 14) where
+/// RLIMIT_MEMLOCK cannot be lifted (a container without CAP_SYS_RESOURCE).
+fn caps_ok(hex: &str) -> bool {
+    u64::from_str_radix(hex, 16).is_ok_and(|v| v & !(1 << 14) == 0)
+}
+
+#[test]
+fn the_real_backend_is_confined_and_still_serves() {
+    let sim = Sim::new("sandbox-serve");
+    let (spec, mut backend, mut front) =
+        connected(&sim, 32, &["--grant-mode", "copy"], FrontOptions::default());
+    let mut model = DiskModel::zeroed(front.info().unwrap().sectors / 8, true);
+    exercise(&mut front, &mut model);
+    // Every thread: no_new_privs, a seccomp filter, no capabilities.
+    let tasks = format!("/proc/{}/task", backend.pid());
+    let mut threads = 0;
+    for task in std::fs::read_dir(&tasks).expect("listing the backend's threads") {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let name = status_field(&status, "Name").unwrap_or_default();
+        assert_eq!(
+            status_field(&status, "NoNewPrivs").as_deref(),
+            Some("1"),
+            "{name}"
+        );
+        assert_eq!(
+            status_field(&status, "Seccomp").as_deref(),
+            Some("2"),
+            "{name}"
+        );
+        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+            let v = status_field(&status, set).unwrap();
+            assert!(caps_ok(&v), "{name}: {set} {v}");
+        }
+        if tests::is_root() {
+            let v = status_field(&status, "CapBnd").unwrap();
+            assert!(caps_ok(&v), "{name}: CapBnd {v}");
+        }
+        threads += 1;
+    }
+    // Main thread, XenStore reader, at least one queue.
+    assert!(threads >= 3, "{threads} threads");
+    // The statistics file is still rewritten under Landlock.
+    let before = std::fs::metadata(&backend.stats_file)
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let after = std::fs::metadata(&backend.stats_file)
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(after > before, "the statistics file is no longer updated");
+    remove(&sim, &spec, &mut backend, &mut front);
+}
+
+#[test]
+fn no_sandbox_leaves_the_backend_unconfined() {
+    let sim = Sim::new("sandbox-off");
+    let (spec, mut backend, mut front) =
+        connected(&sim, 8, &["--no-sandbox"], FrontOptions::default());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", backend.pid())).unwrap();
+    assert_eq!(status_field(&status, "Seccomp").as_deref(), Some("0"));
+    remove(&sim, &spec, &mut backend, &mut front);
+}
+
+/// Re-runs `test` in a child with `what` to try; returns its exit status.
+fn child(test: &str, what: &str, dir: &Path) -> std::process::ExitStatus {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, what)
+        .env("BLKBACKD_SANDBOX_DIR", dir)
+        .status()
+        .expect("running the child")
+}
+
+/// In the child: confines this process with `dir` as its only reachable directory.
+fn confine_child() -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(std::env::var_os("BLKBACKD_SANDBOX_DIR").unwrap());
+    sandbox::prepare(None).expect("prepare");
+    let policy = Policy {
+        user: None,
+        reachable: vec![Reachable::SimDir(dir.join("reachable"))],
+    };
+    let report = sandbox::confine(&policy).expect("confine");
+    assert!(report.syscalls > 20);
+    dir
+}
+
+/// Exits the child: 0 when `ok`, with a message otherwise.
+fn child_exit(ok: bool, what: &str) -> ! {
+    if !ok {
+        eprintln!("sandbox child: {what}");
+    }
+    std::process::exit(if ok { 0 } else { 1 })
+}
+
+#[test]
+fn a_confined_process_cannot_open_a_new_file() {
+    if std::env::var_os(CHILD).is_some() {
+        let dir = confine_child();
+        let denied = |r: std::io::Result<std::fs::File>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
+        // An existing file elsewhere, for reading or writing, and a new one.
+        if !denied(std::fs::File::open(dir.join("outside"))) {
+            child_exit(false, "opened an existing file for reading");
+        }
+        if !denied(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("outside")),
+        ) {
+            child_exit(false, "opened an existing file for writing");
+        }
+        if !denied(std::fs::File::create(dir.join("new"))) {
+            child_exit(false, "created a file");
+        }
+        if !denied(std::fs::File::open("/etc/passwd")) {
+            child_exit(false, "opened /etc/passwd");
+        }
+        // What the policy keeps reachable still is.
+        let kept = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("reachable/file"));
+        child_exit(
+            kept.is_ok(),
+            "the reachable directory's file could not be opened",
+        );
+    }
+    let tmp = TempDir::new("sandbox-open");
+    std::fs::write(tmp.path().join("outside"), b"x").unwrap();
+    std::fs::create_dir(tmp.path().join("reachable")).unwrap();
+    std::fs::write(tmp.path().join("reachable/file"), b"x").unwrap();
+    let status = child(
+        "a_confined_process_cannot_open_a_new_file",
+        "open",
+        tmp.path(),
+    );
+    assert!(status.success(), "child: {status}");
+    assert!(!tmp.path().join("new").exists());
+}
+
+#[test]
+fn a_forbidden_system_call_kills_the_process() {
+    if let Some(what) = std::env::var_os(CHILD) {
+        confine_child();
+        if what == "allowed" {
+            // An allowed call returns normally.
+            let _ = rustix::process::getpid();
+            child_exit(true, "");
+        }
+        // getppid is not in the allow-list: the kernel kills the process here.
+        let _ = rustix::process::getppid();
+        child_exit(false, "getppid returned");
+    }
+    let tmp = TempDir::new("sandbox-syscall");
+    std::fs::create_dir(tmp.path().join("reachable")).unwrap();
+    let test = "a_forbidden_system_call_kills_the_process";
+    let allowed = child(test, "allowed", tmp.path());
+    assert!(allowed.success(), "allowed: {allowed}");
+    let status = child(test, "forbidden", tmp.path());
+    assert_eq!(status.signal(), Some(SIGSYS), "forbidden: {status}");
+    assert!(!sandbox::syscalls::ALLOWED.contains(&"getppid"));
+}
+
+/// Submits one entry and returns its result.
+fn run_one(ring: &mut io_uring::IoUring, e: io_uring::squeue::Entry) -> i32 {
+    // SAFETY: the entries built by the callers point at buffers that outlive this call, which
+    // waits for the completion.
+    unsafe { ring.submission().push(&e) }.unwrap();
+    ring.submit_and_wait(1).unwrap();
+    ring.completion().next().unwrap().result()
+}
+
+#[test]
+fn a_restricted_io_uring_reaches_only_its_registered_files_and_operations() {
+    let tmp = TempDir::new("sandbox-uring");
+    let given = std::fs::File::create(tmp.path().join("given")).unwrap();
+    std::fs::write(tmp.path().join("other"), b"secret").unwrap();
+    let other = std::fs::File::open(tmp.path().join("other")).unwrap();
+    let mut ring = sandbox::uring::builder().build(8).unwrap();
+    sandbox::uring::restrict(&ring, &[given.as_raw_fd()]).unwrap();
+    let mut buf = [0u8; 6];
+    let eacces = -rustix::io::Errno::ACCESS.raw_os_error();
+    // A write to the registered file works.
+    let data = *b"hello!";
+    let w = opcode::Write::new(types::Fixed(0), data.as_ptr(), 6).build();
+    // Write (non-vectored, unregistered buffer) is not in the list either.
+    assert_eq!(run_one(&mut ring, w), eacces, "plain write allowed");
+    let iov = [rustix::io::IoSlice::new(&data)];
+    let wv = opcode::Writev::new(types::Fixed(0), iov.as_ptr().cast(), 1).build();
+    assert_eq!(run_one(&mut ring, wv), 6);
+    // Another fd of the process, by number: refused.
+    let mut iov = [rustix::io::IoSliceMut::new(&mut buf)];
+    let rv = opcode::Readv::new(types::Fd(other.as_raw_fd()), iov.as_mut_ptr().cast(), 1).build();
+    assert_eq!(run_one(&mut ring, rv), eacces, "read another fd");
+    // An index that is not registered: refused by the kernel's fixed-file table.
+    let rv = opcode::Readv::new(types::Fixed(1), iov.as_mut_ptr().cast(), 1).build();
+    assert!(run_one(&mut ring, rv) < 0);
+    // Opening a file through the ring (seccomp never sees io_uring operations): refused.
+    let path = c"/etc/passwd";
+    let open = opcode::OpenAt::new(types::Fd(libc_at_fdcwd()), path.as_ptr()).build();
+    assert_eq!(run_one(&mut ring, open), eacces, "openat through the ring");
+    // The ring takes no new registrations.
+    assert!(ring
+        .submitter()
+        .register_files_update(0, &[other.as_raw_fd()])
+        .is_err());
+    assert_eq!(std::fs::read(tmp.path().join("given")).unwrap(), b"hello!");
+    assert_eq!(buf, [0; 6]);
+}
+
+/// `AT_FDCWD`.
+fn libc_at_fdcwd() -> i32 {
+    -100
+}
