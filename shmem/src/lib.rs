@@ -11,7 +11,10 @@
 //! protocol) and `xen` (grant mappings) both build on it, which is why it is a crate of its
 //! own rather than a module of either.
 #![deny(missing_docs)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod owned;
 mod region;

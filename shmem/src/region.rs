@@ -283,9 +283,12 @@ impl<'a> SharedMem<'a> {
         current: u32,
         new: u32,
     ) -> Result<Result<u32, u32>, OutOfBounds> {
-        Ok(self
-            .atomic_u32(offset)?
-            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
+        Ok(self.atomic_u32(offset)?.compare_exchange(
+            current,
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ))
     }
 }
 
@@ -303,7 +306,10 @@ mod tests {
         assert!(mem.read_u8(4095).is_ok());
         assert!(mem.write_from(usize::MAX, &[1]).is_err());
         assert!(mem.subregion(4000, 97).is_err());
-        assert!(mem.load_u32(2, Ordering::Relaxed).is_err(), "misaligned atomic refused");
+        assert!(
+            mem.load_u32(2, Ordering::Relaxed).is_err(),
+            "misaligned atomic refused"
+        );
     }
 
     proptest! {
