@@ -21,7 +21,10 @@
 //!      directory where the statistics file is atomically replaced. Abstract unix sockets and
 //!      signals are scoped to the process (ABI 6). On kernels with an older ABI the ruleset is
 //!      downgraded and the downgrade logged; without Landlock it says so loudly;
-//!   3. every capability cleared, including `CAP_SETUID`/`CAP_SETGID`;
+//!   3. every capability cleared, including `CAP_SETUID`/`CAP_SETGID`. One exception: where
+//!      [`prepare`] could not lift `RLIMIT_MEMLOCK` (no `CAP_SYS_RESOURCE`, as in many
+//!      containers), `CAP_IPC_LOCK` stays, because io_uring charges the registered bounce
+//!      buffers to that limit otherwise (logged at info level);
 //!   4. seccomp, on all threads (`SECCOMP_FILTER_FLAG_TSYNC`): an allow-list of the system
 //!      calls the backend really makes ([`syscalls::ALLOWED`]); any other kills the process
 //!      (`SECCOMP_RET_KILL_PROCESS`).
