@@ -1137,7 +1137,8 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
         let size = abi.request_size();
         let mut sent = 0usize;
         let mut answered = 0usize;
-        for _round in 0..40 {
+        let (mut okay, mut refused) = (0usize, 0usize);
+        for _round in 0..60 {
             let n = 1 + (rnd() % u64::from(f.ring.free_slots())) as usize;
             for _ in 0..n {
                 let mut b: Vec<u8> = (0..size).map(|_| rnd() as u8).collect();
@@ -1164,15 +1165,54 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
                 if rnd() % 4 != 0 {
                     b[sector_at..sector_at + 8].copy_from_slice(&(rnd() % 4200).to_le_bytes());
                 }
+                if b[0] == ring::OP_INDIRECT && rnd() % 2 == 0 {
+                    // A plausible indirect request: its segment list in page 598, some
+                    // entries good, some bad.
+                    let (list, list_ref) = f.page(598);
+                    for i in 0..300usize {
+                        let gref = if rnd() % 10 == 0 {
+                            0xbeef
+                        } else {
+                            f.page((rnd() % 500) as usize).1
+                        };
+                        let first = (rnd() % 8) as u8;
+                        let last = if rnd() % 20 == 0 {
+                            9
+                        } else {
+                            first + (rnd() % u64::from(8 - first)) as u8
+                        };
+                        let mut e = [0u8; 8];
+                        e[..4].copy_from_slice(&gref.to_le_bytes());
+                        e[4] = first;
+                        e[5] = last;
+                        list.write_from(i * 8, &e).unwrap();
+                    }
+                    let (nseg_at, grefs_at) = if abi == Abi::X86_64 { (2, 28) } else { (2, 24) };
+                    b[1] = (rnd() % 2) as u8;
+                    let nseg = 1 + (rnd() % 300) as u16;
+                    b[nseg_at..nseg_at + 2].copy_from_slice(&nseg.to_le_bytes());
+                    b[grefs_at..grefs_at + 4].copy_from_slice(&list_ref.to_le_bytes());
+                }
                 let mem = f.dom.mem().subregion(0, f.ring_pages * PAGE_SIZE).unwrap();
                 f.ring.queue_raw(&mem, &b).unwrap();
                 sent += 1;
             }
             f.push();
-            answered += f.responses(n).len();
+            for r in f.responses(n) {
+                answered += 1;
+                match r.status() {
+                    Some(Status::Okay) => okay += 1,
+                    Some(_) => refused += 1,
+                    None => panic!("{mode:?}: undefined status {}", r.status),
+                }
+            }
             assert!(!q.is_finished(), "{mode:?}: queue died");
         }
         assert_eq!(answered, sent);
+        assert!(
+            okay > sent / 20 && refused > sent / 20,
+            "{mode:?}: {okay} served, {refused} refused of {sent}"
+        );
         assert_eq!(
             f.rw(OP_READ, 1, 0, 0, 8),
             Some(Status::Okay),
