@@ -678,7 +678,16 @@ impl Queue {
                 } else {
                     self.uring.pool().take_large()
                 };
-                let Some(region) = region.filter(|r| r.capacity() >= len) else {
+                let region = match region {
+                    Some(r) if r.capacity() < len => {
+                        // Validation bounds a request by the advertised segments, which
+                        // size the regions: this cannot happen, but must not lose a region.
+                        self.uring.pool().give_back(r);
+                        return self.finish(mem, slot, Status::Error);
+                    }
+                    r => r,
+                };
+                let Some(region) = region else {
                     // No large region free: wait for one (counted like Linux's "out of
                     // requests"). With no large regions at all this cannot succeed.
                     if self.slots.len() - self.free.len() > 1 {
