@@ -1224,3 +1224,42 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
         }
     }
 }
+
+#[test]
+fn large_requests_wait_for_bounce_regions() {
+    let dir = TempDir::new("oo");
+    let img = image(&dir.0, 65536);
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let p = f.params(&dir.0, open(&img));
+    let stats = Arc::clone(&p.stats);
+    let q = spawn_queue(p).unwrap();
+    // 20 indirect reads of 64 full pages each (256 KiB, more than a direct region), at once:
+    // more than the 8 large bounce regions, so some wait for others to finish.
+    for k in 0..20usize {
+        let (list, list_ref) = f.page(k);
+        for i in 0..64usize {
+            let mut e = [0u8; 8];
+            e[..4].copy_from_slice(&f.page(100 + i).1.to_le_bytes());
+            e[5] = 7;
+            list.write_from(i * 8, &e).unwrap();
+        }
+        f.queue(&FrontRequest::Indirect {
+            indirect_op: OP_READ,
+            id: k as u64,
+            sector: (k * 512) as u64,
+            handle: 0,
+            nr_segments: 64,
+            page_grefs: &[list_ref],
+        });
+    }
+    f.push();
+    let rs = f.responses(20);
+    assert!(
+        rs.iter().all(|r| r.status() == Some(Status::Okay)),
+        "{rs:?}"
+    );
+    let s = stats.snapshot();
+    assert_eq!(s.rd_req, 20);
+    assert!(s.oo_req >= 1, "some request waited: {s:?}");
+    q.stop();
+}
