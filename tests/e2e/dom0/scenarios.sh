@@ -22,6 +22,10 @@ result() { echo "E2E-RESULT $*"; }
 progress() { echo "E2E-PROGRESS $*"; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.0f", b - a }'; }
+# Timeouts are on the clock, not counted in loop turns: under emulation on a
+# loaded host one `xl` call can take seconds.
+deadline() { awk -v n="$(uptime_s)" -v t="$1" 'BEGIN { printf "%d", n + t }'; }
+before() { awk -v n="$(uptime_s)" -v d="$1" 'BEGIN { exit !(n < d) }'; }
 
 # A fully allocated image, so that a discard shows in its block count.
 make_disk() { # path MiB
@@ -71,16 +75,16 @@ guest_create() { # name
 		xl destroy "$1" >/dev/null 2>&1
 		return 1
 	done
+	progress "$1: created as domain $(domid_of "$1")"
 }
 
 domid_of() { xl domid "$1" 2>/dev/null; }
 
 wait_gone() { # name seconds
-	i=0
+	end=$(deadline "$2")
 	while domid_of "$1" >/dev/null; do
-		[ $i -ge $(($2 * 2)) ] && return 1
+		before "$end" || return 1
 		sleep 0.5
-		i=$((i + 1))
 	done
 }
 
@@ -92,11 +96,10 @@ domu() { # name key -> last "E2E-DOMU key ..." line, rest of it
 domu_has() { guest_lines "$1" | grep -q "E2E-DOMU $2"; }
 
 wait_domu() { # name key seconds
-	i=0
+	end=$(deadline "$3")
 	until domu_has "$1" "$2"; do
-		[ $i -ge $(($3 * 2)) ] && return 1
+		before "$end" || return 1
 		sleep 0.5
-		i=$((i + 1))
 	done
 }
 
@@ -167,7 +170,7 @@ other_domains() { xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0"'; }
 check_no_leaks() { # domid backing-file...
 	d=$1
 	shift
-	i=0
+	end=$(deadline 15)
 	while :; do
 		LEAK=""
 		for f in "$@"; do
@@ -181,9 +184,8 @@ check_no_leaks() { # domid backing-file...
 		xenstore-exists "/local/domain/0/backend/vbd/$d" 2>/dev/null &&
 			LEAK="$LEAK /local/domain/0/backend/vbd/$d still in XenStore;"
 		[ -z "$LEAK" ] && return 0
-		[ $i -ge 30 ] && { REASON="leak:$LEAK"; return 1; }
+		before "$end" || { REASON="leak:$LEAK"; return 1; }
 		sleep 0.5
-		i=$((i + 1))
 	done
 }
 
@@ -295,7 +297,7 @@ sc_blkbackd_features() {
 	d=$(domid_of e2e-feat)
 	wait_domu e2e-feat boot 60
 	fe=/local/domain/$d/device/vbd/$DEVID be=/local/domain/0/backend/vbd/$d/$DEVID
-	wait_domu e2e-feat "feature queues" 60
+	wait_domu e2e-feat "feature queues" 120 || progress "e2e-feat: no feature report yet"
 	order=$(xenstore-read $fe/ring-page-order 2>/dev/null)
 	[ -n "$order" ] || order=$(xenstore-read $fe/queue-0/ring-page-order 2>/dev/null)
 	nq=$(xenstore-read $fe/multi-queue-num-queues 2>/dev/null)
@@ -509,10 +511,9 @@ sc_blkhotplug_dm() {
 	REASON=""
 	[ "$ndm_during" -gt "$ndm_before" ] || REASON="no device-mapper device while the guest ran;"
 	if [ -z "$REASON" ] && check_data e2e-dm xvda $img && check_no_leaks "$d"; then
-		i=0
-		while [ "$(ls -d /sys/block/dm-* 2>/dev/null | wc -l)" -ne "$ndm_before" ] && [ $i -lt 20 ]; do
+		end=$(deadline 10)
+		while [ "$(ls -d /sys/block/dm-* 2>/dev/null | wc -l)" -ne "$ndm_before" ] && before "$end"; do
 			sleep 0.5
-			i=$((i + 1))
 		done
 		if [ "$(ls -d /sys/block/dm-* 2>/dev/null | wc -l)" -eq "$ndm_before" ]; then
 			result "PASS $s"
@@ -553,11 +554,10 @@ EOF
 	d=$(domid_of e2e-seq)
 	wait_domu e2e-seq probe 60
 	err=""
-	i=0
-	while [ -z "$err" ] && [ $i -lt 20 ]; do
+	end=$(deadline 20)
+	while [ -z "$err" ] && before "$end"; do
 		err=$(xenstore-read /local/domain/0/error/backend/vbd/$d/$DEVID/error 2>/dev/null)
 		sleep 0.5
-		i=$((i + 1))
 	done
 	state=$(xenstore-read /local/domain/0/backend/vbd/$d/$DEVID/state 2>/dev/null)
 	probe=$(domu e2e-seq probe)
