@@ -66,6 +66,7 @@ struct Tally {
     ring_breaks: u64,
     xenstore_cases: u64,
     revocations: u64,
+    max_rss_kib: u64,
 }
 
 struct Fuzz {
@@ -390,6 +391,15 @@ impl Fuzz {
             }
         }
         self.alive("a step");
+        // Whatever the guest did, the backend's private memory stays under the bound.
+        let rss = rss_anon_kib(self.backend.pid());
+        assert!(
+            rss < self.memory_bound_kib,
+            "anonymous RSS {rss} KiB above the bound {} KiB at step {}",
+            self.memory_bound_kib,
+            self.tally.steps
+        );
+        self.tally.max_rss_kib = self.tally.max_rss_kib.max(rss);
     }
 
     /// Disconnects (checking for leaks), optionally tries hostile XenStore values and states,
@@ -631,15 +641,18 @@ fn run(tag: &str, args: &[&str], default_steps: u64) {
             fuzz.cycle(false);
         }
     }
+    let bound = fuzz.memory_bound_kib;
     let tally = fuzz.finish();
     eprintln!(
-        "hostile guest ({tag}, seed {seed}): {} steps, {} hostile requests ({} answered), {} ring breaks, {} hostile handshakes, {} revocations in {:.1} s: no finding",
+        "hostile guest ({tag}, seed {seed}): {} steps, {} hostile requests ({} answered), {} ring breaks, {} hostile handshakes, {} revocations, largest anonymous RSS {} KiB (bound {} KiB) in {:.1} s: no finding",
         tally.steps,
         tally.requests,
         tally.answered,
         tally.ring_breaks,
         tally.xenstore_cases,
         tally.revocations,
+        tally.max_rss_kib,
+        bound,
         started.elapsed().as_secs_f64()
     );
 }
