@@ -7,7 +7,10 @@
 //! - [`simfront`]: a simulated blkfront for the demo, the tests and the benches;
 //! - [`demo`]: the README's main command.
 #![deny(missing_docs)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod acquire;
 pub mod advertise;

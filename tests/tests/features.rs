@@ -253,7 +253,9 @@ fn flush_barrier_and_discard() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for counter in ["oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "latency"] {
+    for counter in [
+        "oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "latency",
+    ] {
         assert!(text.contains(counter), "{counter} missing from:\n{text}");
     }
     remove(&sim, &spec, &mut backend, &mut front);
