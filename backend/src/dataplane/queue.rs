@@ -62,18 +62,9 @@ struct Slot {
 
 /// What the queue's thread owns.
 pub(super) struct Queue {
-    platform: Arc<dyn Platform>,
-    frontend: xen::DomId,
-    device: Arc<Device>,
-    grant_mode: GrantMode,
-    features: Features,
-    max_indirect_segments: u16,
-    stats: Arc<Stats>,
-    on_exit: Option<Box<dyn FnOnce() + Send>>,
-    name: String,
-
     // Field order matters for Drop: the io_uring (which waits for I/O in flight and releases
-    // the mappings it holds) goes first, then persistent grants, then the ring mapping.
+    // the mappings it holds) goes first, before anything its operations name (the device fd,
+    // the event channel, grant mappings); then persistent grants, then the ring mapping.
     uring: Uring,
     pgrants: Option<PersistentGrants>,
     ring_map: Arc<GrantMapping>,
@@ -81,6 +72,15 @@ pub(super) struct Queue {
     evtchn: Box<dyn EventChannel>,
     local_port: Port,
     stop_fd: Arc<OwnedFd>,
+    device: Arc<Device>,
+    platform: Arc<dyn Platform>,
+    frontend: xen::DomId,
+    grant_mode: GrantMode,
+    features: Features,
+    max_indirect_segments: u16,
+    stats: Arc<Stats>,
+    on_exit: Option<Box<dyn FnOnce() + Send>>,
+    name: String,
 
     slots: Vec<Slot>,
     free: Vec<usize>,
