@@ -110,7 +110,10 @@ fn confine_child() -> std::path::PathBuf {
     sandbox::prepare(None).expect("prepare");
     let policy = Policy {
         user: None,
-        reachable: vec![Reachable::SimDir(dir.join("reachable"))],
+        reachable: vec![
+            Reachable::SimDir(dir.join("reachable")),
+            Reachable::Device("/dev/null".into()),
+        ],
     };
     let report = sandbox::confine(&policy).expect("confine");
     assert!(report.syscalls > 20);
@@ -146,6 +149,19 @@ fn a_confined_process_cannot_open_a_new_file() {
         }
         if !denied(std::fs::File::open("/etc/passwd")) {
             child_exit(false, "opened /etc/passwd");
+        }
+        if !denied(std::fs::File::open("/dev/zero")) {
+            child_exit(false, "opened /dev/zero");
+        }
+        // A reachable device opens, and its ioctls reach the driver (ENOTTY from /dev/null,
+        // not EACCES from Landlock): the event-channel device needs both.
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null");
+        match null.map(|f| rustix::fs::ioctl_blksszget(&f)) {
+            Ok(Err(rustix::io::Errno::NOTTY)) => {}
+            other => child_exit(false, &format!("/dev/null: {other:?}")),
         }
         // What the policy keeps reachable still is.
         let kept = std::fs::OpenOptions::new()

@@ -44,7 +44,9 @@ pub(super) fn restrict(reachable: &[Reachable]) -> Result<Enforcement, SandboxEr
         .map_err(SandboxError::Landlock)?;
     for r in reachable {
         let (path, access) = match r {
-            Reachable::Device(p) => (p, file_rw),
+            // ioctl: the event-channel device is opened after confinement, and Landlock ABI 5
+            // checks device ioctls on files opened under the ruleset.
+            Reachable::Device(p) => (p, file_rw | AccessFs::IoctlDev),
             Reachable::SimDir(p) => (
                 p,
                 file_rw | AccessFs::ReadDir | AccessFs::MakeSock | AccessFs::RemoveFile,
