@@ -9,6 +9,7 @@ use backend::simfront::workload::{self, DiskModel};
 use backend::simfront::{FrontOptions, IoOp};
 use backend::xenbus_state::XenbusState;
 use tests::{backend_node, connected, exercise, remove, Sim};
+use xen::xenstore::XsOps;
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
@@ -194,4 +195,13 @@ fn bogus_req_prod_halts_that_ring_only() {
     assert!(c.is_ok());
     // The halted ring was unmapped: closing ends every grant.
     remove(&sim, &spec, &mut backend, &mut front);
+}
+
+#[test]
+fn a_vanished_frontend_ends_the_backend() {
+    let sim = Sim::new("fegone");
+    let (spec, mut backend, _front) = connected(&sim, 8, &[], FrontOptions::default());
+    // The guest is destroyed: its frontend directory goes (state reads as Unknown).
+    sim.dom0.rm(&spec.frontend_path()).unwrap();
+    assert!(backend.wait_exit(Duration::from_secs(10)).success());
 }

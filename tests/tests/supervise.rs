@@ -108,3 +108,31 @@ fn one_backend_per_disk_cleaned_up_after() {
         .unwrap();
     front.close().unwrap();
 }
+
+#[test]
+fn a_backend_that_cannot_start_is_reported() {
+    use backend::supervise::{supervise, SuperviseConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let sim = Sim::new("nostart");
+    let config = SuperviseConfig {
+        program: sim.tmp().join("no-such-blkbackd"),
+        serve_args: vec!["serve".into()],
+        xenstore_path: xen::sim::xenstore_socket(sim.dir(), 0),
+        domid: 0,
+        handoff_dir: None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || supervise(&config, &stop))
+    };
+    let img = sim.image("disk.img", 8);
+    let spec = VbdSpec::disk(0, GUEST, 51712, img.to_str().unwrap());
+    sim.create_vbd(&spec);
+    sim.wait_for(&format!("{}/state", spec.backend_path()), "6");
+    let err = sim.error_node(&spec).unwrap();
+    assert!(err.starts_with("2 starting blkbackd: "), "{err}");
+    stop.store(true, Ordering::Relaxed);
+    runner.join().unwrap().unwrap();
+}
