@@ -1,4 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0
+# shellcheck shell=bash
 #
 # Shared by kernel-patches/check and kernel-patches/boot-test: the cache
 # directory, installing linux-source-6.12, extracting it once, applying the
@@ -39,6 +40,7 @@ install_build_deps() {
 		patch xz-utils git "$@")
 	local missing=() p
 	for p in "${pkgs[@]}"; do
+		[ -n "$p" ] || continue
 		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' ||
 			missing+=("$p")
 	done
