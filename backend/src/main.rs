@@ -135,8 +135,9 @@ struct Tuning {
     /// Largest ring (`max-ring-page-order`, 0..=4: 1 to 16 pages).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=4))]
     max_ring_page_order: u32,
-    /// Segments per indirect request (`feature-max-indirect-segments`, 0 = no indirect).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    /// Segments per indirect request (`feature-max-indirect-segments`, 0 = no indirect, at
+    /// most 256 as in Linux).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=256))]
     max_indirect_segments: u32,
     /// Do not offer persistent grants.
     #[arg(long)]
