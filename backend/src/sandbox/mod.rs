@@ -17,7 +17,8 @@
 //!   1. switch to the configured user (`--user`), with no supplementary groups;
 //!   2. Landlock: no file can be opened, created, removed or executed, and no TCP bind or
 //!      connect, except what [`Reachable`] lists — the event-channel device (opened once per
-//!      queue when a frontend connects) or, on the simulated platform, its directory; and the
+//!      queue when a frontend connects; read, write and device ioctls) or, on the simulated
+//!      platform, its directory (files, event-channel sockets); and the
 //!      directory where the statistics file is atomically replaced. Abstract unix sockets and
 //!      signals are scoped to the process (ABI 6). On kernels with an older ABI the ruleset is
 //!      downgraded and the downgrade logged; without Landlock it says so loudly;
@@ -26,8 +27,11 @@
 //!      containers), `CAP_IPC_LOCK` stays, because io_uring charges the registered bounce
 //!      buffers to that limit otherwise (logged at info level);
 //!   4. seccomp, on all threads (`SECCOMP_FILTER_FLAG_TSYNC`): an allow-list of the system
-//!      calls the backend really makes ([`syscalls::ALLOWED`]); any other kills the process
-//!      (`SECCOMP_RET_KILL_PROCESS`).
+//!      calls the backend really makes ([`syscalls::ALLOWED`] and [`syscalls::ALLOWED_ARCH`]:
+//!      51 names on x86_64); any other kills the process (`SECCOMP_RET_KILL_PROCESS`).
+//!      `ioctl` is allowed whole (not filtered by request number): the requests differ
+//!      between real Xen and the simulation, and Landlock already limits device ioctls to the
+//!      event-channel device among the files opened after confinement.
 //! - Independently of this module's switches, each queue's io_uring is created disabled,
 //!   restricted to the opcodes the data plane submits and to its registered files (the disk,
 //!   the event channel, the stop eventfd), then enabled ([`uring`]): io_uring operations are
@@ -56,7 +60,7 @@
 //! backend caps, and nothing grows per request afterwards:
 //! - queues: at most `--max-queues` (`multi-queue-max-queues`, default: the CPU count);
 //! - in-flight requests: one slot per ring entry, at most 512 per queue (a 16-page ring,
-//!   `--max-ring-page-order` 4); a request id in flight twice is refused;
+//!   `--max-ring-page-order` 4): a slot is only taken from the ring when one is free;
 //! - bounce buffers (`--grant-mode copy`): 11 pages per slot plus 8 regions of
 //!   `--max-indirect-segments` (≤ 256) pages: at most 22 MiB + 8 MiB = 30 MiB per queue,
 //!   allocated once;
