@@ -228,6 +228,16 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
         on_off(info.flush),
         on_off(info.discard),
     )?;
+    writeln!(
+        out,
+        "  data path: grant {} ({}), one thread and one io_uring per queue",
+        if args.grant_copy { "copy" } else { "map" },
+        if args.grant_copy {
+            "guest pages copied to and from bounce buffers"
+        } else {
+            "guest pages mapped, zero copy"
+        },
+    )?;
 
     let blocks = info.sectors * 512 / BLOCK as u64;
     if blocks < 64 {
