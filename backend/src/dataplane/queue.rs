@@ -237,8 +237,12 @@ impl Queue {
             tracing::warn!(queue = %self.name, "frontend broke the ring protocol, ring halted: {v}");
         }
         self.teardown();
+        let on_exit = self.on_exit.take();
+        // Everything is released (I/O drained, grants unmapped, port unbound) before anyone
+        // is told the queue has ended.
+        drop(self);
         finished.store(true, Ordering::Release);
-        if let Some(f) = self.on_exit.take() {
+        if let Some(f) = on_exit {
             f();
         }
         exit

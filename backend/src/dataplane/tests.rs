@@ -684,7 +684,13 @@ fn bogus_producer_halts_the_queue() {
     let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut p = f.params(&dir.0, open(&img));
     let e2 = Arc::clone(&exited);
-    p.on_exit = Some(Box::new(move || e2.store(true, Ordering::SeqCst)));
+    // When told, the ring is already unmapped.
+    let dom2 = SimDomain::open(&dir.0.join("sim"), FRONT).unwrap();
+    let ring_ref = f.ring_refs[0];
+    p.on_exit = Some(Box::new(move || {
+        assert!(!dom2.grant_in_use(ring_ref));
+        e2.store(true, Ordering::SeqCst);
+    }));
     let q = spawn_queue(p).unwrap();
     assert_eq!(f.rw(OP_READ, 1, 0, 0, 8), Some(Status::Okay));
     let mem = f.dom.mem();
