@@ -94,7 +94,12 @@ fn dm_part(t: &mut Tally, ctl: &Control, lo: &Attached) {
     t.check(
         meta.rdev() == makedev(dm.major, dm.minor),
         "fstat of blkhotplug's fd is the device it reports",
-        format_args!("rdev {:#x}, reported {}:{}", meta.rdev(), dm.major, dm.minor),
+        format_args!(
+            "rdev {:#x}, reported {}:{}",
+            meta.rdev(),
+            dm.major,
+            dm.minor
+        ),
     );
     t.check(
         dm.diskseq != 0 && sysfs_diskseq(dm.major, dm.minor) == Some(dm.diskseq),
@@ -105,7 +110,10 @@ fn dm_part(t: &mut Tally, ctl: &Control, lo: &Attached) {
         Ok(s) => t.check(
             s.flags & DM_DEFERRED_REMOVE != 0 && s.open_count == 1 && s.dev == (dm.major, dm.minor),
             "device is marked for deferred removal, held only by blkhotplug's fd",
-            format_args!("flags {:#x}, open_count {}, dev {:?}", s.flags, s.open_count, s.dev),
+            format_args!(
+                "flags {:#x}, open_count {}, dev {:?}",
+                s.flags, s.open_count, s.dev
+            ),
         ),
         Err(e) => t.check(false, "DM_DEV_STATUS of the new device", e),
     };
@@ -120,7 +128,11 @@ fn dm_part(t: &mut Tally, ctl: &Control, lo: &Attached) {
     );
     drop(file);
     drop(dm);
-    t.check(gone(ctl), "device removed once blkhotplug's fd is closed", "still there");
+    t.check(
+        gone(ctl),
+        "device removed once blkhotplug's fd is closed",
+        "still there",
+    );
 }
 
 fn main() -> ExitCode {
@@ -148,7 +160,10 @@ fn main() -> ExitCode {
     if let Err(e) = image {
         t.check(false, "create the image", e);
     } else {
-        match attach::attach(&Source::parse(IMAGE.as_bytes()).expect("params"), &options(true, "")) {
+        match attach::attach(
+            &Source::parse(IMAGE.as_bytes()).expect("params"),
+            &options(true, ""),
+        ) {
             Ok(lo) => {
                 t.check(true, "blkhotplug attaches the image to a loop device", "");
                 dm_part(&mut t, &ctl, &lo);
