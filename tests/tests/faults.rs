@@ -292,3 +292,77 @@ fn sigkill_of_the_backend_leaves_no_autoclear_loop_device_attached() {
         let _ = xen::sim::SimDomain::open(sim.dir(), GUEST).map(|d| d.destroy());
     }
 }
+
+#[test]
+fn a_device_whose_media_vanishes_fails_requests_without_hanging() {
+    if !is_root() {
+        eprintln!("skipped: loop devices need root");
+        return;
+    }
+    // The nearest thing to a disk disappearing here: its loop device's capacity drops to 0
+    // (backing file truncated, `losetup -c`), as a disk whose media is gone.
+    let sim = Sim::new("fault-vanish");
+    let file = sim.image("backing.img", 8);
+    std::fs::write(&file, vec![0x3cu8; 8 << 20]).unwrap();
+    let lo = tests::Loop::attach(&file);
+    let spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
+    sim.create_vbd(&spec);
+    let mut backend = Backend::serve(&sim, &spec, &["--open-params"]);
+    let mut front = sim.front(FrontOptions::default());
+    front.connect().unwrap();
+    front.set_timeout(Duration::from_secs(10));
+    let data = vec![0x77u8; 4096];
+    let ok = front
+        .execute(
+            0,
+            IoOp::Write {
+                sector: 8,
+                data: &data,
+            },
+        )
+        .unwrap();
+    assert!(ok.is_ok());
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let status = Command::new("losetup")
+        .arg("-c")
+        .arg(&lo.device)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Every request is answered (with an error), none hangs, the backend stays up.
+    let mut failed = 0;
+    for i in 0..32u64 {
+        let op = match i % 3 {
+            0 => IoOp::Read {
+                sector: i * 8,
+                sectors: 8,
+            },
+            1 => IoOp::Write {
+                sector: i * 8,
+                data: &data,
+            },
+            _ => IoOp::Flush,
+        };
+        let c = front
+            .execute((i % 2) as usize, op)
+            .expect("answered in bounded time");
+        if !c.is_ok() {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed >= 20,
+        "only {failed} of 32 requests failed on a vanished medium"
+    );
+    assert!(
+        backend.running(),
+        "the backend survives its device vanishing"
+    );
+    tests::remove(&sim, &spec, &mut backend, &mut front);
+    assert_eq!(grants_in_use(&front), Vec::<u32>::new());
+}
