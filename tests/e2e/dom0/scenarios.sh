@@ -16,6 +16,7 @@ BLKBACKD_LOG=/var/log/blkbackd.log
 LOSETUP=/sbin/losetup
 DEVID=51712 # xvda
 SUP_PID=
+ESC=$(printf '\033') # to strip colours from logs (busybox sed has no \x escapes)
 
 selected() { grep -qx "$1" /e2e/selected; }
 result() { echo "E2E-RESULT $*"; }
@@ -205,7 +206,9 @@ have_project() { # scenario -> 0 when blkbackd and blkhotplug are in dom0, else 
 # watches backend/vbd and starts one `blkbackd serve` per device.
 start_supervisor() {
 	if [ -n "$SUP_PID" ] && kill -0 "$SUP_PID" 2>/dev/null; then return 0; fi
-	RUST_LOG=${E2E_BLKBACKD_LOG_LEVEL:-info} "$BLKBACKD" supervise --platform xen -v >>"$BLKBACKD_LOG" 2>&1 &
+	# BLKBACKD_ENV (from E2E_BLKBACKD_ENV on the host, e.g. BLKBACKD_NO_SANDBOX=1) reaches every serve.
+	env NO_COLOR=1 RUST_LOG=${E2E_BLKBACKD_LOG_LEVEL:-info} ${BLKBACKD_ENV:-} \
+		"$BLKBACKD" supervise --platform xen -v >>"$BLKBACKD_LOG" 2>&1 &
 	SUP_PID=$!
 	sleep 1
 	if ! kill -0 "$SUP_PID" 2>/dev/null; then
@@ -215,7 +218,11 @@ start_supervisor() {
 	fi
 }
 
-dump_blkbackd() { tail -n 40 "$BLKBACKD_LOG" 2>/dev/null | sed 's/^/blkbackd: /'; }
+dump_blkbackd() {
+	tail -n 40 "$BLKBACKD_LOG" 2>/dev/null | sed "s/$ESC\\[[0-9;]*m//g; s/^/blkbackd: /"
+	# A seccomp kill is logged by the kernel (audit type=1326, with the syscall number).
+	dmesg | grep -i -e seccomp -e 'type=1326' | tail -n 5 | sed 's/^/dom0 kernel: /'
+}
 
 # libxl 4.17 gives hotplug scripts a XENBUS_PATH relative to dom0's home
 # ("backend/vbd/D/N", as xenstore-read resolves it). E2E_XENBUS_PATH_ABSOLUTE=1
@@ -238,6 +245,8 @@ hotplug_disk() { # vdev target
 }
 
 fail_bb() { # scenario
+	e=$(sed "s/$ESC\\[[0-9;]*m//g" "$BLKBACKD_LOG" 2>/dev/null | grep -e ERROR -e WARN | grep -v Landlock | tail -n 1 | cut -c1-200)
+	[ -z "$e" ] || REASON="$REASON (blkbackd log: ${e#*Z })"
 	result "FAIL $1: $REASON"
 	dump_blkbackd
 }
