@@ -8,8 +8,8 @@
 //!
 //! Metrics per case: IOPS, bandwidth, p50/p99/p99.9 latency (from submission by the
 //! frontend to its seeing the completion), CPU time per request (utime + stime of the whole
-//! backend process from `/proc/<pid>/stat`, or of the direct thread from
-//! `/proc/thread-self/stat`), and system calls per request, counted with
+//! backend process from `/proc/<pid>/stat`, or of this process during the direct run, which
+//! counts the io_uring's kernel workers too), and system calls per request, counted with
 //! `perf stat -e raw_syscalls:sys_enter` attached to the backend process (all its threads) or
 //! to the direct thread; "n/a" where perf is missing.
 
@@ -115,7 +115,7 @@ const CONFIGS: &[Config] = &[
         queues: 1,
     },
     Config {
-        name: "copy, 2 queues",
+        name: "copy 2-queue",
         grant_mode: "copy",
         persistent: false,
         queues: 2,
@@ -182,7 +182,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--blkbackd" => blkbackd = Some(PathBuf::from(args.next().context("--blkbackd PATH")?)),
             "--targets" => which = args.next().context("--targets ram,disk")?,
             "-h" | "--help" => {
-                println!("perf [--tiny] [--seconds S] [--targets ram,disk] [--out DIR] [--blkbackd PATH]");
+                println!("perf [--tiny] [--seconds S] [--targets ram,disk] [--out DIR] [--blkbackd PATH] | perf --replot CSV");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -384,14 +384,13 @@ fn run_direct(path: &Path, w: Workload, secs: f64, image: u64) -> anyhow::Result
     let mut free: Vec<usize> = (0..w.qd).collect();
     let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
     let counter = SyscallCounter::start("-t", tid);
-    let cpu0 = cpu_ticks("/proc/thread-self/stat");
+    let cpu0 = cpu_ticks("/proc/self/stat");
     let mut m = Measured::default();
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(secs);
     loop {
         let now = Instant::now();
-        while now < end {
-            let Some(i) = free.pop() else { break };
+        while let Some(i) = (now < end).then(|| free.pop()).flatten() {
             let (off, write) = gen.next();
             // SAFETY: slot i's part of `buf` belongs to this one operation until its CQE.
             let p = unsafe { buf.ptr.add(i * w.bs) };
@@ -432,9 +431,7 @@ fn run_direct(path: &Path, w: Workload, secs: f64, image: u64) -> anyhow::Result
         }
     }
     m.elapsed = t0.elapsed();
-    m.cpu_ticks = cpu_ticks("/proc/thread-self/stat")
-        .zip(cpu0)
-        .map(|(a, b)| a - b);
+    m.cpu_ticks = cpu_ticks("/proc/self/stat").zip(cpu0).map(|(a, b)| a - b);
     m.syscalls = counter.stop();
     Ok(m)
 }
@@ -583,7 +580,33 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
     v.map_or("n/a".into(), |v| format!("{v:.prec$}"))
 }
 
+/// `perf --replot CSV`: redraws the plot of an earlier run.
+fn replot(csv: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(csv)?;
+    let bars: Vec<(String, f64)> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some((
+                format!("{} {} {}", f.first()?, f.get(1)?, f.get(2)?),
+                f.get(5)?.parse().ok()?,
+            ))
+        })
+        .collect();
+    plot::bars(
+        &csv.with_extension("png"),
+        "blkbackd IOPS / direct io_uring IOPS",
+        &bars,
+    )?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("--replot") {
+        return replot(Path::new(&args.next().context("--replot CSV")?));
+    }
     let opts = parse_args()?;
     let workloads: Vec<Workload> = if opts.tiny {
         vec![WORKLOADS[1], WORKLOADS[4]]
@@ -638,6 +661,69 @@ fn main() -> anyhow::Result<()> {
     write_results(&opts, &mut rows)
 }
 
+/// The goals (RAM-backed target, one queue), case by case.
+fn goals(md: &mut String, rows: &mut [Row]) -> anyhow::Result<()> {
+    writeln!(md, "\n## Goals (RAM-backed target, one queue)\n")?;
+    writeln!(md, "| goal | backend | measured | met |")?;
+    writeln!(md, "|---|---|---:|---|")?;
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.target.starts_with("RAM") && r.config.queues == 1)
+    {
+        let (name, value, met) = match (r.workload.pattern, r.workload.qd) {
+            (Pattern::RandRead, 32) => {
+                let ratio = r.b.iops() / r.d.iops();
+                writeln!(
+                    md,
+                    "| 4K randread QD32 IOPS ≥ 0.9 × direct | {} | {:.2} | {} |",
+                    r.config.name,
+                    ratio,
+                    yes(ratio >= 0.9)
+                )?;
+                let s = r.b.sys_per_req();
+                (
+                    "syscalls/request at QD32 ≤ 0.25",
+                    fmt_opt(s, 2),
+                    s.is_some_and(|s| s <= 0.25),
+                )
+            }
+            (Pattern::RandRead, 1) => {
+                let d = r.b.pct(0.5) - r.d.pct(0.5);
+                (
+                    "4K randread QD1 p50 within 10 µs of direct",
+                    format!("{d:+.1} µs"),
+                    d <= 10.0,
+                )
+            }
+            (Pattern::SeqRead | Pattern::SeqWrite, _) => {
+                let ratio = r.b.mib_s() / r.d.mib_s();
+                let name = if matches!(r.workload.pattern, Pattern::SeqRead) {
+                    "1M seqread bandwidth ≥ 0.97 × direct"
+                } else {
+                    "1M seqwrite bandwidth ≥ 0.97 × direct"
+                };
+                (name, format!("{ratio:.2}"), ratio >= 0.97)
+            }
+            _ => continue,
+        };
+        writeln!(
+            md,
+            "| {name} | {} | {value} | {} |",
+            r.config.name,
+            yes(met)
+        )?;
+    }
+    Ok(())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
 fn write_results(opts: &Opts, rows: &mut [Row]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.out)?;
     let mut md = String::new();
@@ -645,7 +731,7 @@ fn write_results(opts: &Opts, rows: &mut [Row]) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     writeln!(
         md,
-        "# blkbackd vs direct io_uring\n\n{} s per case, {} CPUs, Linux {}, image {} MiB. `b` = through blkbackd (simulated platform, load generator in this process), `d` = io_uring straight at the same file (O_DIRECT), `b/d` = ratio. Latency from submission to completion seen by the submitter, in µs. CPU: utime+stime of the whole blkbackd process (of the direct thread), 10 ms ticks. Syscalls: `perf stat -e raw_syscalls:sys_enter` on the blkbackd process (the direct thread).\n",
+        "# blkbackd vs direct io_uring\n\n{} s per case, {} CPUs, Linux {}, image {} MiB. `b` = through blkbackd (simulated platform, load generator in this process), `d` = io_uring straight at the same file (O_DIRECT), `b/d` = ratio. Latency from submission to completion seen by the submitter, in µs. CPU: utime+stime of the whole blkbackd process (of this process during the direct run), io_uring kernel workers included, 10 ms ticks. Syscalls: `perf stat -e raw_syscalls:sys_enter` on the blkbackd process (the direct thread).\n",
         opts.seconds,
         cpus,
         host.trim(),
@@ -676,6 +762,7 @@ fn write_results(opts: &Opts, rows: &mut [Row]) -> anyhow::Result<()> {
             fmt_opt(r.b.sys_per_req(), 3), fmt_opt(r.d.sys_per_req(), 3),
         )?;
     }
+    goals(&mut md, rows)?;
     writeln!(md, "\nMulti-queue scaling (1, 2, 4, 8 queues) needs more cores than this machine has: not measured.")?;
     let name = if opts.tiny { "perf-tiny" } else { "perf" };
     std::fs::write(opts.out.join(format!("{name}.md")), &md)?;

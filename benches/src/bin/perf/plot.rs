@@ -1,5 +1,5 @@
 //! A horizontal bar chart written as a PNG with no dependencies: RGB pixels, a 3x5 bitmap
-//! font scaled 2x, and a PNG encoder using stored (uncompressed) deflate blocks.
+//! font scaled 2x, and a PNG encoder with a run-length deflate (fixed Huffman codes).
 
 use std::path::Path;
 
@@ -104,20 +104,18 @@ impl Canvas {
     }
 
     fn png(&self) -> Vec<u8> {
-        let mut raw = Vec::with_capacity((self.w * 3 + 1) * self.h);
-        for row in self.px.chunks(self.w * 3) {
-            raw.push(0);
-            raw.extend_from_slice(row);
+        // Filter "Sub" on every row (each byte minus the same channel of the pixel to its
+        // left), so that flat areas become runs of zeros for the run-length deflate.
+        let stride = self.w * 3;
+        let mut raw = Vec::with_capacity((stride + 1) * self.h);
+        for row in self.px.chunks(stride) {
+            raw.push(1);
+            for (i, &b) in row.iter().enumerate() {
+                raw.push(b.wrapping_sub(if i >= 3 { row[i - 3] } else { 0 }));
+            }
         }
         let mut z = vec![0x78, 0x01];
-        let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
-        for (i, b) in blocks.iter().enumerate() {
-            z.push(u8::from(i + 1 == blocks.len()));
-            let len = b.len() as u16;
-            z.extend_from_slice(&len.to_le_bytes());
-            z.extend_from_slice(&(!len).to_le_bytes());
-            z.extend_from_slice(b);
-        }
+        z.extend_from_slice(&deflate_rle(&raw));
         let (mut a, mut b) = (1u32, 0u32);
         for &x in &raw {
             a = (a + u32::from(x)) % 65521;
@@ -134,6 +132,86 @@ impl Canvas {
         chunk(&mut out, b"IEND", &[]);
         out
     }
+}
+
+/// Bits, least significant first, as deflate packs them.
+#[derive(Default)]
+struct Bits {
+    out: Vec<u8>,
+    acc: u64,
+    n: u32,
+}
+
+impl Bits {
+    fn put(&mut self, v: u32, n: u32) {
+        self.acc |= u64::from(v) << self.n;
+        self.n += n;
+        while self.n >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n -= 8;
+        }
+    }
+
+    /// A Huffman code: its bits go most significant first.
+    fn code(&mut self, code: u32, len: u32) {
+        let rev = code.reverse_bits() >> (32 - len);
+        self.put(rev, len);
+    }
+
+    fn literal(&mut self, sym: u32) {
+        match sym {
+            0..=143 => self.code(0x30 + sym, 8),
+            144..=255 => self.code(0x190 + sym - 144, 9),
+            256..=279 => self.code(sym - 256, 7),
+            _ => self.code(0xc0 + sym - 280, 8),
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.n > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+/// Deflate with the fixed Huffman codes and only distance-1 matches (runs of a byte).
+fn deflate_rle(data: &[u8]) -> Vec<u8> {
+    const BASE: [u16; 29] = [
+        3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+        131, 163, 195, 227, 258,
+    ];
+    const EXTRA: [u32; 29] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+    ];
+    let mut bits = Bits::default();
+    bits.put(1, 1); // BFINAL
+    bits.put(1, 2); // BTYPE 01: fixed codes
+    let mut i = 0;
+    while i < data.len() {
+        let mut run = 0;
+        if i > 0 {
+            while run < 258 && i + run < data.len() && data[i + run] == data[i - 1] {
+                run += 1;
+            }
+        }
+        if run >= 3 {
+            let k = BASE
+                .iter()
+                .rposition(|&b| usize::from(b) <= run)
+                .unwrap_or(0);
+            bits.literal(257 + k as u32);
+            bits.put((run - usize::from(BASE[k])) as u32, EXTRA[k]);
+            bits.code(0, 5); // distance 1
+            i += run;
+        } else {
+            bits.literal(u32::from(data[i]));
+            i += 1;
+        }
+    }
+    bits.literal(256);
+    bits.finish()
 }
 
 fn crc32(data: &[u8]) -> u32 {
