@@ -206,7 +206,7 @@ have_project() { # scenario -> 0 when blkbackd and blkhotplug are in dom0, else 
 # watches backend/vbd and starts one `blkbackd serve` per device.
 start_supervisor() {
 	if [ -n "$SUP_PID" ] && kill -0 "$SUP_PID" 2>/dev/null; then return 0; fi
-	# BLKBACKD_ENV (from E2E_BLKBACKD_ENV on the host, e.g. BLKBACKD_NO_SANDBOX=1) reaches every serve.
+	# BLKBACKD_ENV (from E2E_BLKBACKD_ENV on the host, e.g. BLKBACKD_NO_SANDBOX=true) reaches every serve.
 	env NO_COLOR=1 RUST_LOG=${E2E_BLKBACKD_LOG_LEVEL:-info} ${BLKBACKD_ENV:-} \
 		"$BLKBACKD" supervise --platform xen -v >>"$BLKBACKD_LOG" 2>&1 &
 	SUP_PID=$!
