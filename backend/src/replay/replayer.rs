@@ -810,9 +810,23 @@ impl<'a> Replay<'a> {
         self.collect()
     }
 
-    /// End of the trace: every queue still running is stopped (and must stop cleanly), no
-    /// response may be left unmatched, and the backend must hold no grant.
+    /// End of the trace: requests still unanswered get until the timeout, every queue still
+    /// running is stopped (and must stop cleanly), no response may be left unmatched, and
+    /// the backend must hold no grant.
     fn finish(&mut self) -> Result<(), ReplayError> {
+        // Let running queues answer what was pushed last (stopping drops unconsumed slots),
+        // so that a response the trace does not have is seen.
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            self.collect()?;
+            let waiting = self.queues.values().any(|fq| {
+                fq.ring.outstanding() > 0 && fq.handle.as_ref().is_some_and(|h| !h.is_finished())
+            });
+            if !waiting || Instant::now() > deadline {
+                break;
+            }
+            self.wait_event(Duration::from_millis(5))?;
+        }
         let running: Vec<u32> = self
             .queues
             .iter()
