@@ -1,5 +1,6 @@
 //! The performance harness: the real `blkbackd serve` process, driven by a load generator
-//! playing the frontend on the simulated platform (`backend::simfront`), against the same
+//! playing the frontend on the simulated platform (`front`: blkfront's handshake, then
+//! `ring::FrontRing` with data pages granted once), against the same
 //! workload issued with io_uring straight at the same target in the same run (the physical
 //! limit of this machine). Writes `perf.md` (Markdown table), `perf.csv` and `perf.png` to
 //! `benches/results/` (or `--out`).
@@ -13,7 +14,6 @@
 //! `perf stat -e raw_syscalls:sys_enter` attached to the backend process (all its threads) or
 //! to the direct thread; "n/a" where perf is missing.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use backend::simfront::toolstack::{self, VbdSpec};
-use backend::simfront::{FrontOptions, IoOp, SimFront};
 
 const GUEST: u16 = 1;
 const DEVID: u32 = 51712;
@@ -447,7 +446,7 @@ struct Session {
     dom0: xen::xenstore::XenStore,
     spec: VbdSpec,
     backend: Child,
-    front: SimFront,
+    front: Option<front::Front>,
     dir: PathBuf,
 }
 
@@ -479,33 +478,31 @@ impl Session {
             cmd.arg("--no-persistent");
         }
         let backend = cmd.spawn().context("starting blkbackd")?;
-        let options = FrontOptions {
-            protocol: Some(ring::PROTOCOL_NATIVE.to_owned()),
-            ring_page_order: Some(2),
-            queues: c.queues,
-            persistent: c.persistent,
-            indirect: true,
-            guest_pages: 16384,
-            ignore_backend_limits: false,
-        };
-        let mut front = SimFront::new(&dir, GUEST, DEVID, options)?;
-        front.connect().context("handshake")?;
+        let front = front::Front::connect(
+            &dir,
+            GUEST,
+            &spec.frontend_path(),
+            &spec.backend_path(),
+            c.queues,
+            c.persistent,
+            32,
+        )
+        .context("handshake")?;
         Ok(Self {
             _xenstored: xenstored,
             dom0,
             spec,
             backend,
-            front,
+            front: Some(front),
             dir,
         })
     }
 
     fn run(&mut self, w: Workload, secs: f64, image: u64) -> anyhow::Result<Measured> {
         let pid = self.backend.id();
-        let queues = self.front.info().map_or(1, |i| i.queues as usize);
-        let data = vec![0x5au8; w.bs];
+        let front = self.front.as_mut().context("closed")?;
+        let queues = front.queues();
         let mut gen = Gen::new(w, image);
-        let mut started: HashMap<u64, Instant> = HashMap::new();
         let counter = SyscallCounter::start("-p", pid);
         let stat = format!("/proc/{pid}/stat");
         let cpu0 = cpu_ticks(&stat);
@@ -513,48 +510,49 @@ impl Session {
         let t0 = Instant::now();
         let end = t0 + Duration::from_secs_f64(secs);
         let mut next_q = 0;
+        let mut in_flight = 0;
+        let mut failed = 0u64;
         loop {
-            while started.len() < w.qd && Instant::now() < end {
+            let mut queued = false;
+            while in_flight < w.qd && Instant::now() < end {
+                let q = (0..queues)
+                    .map(|k| (next_q + k) % queues)
+                    .find(|&q| front.can_submit(q, w.bs))
+                    .context("no free slot")?;
+                next_q = (q + 1) % queues;
                 let (off, write) = gen.next();
-                let sector = off / 512;
-                let op = if write {
-                    IoOp::Write {
-                        sector,
-                        data: &data,
-                    }
-                } else {
-                    IoOp::Read {
-                        sector,
-                        sectors: (w.bs / 512) as u32,
-                    }
-                };
-                let id = self.front.submit(next_q, op)?;
-                next_q = (next_q + 1) % queues;
-                started.insert(id, Instant::now());
+                front.submit(q, off, w.bs, write)?;
+                in_flight += 1;
+                queued = true;
             }
-            if started.is_empty() {
+            if queued {
+                front.push()?;
+            }
+            if in_flight == 0 {
                 break;
             }
-            let c = self.front.wait()?;
-            let now = Instant::now();
-            if !c.is_ok() {
-                bail!("request {} failed: {:?}", c.id, c.status);
-            }
-            if let Some(s) = started.remove(&c.id) {
-                m.lat_us.push((now - s).as_secs_f64() * 1e6);
-            }
-            m.requests += 1;
-            m.bytes += w.bs as u64;
+            front.complete(|lat, ok| {
+                in_flight -= 1;
+                failed += u64::from(!ok);
+                m.lat_us.push(lat.as_secs_f64() * 1e6);
+                m.requests += 1;
+                m.bytes += w.bs as u64;
+            })?;
         }
         m.elapsed = t0.elapsed();
         m.cpu_ticks = cpu_ticks(&stat).zip(cpu0).map(|(a, b)| a - b);
         m.syscalls = counter.stop();
+        if failed > 0 {
+            bail!("{failed} requests failed");
+        }
         Ok(m)
     }
 
     fn stop(mut self) -> anyhow::Result<()> {
         toolstack::request_removal(&self.dom0, &self.spec)?;
-        self.front.close()?;
+        if let Some(f) = self.front.take() {
+            f.close()?;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.backend.try_wait()?.is_none() {
             if Instant::now() > deadline {
@@ -731,7 +729,7 @@ fn write_results(opts: &Opts, rows: &mut [Row]) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     writeln!(
         md,
-        "# blkbackd vs direct io_uring\n\n{} s per case, {} CPUs, Linux {}, image {} MiB. `b` = through blkbackd (simulated platform, load generator in this process), `d` = io_uring straight at the same file (O_DIRECT), `b/d` = ratio. Latency from submission to completion seen by the submitter, in µs. CPU: utime+stime of the whole blkbackd process (of this process during the direct run), io_uring kernel workers included, 10 ms ticks. Syscalls: `perf stat -e raw_syscalls:sys_enter` on the blkbackd process (the direct thread).\n",
+        "# blkbackd vs direct io_uring\n\n{} s per case, {} CPUs, Linux {}, image {} MiB. `b` = through blkbackd (simulated platform; the load generator in this process plays blkfront on ring::FrontRing with data pages granted once), `d` = io_uring straight at the same file (O_DIRECT), `b/d` = ratio. Latency from submission to completion seen by the submitter, in µs. CPU: utime+stime of the whole blkbackd process (of this process during the direct run), io_uring kernel workers included, 10 ms ticks. Syscalls: `perf stat -e raw_syscalls:sys_enter` on the blkbackd process (the direct thread).\n",
         opts.seconds,
         cpus,
         host.trim(),
@@ -785,4 +783,5 @@ fn write_results(opts: &Opts, rows: &mut [Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
+mod front;
 mod plot;

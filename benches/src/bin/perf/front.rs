@@ -1,0 +1,311 @@
+//! A lean load generator playing the guest's blkfront against a real `blkbackd serve`: the
+//! XenStore handshake as blkfront does it, then requests straight on `ring::FrontRing` with
+//! data pages granted once up front (reused by every request, as a guest with persistent
+//! grants does), so that the frontend's own cost stays small beside the backend's on a
+//! machine where both share the CPUs.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use ring::{FrontRequest, FrontRing, Segment, OP_READ, OP_WRITE};
+use rustix::event::{PollFd, PollFlags};
+use shmem::PAGE_SIZE;
+use xen::sim::{SimDomain, SimEventChannel};
+use xen::xenstore::{XenStore, XsOps};
+use xen::{Access, DomId, EventChannel, GrantRef, Port};
+
+/// Ring pages per queue (order 2).
+const RING_PAGES: usize = 4;
+/// Pages of the first `BIG_SLOTS` slots: room for the largest request (1 MiB); the other
+/// slots have one page (4 KiB requests).
+const SLOT_PAGES: usize = 256;
+const BIG_SLOTS: usize = 4;
+
+struct Queue {
+    ring: FrontRing,
+    ring_frame: u32,
+    port: Port,
+    /// Per slot: data page grants, the indirect page's frame and grant.
+    data: Vec<Vec<GrantRef>>,
+    indirect: Vec<(u32, GrantRef)>,
+    started: Vec<Option<Instant>>,
+    free: Vec<usize>,
+}
+
+/// The frontend of one connected disk.
+pub struct Front {
+    dom: SimDomain,
+    evt: SimEventChannel,
+    xs: XenStore,
+    fe: String,
+    be: String,
+    queues: Vec<Queue>,
+    ports: Vec<Port>,
+}
+
+fn state(xs: &XenStore, dir: &str) -> Option<u32> {
+    xs.read_string(&format!("{dir}/state"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn wait_state(xs: &XenStore, dir: &str, want: &[u32]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if state(xs, dir).is_some_and(|s| want.contains(&s)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("backend state {:?}, waiting for {want:?}", state(xs, dir));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+impl Front {
+    /// Creates guest `domid` in `dir`, connects `queues` queues to the backend of `fe`/`be`
+    /// with `max_qd` slots of data pages each.
+    pub fn connect(
+        dir: &std::path::Path,
+        domid: DomId,
+        fe: &str,
+        be: &str,
+        queues: u32,
+        persistent: bool,
+        max_qd: usize,
+    ) -> anyhow::Result<Self> {
+        let slot_pages = |i: usize| if i < BIG_SLOTS { SLOT_PAGES } else { 1 };
+        let per_queue = RING_PAGES + (0..max_qd).map(|i| slot_pages(i) + 1).sum::<usize>();
+        let pages = 1 + queues as usize * per_queue;
+        let dom = SimDomain::create(dir, domid, pages)?;
+        let mut evt = dom.open_event_channel()?;
+        let xs = XenStore::open_at(xen::sim::xenstore_socket(dir, domid))?;
+        wait_state(&xs, be, &[2])?;
+        let abi = ring::Abi::Native;
+        let mut qs = Vec::new();
+        let mut frame = 1u32;
+        let mut take = |n: usize| {
+            let f = frame;
+            frame += n as u32;
+            f
+        };
+        for _ in 0..queues {
+            let ring_frame = take(RING_PAGES);
+            let mem = dom
+                .mem()
+                .subregion(ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
+            let ring = FrontRing::init(&mem, abi, RING_PAGES)?;
+            let mut ring_refs = Vec::new();
+            for i in 0..RING_PAGES as u32 {
+                ring_refs.push(dom.grant(0, ring_frame + i, Access::ReadWrite)?);
+            }
+            let port = evt.alloc_unbound(0)?;
+            let mut data = Vec::new();
+            let mut indirect = Vec::new();
+            for i in 0..max_qd {
+                let n = slot_pages(i);
+                let first = take(n);
+                let grefs = (0..n as u32)
+                    .map(|i| dom.grant(0, first + i, Access::ReadWrite))
+                    .collect::<Result<Vec<_>, _>>()?;
+                data.push(grefs);
+                let f = take(1);
+                indirect.push((f, dom.grant(0, f, Access::ReadOnly)?));
+            }
+            qs.push((ring, ring_frame, port, ring_refs, data, indirect));
+        }
+        xs.transaction(|tx| {
+            tx.write(&format!("{fe}/ring-page-order"), "2")?;
+            if queues > 1 {
+                tx.write(&format!("{fe}/multi-queue-num-queues"), queues.to_string())?;
+            }
+            for (i, q) in qs.iter().enumerate() {
+                let d = if queues > 1 {
+                    format!("{fe}/queue-{i}")
+                } else {
+                    fe.to_owned()
+                };
+                for (k, r) in q.3.iter().enumerate() {
+                    tx.write(&format!("{d}/ring-ref{k}"), r.to_string())?;
+                }
+                tx.write(&format!("{d}/event-channel"), q.2.to_string())?;
+            }
+            tx.write(&format!("{fe}/protocol"), ring::PROTOCOL_NATIVE)?;
+            tx.write(
+                &format!("{fe}/feature-persistent"),
+                if persistent { "1" } else { "0" },
+            )?;
+            tx.write(&format!("{fe}/state"), "3")
+        })
+        .context("writing the ring details")?;
+        wait_state(&xs, be, &[4])?;
+        xs.write(&format!("{fe}/state"), "4")?;
+        let queues = qs
+            .into_iter()
+            .map(|(ring, ring_frame, port, _, data, indirect)| Queue {
+                ring,
+                ring_frame,
+                port,
+                started: vec![None; data.len()],
+                free: (0..data.len()).rev().collect(),
+                data,
+                indirect,
+            })
+            .collect();
+        Ok(Self {
+            dom,
+            evt,
+            xs,
+            fe: fe.to_owned(),
+            be: be.to_owned(),
+            queues,
+            ports: Vec::new(),
+        })
+    }
+
+    /// Number of queues.
+    pub fn queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Whether queue `q` has a free slot for a request of `bytes`.
+    pub fn can_submit(&self, q: usize, bytes: usize) -> bool {
+        let n = bytes.div_ceil(PAGE_SIZE);
+        let qu = &self.queues[q];
+        qu.free.iter().any(|&s| qu.data[s].len() >= n)
+    }
+
+    /// Queues a request of `bytes` at byte `offset` on queue `q` (pushed by [`Front::push`]).
+    pub fn submit(
+        &mut self,
+        q: usize,
+        offset: u64,
+        bytes: usize,
+        write: bool,
+    ) -> anyhow::Result<()> {
+        let qu = &mut self.queues[q];
+        let n = bytes.div_ceil(PAGE_SIZE);
+        let pos = qu
+            .free
+            .iter()
+            .rposition(|&s| qu.data[s].len() >= n)
+            .context("no free slot large enough")?;
+        let slot = qu.free.swap_remove(pos);
+        let segs: Vec<Segment> = qu.data[slot][..n]
+            .iter()
+            .map(|&gref| Segment {
+                gref,
+                first_sect: 0,
+                last_sect: 7,
+            })
+            .collect();
+        let op = if write { OP_WRITE } else { OP_READ };
+        let id = slot as u64;
+        let sector = offset / 512;
+        let mem = self
+            .dom
+            .mem()
+            .subregion(qu.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
+        if n <= ring::MAX_SEGMENTS_PER_REQUEST {
+            let req = FrontRequest::Direct {
+                operation: op,
+                id,
+                sector,
+                handle: 0,
+                segs: &segs,
+            };
+            qu.ring.queue_request(&mem, &req)?;
+        } else {
+            let (frame, gref) = qu.indirect[slot];
+            let mut page = vec![0u8; n * 8];
+            for (i, s) in segs.iter().enumerate() {
+                page[i * 8..i * 8 + 4].copy_from_slice(&s.gref.to_le_bytes());
+                page[i * 8 + 5] = 7;
+            }
+            self.dom.page(frame)?.write_from(0, &page)?;
+            let req = FrontRequest::Indirect {
+                indirect_op: op,
+                id,
+                sector,
+                handle: 0,
+                nr_segments: n as u16,
+                page_grefs: &[gref],
+            };
+            qu.ring.queue_request(&mem, &req)?;
+        }
+        qu.started[slot] = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Publishes queued requests on every queue, notifying where the backend asks.
+    pub fn push(&mut self) -> anyhow::Result<()> {
+        for qu in &mut self.queues {
+            let mem = self
+                .dom
+                .mem()
+                .subregion(qu.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
+            if qu.ring.push_requests(&mem)? {
+                self.evt.notify(qu.port)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for at least one response; calls `done(latency, ok)` for each collected.
+    pub fn complete(&mut self, mut done: impl FnMut(Duration, bool)) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut got = 0;
+            for qu in &mut self.queues {
+                let mem = self
+                    .dom
+                    .mem()
+                    .subregion(qu.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
+                loop {
+                    match qu.ring.next_response(&mem)? {
+                        Some(r) => {
+                            let slot = r.id as usize;
+                            let Some(start) = qu.started.get_mut(slot).and_then(Option::take)
+                            else {
+                                bail!("response for unknown id {}", r.id);
+                            };
+                            done(start.elapsed(), r.status == 0);
+                            qu.free.push(slot);
+                            got += 1;
+                        }
+                        None if qu.ring.final_check_for_responses(&mem)? => {}
+                        None => break,
+                    }
+                }
+            }
+            if got > 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no response within 15 s");
+            }
+            let fd = self.evt.as_fd();
+            let ts = rustix::time::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let _ = rustix::event::poll(&mut fds, Some(&ts));
+            self.ports.clear();
+            self.evt.pending(&mut self.ports)?;
+            for &p in &self.ports {
+                self.evt.unmask(p)?;
+            }
+        }
+    }
+
+    /// Closes as blkfront does when unplugged (the toolstack asked for removal first).
+    pub fn close(self) -> anyhow::Result<()> {
+        self.xs.write(&format!("{}/state", self.fe), "5")?;
+        wait_state(&self.xs, &self.be, &[5, 6])?;
+        self.xs.write(&format!("{}/state", self.fe), "6")?;
+        Ok(())
+    }
+}
