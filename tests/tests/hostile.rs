@@ -86,6 +86,7 @@ struct Fuzz {
     next_id: u64,
     tally: Tally,
     baseline: Option<(usize, usize)>,
+    baseline_fds: Vec<String>,
     memory_bound_kib: u64,
     rewriting: Arc<AtomicBool>,
     stop_rewriter: Arc<AtomicBool>,
@@ -146,6 +147,7 @@ impl Fuzz {
             next_id: 1 << 40,
             tally: Tally::default(),
             baseline: None,
+            baseline_fds: Vec::new(),
             memory_bound_kib: 2 * per_queue_kib + 24 * 1024,
             rewriting,
             stop_rewriter,
@@ -535,7 +537,10 @@ impl Fuzz {
         let pid = self.backend.pid();
         let mut counts = settled_counts(pid);
         match self.baseline {
-            None => self.baseline = Some(counts),
+            None => {
+                self.baseline = Some(counts);
+                self.baseline_fds = fd_targets(pid);
+            }
             Some(b) => {
                 // io_uring's worker threads (iou-wrk-*) of a finished queue exit shortly after
                 // it; give them a moment before calling it a leak.
@@ -547,8 +552,11 @@ impl Fuzz {
                 assert_eq!(
                     counts,
                     b,
-                    "fds and threads (before {b:?}) after disconnect: threads {:?}",
-                    thread_names(pid)
+                    "fds and threads (before {b:?}) after disconnect: threads {:?}, fds {:?} \
+                     (at the first disconnect: {:?})",
+                    thread_names(pid),
+                    fd_targets(pid),
+                    self.baseline_fds
                 );
             }
         }
@@ -644,6 +652,20 @@ fn thread_names(pid: u32) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// What a process's fds are.
+fn fd_targets(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// `RssAnon` of a process, KiB.
