@@ -6,6 +6,9 @@
 #   E2E-PROGRESS text        (shown on the host as it happens)
 # The guest reports through its console log (lines starting E2E-DOMU).
 . /e2e/config
+# Bounds on waits for guests are multiplied by this (E2E_TIME_SCALE on the host):
+# under emulation on a loaded host a guest can take minutes to boot.
+: "${TIME_SCALE:=3}"
 
 LOGDIR=/var/log/xen/console
 DISKS=/e2e/disks
@@ -82,7 +85,7 @@ guest_create() { # name
 domid_of() { xl domid "$1" 2>/dev/null; }
 
 wait_gone() { # name seconds
-	end=$(deadline "$2")
+	end=$(deadline $(($2 * TIME_SCALE)))
 	while domid_of "$1" >/dev/null; do
 		before "$end" || return 1
 		sleep 0.5
@@ -97,7 +100,7 @@ domu() { # name key -> last "E2E-DOMU key ..." line, rest of it
 domu_has() { guest_lines "$1" | grep -q "E2E-DOMU $2"; }
 
 wait_domu() { # name key seconds
-	end=$(deadline "$3")
+	end=$(deadline $(($3 * TIME_SCALE)))
 	until domu_has "$1" "$2"; do
 		before "$end" || return 1
 		sleep 0.5
