@@ -214,7 +214,14 @@ fn concurrent_rewrites_give_results_consistent_with_one_snapshot() {
                     rewrites.fetch_add(1, Ordering::Relaxed);
                 }
             });
-            for round in 0..300u64 {
+            // Start consuming once the rewriter runs, and go on until it has rewritten the
+            // ring many times, however the two threads happen to be scheduled.
+            while rewrites.load(Ordering::Relaxed) == 0 {
+                std::thread::yield_now();
+            }
+            let mut round = 0u64;
+            while round < 300 || rewrites.load(Ordering::Relaxed) < 100 {
+                round += 1;
                 for i in 0..size {
                     let img = &imgs[(round as usize + i as usize) % imgs.len()];
                     front.queue_raw(&mem, img).unwrap();
@@ -236,7 +243,7 @@ fn concurrent_rewrites_give_results_consistent_with_one_snapshot() {
             }
             stop.store(true, Ordering::Relaxed);
         });
-        assert!(rewrites.load(Ordering::Relaxed) > 0);
+        assert!(rewrites.load(Ordering::Relaxed) >= 100);
         assert!(outcomes.len() > 1, "{outcomes:?}");
     }
 }
