@@ -195,6 +195,25 @@ fn a_forbidden_system_call_kills_the_process() {
             let _ = rustix::thread::gettid();
             child_exit(true, "");
         }
+        if what == "unix" {
+            // Unix sockets stay possible (the simulated platform's event channels).
+            let ok = rustix::net::socket(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::DGRAM,
+                None,
+            )
+            .is_ok();
+            child_exit(ok, "a unix socket was refused");
+        }
+        if what == "inet" {
+            // A network socket is not: killed here.
+            let _ = rustix::net::socket(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::DGRAM,
+                None,
+            );
+            child_exit(false, "socket(AF_INET) returned");
+        }
         // getppid is not in the allow-list: the kernel kills the process here.
         let _ = rustix::process::getppid();
         child_exit(false, "getppid returned");
@@ -206,6 +225,10 @@ fn a_forbidden_system_call_kills_the_process() {
     assert!(allowed.success(), "allowed: {allowed}");
     let status = child(test, "forbidden", tmp.path());
     assert_eq!(status.signal(), Some(SIGSYS), "forbidden: {status}");
+    let unix = child(test, "unix", tmp.path());
+    assert!(unix.success(), "unix: {unix}");
+    let inet = child(test, "inet", tmp.path());
+    assert_eq!(inet.signal(), Some(SIGSYS), "inet: {inet}");
     assert!(!sandbox::syscalls::ALLOWED.contains(&"getppid"));
 }
 

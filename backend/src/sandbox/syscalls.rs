@@ -4,8 +4,17 @@
 //! `strace -f`, and keeping the calls of the `blkbackd serve` threads after their
 //! `seccomp(SECCOMP_SET_MODE_FILTER)`: 33 distinct calls. To those are added the calls that
 //! real Xen needs instead of the simulation (`ioctl` on gntdev, evtchn and the block device),
-//! and the alternatives a libc or the standard library may pick (`clone`, `brk`,
-//! `newfstatat`, `nanosleep`, the `*at` forms). Anything else kills the process.
+//! and the alternatives a libc, the standard library or another kernel may pick: `clone`,
+//! `brk`, `mremap` (glibc's `realloc` of large blocks), `restart_syscall` (a sleep interrupted
+//! by SIGTERM), the `*at` and older forms, `gettimeofday`/`time` (a paravirtualised clock
+//! without a vDSO), identity and limit queries (`getpid`, `getuid`, `getrlimit`,
+//! `prlimit64`, `uname`, `sysinfo`, `getcpu`), reads and writes on fds already open
+//! (`pread64`, `pwrite64`, `readv`, `writev`, `lseek`, `fsync`, `fdatasync`, `sendmsg`,
+//! `recvmsg`, `shutdown`) and `getdents64`/`readlinkat` (Landlock decides what can be reached).
+//! None of them gains anything: what matters is what stays out (`execve`, `ptrace`, `mount`,
+//! `bpf`, `setuid`, `capset`, `kexec_load`, module loading, `perf_event_open`,
+//! `process_vm_*`, `userfaultfd`, sockets of any family but `AF_UNIX`, ...).
+//! Anything else kills the process.
 //!
 //! Why each group is there:
 //! - the serve loop and XenStore: `ppoll`/`poll`, `read`, `write`, `sendto`, `recvfrom`,
@@ -39,49 +48,78 @@ pub const ALLOWED: &[&str] = &[
     "exit_group",
     "fallocate",
     "fcntl",
+    "fdatasync",
     "fstat",
+    "fsync",
     "futex",
+    "getcpu",
+    "getdents64",
+    "getegid",
+    "geteuid",
+    "getgid",
+    "getpid",
     "getrandom",
+    "getrlimit",
     "gettid",
+    "gettimeofday",
+    "getuid",
     "io_uring_enter",
     "io_uring_register",
     "io_uring_setup",
     "ioctl",
+    "lseek",
     "madvise",
     "mkdirat",
     "mmap",
     "mprotect",
+    "mremap",
     "munmap",
     "nanosleep",
     "newfstatat",
     "openat",
     "ppoll",
     "prctl",
+    "pread64",
+    "prlimit64",
+    "pwrite64",
     "read",
+    "readlinkat",
+    "readv",
     "recvfrom",
+    "recvmsg",
     "renameat",
     "renameat2",
+    "restart_syscall",
     "rseq",
+    "rt_sigaction",
     "rt_sigprocmask",
     "rt_sigreturn",
     "sched_getaffinity",
     "sched_yield",
+    "sendmsg",
     "sendto",
     "set_robust_list",
+    "shutdown",
     "sigaltstack",
     "socket",
     "statx",
+    "sysinfo",
     "tgkill",
+    "uname",
     "unlinkat",
     "write",
+    "writev",
 ];
 
 /// System calls that exist only on x86_64 (older forms std or rustix may pick there).
 #[cfg(target_arch = "x86_64")]
-pub const ALLOWED_ARCH: &[&str] = &["mkdir", "poll", "rename", "unlink"];
+pub const ALLOWED_ARCH: &[&str] = &["mkdir", "poll", "readlink", "rename", "time", "unlink"];
 /// System calls that exist only on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
 pub const ALLOWED_ARCH: &[&str] = &[];
+
+/// `AF_UNIX`: the one address family `socket` may create.
+const AF_UNIX: u32 = 1;
 
 /// Every allowed system call's name.
 pub fn allow_list() -> impl Iterator<Item = &'static str> {
@@ -91,7 +129,13 @@ pub fn allow_list() -> impl Iterator<Item = &'static str> {
 /// The filter as seccompiler's JSON: allow the list, kill the process on anything else.
 fn filter_json() -> String {
     let rules: Vec<String> = allow_list()
-        .map(|name| format!("{{\"syscall\":\"{name}\"}}"))
+        .map(|name| match name {
+            // Unix sockets only (the simulated platform's event channels): no network.
+            "socket" => format!(
+                "{{\"syscall\":\"socket\",\"args\":[{{\"index\":0,\"type\":\"dword\",\"op\":\"eq\",\"val\":{AF_UNIX}}}]}}"
+            ),
+            _ => format!("{{\"syscall\":\"{name}\"}}"),
+        })
         .collect();
     format!(
         "{{\"blkbackd\":{{\"mismatch_action\":\"kill_process\",\"filter_action\":\"allow\",\"filter\":[{}]}}}}",
