@@ -309,7 +309,7 @@ sc_blkbackd_features() {
 	d=$(domid_of e2e-feat)
 	wait_domu e2e-feat boot 60
 	fe=/local/domain/$d/device/vbd/$DEVID be=/local/domain/0/backend/vbd/$d/$DEVID
-	wait_domu e2e-feat "feature queues" 120 || progress "e2e-feat: no feature report yet"
+	wait_domu e2e-feat "data xvda" 120 || progress "e2e-feat: no data report yet"
 	order=$(xenstore-read $fe/ring-page-order 2>/dev/null)
 	[ -n "$order" ] || order=$(xenstore-read $fe/queue-0/ring-page-order 2>/dev/null)
 	nq=$(xenstore-read $fe/multi-queue-num-queues 2>/dev/null)
@@ -327,6 +327,7 @@ sc_blkbackd_features() {
 		return
 	fi
 	after=$(du -k $img | cut -f1)
+	domu_has e2e-feat "feature queues" || dump_guest e2e-feat
 	bf=$(domu e2e-feat "feature blkfront")
 	REASON=""
 	[ "$order" = 4 ] || REASON="$REASON ring-page-order=$order (want 4);"
