@@ -25,7 +25,7 @@ use rustix::mm::{MapFlags, ProtFlags};
 use shmem::PAGE_SIZE;
 
 use crate::ioctl::{call, none_op};
-use crate::types::check_copy_batch;
+use crate::types::{check_copy_batch, check_map_refs};
 use crate::{
     Access, CopyOp, DomId, GrantCopier, GrantError, GrantMapper, GrantMapping, GrantRef,
     GrantStatus, Unmap, UnmapNotify,
@@ -328,12 +328,7 @@ impl GrantMapper for Gntdev {
         refs: &[GrantRef],
         access: Access,
     ) -> Result<GrantMapping, GrantError> {
-        if refs.is_empty() {
-            return Err(GrantError::Invalid("no grant refs to map"));
-        }
-        if refs.len() > MAX_MAP_REFS {
-            return Err(GrantError::Invalid("too many grant refs in one mapping"));
-        }
+        check_map_refs(refs, MAX_MAP_REFS)?;
         let count = refs.len() as u32;
         // struct ioctl_gntdev_map_grant_ref with `count` refs, as u32 words.
         let mut arg = vec![0u32; MAP_HEADER_WORDS + 2 * refs.len()];

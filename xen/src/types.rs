@@ -253,6 +253,18 @@ pub(crate) fn check_copy_batch(ops: &[CopyOp<'_>]) -> Result<(), GrantError> {
     Ok(())
 }
 
+/// Checks the refs of one map call against the [`GrantMapper::map`](crate::GrantMapper::map)
+/// contract: at least one ref and at most `max` (the implementation's own limit).
+pub(crate) fn check_map_refs(refs: &[GrantRef], max: usize) -> Result<(), GrantError> {
+    if refs.is_empty() {
+        return Err(GrantError::Invalid("no grant refs to map"));
+    }
+    if refs.len() > max {
+        return Err(GrantError::Invalid("too many grant refs in one mapping"));
+    }
+    Ok(())
+}
+
 /// An event-channel failure.
 #[derive(Debug, thiserror::Error)]
 pub enum EvtchnError {

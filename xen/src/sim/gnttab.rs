@@ -29,7 +29,7 @@ use shmem::{SharedMem, PAGE_SIZE};
 
 use super::shm::{unmap_raw, MappedFile, Reservation};
 use super::{domain_file, SimError};
-use crate::types::check_copy_batch;
+use crate::types::{check_copy_batch, check_map_refs};
 use crate::{
     Access, CopyOp, DomId, GrantCopier, GrantError, GrantMapper, GrantMapping, GrantRef,
     GrantStatus, Unmap, UnmapNotify,
@@ -501,12 +501,7 @@ impl GrantMapper for SimGnttab {
         refs: &[GrantRef],
         access: Access,
     ) -> Result<GrantMapping, GrantError> {
-        if refs.is_empty() {
-            return Err(GrantError::Invalid("no grant refs to map"));
-        }
-        if refs.len() > MAX_MAP_REFS {
-            return Err(GrantError::Invalid("too many grant refs in one mapping"));
-        }
+        check_map_refs(refs, MAX_MAP_REFS)?;
         let dom = self.inner.domain(domid).map_err(GrantError::Status)?;
         let write = access == Access::ReadWrite;
         let res = Reservation::new(refs.len())?;
