@@ -1,11 +1,13 @@
 //! Every `ioctl` blkhotplug makes, in one place: loop control and loop devices, block devices,
-//! device-mapper. The only module with `unsafe`; each call passes a buffer whose layout is the
-//! kernel's (checked by the layout tests in [`crate::loopdev`] and [`crate::dm`]).
+//! device-mapper. The only module with `unsafe`; each call goes through [`xen::ioctl::call`]
+//! with a buffer whose layout is the kernel's (checked by the layout tests in
+//! [`crate::loopdev`] and [`crate::dm`]).
 use std::os::fd::BorrowedFd;
 
 use core::ffi::c_void;
 use rustix::io::Errno;
-use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
+use rustix::ioctl::{opcode, Opcode};
+use xen::ioctl::call;
 
 use crate::loopdev::{LoopConfig, LoopInfo64};
 
@@ -24,138 +26,62 @@ pub const BLKSSZGET: Opcode = opcode::none(0x12, 104);
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`.
 pub const BLKGETSIZE64: Opcode = opcode::read::<usize>(0x12, 114);
 
-/// One `ioctl` whose argument is a pointer (or nothing) and whose result is the return value.
-struct Raw {
-    op: Opcode,
-    arg: *mut c_void,
-}
-
-// SAFETY: every `Raw` is built below with the opcode's own argument type (or null for
-// argument-less opcodes), valid for the whole call; the kernel may write through it, hence
-// IS_MUTATING; the output is the plain return value.
-unsafe impl Ioctl for Raw {
-    type Output = IoctlOutput;
-    const IS_MUTATING: bool = true;
-
-    fn opcode(&self) -> Opcode {
-        self.op
-    }
-
-    fn as_ptr(&mut self) -> *mut c_void {
-        self.arg
-    }
-
-    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
-        Ok(out)
-    }
-}
-
 /// `LOOP_CTL_GET_FREE` on `/dev/loop-control`.
 pub fn loop_ctl_get_free(ctl: BorrowedFd<'_>) -> Result<u32, Errno> {
     // SAFETY: LOOP_CTL_GET_FREE takes no argument.
-    let n = unsafe {
-        rustix::ioctl::ioctl(
-            ctl,
-            Raw {
-                op: LOOP_CTL_GET_FREE,
-                arg: core::ptr::null_mut(),
-            },
-        )
-    }?;
+    let n = unsafe { call(ctl, LOOP_CTL_GET_FREE, core::ptr::null_mut::<c_void>()) }?;
     u32::try_from(n).map_err(|_| Errno::INVAL)
 }
 
 /// `LOOP_CONFIGURE` on an open loop device.
 pub fn loop_configure(dev: BorrowedFd<'_>, config: &LoopConfig) -> Result<(), Errno> {
     let mut config = *config;
-    let arg = (&raw mut config).cast();
+    let arg = &raw mut config;
     // SAFETY: LOOP_CONFIGURE reads a `struct loop_config`; `LoopConfig` is its #[repr(C)] twin
     // (layout test in loopdev) and lives across the call.
-    unsafe {
-        rustix::ioctl::ioctl(
-            dev,
-            Raw {
-                op: LOOP_CONFIGURE,
-                arg,
-            },
-        )
-    }
-    .map(drop)
+    unsafe { call(dev, LOOP_CONFIGURE, arg) }.map(drop)
 }
 
 /// `LOOP_CLR_FD` on an open loop device.
 pub fn loop_clr_fd(dev: BorrowedFd<'_>) -> Result<(), Errno> {
     // SAFETY: LOOP_CLR_FD takes no argument.
-    unsafe {
-        rustix::ioctl::ioctl(
-            dev,
-            Raw {
-                op: LOOP_CLR_FD,
-                arg: core::ptr::null_mut(),
-            },
-        )
-    }
-    .map(drop)
+    unsafe { call(dev, LOOP_CLR_FD, core::ptr::null_mut::<c_void>()) }.map(drop)
 }
 
 /// `LOOP_GET_STATUS64` on an open loop device (`ENXIO` when it is not bound).
 pub fn loop_get_status(dev: BorrowedFd<'_>) -> Result<LoopInfo64, Errno> {
     let mut info = LoopInfo64::default();
-    let arg = (&raw mut info).cast();
+    let arg = &raw mut info;
     // SAFETY: LOOP_GET_STATUS64 writes a `struct loop_info64`; `LoopInfo64` is its #[repr(C)]
     // twin (layout test in loopdev) and lives across the call.
-    unsafe {
-        rustix::ioctl::ioctl(
-            dev,
-            Raw {
-                op: LOOP_GET_STATUS64,
-                arg,
-            },
-        )
-    }?;
+    unsafe { call(dev, LOOP_GET_STATUS64, arg) }?;
     Ok(info)
 }
 
 /// `BLKGETDISKSEQ`: the disk sequence number (Linux 5.15).
 pub fn blk_get_diskseq(dev: BorrowedFd<'_>) -> Result<u64, Errno> {
     let mut seq = 0u64;
-    let arg = (&raw mut seq).cast();
+    let arg = &raw mut seq;
     // SAFETY: BLKGETDISKSEQ writes one __u64 to its argument.
-    unsafe {
-        rustix::ioctl::ioctl(
-            dev,
-            Raw {
-                op: BLKGETDISKSEQ,
-                arg,
-            },
-        )
-    }?;
+    unsafe { call(dev, BLKGETDISKSEQ, arg) }?;
     Ok(seq)
 }
 
 /// `BLKSSZGET`: the logical block size.
 pub fn blk_logical_block_size(dev: BorrowedFd<'_>) -> Result<u32, Errno> {
     let mut size: core::ffi::c_int = 0;
-    let arg = (&raw mut size).cast();
+    let arg = &raw mut size;
     // SAFETY: BLKSSZGET writes one int to its argument.
-    unsafe { rustix::ioctl::ioctl(dev, Raw { op: BLKSSZGET, arg }) }?;
+    unsafe { call(dev, BLKSSZGET, arg) }?;
     u32::try_from(size).map_err(|_| Errno::INVAL)
 }
 
 /// `BLKGETSIZE64`: the size in bytes.
 pub fn blk_size_bytes(dev: BorrowedFd<'_>) -> Result<u64, Errno> {
     let mut size = 0u64;
-    let arg = (&raw mut size).cast();
+    let arg = &raw mut size;
     // SAFETY: BLKGETSIZE64 writes one u64 (size_t on 64-bit Linux) to its argument.
-    unsafe {
-        rustix::ioctl::ioctl(
-            dev,
-            Raw {
-                op: BLKGETSIZE64,
-                arg,
-            },
-        )
-    }?;
+    unsafe { call(dev, BLKGETSIZE64, arg) }?;
     Ok(size)
 }
 
@@ -163,10 +89,10 @@ pub fn blk_size_bytes(dev: BorrowedFd<'_>) -> Result<u64, Errno> {
 /// its data, `data_size` (its first field after `version`) set to at most `buf`'s length in
 /// bytes, which [`crate::dm::DmBuffer`] guarantees.
 pub fn dm(ctl: BorrowedFd<'_>, op: Opcode, buf: &mut [u64]) -> Result<(), Errno> {
-    let arg = buf.as_mut_ptr().cast();
+    let arg = buf.as_mut_ptr();
     // SAFETY: DM ioctls read and write `data_size` bytes at the argument, and `data_size` is
     // at most the length of `buf` (DmBuffer's invariant), which lives across the call.
-    unsafe { rustix::ioctl::ioctl(ctl, Raw { op, arg }) }.map(drop)
+    unsafe { call(ctl, op, arg) }.map(drop)
 }
 
 /// Takes ownership of an fd the kernel returned in a successful ioctl's output (the series'

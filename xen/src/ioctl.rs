@@ -1,6 +1,8 @@
 //! The one ioctl shape the Xen device nodes use: `_IOC(_IOC_NONE, group, nr, sizeof(arg))`
 //! with a pointer to an argument struct that the kernel reads and may update, returning an
-//! int (a port for `IOCTL_EVTCHN_BIND_INTERDOMAIN`).
+//! int (a port for `IOCTL_EVTCHN_BIND_INTERDOMAIN`). [`call`] is public because blkhotplug's
+//! loop, block and device-mapper ioctls have the same shape (a pointer or nothing in, the
+//! return value out), so the workspace has one `rustix::ioctl::Ioctl` implementation.
 
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
@@ -45,7 +47,7 @@ unsafe impl Ioctl for Call {
 /// with exactly the layout that request expects (or be null if it takes none), valid and not
 /// otherwise accessed during the call, and every pointer inside the argument must be valid
 /// for what the kernel does with it during the call.
-pub(crate) unsafe fn call<T>(
+pub unsafe fn call<T>(
     fd: BorrowedFd<'_>,
     opcode: Opcode,
     arg: *mut T,

@@ -37,7 +37,7 @@ pub mod xenstore;
 mod config;
 mod evtchn;
 mod gntdev;
-mod ioctl;
+pub mod ioctl;
 
 pub use config::{ParsePlatformError, PlatformConfig, PlatformError, XenPlatform, PLATFORM_ENV};
 pub use evtchn::{XenEventChannel, EVTCHN_PATH};
