@@ -33,6 +33,8 @@ const LRU_PERCENT_CLEAN: usize = 5;
 struct Entry {
     mapping: Arc<GrantMapping>,
     last_used: Instant,
+    /// Mapped writable (else read-only: an indirect page the frontend granted read-only).
+    writable: bool,
 }
 
 /// The persistent grants of one queue.
@@ -61,9 +63,9 @@ impl PersistentGrants {
         self.map.len()
     }
 
-    /// The mapping of `gref`: the cached one, or a fresh one that is cached while there is
-    /// room. `None` when the cache is full and `gref` is not in it (the caller maps it for
-    /// this request only).
+    /// The writable mapping of `gref` (for data pages): the cached one, or a fresh one that
+    /// is cached while there is room. `None` when the cache is full and `gref` is not in it,
+    /// or when it is cached read-only (the caller maps it for this request only).
     ///
     /// # Errors
     /// The mapper's error; nothing is cached then.
@@ -73,21 +75,57 @@ impl PersistentGrants {
         gref: GrantRef,
         now: Instant,
     ) -> Result<Option<Arc<GrantMapping>>, GrantError> {
+        self.lookup_or_map(mapper, gref, now, false)
+    }
+
+    /// A mapping of `gref` to read from (for indirect pages, which Linux's blkback also maps
+    /// through the persistent cache): as [`get`](Self::get), but a grant the frontend made
+    /// read-only is mapped and cached read-only rather than failing.
+    ///
+    /// # Errors
+    /// The mapper's error for the read-only map; nothing is cached then.
+    pub(super) fn get_readable(
+        &mut self,
+        mapper: &dyn GrantMapper,
+        gref: GrantRef,
+        now: Instant,
+    ) -> Result<Option<Arc<GrantMapping>>, GrantError> {
+        self.lookup_or_map(mapper, gref, now, true)
+    }
+
+    fn lookup_or_map(
+        &mut self,
+        mapper: &dyn GrantMapper,
+        gref: GrantRef,
+        now: Instant,
+        read_only_ok: bool,
+    ) -> Result<Option<Arc<GrantMapping>>, GrantError> {
         if let Some(e) = self.map.get_mut(&gref) {
+            if !(e.writable || read_only_ok) {
+                return Ok(None);
+            }
             e.last_used = now;
             return Ok(Some(Arc::clone(&e.mapping)));
         }
         if self.map.len() >= self.max {
             return Ok(None);
         }
-        // Persistent grants are always mapped writable, as Linux does: the same page serves
-        // reads and writes over its lifetime.
-        let mapping = Arc::new(mapper.map(self.frontend, &[gref], Access::ReadWrite)?);
+        // Persistent grants are mapped writable, as Linux does: the same page serves reads
+        // and writes over its lifetime.
+        let (mapping, writable) = match mapper.map(self.frontend, &[gref], Access::ReadWrite) {
+            Ok(m) => (m, true),
+            Err(_) if read_only_ok => {
+                (mapper.map(self.frontend, &[gref], Access::ReadOnly)?, false)
+            }
+            Err(e) => return Err(e),
+        };
+        let mapping = Arc::new(mapping);
         self.map.insert(
             gref,
             Entry {
                 mapping: Arc::clone(&mapping),
                 last_used: now,
+                writable,
             },
         );
         Ok(Some(mapping))

@@ -515,6 +515,13 @@ impl Queue {
     /// Copies the indirect pages of `h` once into the first pages of `self.ind_pages`
     /// (preallocated, reused).
     fn fetch_indirect(&mut self, h: &ring::IndirectHeader) -> Result<(), GrantStatus> {
+        let r = self.fetch_indirect_inner(h);
+        // The scratch list must not keep mappings alive past this request.
+        self.seg_maps.clear();
+        r
+    }
+
+    fn fetch_indirect_inner(&mut self, h: &ring::IndirectHeader) -> Result<(), GrantStatus> {
         let grefs = h.page_grefs();
         let pages = self
             .ind_pages
@@ -549,19 +556,48 @@ impl Queue {
                 }
             }
             GrantMode::Map => {
-                // Linux maps indirect pages read-only and reads them once.
-                let m = self
-                    .platform
-                    .grant_mapper()
-                    .map(self.frontend, grefs, Access::ReadOnly)
-                    .map_err(|e| match e {
-                        xen::GrantError::Status(s) => s,
-                        _ => GrantStatus::GeneralError,
-                    })?;
-                let mem = m.mem();
-                for (i, page) in pages.iter_mut().enumerate() {
+                let status = |e: xen::GrantError| match e {
+                    xen::GrantError::Status(s) => s,
+                    _ => GrantStatus::GeneralError,
+                };
+                // As Linux (xen_blkbk_parse_indirect): indirect pages come from the
+                // persistent cache when there is one; the rest are mapped read-only for this
+                // request only. Either way each page is read once, into private memory.
+                let now = Instant::now();
+                let mapper = self.platform.grant_mapper();
+                self.seg_maps.clear();
+                self.np_grefs.clear();
+                for &gref in grefs {
+                    let cached = match self.pgrants.as_mut() {
+                        Some(pg) => pg.get_readable(mapper, gref, now).map_err(status)?,
+                        None => None,
+                    };
+                    if cached.is_none() {
+                        self.np_grefs.push(gref);
+                    }
+                    self.seg_maps.push(cached);
+                }
+                let once = if self.np_grefs.is_empty() {
+                    None
+                } else {
+                    Some(
+                        mapper
+                            .map(self.frontend, &self.np_grefs, Access::ReadOnly)
+                            .map_err(status)?,
+                    )
+                };
+                let mut k = 0;
+                for (page, cached) in pages.iter_mut().zip(&self.seg_maps) {
+                    let (mem, offset) = match (cached, &once) {
+                        (Some(m), _) => (m.mem(), 0),
+                        (None, Some(m)) => {
+                            k += 1;
+                            (m.mem(), (k - 1) * PAGE_SIZE)
+                        }
+                        (None, None) => return Err(GrantStatus::GeneralError),
+                    };
                     let sub = mem
-                        .subregion(i * PAGE_SIZE, PAGE_SIZE)
+                        .subregion(offset, PAGE_SIZE)
                         .map_err(|_| GrantStatus::GeneralError)?;
                     page.read_from(&sub)
                         .map_err(|_| GrantStatus::GeneralError)?;

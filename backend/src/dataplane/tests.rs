@@ -389,6 +389,68 @@ fn indirect_256_segments_grant_map() {
 }
 
 #[test]
+fn indirect_pages_are_persistent_grants_in_map_mode() {
+    let dir = TempDir::new("indpg");
+    let img = image(&dir.0, 4096);
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let mut p = f.params(&dir.0, open(&img));
+    p.grant_mode = GrantMode::Map;
+    p.persistent_grants = true;
+    let stats = Arc::clone(&p.stats);
+    let q = spawn_queue(p).unwrap();
+    // Two indirect pages listing 16 data pages (1..=16): data page 0 granted writable as
+    // Linux's blkfront does with persistent grants, and a page granted read-only.
+    let ro_frame = DATA0 + 500;
+    let ro_ref = f.dom.grant(0, ro_frame, Access::ReadOnly).unwrap();
+    let ind_ref = f.page(0).1;
+    for i in 0..16usize {
+        let mut e = [0u8; 8];
+        e[..4].copy_from_slice(&f.page(1 + i).1.to_le_bytes());
+        e[5] = 7;
+        f.page(0).0.write_from(i * 8, &e).unwrap();
+        f.dom.page(ro_frame).unwrap().write_from(i * 8, &e).unwrap();
+    }
+    fill(&f, 1, 16, 3);
+    for (n, page_ref) in (0..20u64).zip([ind_ref, ro_ref].into_iter().cycle()) {
+        let st = f.one(&FrontRequest::Indirect {
+            indirect_op: if n % 3 == 0 { OP_WRITE } else { OP_READ },
+            id: n,
+            sector: 0,
+            handle: 0,
+            nr_segments: 16,
+            page_grefs: &[page_ref],
+        });
+        assert_eq!(st, Some(Status::Okay), "request {n}");
+        // The indirect pages stay mapped between requests, in the cache beside the data
+        // pages: nothing is mapped anew once both have been seen.
+        assert!(
+            f.dom.grant_in_use(page_ref),
+            "indirect page unmapped after {n}"
+        );
+        if n > 0 {
+            assert_eq!(stats.snapshot().persistent_grants, 18, "request {n}");
+        }
+    }
+    let file = std::fs::read(&img).unwrap();
+    for i in 0..16usize {
+        assert_eq!(
+            &file[i * 4096..][..4096],
+            &page_bytes(&f, 1 + i)[..],
+            "page {i}"
+        );
+    }
+    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert!(
+        !f.dom.grant_in_use(ind_ref) && !f.dom.grant_in_use(ro_ref),
+        "leaked"
+    );
+    assert!(
+        f.data_refs.iter().all(|g| !f.dom.grant_in_use(*g)),
+        "leaked"
+    );
+}
+
+#[test]
 fn flush_and_barrier() {
     let dir = TempDir::new("flush");
     let img = image(&dir.0, 1024);
