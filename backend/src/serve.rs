@@ -835,24 +835,10 @@ impl Backend {
     }
 }
 
-/// Creates the handoff listener (`SOCK_SEQPACKET`, non-blocking, mode 0600).
+/// Creates the handoff listener ([`handoff::listen`]), non-blocking: the serve loop polls it.
 fn listen(path: &std::path::Path) -> std::io::Result<OwnedFd> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let sock = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let addr = SocketAddrUnix::new(path)?;
-    rustix::net::bind(&sock, &addr)?;
-    rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o600))?;
-    rustix::net::listen(&sock, 1)?;
+    let sock = handoff::listen(path, 1).map_err(std::io::Error::other)?;
+    rustix::io::ioctl_fionbio(&sock, true)?;
     Ok(sock)
 }
 

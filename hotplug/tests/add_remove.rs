@@ -564,19 +564,10 @@ fn silent_backend_times_out_and_leaves_nothing() {
     if !can_run("silent_backend_times_out_and_leaves_nothing") {
         return;
     }
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let env = Env::new("silent");
     let a = env.file("a.img", MIB);
     let path = env.dir.join("silent.sock");
-    let l = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    rustix::net::bind(&l, &SocketAddrUnix::new(&path).expect("addr")).expect("bind");
-    rustix::net::listen(&l, 4).expect("listen");
+    let l = xen::handoff::listen(&path, 4).expect("listen");
     let be = env.backend(1, &a.to_string_lossy(), "w", true, Some(&path));
     let t = Instant::now();
     let out = env.run("add", &be, "0.5");

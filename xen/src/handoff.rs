@@ -455,6 +455,32 @@ fn io(op: &'static str) -> impl FnOnce(Errno) -> HandoffError {
     move |source| HandoffError::Io { op, source }
 }
 
+/// Creates the backend's end of the handoff: a `SOCK_SEQPACKET` unix socket (close-on-exec,
+/// blocking) listening at `path`, mode 0600 so that only root and our uid can connect. A stale
+/// socket left at `path` is replaced. `backlog` bounds the connections waiting for `accept`.
+///
+/// # Errors
+/// [`HandoffError::Io`] naming the step that failed.
+pub fn listen(path: &Path, backlog: i32) -> Result<OwnedFd, HandoffError> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(io("socket"))?;
+    match rustix::fs::unlink(path) {
+        Ok(()) | Err(Errno::NOENT) => {}
+        Err(e) => return Err(io("removing a stale socket")(e)),
+    }
+    let addr = SocketAddrUnix::new(path).map_err(io("socket address"))?;
+    rustix::net::bind(&sock, &addr).map_err(io("bind"))?;
+    rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o600)).map_err(io("chmod"))?;
+    rustix::net::listen(&sock, backlog).map_err(io("listen"))?;
+    Ok(sock)
+}
+
 /// Connects to a handoff socket (`SOCK_SEQPACKET`, close-on-exec) and checks that the listener
 /// runs as root or as this process's uid. `timeout` bounds the connect (a full backlog blocks
 /// it), the send and the wait for the reply (`SO_SNDTIMEO`, `SO_RCVTIMEO`; expiry shows as
@@ -1057,20 +1083,17 @@ mod tests {
 
     #[test]
     fn connect_reaches_a_listener_of_ours() {
-        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
         let dir = std::env::temp_dir().join(format!("handoff-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("s");
-        let _ = std::fs::remove_file(&path);
-        let l = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .expect("socket");
-        rustix::net::bind(&l, &SocketAddrUnix::new(&path).expect("addr")).expect("bind");
-        rustix::net::listen(&l, 1).expect("listen");
+        // A stale file at the path is replaced.
+        std::fs::write(&path, b"stale").expect("stale file");
+        let l = listen(&path, 1).expect("listen");
+        let mode = std::fs::metadata(&path).expect("stat").permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let c = connect(&path, Duration::from_secs(5)).expect("connect");
         let s = rustix::net::accept(&l).expect("accept");
         send_reply(&s, Reply::Accepted).expect("reply");

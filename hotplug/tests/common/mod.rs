@@ -200,17 +200,8 @@ pub struct FdBackend {
 
 impl FdBackend {
     pub fn start(path: PathBuf, hold: bool) -> Self {
-        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-        let _ = std::fs::remove_file(&path);
-        let l = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .expect("socket");
-        rustix::net::bind(&l, &SocketAddrUnix::new(&path).expect("addr")).expect("bind");
-        rustix::net::listen(&l, 128).expect("listen");
+        use rustix::net::SocketFlags;
+        let l = xen::handoff::listen(&path, 128).expect("listen");
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(Mutex::new(Vec::new()));
         let held = Arc::new(Mutex::new(Vec::new()));
