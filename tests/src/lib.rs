@@ -35,28 +35,41 @@ pub fn blkbackd() -> &'static Path {
             .parent()
             .and_then(Path::parent)
             .expect("target/<profile>");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "backend",
-            "--bin",
-            "blkbackd",
-            "--target-dir",
-        ])
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for blkbackd");
-        assert!(status.success(), "building blkbackd failed");
-        profile_dir.join("blkbackd")
+        build_blkbackd(profile_dir).expect("building blkbackd")
     })
+}
+
+/// Builds `blkbackd` with the cargo running us (`$CARGO`) into `profile_dir`
+/// (`target/<profile>`, release when its name is `release`), and returns the binary's path.
+/// The performance harness uses it too.
+///
+/// # Errors
+/// When cargo cannot be run or the build fails.
+pub fn build_blkbackd(profile_dir: &Path) -> std::io::Result<PathBuf> {
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| std::io::Error::other("the profile directory has no parent"))?;
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "backend",
+        "--bin",
+        "blkbackd",
+        "--target-dir",
+    ])
+    .arg(target_dir)
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if release {
+        cmd.arg("--release");
+    }
+    if !cmd.status()?.success() {
+        return Err(std::io::Error::other("cargo build of blkbackd failed"));
+    }
+    Ok(profile_dir.join("blkbackd"))
 }
 
 /// A temporary directory, removed on drop.

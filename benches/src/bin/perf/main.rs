@@ -217,31 +217,11 @@ fn parse_args() -> anyhow::Result<Opts> {
     })
 }
 
-/// The `blkbackd` of this build profile, built with the cargo running us.
+/// The `blkbackd` of this build profile (the directory holding this binary).
 fn build_blkbackd() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("exe dir")?.to_owned();
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "backend",
-        "--bin",
-        "blkbackd",
-        "--target-dir",
-    ])
-    .arg(dir.parent().context("target dir")?)
-    .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if release {
-        cmd.arg("--release");
-    }
-    if !cmd.status().context("running cargo build")?.success() {
-        bail!("building blkbackd failed");
-    }
-    Ok(dir.join("blkbackd"))
+    let dir = exe.parent().context("exe dir")?;
+    tests::build_blkbackd(dir).context("building blkbackd")
 }
 
 fn make_image(dir: &Path, mib: u64) -> anyhow::Result<PathBuf> {
