@@ -304,6 +304,19 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// A simulated platform and a loop device over a fresh `mib` MiB image in it; `None` (with a
+/// note that the test is skipped) when not root, as loop devices need.
+pub fn loop_disk(tag: &str, mib: u64) -> Option<(Sim, Loop)> {
+    if !is_root() {
+        eprintln!("skipped: loop devices need root");
+        return None;
+    }
+    let sim = Sim::new(tag);
+    let file = sim.image("backing.img", mib);
+    let lo = Loop::attach(&file);
+    Some((sim, lo))
+}
+
 /// A loop device over a file, detached on drop (`losetup`, util-linux).
 #[derive(Debug)]
 pub struct Loop {

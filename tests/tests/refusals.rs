@@ -7,7 +7,7 @@ use std::time::Duration;
 use backend::simfront::toolstack::VbdSpec;
 use backend::simfront::workload::DiskModel;
 use backend::simfront::FrontOptions;
-use tests::{backend_node, exercise, is_root, remove, Backend, Loop, Sim, DEVID, GUEST};
+use tests::{backend_node, exercise, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST};
 use xen::xenstore::XsOps;
 
 fn disk(sim: &Sim, args: &[&str]) -> (VbdSpec, Backend) {
@@ -147,17 +147,6 @@ fn after_a_fatal_error_the_frontend_can_start_over() {
     remove(&sim, &spec, &mut backend, &mut front);
 }
 
-fn loop_disk(tag: &str) -> Option<(Sim, Loop)> {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
-        return None;
-    }
-    let sim = Sim::new(tag);
-    let file = sim.image("backing.img", 16);
-    let lo = Loop::attach(&file);
-    Some((sim, lo))
-}
-
 fn physical_disk(
     sim: &Sim,
     lo: &Loop,
@@ -178,7 +167,7 @@ fn physical_disk(
 
 #[test]
 fn diskseq_mismatch_is_refused() {
-    let Some((sim, lo)) = loop_disk("seqbad") else {
+    let Some((sim, lo)) = loop_disk("seqbad", 16) else {
         return;
     };
     let (major, minor) = lo.numbers();
@@ -200,7 +189,7 @@ fn diskseq_mismatch_is_refused() {
 
 #[test]
 fn diskseq_node_mismatch_is_refused() {
-    let Some((sim, lo)) = loop_disk("seqnode") else {
+    let Some((sim, lo)) = loop_disk("seqnode", 16) else {
         return;
     };
     let (major, minor) = lo.numbers();
@@ -221,7 +210,7 @@ fn diskseq_node_mismatch_is_refused() {
 
 #[test]
 fn matching_diskseq_serves_the_loop_device() {
-    let Some((sim, lo)) = loop_disk("seqok") else {
+    let Some((sim, lo)) = loop_disk("seqok", 16) else {
         return;
     };
     let (major, minor) = lo.numbers();
@@ -239,7 +228,7 @@ fn matching_diskseq_serves_the_loop_device() {
 
 #[test]
 fn physical_device_written_after_probe_is_picked_up() {
-    let Some((sim, lo)) = loop_disk("late") else {
+    let Some((sim, lo)) = loop_disk("late", 16) else {
         return;
     };
     let (major, minor) = lo.numbers();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use backend::simfront::toolstack::VbdSpec;
 use backend::simfront::workload::DiskModel;
 use backend::simfront::FrontOptions;
-use tests::{backend_node, exercise, is_root, remove, Backend, Loop, Sim, DEVID, GUEST};
+use tests::{backend_node, exercise, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST};
 use xen::handoff::{self, DeviceInfo, PhysicalDevice, Reply};
 use xen::xenstore::XsOps;
 
@@ -33,13 +33,7 @@ fn inherited_fd_is_served() {
 }
 
 fn handoff_setup(tag: &str) -> Option<(Sim, Loop, VbdSpec, Backend, std::path::PathBuf)> {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
-        return None;
-    }
-    let sim = Sim::new(tag);
-    let file = sim.image("backing.img", 8);
-    let lo = Loop::attach(&file);
+    let (sim, lo) = loop_disk(tag, 8)?;
     let spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
     sim.create_vbd(&spec);
     let sock = sim.tmp().join("handoff.sock");
