@@ -37,13 +37,16 @@ pub struct Config {
     pub timeout: Duration,
 }
 
-/// A backend directory path: absolute, printable, no empty components.
+/// A backend directory path: printable, no empty components; absolute, or relative to this
+/// domain's home path as libxl passes it in `XENBUS_PATH` (`backend/vbd/D/N`), which xenstored
+/// resolves against the connection's domain.
 ///
 /// # Errors
 /// [`Error::BadParams`].
 pub fn check_backend_path(path: &str) -> Result<(), Error> {
-    let ok = path.starts_with('/')
-        && path.len() > 1
+    let body = path.strip_prefix('/').unwrap_or(path);
+    let ok = !body.is_empty()
+        && !body.starts_with('@')
         && path.len() <= 3072
         && !path.ends_with('/')
         && !path.contains("//")
@@ -53,7 +56,7 @@ pub fn check_backend_path(path: &str) -> Result<(), Error> {
     } else {
         Err(Error::BadParams {
             params: path.into(),
-            why: "not an absolute XenStore path",
+            why: "not a XenStore path",
         })
     }
 }
@@ -367,7 +370,20 @@ mod tests {
     #[test]
     fn backend_paths() {
         assert!(check_backend_path("/local/domain/0/backend/vbd/3/51712").is_ok());
-        for bad in ["", "/", "backend/vbd/1/2", "/a//b", "/a/b/", "/a b", "/a\n"] {
+        assert!(
+            check_backend_path("backend/vbd/3/51712").is_ok(),
+            "libxl's relative form"
+        );
+        for bad in [
+            "",
+            "/",
+            "/a//b",
+            "a//b",
+            "/a/b/",
+            "/a b",
+            "/a\n",
+            "@releaseDomain",
+        ] {
             assert!(check_backend_path(bad).is_err(), "{bad:?}");
         }
     }

@@ -284,7 +284,9 @@ fn remove_tears_down_what_add_made() {
     let env = Env::new("remove");
     let a = env.file("a.img", MIB);
     let be = env.backend(1, &a.to_string_lossy(), "r", false, None);
-    let out = env.run("add", &be, "5");
+    // libxl passes XENBUS_PATH relative to dom0's home path; xenstored resolves it.
+    let relative = be.strip_prefix("/local/domain/0/").expect("a dom0 backend");
+    let out = env.run("add", relative, "5");
     assert!(
         out.status.success(),
         "{}",
@@ -323,7 +325,7 @@ fn remove_tears_down_what_add_made() {
         sys("queue/logical_block_size"),
         align.unwrap_or(512).to_string()
     );
-    let out = env.run("remove", &be, "5");
+    let out = env.run("remove", relative, "5");
     assert!(
         out.status.success(),
         "{}",
