@@ -28,7 +28,7 @@
 //!      buffers to that limit otherwise (logged at info level);
 //!   4. seccomp, on all threads (`SECCOMP_FILTER_FLAG_TSYNC`): an allow-list of the system
 //!      calls the backend really makes ([`syscalls::ALLOWED`] and [`syscalls::ALLOWED_ARCH`]:
-//!      79 names on x86_64, `socket` for `AF_UNIX` only); any other kills the process
+//!      80 names on x86_64, `socket` for `AF_UNIX` only); any other kills the process
 //!      (`SECCOMP_RET_KILL_PROCESS`).
 //!      `ioctl` is allowed whole (not filtered by request number): the requests differ
 //!      between real Xen and the simulation, and Landlock already limits device ioctls to the

@@ -23,7 +23,7 @@
 //!   `brk`, `rseq`, `set_robust_list`, `sigaltstack`, `rt_sigprocmask`, `prctl` (thread name),
 //!   `sched_getaffinity`, `getrandom`, `gettid`, `io_uring_setup`, `io_uring_register`,
 //!   `io_uring_enter`, `eventfd2`, `ioctl` (grant maps, event channels, block device size and
-//!   discard), `openat` and `close` (the event-channel device, opened per queue: Landlock
+//!   discard), `openat` (`open` on x86_64) and `close` (the event-channel device, opened per queue: Landlock
 //!   decides which paths), `fcntl`, `fstat`/`newfstatat`/`statx`;
 //! - the simulated platform: `socket`, `bind`, `unlink`/`unlinkat` (event-channel sockets),
 //!   `sched_yield` (grant-table spin);
@@ -113,7 +113,11 @@ pub const ALLOWED: &[&str] = &[
 
 /// System calls that exist only on x86_64 (older forms std or rustix may pick there).
 #[cfg(target_arch = "x86_64")]
-pub const ALLOWED_ARCH: &[&str] = &["mkdir", "poll", "readlink", "rename", "time", "unlink"];
+/// `open`: rustix's `fs::open` is `open(2)` there, and the real platform opens the
+/// event-channel device with it on each queue's thread, after confinement.
+pub const ALLOWED_ARCH: &[&str] = &[
+    "mkdir", "open", "poll", "readlink", "rename", "time", "unlink",
+];
 /// System calls that exist only on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
 pub const ALLOWED_ARCH: &[&str] = &[];
