@@ -294,6 +294,14 @@ impl Gen {
     }
 }
 
+/// A segment covering a whole 4 KiB page.
+fn whole(gref: u32) -> Segment {
+    Segment {
+        gref,
+        first_sect: 0,
+        last_sect: 7,
+    }
+}
 fn ok(q: u32, id: u64, op: u8) -> Pending {
     Pending {
         q,
@@ -812,11 +820,7 @@ fn bad_grants(mode: Mode) -> Gen {
                     id,
                     sector: 16,
                     handle: 0,
-                    segs: &[Segment {
-                        gref,
-                        first_sect: 0,
-                        last_sect: 7,
-                    }],
+                    segs: &[whole(gref)],
                 },
             );
             g.expect(&[with_status(ok(0, id, op), ERROR)]);
@@ -832,18 +836,7 @@ fn bad_grants(mode: Mode) -> Gen {
             id,
             sector: 16,
             handle: 0,
-            segs: &[
-                Segment {
-                    gref: good,
-                    first_sect: 0,
-                    last_sect: 7,
-                },
-                Segment {
-                    gref: never,
-                    first_sect: 0,
-                    last_sect: 7,
-                },
-            ],
+            segs: &[whole(good), whole(never)],
         },
     );
     g.expect(&[with_status(ok(0, id, OP_READ), ERROR)]);
@@ -871,11 +864,7 @@ fn bad_grants(mode: Mode) -> Gen {
             id,
             sector: 0,
             handle: 0,
-            segs: &[Segment {
-                gref: ro,
-                first_sect: 0,
-                last_sect: 7,
-            }],
+            segs: &[whole(ro)],
         },
     );
     g.expect(&[with_status(ok(0, id, OP_READ), ERROR)]);
@@ -889,11 +878,7 @@ fn bad_grants(mode: Mode) -> Gen {
             id,
             sector: 24,
             handle: 0,
-            segs: &[Segment {
-                gref: ro,
-                first_sect: 0,
-                last_sect: 7,
-            }],
+            segs: &[whole(ro)],
         },
     );
     g.disk[24 * 512..24 * 512 + 4096].copy_from_slice(&bytes);
