@@ -21,10 +21,15 @@ const RING_PAGES: usize = 4;
 const SLOT_PAGES: usize = 256;
 const BIG_SLOTS: usize = 4;
 
-struct Queue {
+/// One queue of the frontend, usable from a thread of its own (as blkfront drives each
+/// queue from its own CPU) with a shared `&SimDomain`.
+pub struct Queue {
     ring: FrontRing,
     ring_frame: u32,
+    /// This queue's own event-channel handle (blkfront has one interrupt per queue).
+    evt: SimEventChannel,
     port: Port,
+    ports: Vec<Port>,
     /// Per slot: data page grants, the indirect page's frame and grant.
     data: Vec<Vec<GrantRef>>,
     indirect: Vec<(u32, GrantRef)>,
@@ -35,12 +40,10 @@ struct Queue {
 /// The frontend of one connected disk.
 pub struct Front {
     dom: SimDomain,
-    evt: SimEventChannel,
     xs: XenStore,
     fe: String,
     be: String,
     queues: Vec<Queue>,
-    ports: Vec<Port>,
 }
 
 fn state(xs: &XenStore, dir: &str) -> Option<u32> {
@@ -80,7 +83,6 @@ impl Front {
         let per_queue = RING_PAGES + (0..max_qd).map(|i| slot_pages(i) + 1).sum::<usize>();
         let pages = 1 + queues as usize * per_queue;
         let dom = SimDomain::create(dir, domid, pages)?;
-        let mut evt = dom.open_event_channel()?;
         let xs = XenStore::open_at(xen::sim::xenstore_socket(dir, domid))?;
         wait_state(&xs, be, &[2])?;
         let abi = ring::Abi::Native;
@@ -101,6 +103,7 @@ impl Front {
             for i in 0..RING_PAGES as u32 {
                 ring_refs.push(dom.grant(0, ring_frame + i, Access::ReadWrite)?);
             }
+            let mut evt = dom.open_event_channel()?;
             let port = evt.alloc_unbound(0)?;
             let mut data = Vec::new();
             let mut indirect = Vec::new();
@@ -114,7 +117,7 @@ impl Front {
                 let f = take(1);
                 indirect.push((f, dom.grant(0, f, Access::ReadOnly)?));
             }
-            qs.push((ring, ring_frame, port, ring_refs, data, indirect));
+            qs.push((ring, ring_frame, evt, port, ring_refs, data, indirect));
         }
         xs.transaction(|tx| {
             tx.write(&format!("{fe}/ring-page-order"), "2")?;
@@ -127,10 +130,10 @@ impl Front {
                 } else {
                     fe.to_owned()
                 };
-                for (k, r) in q.3.iter().enumerate() {
+                for (k, r) in q.4.iter().enumerate() {
                     tx.write(&format!("{d}/ring-ref{k}"), r.to_string())?;
                 }
-                tx.write(&format!("{d}/event-channel"), q.2.to_string())?;
+                tx.write(&format!("{d}/event-channel"), q.3.to_string())?;
             }
             tx.write(&format!("{fe}/protocol"), ring::PROTOCOL_NATIVE)?;
             tx.write(
@@ -144,10 +147,12 @@ impl Front {
         xs.write(&format!("{fe}/state"), "4")?;
         let queues = qs
             .into_iter()
-            .map(|(ring, ring_frame, port, _, data, indirect)| Queue {
+            .map(|(ring, ring_frame, evt, port, _, data, indirect)| Queue {
                 ring,
                 ring_frame,
+                evt,
                 port,
+                ports: Vec::new(),
                 started: vec![None; data.len()],
                 free: (0..data.len()).rev().collect(),
                 data,
@@ -156,12 +161,10 @@ impl Front {
             .collect();
         Ok(Self {
             dom,
-            evt,
             xs,
             fe: fe.to_owned(),
             be: be.to_owned(),
             queues,
-            ports: Vec::new(),
         })
     }
 
@@ -172,9 +175,7 @@ impl Front {
 
     /// Whether queue `q` has a free slot for a request of `bytes`.
     pub fn can_submit(&self, q: usize, bytes: usize) -> bool {
-        let n = bytes.div_ceil(PAGE_SIZE);
-        let qu = &self.queues[q];
-        qu.free.iter().any(|&s| qu.data[s].len() >= n)
+        self.queues[q].can_submit(bytes)
     }
 
     /// Queues a request of `bytes` at byte `offset` on queue `q` (pushed by [`Front::push`]).
@@ -185,15 +186,93 @@ impl Front {
         bytes: usize,
         write: bool,
     ) -> anyhow::Result<()> {
-        let qu = &mut self.queues[q];
+        self.queues[q].submit(&self.dom, offset, bytes, write)
+    }
+
+    /// Publishes queued requests on every queue, notifying where the backend asks.
+    pub fn push(&mut self) -> anyhow::Result<()> {
+        for qu in &mut self.queues {
+            qu.push(&self.dom)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for at least one response on any queue; calls `done(latency, ok)` for each
+    /// collected.
+    pub fn complete(&mut self, mut done: impl FnMut(Duration, bool)) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut got = 0;
+            for qu in &mut self.queues {
+                got += qu.collect(&self.dom, &mut done)?;
+            }
+            if got > 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no response within 15 s");
+            }
+            let fds: Vec<_> = self.queues.iter().map(|q| q.evt.as_fd()).collect();
+            let mut polls: Vec<_> = fds
+                .iter()
+                .map(|fd| PollFd::new(fd, PollFlags::IN))
+                .collect();
+            let _ = rustix::event::poll(&mut polls, Some(&ONE_SECOND));
+            drop(polls);
+            for qu in &mut self.queues {
+                qu.ack_events()?;
+            }
+        }
+    }
+
+    /// The domain and the queues, for driving each queue from a thread of its own.
+    pub fn split(&mut self) -> (&SimDomain, &mut [Queue]) {
+        (&self.dom, &mut self.queues)
+    }
+
+    /// Closes as blkfront does when unplugged (the toolstack asked for removal first).
+    pub fn close(self) -> anyhow::Result<()> {
+        self.xs.write(&format!("{}/state", self.fe), "5")?;
+        wait_state(&self.xs, &self.be, &[5, 6])?;
+        self.xs.write(&format!("{}/state", self.fe), "6")?;
+        Ok(())
+    }
+}
+
+const ONE_SECOND: rustix::time::Timespec = rustix::time::Timespec {
+    tv_sec: 1,
+    tv_nsec: 0,
+};
+
+impl Queue {
+    /// Whether a slot with room for a request of `bytes` is free.
+    pub fn can_submit(&self, bytes: usize) -> bool {
         let n = bytes.div_ceil(PAGE_SIZE);
-        let pos = qu
+        self.free.iter().any(|&s| self.data[s].len() >= n)
+    }
+
+    fn ring_mem<'a>(&self, dom: &'a SimDomain) -> anyhow::Result<shmem::SharedMem<'a>> {
+        Ok(dom
+            .mem()
+            .subregion(self.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?)
+    }
+
+    /// Queues a request of `bytes` at byte `offset` (published by [`Queue::push`]).
+    pub fn submit(
+        &mut self,
+        dom: &SimDomain,
+        offset: u64,
+        bytes: usize,
+        write: bool,
+    ) -> anyhow::Result<()> {
+        let n = bytes.div_ceil(PAGE_SIZE);
+        let pos = self
             .free
             .iter()
-            .rposition(|&s| qu.data[s].len() >= n)
+            .rposition(|&s| self.data[s].len() >= n)
             .context("no free slot large enough")?;
-        let slot = qu.free.swap_remove(pos);
-        let segs: Vec<Segment> = qu.data[slot][..n]
+        let slot = self.free.swap_remove(pos);
+        let segs: Vec<Segment> = self.data[slot][..n]
             .iter()
             .map(|&gref| Segment {
                 gref,
@@ -204,10 +283,7 @@ impl Front {
         let op = if write { OP_WRITE } else { OP_READ };
         let id = slot as u64;
         let sector = offset / 512;
-        let mem = self
-            .dom
-            .mem()
-            .subregion(qu.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
+        let mem = self.ring_mem(dom)?;
         if n <= ring::MAX_SEGMENTS_PER_REQUEST {
             let req = FrontRequest::Direct {
                 operation: op,
@@ -216,15 +292,15 @@ impl Front {
                 handle: 0,
                 segs: &segs,
             };
-            qu.ring.queue_request(&mem, &req)?;
+            self.ring.queue_request(&mem, &req)?;
         } else {
-            let (frame, gref) = qu.indirect[slot];
+            let (frame, gref) = self.indirect[slot];
             let mut page = vec![0u8; n * 8];
             for (i, s) in segs.iter().enumerate() {
                 page[i * 8..i * 8 + 4].copy_from_slice(&s.gref.to_le_bytes());
                 page[i * 8 + 5] = 7;
             }
-            self.dom.page(frame)?.write_from(0, &page)?;
+            dom.page(frame)?.write_from(0, &page)?;
             let req = FrontRequest::Indirect {
                 indirect_op: op,
                 id,
@@ -233,79 +309,75 @@ impl Front {
                 nr_segments: n as u16,
                 page_grefs: &[gref],
             };
-            qu.ring.queue_request(&mem, &req)?;
+            self.ring.queue_request(&mem, &req)?;
         }
-        qu.started[slot] = Some(Instant::now());
+        self.started[slot] = Some(Instant::now());
         Ok(())
     }
 
-    /// Publishes queued requests on every queue, notifying where the backend asks.
-    pub fn push(&mut self) -> anyhow::Result<()> {
-        for qu in &mut self.queues {
-            let mem = self
-                .dom
-                .mem()
-                .subregion(qu.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
-            if qu.ring.push_requests(&mem)? {
-                self.evt.notify(qu.port)?;
+    /// Publishes queued requests, notifying the backend where it asks.
+    pub fn push(&mut self, dom: &SimDomain) -> anyhow::Result<()> {
+        let mem = self.ring_mem(dom)?;
+        if self.ring.push_requests(&mem)? {
+            self.evt.notify(self.port)?;
+        }
+        Ok(())
+    }
+
+    /// Collects the responses there are; calls `done(latency, ok)` for each and returns how
+    /// many.
+    fn collect(
+        &mut self,
+        dom: &SimDomain,
+        done: &mut impl FnMut(Duration, bool),
+    ) -> anyhow::Result<usize> {
+        let mem = self.ring_mem(dom)?;
+        let mut got = 0;
+        loop {
+            match self.ring.next_response(&mem)? {
+                Some(r) => {
+                    let slot = r.id as usize;
+                    let Some(start) = self.started.get_mut(slot).and_then(Option::take) else {
+                        bail!("response for unknown id {}", r.id);
+                    };
+                    done(start.elapsed(), r.status == 0);
+                    self.free.push(slot);
+                    got += 1;
+                }
+                None if self.ring.final_check_for_responses(&mem)? => {}
+                None => return Ok(got),
             }
         }
+    }
+
+    /// Clears and unmasks this queue's pending events.
+    fn ack_events(&mut self) -> anyhow::Result<()> {
+        self.ports.clear();
+        self.evt.pending(&mut self.ports)?;
+        for &p in &self.ports {
+            self.evt.unmask(p)?;
+        }
         Ok(())
     }
 
-    /// Waits for at least one response; calls `done(latency, ok)` for each collected.
-    pub fn complete(&mut self, mut done: impl FnMut(Duration, bool)) -> anyhow::Result<()> {
+    /// Waits for at least one response on this queue; calls `done(latency, ok)` for each.
+    pub fn complete(
+        &mut self,
+        dom: &SimDomain,
+        mut done: impl FnMut(Duration, bool),
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let mut got = 0;
-            for qu in &mut self.queues {
-                let mem = self
-                    .dom
-                    .mem()
-                    .subregion(qu.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
-                loop {
-                    match qu.ring.next_response(&mem)? {
-                        Some(r) => {
-                            let slot = r.id as usize;
-                            let Some(start) = qu.started.get_mut(slot).and_then(Option::take)
-                            else {
-                                bail!("response for unknown id {}", r.id);
-                            };
-                            done(start.elapsed(), r.status == 0);
-                            qu.free.push(slot);
-                            got += 1;
-                        }
-                        None if qu.ring.final_check_for_responses(&mem)? => {}
-                        None => break,
-                    }
-                }
-            }
-            if got > 0 {
+            if self.collect(dom, &mut done)? > 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("no response within 15 s");
             }
             let fd = self.evt.as_fd();
-            let ts = rustix::time::Timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            };
             let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-            let _ = rustix::event::poll(&mut fds, Some(&ts));
-            self.ports.clear();
-            self.evt.pending(&mut self.ports)?;
-            for &p in &self.ports {
-                self.evt.unmask(p)?;
-            }
+            let _ = rustix::event::poll(&mut fds, Some(&ONE_SECOND));
+            self.ack_events()?;
         }
-    }
-
-    /// Closes as blkfront does when unplugged (the toolstack asked for removal first).
-    pub fn close(self) -> anyhow::Result<()> {
-        self.xs.write(&format!("{}/state", self.fe), "5")?;
-        wait_state(&self.xs, &self.be, &[5, 6])?;
-        self.xs.write(&format!("{}/state", self.fe), "6")?;
-        Ok(())
     }
 }

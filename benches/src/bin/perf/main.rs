@@ -164,6 +164,8 @@ struct Opts {
     targets: Vec<(&'static str, PathBuf)>,
     image_mib: u64,
     blkbackd: PathBuf,
+    /// `--scaling 1,2,4,8`: the multi-queue scaling run instead of the table.
+    scaling: Option<Vec<u32>>,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -172,6 +174,7 @@ fn parse_args() -> anyhow::Result<Opts> {
     let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
     let mut blkbackd = None;
     let mut which = "ram,disk".to_owned();
+    let mut scaling = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -180,8 +183,21 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--out" => out = args.next().context("--out DIR")?.into(),
             "--blkbackd" => blkbackd = Some(PathBuf::from(args.next().context("--blkbackd PATH")?)),
             "--targets" => which = args.next().context("--targets ram,disk")?,
+            "--scaling" => {
+                let list = args.next().context("--scaling 1,2,4,8")?;
+                let queues = list
+                    .split(',')
+                    .map(|q| match q.parse::<u32>() {
+                        Ok(n @ 1..=64) => Ok(n),
+                        _ => Err(anyhow::anyhow!(
+                            "--scaling: {q:?} is not a queue count 1..64"
+                        )),
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                scaling = Some(queues);
+            }
             "-h" | "--help" => {
-                println!("perf [--tiny] [--seconds S] [--targets ram,disk] [--out DIR] [--blkbackd PATH] | perf --replot CSV");
+                println!("perf [--tiny] [--seconds S] [--targets ram,disk] [--out DIR] [--blkbackd PATH] [--scaling 1,2,4,8] | perf --replot CSV");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -214,6 +230,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         targets,
         image_mib: if tiny { 16 } else { 512 },
         blkbackd,
+        scaling,
     })
 }
 
@@ -302,11 +319,17 @@ struct Gen {
 
 impl Gen {
     fn new(w: Workload, image: u64) -> Self {
+        Self::seeded(w, image, 0)
+    }
+    /// A generator of its own for each of several threads (`stream` 0, 1, ...): random
+    /// offsets differ, sequential ones start in different places.
+    fn seeded(w: Workload, image: u64, stream: u64) -> Self {
+        let blocks = image / w.bs as u64;
         Self {
             w,
-            rng: Rng(0x9e37_79b9_7f4a_7c15),
-            blocks: image / w.bs as u64,
-            seq: 0,
+            rng: Rng(0x9e37_79b9_7f4a_7c15 ^ stream.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            blocks,
+            seq: stream * 7919 % blocks.max(1),
         }
     }
     /// (byte offset, write)
@@ -351,6 +374,17 @@ impl Drop for Aligned {
 }
 
 fn run_direct(path: &Path, w: Workload, secs: f64, image: u64) -> anyhow::Result<Measured> {
+    let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+    let counter = SyscallCounter::start("-t", tid);
+    let cpu0 = cpu_ticks("/proc/self/stat");
+    let mut m = direct_loop(path, w, secs, Gen::new(w, image))?;
+    m.cpu_ticks = cpu_ticks("/proc/self/stat").zip(cpu0).map(|(a, b)| a - b);
+    m.syscalls = counter.stop();
+    Ok(m)
+}
+
+/// One io_uring kept `w.qd` deep on `path` for `secs`.
+fn direct_loop(path: &Path, w: Workload, secs: f64, mut gen: Gen) -> anyhow::Result<Measured> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -358,12 +392,8 @@ fn run_direct(path: &Path, w: Workload, secs: f64, image: u64) -> anyhow::Result
         .open(path)?;
     let mut ring = io_uring::IoUring::new(64)?;
     let buf = Aligned::new(w.bs * w.qd);
-    let mut gen = Gen::new(w, image);
     let mut started: Vec<Option<Instant>> = vec![None; w.qd];
     let mut free: Vec<usize> = (0..w.qd).collect();
-    let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
-    let counter = SyscallCounter::start("-t", tid);
-    let cpu0 = cpu_ticks("/proc/self/stat");
     let mut m = Measured::default();
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(secs);
@@ -410,8 +440,6 @@ fn run_direct(path: &Path, w: Workload, secs: f64, image: u64) -> anyhow::Result
         }
     }
     m.elapsed = t0.elapsed();
-    m.cpu_ticks = cpu_ticks("/proc/self/stat").zip(cpu0).map(|(a, b)| a - b);
-    m.syscalls = counter.stop();
     Ok(m)
 }
 
@@ -586,6 +614,9 @@ fn main() -> anyhow::Result<()> {
         return replot(Path::new(&args.next().context("--replot CSV")?));
     }
     let opts = parse_args()?;
+    if let Some(queues) = &opts.scaling {
+        return scaling::run(&opts, queues);
+    }
     let workloads: Vec<Workload> = if opts.tiny {
         vec![WORKLOADS[1], WORKLOADS[4]]
     } else {
@@ -765,3 +796,4 @@ fn write_results(opts: &Opts, rows: &mut [Row]) -> anyhow::Result<()> {
 
 mod front;
 mod plot;
+mod scaling;
