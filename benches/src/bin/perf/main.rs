@@ -772,7 +772,10 @@ fn write_results(opts: &Opts, rows: &mut [Row]) -> anyhow::Result<()> {
         )?;
     }
     goals(&mut md, rows)?;
-    writeln!(md, "\nMulti-queue scaling (1, 2, 4, 8 queues) needs more cores than this machine has: not measured.")?;
+    writeln!(
+        md,
+        "\nMulti-queue scaling: `perf --scaling 1,2,4,8` (`perf-scaling.md`)."
+    )?;
     let name = if opts.tiny { "perf-tiny" } else { "perf" };
     std::fs::write(opts.out.join(format!("{name}.md")), &md)?;
     std::fs::write(opts.out.join(format!("{name}.csv")), &csv)?;
