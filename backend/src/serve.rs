@@ -499,7 +499,7 @@ impl Backend {
                 // that is still allowed, so nothing is accepted once confined.
                 self.close_listener();
                 // Every file the backend needs is open: confine (`blkbackd serve` armed it).
-                crate::sandbox::confine_armed().map_err(|source| ServeError::Io {
+                crate::sandbox::confine_armed(&self.xs).map_err(|source| ServeError::Io {
                     what: "confining the backend",
                     source,
                 })?;

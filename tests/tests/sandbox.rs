@@ -6,16 +6,20 @@
 //! The layer tests run the confinement in a child process (this test binary, re-run with
 //! `BLKBACKD_SANDBOX_CHILD` naming what to try), since confinement cannot be undone.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use backend::sandbox::{self, Policy, Reachable};
+use backend::simfront::toolstack::VbdSpec;
 use backend::simfront::workload::DiskModel;
 use backend::simfront::FrontOptions;
 use io_uring::{opcode, types};
-use tests::{connected, exercise, remove, Sim, TempDir};
+use tests::{connected, exercise, remove, Backend, Sim, TempDir, DEVID, GUEST};
+use xen::handoff::{self, DeviceInfo, PhysicalDevice, Reply};
+use xen::xenstore::XsOps;
 
 const CHILD: &str = "BLKBACKD_SANDBOX_CHILD";
 const SIGSYS: i32 = 31;
@@ -43,31 +47,7 @@ fn the_real_backend_is_confined_and_still_serves() {
     let mut model = DiskModel::zeroed(front.info().unwrap().sectors / 8, true);
     exercise(&mut front, &mut model);
     // Every thread: no_new_privs, a seccomp filter, no capabilities.
-    let tasks = format!("/proc/{}/task", backend.pid());
-    let mut threads = 0;
-    for task in std::fs::read_dir(&tasks).expect("listing the backend's threads") {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        let name = status_field(&status, "Name").unwrap_or_default();
-        assert_eq!(
-            status_field(&status, "NoNewPrivs").as_deref(),
-            Some("1"),
-            "{name}"
-        );
-        assert_eq!(
-            status_field(&status, "Seccomp").as_deref(),
-            Some("2"),
-            "{name}"
-        );
-        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
-            let v = status_field(&status, set).unwrap();
-            assert!(caps_ok(&v), "{name}: {set} {v}");
-        }
-        if tests::is_root() {
-            let v = status_field(&status, "CapBnd").unwrap();
-            assert!(caps_ok(&v), "{name}: CapBnd {v}");
-        }
-        threads += 1;
-    }
+    let threads = assert_confined(backend.pid(), None).len();
     // Main thread, XenStore reader, at least one queue.
     assert!(threads >= 3, "{threads} threads");
     // The statistics file is still rewritten under Landlock.
@@ -115,7 +95,7 @@ fn confine_child() -> std::path::PathBuf {
             Reachable::Device("/dev/null".into()),
         ],
     };
-    let report = sandbox::confine(&policy).expect("confine");
+    let report = sandbox::confine(&policy, None).expect("confine");
     assert!(report.syscalls > 20);
     dir
 }
@@ -334,28 +314,182 @@ fn with_user_the_backend_serves_as_that_user() {
         .expect("handshake with a backend running as nobody");
     let mut model = DiskModel::zeroed(front.info().unwrap().sectors / 8, true);
     exercise(&mut front, &mut model);
-    for task in std::fs::read_dir(format!("/proc/{}/task", backend.pid())).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        let name = status_field(&status, "Name").unwrap_or_default();
-        // The XenStore reader thread predates the switch (see backend::sandbox).
-        if name.starts_with("xenstore") {
-            continue;
+    // Every thread, the XenStore reader included (restarted under the confinement).
+    let threads = assert_confined(backend.pid(), Some(NOBODY));
+    assert!(
+        threads.iter().any(|t| t.name == READER),
+        "no XenStore reader"
+    );
+    remove(&sim, &spec, &mut backend, &mut front);
+}
+
+/// `--user` in the tests, and how its ids show in `/proc/<pid>/status`.
+const NOBODY: &str = "65534\t65534\t65534\t65534";
+/// The XenStore client's reader thread's name.
+const READER: &str = "xenstore-reader";
+
+/// One thread of a process, as `/proc/<pid>/task/<tid>/status` shows it.
+struct Thread {
+    tid: u32,
+    name: String,
+    status: String,
+}
+
+/// The threads of process `pid`.
+fn threads(pid: u32) -> Vec<Thread> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("listing the backend's threads")
+        .map(|task| {
+            let task = task.unwrap();
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            Thread {
+                tid: task.file_name().to_str().unwrap().parse().unwrap(),
+                name: status_field(&status, "Name").unwrap_or_default(),
+                status,
+            }
+        })
+        .collect()
+}
+
+/// Checks that every thread of the confined process `pid` has `no_new_privs`, the seccomp
+/// filter and no capabilities (but the documented `CAP_IPC_LOCK`), and, with `user`, runs
+/// as that user with no supplementary groups. Returns the threads.
+fn assert_confined(pid: u32, user: Option<&str>) -> Vec<Thread> {
+    let threads = threads(pid);
+    for t in &threads {
+        let (name, status) = (&t.name, &t.status);
+        assert_eq!(
+            status_field(status, "NoNewPrivs").as_deref(),
+            Some("1"),
+            "{name}"
+        );
+        assert_eq!(
+            status_field(status, "Seccomp").as_deref(),
+            Some("2"),
+            "{name}"
+        );
+        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+            let v = status_field(status, set).unwrap();
+            assert!(caps_ok(&v), "{name}: {set} {v}");
         }
-        assert_eq!(
-            status_field(&status, "Uid").as_deref(),
-            Some("65534\t65534\t65534\t65534"),
-            "{name}"
-        );
-        assert_eq!(
-            status_field(&status, "Gid").as_deref(),
-            Some("65534\t65534\t65534\t65534"),
-            "{name}"
-        );
-        assert_eq!(
-            status_field(&status, "Groups").as_deref(),
-            Some(""),
-            "{name}"
-        );
+        if tests::is_root() {
+            let v = status_field(status, "CapBnd").unwrap();
+            assert!(caps_ok(&v), "{name}: CapBnd {v}");
+        }
+        if let Some(user) = user {
+            for ids in ["Uid", "Gid"] {
+                assert_eq!(
+                    status_field(status, ids).as_deref(),
+                    Some(user),
+                    "{name}: {ids}"
+                );
+            }
+            assert_eq!(
+                status_field(status, "Groups").as_deref(),
+                Some(""),
+                "{name}"
+            );
+        }
     }
+    threads
+}
+
+/// Whether the capability set `hex` (from `/proc/<pid>/status`) holds `bit`.
+fn has_cap(hex: &str, bit: u32) -> bool {
+    u64::from_str_radix(hex, 16).is_ok_and(|v| v & (1 << bit) != 0)
+}
+
+/// The XenStore reader, started when blkbackd connects (before it holds its device and
+/// confines itself), is replaced at confinement by one the confined thread starts: Landlock,
+/// the `--user` switch and the capability sets are per thread, and inherited only by threads
+/// started afterwards (see `backend::sandbox`, "Every thread").
+///
+/// Landlock shows in no `/proc` file (there is no `attr/landlock`), so the test shows which
+/// thread started the reader instead. Before confinement the reader runs as root with
+/// `CAP_SETUID`/`CAP_SETGID` (kept for the `--user` switch). Afterwards the reader is another
+/// thread (a new TID, the old one gone) running as the user with no capabilities. A thread
+/// gets its uid and capabilities from the thread that starts it or from its own
+/// `setresuid`/`capset`, which the reader never calls; the only thread holding exactly these
+/// is the serve thread after `sandbox::confine`'s user switch, Landlock and capability drop,
+/// in that order. So the new reader was started by the serve thread after its
+/// `landlock_restrict_self`, and is in its Landlock domain.
+#[test]
+fn the_xenstore_reader_is_restarted_under_the_confinement() {
+    let Some((sim, lo)) = tests::loop_disk("sandbox-reader", 8) else {
+        return;
+    };
+    let spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
+    sim.create_vbd(&spec);
+    open_to_all(sim.tmp());
+    let sock = sim.tmp().join("handoff.sock");
+    let mut backend = Backend::serve(
+        &sim,
+        &spec,
+        &[
+            "--handoff-socket",
+            sock.to_str().unwrap(),
+            "--user",
+            "65534:65534",
+        ],
+    );
+    // Connected to XenStore, waiting for its device: not confined yet.
+    sim.wait_for(
+        &format!("{}/handoff-socket", spec.backend_path()),
+        sock.to_str().unwrap(),
+    );
+    let before = threads(backend.pid());
+    let old: Vec<&Thread> = before.iter().filter(|t| t.name == READER).collect();
+    let [old] = old[..] else {
+        panic!("{} XenStore readers before confinement", old.len());
+    };
+    assert_eq!(
+        status_field(&old.status, "Uid").as_deref(),
+        Some("0\t0\t0\t0")
+    );
+    let caps = status_field(&old.status, "CapEff").unwrap();
+    assert!(has_cap(&caps, 6) && has_cap(&caps, 7), "CapEff {caps}");
+    // The hotplug tool hands the device over: blkbackd holds it and confines itself.
+    let (major, minor) = lo.numbers();
+    let seq = lo.diskseq();
+    sim.dom0
+        .write(
+            &format!("{}/physical-device", spec.backend_path()),
+            format!("{seq:x}@{major:x}:{minor:x}"),
+        )
+        .unwrap();
+    let fd = rustix::fs::open(
+        &lo.device,
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let conn = handoff::connect(&sock, Duration::from_secs(10)).unwrap();
+    let info = DeviceInfo {
+        device: PhysicalDevice {
+            major,
+            minor,
+            diskseq: Some(seq),
+        },
+        read_only: false,
+    };
+    handoff::send_device(&conn, fd.as_fd(), &info).unwrap();
+    assert_eq!(handoff::recv_reply(&conn).unwrap(), Reply::Accepted);
+    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
+    // It still talks to XenStore and serves through the new reader.
+    let mut front = sim.front(FrontOptions::default());
+    open_to_all(sim.tmp());
+    let info = front.connect().expect("handshake after the restart");
+    let mut model = DiskModel::zeroed(info.sectors / 8, false);
+    exercise(&mut front, &mut model);
+    let after = assert_confined(backend.pid(), Some(NOBODY));
+    let new: Vec<&Thread> = after.iter().filter(|t| t.name == READER).collect();
+    let [new] = new[..] else {
+        panic!("{} XenStore readers after confinement", new.len());
+    };
+    assert_ne!(new.tid, old.tid, "the reader was not restarted");
+    assert!(
+        after.iter().all(|t| t.tid != old.tid),
+        "the old reader still runs"
+    );
     remove(&sim, &spec, &mut backend, &mut front);
 }

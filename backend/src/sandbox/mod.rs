@@ -7,7 +7,8 @@
 //! # When
 //! - [`prepare`], first thing in `blkbackd serve` (before any thread exists, so every thread
 //!   inherits it): `no_new_privs`, and every capability dropped from all sets and the bounding
-//!   set, except `CAP_SETUID`/`CAP_SETGID` while a `--user` switch is still to come. Root's
+//!   set, except `CAP_SETUID`/`CAP_SETGID` (effective and permitted) while a `--user` switch is
+//!   still to come. Root's
 //!   uid stays: opening the root-owned device nodes (`/dev/xen/*`, `/dev/block/*`) needs
 //!   ownership, not capabilities.
 //! - [`confine`], as soon as the device is held (the XenStore connection, the platform's
@@ -29,7 +30,9 @@
 //!   4. seccomp, on all threads (`SECCOMP_FILTER_FLAG_TSYNC`): an allow-list of the system
 //!      calls the backend really makes ([`syscalls::ALLOWED`] and [`syscalls::ALLOWED_ARCH`]:
 //!      80 names on x86_64, `socket` for `AF_UNIX` only); any other kills the process
-//!      (`SECCOMP_RET_KILL_PROCESS`).
+//!      (`SECCOMP_RET_KILL_PROCESS`);
+//!   5. the XenStore client's reader thread restarted from the confined thread (see
+//!      "Every thread").
 //!      `ioctl` is allowed whole (not filtered by request number): the requests differ
 //!      between real Xen and the simulation, and Landlock already limits device ioctls to the
 //!      event-channel device among the files opened after confinement.
@@ -49,12 +52,25 @@
 //! `dmesg | grep 'type=1326'`, `journalctl -k -g seccomp`, or `ausearch -m SECCOMP`, with the
 //! process, the architecture and the system call number (`ausyscall <nr>` names it).
 //!
-//! # What is not covered
-//! The XenStore client's reader thread is started when the connection opens, before
-//! [`confine`]: it has no capabilities and `no_new_privs` ([`prepare`]) and the seccomp filter
-//! (TSYNC), but Landlock and the `--user` switch apply to the calling thread and the threads it
-//! starts later (every data-plane queue), not to it. Linux has no Landlock equivalent of TSYNC
-//! before its `LANDLOCK_RESTRICT_SELF_TSYNC`.
+//! # Every thread
+//! Of the layers, only seccomp and `no_new_privs` are applied to the whole process at once
+//! (`SECCOMP_FILTER_FLAG_TSYNC`). The user switch is done with the raw, per-thread
+//! `setresuid`/`setresgid` system calls (not glibc's, which signals every thread), capability
+//! sets are per thread (`capset`), and `landlock_restrict_self` applies to the calling thread
+//! only; each is inherited by the threads that thread starts afterwards. When [`confine`]
+//! runs, the process has two threads: the serve loop's, which confines itself, and the
+//! XenStore client's reader, started when the connection opened, which still held
+//! `CAP_SETUID`/`CAP_SETGID` (with `--user`), root's uid, and no Landlock domain. So
+//! [`confine`] ends by restarting that reader ([`xen::xenstore::XenStore::restart_reader`]):
+//! the old thread stops between two reads, handing over any message it received in part, and
+//! the serve loop's thread, now confined, starts the new one, which inherits every layer.
+//! Queue threads are started by the confined thread too. Every thread of a confined backend
+//! therefore runs as the configured user, with no capabilities, in the Landlock domain, under
+//! the seccomp filter.
+//!
+//! Linux's `LANDLOCK_RESTRICT_SELF_TSYNC` (Landlock ABI 8, Linux 7.0; 6.18 has ABI 7) would apply the
+//! Landlock domain to sibling threads, but not the user switch nor the capability sets, so
+//! the reader has to be restarted on every kernel anyway; it is not used.
 //!
 //! # Memory bounds per backend
 //! Everything a guest can make the backend hold is sized at connect time from values the
@@ -82,6 +98,8 @@ pub mod uring;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use xen::xenstore::XenStore;
 
 pub use privileges::User;
 
@@ -111,6 +129,9 @@ pub enum SandboxError {
     /// The seccomp filter could not be built or installed.
     #[error("seccomp: {0}")]
     Seccomp(#[source] seccompiler::Error),
+    /// The XenStore reader thread could not be restarted under the confinement.
+    #[error("restarting the XenStore reader thread: {0}")]
+    XenStoreReader(#[source] xen::xenstore::XsError),
 }
 
 /// Something that stays reachable after [`confine`].
@@ -176,17 +197,23 @@ pub fn prepare(user: Option<&User>) -> Result<(), SandboxError> {
     privileges::drop_capabilities(user.is_some())
 }
 
-/// Stage two, once every file is open: user switch, Landlock, no capabilities, seccomp.
+/// Stage two, once every file is open: user switch, Landlock, no capabilities, seccomp, then
+/// `xenstore`'s reader thread restarted from this thread, so that it inherits all of them.
 ///
 /// # Errors
-/// When a layer cannot be applied (Landlock's absence is not an error: it is logged).
-pub fn confine(policy: &Policy) -> Result<Report, SandboxError> {
+/// When a layer cannot be applied (Landlock's absence is not an error: it is logged), or
+/// the reader thread cannot be restarted.
+pub fn confine(policy: &Policy, xenstore: Option<&XenStore>) -> Result<Report, SandboxError> {
     if let Some(user) = &policy.user {
         privileges::switch_user(user)?;
     }
     let landlock = filesystem::restrict(&policy.reachable)?;
     privileges::drop_capabilities(false)?;
     let syscalls = syscalls::install()?;
+    // Last, so that the new reader starts with every layer above (see "Every thread").
+    if let Some(xs) = xenstore {
+        xs.restart_reader().map_err(SandboxError::XenStoreReader)?;
+    }
     Ok(Report { landlock, syscalls })
 }
 
@@ -202,16 +229,17 @@ pub fn arm(policy: Policy) {
 }
 
 /// Applies the armed policy, once (later calls, and calls in a process that never armed one,
-/// do nothing).
+/// do nothing); `xenstore` is the process's XenStore connection, whose reader thread is
+/// restarted under the confinement.
 ///
 /// # Errors
 /// When confinement fails; the caller must not go on serving.
-pub fn confine_armed() -> std::io::Result<()> {
+pub fn confine_armed(xenstore: &XenStore) -> std::io::Result<()> {
     let policy = ARMED.lock().ok().and_then(|mut a| a.take());
     let Some(policy) = policy else {
         return Ok(());
     };
-    match confine(&policy) {
+    match confine(&policy, Some(xenstore)) {
         Ok(report) => {
             tracing::info!(
                 landlock = %report.landlock,

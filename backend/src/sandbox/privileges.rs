@@ -116,17 +116,23 @@ pub(super) fn kept(keep_setid: bool) -> CapsHashSet {
 }
 
 /// Drops every capability of the calling thread (and so of the threads it starts), from the
-/// bounding set too; `keep_setid` keeps `CAP_SETUID` and `CAP_SETGID` for a later switch.
+/// bounding set too; `keep_setid` keeps `CAP_SETUID` and `CAP_SETGID` for a later switch, in
+/// the effective and permitted sets only: `setresuid` needs them there, while the bounding
+/// set only limits what an `execve` could gain, and emptying it later would need
+/// `CAP_SETPCAP`, which is dropped now.
 pub(super) fn drop_capabilities(keep_setid: bool) -> Result<(), SandboxError> {
     // Only what is held can be kept (an unprivileged run holds nothing).
     let permitted =
         caps::read(None, CapSet::Permitted).map_err(caps_error("reading capabilities"))?;
     let keep: CapsHashSet = kept(keep_setid).intersection(&permitted).copied().collect();
+    let keep_bounding = kept(false);
     // The bounding set first: dropping from it needs CAP_SETPCAP. Without it (an unprivileged
     // run) the bounding set stays, harmless with an empty permitted set and no_new_privs.
     if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
         for cap in caps::all() {
-            if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            if !keep_bounding.contains(&cap)
+                && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false)
+            {
                 caps::drop(None, CapSet::Bounding, cap)
                     .map_err(caps_error("dropping from the bounding set"))?;
             }

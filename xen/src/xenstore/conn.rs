@@ -1,5 +1,12 @@
 //! One connection to xenstored: requests from any thread, replies matched by request id, watch
 //! events queued behind an eventfd. A reader thread owns the receiving side.
+//!
+//! The reader can be replaced by a new one started from another thread
+//! ([`Connection::restart_reader`]): on Linux, credentials, capabilities and the Landlock
+//! domain belong to each thread and are inherited only by the threads it starts later, so a
+//! process that confines itself after connecting restarts the reader from its confined
+//! thread. The old reader stops between two reads: every byte it took from the connection is
+//! either dispatched already or, for a message received in part, handed to its successor.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -132,6 +139,10 @@ impl Shared {
     }
 }
 
+/// How a reader thread ended: asked to stop, with the bytes of a message received in part, or
+/// because the connection ended (the shared state is closed).
+type ReaderEnd = Option<FrameReader>;
+
 /// A live connection. Dropping it stops and joins the reader thread.
 #[derive(Debug)]
 pub(super) struct Connection {
@@ -140,8 +151,10 @@ pub(super) struct Connection {
     shared: Arc<Shared>,
     next_req: AtomicU32,
     transport: Transport,
+    /// Signalled to stop the reader (by a restart or the drop).
     stop_efd: Arc<OwnedFd>,
-    reader: Option<JoinHandle<()>>,
+    /// The reader thread; `None` once it could not be restarted (the connection is closed).
+    reader: Mutex<Option<JoinHandle<ReaderEnd>>>,
 }
 
 impl Connection {
@@ -155,12 +168,7 @@ impl Connection {
         });
         let stop_efd = Arc::new(eventfd(0, flags).map_err(std::io::Error::from)?);
         let fd = Arc::new(fd);
-        let reader = {
-            let (shared, fd, stop) = (Arc::clone(&shared), Arc::clone(&fd), Arc::clone(&stop_efd));
-            std::thread::Builder::new()
-                .name("xenstore-reader".into())
-                .spawn(move || reader_loop(&shared, &fd, &stop))?
-        };
+        let reader = spawn_reader(&shared, &fd, &stop_efd, FrameReader::new(wire::PAYLOAD_MAX))?;
         Ok(Self {
             fd,
             write_lock: Mutex::new(()),
@@ -168,8 +176,51 @@ impl Connection {
             next_req: AtomicU32::new(1),
             transport,
             stop_efd,
-            reader: Some(reader),
+            reader: Mutex::new(Some(reader)),
         })
+    }
+
+    /// Stops the reader thread and starts a new one from the calling thread, which carries on
+    /// where the old one stopped (see the module). Requests and watch events keep flowing:
+    /// what arrives meanwhile waits in the connection, and the waiters stay registered.
+    ///
+    /// On return no thread started before this call reads the connection any more. When the
+    /// connection had already ended there is nothing to restart: `Ok`, and the connection
+    /// stays closed as before.
+    ///
+    /// # Errors
+    /// [`XsError::Io`] when the new thread cannot be started, [`XsError::Protocol`] when the
+    /// old one had panicked; the connection is then closed (every waiter is told), as no
+    /// thread reads it any more.
+    pub(super) fn restart_reader(&self) -> Result<(), XsError> {
+        let mut reader = lock(&self.reader);
+        let Some(old) = reader.take() else {
+            return Ok(());
+        };
+        efd_signal(&self.stop_efd);
+        let end = old.join();
+        // Only this function (under the lock) and the drop signal it: back to unsignalled.
+        efd_drain(&self.stop_efd);
+        let frames = match end {
+            Ok(Some(frames)) => frames,
+            Ok(None) => return Ok(()),
+            Err(_) => {
+                self.shared.close();
+                return Err(XsError::Protocol(
+                    "the XenStore reader thread panicked".into(),
+                ));
+            }
+        };
+        match spawn_reader(&self.shared, &self.fd, &self.stop_efd, frames) {
+            Ok(new) => {
+                *reader = Some(new);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.close();
+                Err(e)
+            }
+        }
     }
 
     pub(super) fn transport(&self) -> Transport {
@@ -296,16 +347,43 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         efd_signal(&self.stop_efd);
-        if let Some(reader) = self.reader.take() {
+        let reader = self
+            .reader
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(reader) = reader {
             let _ = reader.join();
         }
+        self.shared.close();
     }
 }
 
-/// Reads messages until EOF, an I/O error, a protocol error or the stop signal, then closes
-/// the shared state so every waiter learns of it.
-fn reader_loop(shared: &Shared, fd: &OwnedFd, stop: &OwnedFd) {
-    let mut frames = FrameReader::new(wire::PAYLOAD_MAX);
+/// Starts a reader thread that continues from `frames` (what its predecessor had received of
+/// a message).
+fn spawn_reader(
+    shared: &Arc<Shared>,
+    fd: &Arc<OwnedFd>,
+    stop: &Arc<OwnedFd>,
+    frames: FrameReader,
+) -> Result<JoinHandle<ReaderEnd>, XsError> {
+    let (shared, fd, stop) = (Arc::clone(shared), Arc::clone(fd), Arc::clone(stop));
+    Ok(std::thread::Builder::new()
+        .name("xenstore-reader".into())
+        .spawn(move || reader_loop(&shared, &fd, &stop, frames))?)
+}
+
+/// Reads messages until EOF, an I/O error, a protocol error or the stop signal. On the stop
+/// signal returns what it had received of the next message (nothing of it is dispatched);
+/// otherwise closes the shared state so every waiter learns of it, and returns `None`.
+/// The stop signal is only looked at between two reads, after every complete message read
+/// so far has been dispatched.
+fn reader_loop(
+    shared: &Shared,
+    fd: &OwnedFd,
+    stop: &OwnedFd,
+    mut frames: FrameReader,
+) -> ReaderEnd {
     let mut buf = vec![0u8; wire::HEADER_LEN + wire::PAYLOAD_MAX];
     loop {
         let mut fds = [
@@ -321,7 +399,7 @@ fn reader_loop(shared: &Shared, fd: &OwnedFd, stop: &OwnedFd) {
             }
         }
         if !fds[1].revents().is_empty() {
-            break;
+            return Some(frames);
         }
         if fds[0].revents().is_empty() {
             continue;
@@ -347,10 +425,122 @@ fn reader_loop(shared: &Shared, fd: &OwnedFd, stop: &OwnedFd) {
                 Err(e) => {
                     tracing::warn!("xenstore: {e}; dropping the connection");
                     shared.close();
-                    return;
+                    return None;
                 }
             }
         }
     }
     shared.close();
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn connection() -> (Connection, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        (
+            Connection::new(ours.into(), Transport::Socket).unwrap(),
+            theirs,
+        )
+    }
+
+    fn event_frame(i: usize) -> Vec<u8> {
+        let payload = format!("/local/domain/1/node{i}\0token{i}\0");
+        wire::encode(MsgType::WatchEvent as u32, 0, 0, payload.as_bytes())
+    }
+
+    fn event(i: usize) -> WatchEvent {
+        WatchEvent {
+            path: format!("/local/domain/1/node{i}"),
+            token: format!("token{i}"),
+        }
+    }
+
+    fn reader_id(conn: &Connection) -> std::thread::ThreadId {
+        lock(&conn.reader).as_ref().unwrap().thread().id()
+    }
+
+    const WAIT: Option<Duration> = Some(Duration::from_secs(10));
+
+    #[test]
+    fn a_restart_keeps_a_message_received_in_part_and_a_pending_request() {
+        let (conn, mut xenstored) = connection();
+        // One event whole and the first half of the next, in one write: the old reader takes
+        // both at once.
+        let (first, second) = (event_frame(1), event_frame(2));
+        let (head, tail) = second.split_at(second.len() / 2);
+        xenstored.write_all(&[&first[..], head].concat()).unwrap();
+        assert_eq!(conn.wait_watch_event(WAIT).unwrap(), Some(event(1)));
+        // A request waits for its reply across the restart.
+        std::thread::scope(|s| {
+            let request = s.spawn(|| conn.request(MsgType::Read, 0, b"/a\0"));
+            let mut header = [0u8; wire::HEADER_LEN + 3];
+            xenstored.read_exact(&mut header).unwrap();
+            let req_id = u32::from_ne_bytes(header[4..8].try_into().unwrap());
+            let before = reader_id(&conn);
+            conn.restart_reader().unwrap();
+            assert_ne!(
+                reader_id(&conn),
+                before,
+                "the reader thread was not replaced"
+            );
+            xenstored.write_all(tail).unwrap();
+            let reply = wire::encode(MsgType::Read as u32, req_id, 0, b"value");
+            xenstored.write_all(&reply).unwrap();
+            assert_eq!(request.join().unwrap().unwrap(), b"value");
+        });
+        assert_eq!(conn.wait_watch_event(WAIT).unwrap(), Some(event(2)));
+        assert_eq!(conn.next_watch_event(), None);
+        assert!(!conn.is_closed());
+    }
+
+    #[test]
+    fn events_streamed_across_many_restarts_arrive_once_and_in_order() {
+        const EVENTS: usize = 400;
+        let (conn, mut xenstored) = connection();
+        let stream: Vec<u8> = (0..EVENTS).flat_map(event_frame).collect();
+        std::thread::scope(|s| {
+            let writer = s.spawn(move || {
+                // Odd-sized pieces: most restarts fall in the middle of a message.
+                for piece in stream.chunks(7) {
+                    xenstored.write_all(piece).unwrap();
+                }
+                xenstored
+            });
+            let mut got = Vec::new();
+            while got.len() < EVENTS {
+                conn.restart_reader().unwrap();
+                while let Some(ev) = conn.next_watch_event() {
+                    got.push(ev);
+                }
+                if got.len() < EVENTS {
+                    match conn.wait_watch_event(WAIT).unwrap() {
+                        Some(ev) => got.push(ev),
+                        None => panic!("event {} never came", got.len()),
+                    }
+                }
+            }
+            assert_eq!(got, (0..EVENTS).map(event).collect::<Vec<_>>());
+            drop(writer.join().unwrap());
+        });
+        assert_eq!(conn.next_watch_event(), None);
+    }
+
+    #[test]
+    fn a_restart_after_the_connection_ended_leaves_it_closed() {
+        let (conn, xenstored) = connection();
+        drop(xenstored);
+        assert!(matches!(conn.wait_watch_event(WAIT), Err(XsError::Closed)));
+        conn.restart_reader().unwrap();
+        assert!(conn.is_closed());
+        assert!(matches!(
+            conn.request(MsgType::Read, 0, b"/a\0"),
+            Err(XsError::Closed)
+        ));
+    }
 }

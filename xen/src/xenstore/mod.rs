@@ -210,6 +210,22 @@ impl XenStore {
         self.conn.wait_watch_event(timeout)
     }
 
+    /// Replaces the thread that reads replies and watch events by a new one started from
+    /// the calling thread, without losing or repeating any message.
+    ///
+    /// For a process that confines itself after connecting: on Linux, credentials
+    /// (`setresuid` as a raw system call), capabilities and the Landlock domain are per
+    /// thread, and only threads started afterwards inherit them. The reader started by
+    /// [`XenStore::open`] predates the confinement; once this returns, the thread parsing
+    /// xenstored's bytes is one the confined thread started.
+    ///
+    /// # Errors
+    /// [`XsError::Io`] when no thread can be started; the connection is then closed (every
+    /// request fails with [`XsError::Closed`]).
+    pub fn restart_reader(&self) -> Result<(), XsError> {
+        self.conn.restart_reader()
+    }
+
     /// Whether the connection has closed; every request now fails with [`XsError::Closed`].
     pub fn is_closed(&self) -> bool {
         self.conn.is_closed()
