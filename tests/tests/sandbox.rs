@@ -100,6 +100,35 @@ fn confine_child() -> std::path::PathBuf {
     dir
 }
 
+/// `TIOCSTI`: pushes a byte into a terminal's input, as if typed (a classic way out of a
+/// sandbox that shares a terminal); no backend has any use for it.
+const TIOCSTI: u32 = 0x5412;
+
+/// A request of the allow-list, by name.
+fn allowed_request(name: &str) -> u32 {
+    sandbox::syscalls::IOCTLS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("{name} is not allowed"))
+        .1
+}
+
+/// Issues ioctl `request` on `file` (`/dev/null`), with a pointer to a zeroed argument as
+/// large as any of the backend's.
+fn ioctl(file: &std::fs::File, request: u32) -> rustix::io::Result<()> {
+    let mut arg = [0u8; 64];
+    // SAFETY: the file is /dev/null, whose driver has no ioctls (ENOTTY): the argument, valid
+    // and large enough for any request used here, is not even read.
+    unsafe {
+        xen::ioctl::call(
+            std::os::fd::AsFd::as_fd(file),
+            request as rustix::ioctl::Opcode,
+            arg.as_mut_ptr(),
+        )
+    }
+    .map(drop)
+}
+
 /// Exits the child: 0 when `ok`, with a message otherwise.
 fn child_exit(ok: bool, what: &str) -> ! {
     if !ok {
@@ -139,7 +168,7 @@ fn a_confined_process_cannot_open_a_new_file() {
             .read(true)
             .write(true)
             .open("/dev/null");
-        match null.map(|f| rustix::fs::ioctl_blksszget(&f)) {
+        match null.map(|f| ioctl(&f, allowed_request("IOCTL_EVTCHN_NOTIFY"))) {
             Ok(Err(rustix::io::Errno::NOTTY)) => {}
             other => child_exit(false, &format!("/dev/null: {other:?}")),
         }
@@ -195,6 +224,25 @@ fn a_forbidden_system_call_kills_the_process() {
             .is_ok();
             child_exit(ok, "a unix socket was refused");
         }
+        if what == "ioctl-allowed" || what == "ioctl-forbidden" {
+            let null = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .unwrap_or_else(|e| child_exit(false, &format!("/dev/null: {e}")));
+            if what == "ioctl-allowed" {
+                // Every request the backend makes gets through to the driver.
+                for (name, request) in sandbox::syscalls::IOCTLS {
+                    if ioctl(&null, *request) != Err(rustix::io::Errno::NOTTY) {
+                        child_exit(false, &format!("{name} did not reach /dev/null"));
+                    }
+                }
+                child_exit(true, "");
+            }
+            // Any other request kills, even on a file that may be opened: here.
+            let _ = ioctl(&null, TIOCSTI);
+            child_exit(false, "ioctl(TIOCSTI) returned");
+        }
         if what == "inet" {
             // A network socket is not: killed here.
             let _ = rustix::net::socket(
@@ -219,7 +267,16 @@ fn a_forbidden_system_call_kills_the_process() {
     assert!(unix.success(), "unix: {unix}");
     let inet = child(test, "inet", tmp.path());
     assert_eq!(inet.signal(), Some(SIGSYS), "inet: {inet}");
+    let ioctl_allowed = child(test, "ioctl-allowed", tmp.path());
+    assert!(ioctl_allowed.success(), "ioctl-allowed: {ioctl_allowed}");
+    let ioctl_forbidden = child(test, "ioctl-forbidden", tmp.path());
+    assert_eq!(
+        ioctl_forbidden.signal(),
+        Some(SIGSYS),
+        "ioctl-forbidden: {ioctl_forbidden}"
+    );
     assert!(!sandbox::syscalls::ALLOWED.contains(&"getppid"));
+    assert!(sandbox::syscalls::IOCTLS.iter().all(|(_, r)| *r != TIOCSTI));
 }
 
 /// Submits one entry and returns its result.

@@ -29,13 +29,13 @@
 //!      buffers to that limit otherwise (logged at info level);
 //!   4. seccomp, on all threads (`SECCOMP_FILTER_FLAG_TSYNC`): an allow-list of the system
 //!      calls the backend really makes ([`syscalls::ALLOWED`] and [`syscalls::ALLOWED_ARCH`]:
-//!      80 names on x86_64, `socket` for `AF_UNIX` only); any other kills the process
-//!      (`SECCOMP_RET_KILL_PROCESS`);
+//!      80 names on x86_64; `socket` for `AF_UNIX` only; `ioctl` for the 12 requests of
+//!      [`syscalls::IOCTLS`] only: event channels, grant maps and copies, the disk's size and
+//!      discard); any other call or request kills the process (`SECCOMP_RET_KILL_PROCESS`).
+//!      Landlock also limits device ioctls to the event-channel device among the files
+//!      opened after confinement;
 //!   5. the XenStore client's reader thread restarted from the confined thread (see
 //!      "Every thread").
-//!      `ioctl` is allowed whole (not filtered by request number): the requests differ
-//!      between real Xen and the simulation, and Landlock already limits device ioctls to the
-//!      event-channel device among the files opened after confinement.
 //! - Independently of this module's switches, each queue's io_uring is created disabled,
 //!   restricted to the opcodes the data plane submits and to its registered files (the disk,
 //!   the event channel, the stop eventfd), then enabled ([`uring`]): io_uring operations are

@@ -16,14 +16,18 @@
 //! `process_vm_*`, `userfaultfd`, sockets of any family but `AF_UNIX`, ...).
 //! Anything else kills the process.
 //!
+//! `ioctl` is filtered by request number ([`IOCTLS`]): only the requests the backend makes
+//! once confined. Everything else a device driver offers, on the fds opened before
+//! confinement too (the XenStore device, gntdev, the disk), kills the process.
+//!
 //! Why each group is there:
 //! - the serve loop and XenStore: `ppoll`/`poll`, `read`, `write`, `sendto`, `recvfrom`,
 //!   `futex`, `clock_gettime`, `clock_nanosleep`/`nanosleep` (retry backoff);
 //! - starting and ending a queue: `clone3`/`clone`, `mmap`, `munmap`, `mprotect`, `madvise`,
 //!   `brk`, `rseq`, `set_robust_list`, `sigaltstack`, `rt_sigprocmask`, `prctl` (thread name),
 //!   `sched_getaffinity`, `getrandom`, `gettid`, `io_uring_setup`, `io_uring_register`,
-//!   `io_uring_enter`, `eventfd2`, `ioctl` (grant maps, event channels, block device size and
-//!   discard), `openat` (`open` on x86_64) and `close` (the event-channel device, opened per queue: Landlock
+//!   `io_uring_enter`, `eventfd2`, `ioctl` ([`IOCTLS`]: grant maps and copies, event
+//!   channels, block device size and discard), `openat` (`open` on x86_64) and `close` (the event-channel device, opened per queue: Landlock
 //!   decides which paths), `fcntl`, `fstat`/`newfstatat`/`statx`;
 //! - the simulated platform: `socket`, `bind`, `unlink`/`unlinkat` (event-channel sockets),
 //!   `sched_yield` (grant-table spin);
@@ -31,6 +35,8 @@
 //!   `mkdir`/`mkdirat`;
 //! - a synchronous discard on a file: `fallocate`;
 //! - ending: `exit`, `exit_group`, `rt_sigreturn`, `tgkill` (an abort).
+
+use rustix::ioctl::{opcode, Direction};
 
 use super::SandboxError;
 
@@ -125,6 +131,44 @@ pub const ALLOWED_ARCH: &[&str] = &[];
 /// `AF_UNIX`: the one address family `socket` may create.
 const AF_UNIX: u32 = 1;
 
+/// `_IOC(_IOC_NONE, group, nr, size)`, the Xen devices' request encoding.
+const fn xen_request(group: u8, nr: u8, size: usize) -> u32 {
+    opcode::from_components(Direction::None, group, nr, size) as u32
+}
+
+/// The `ioctl` requests a confined backend makes, with their names (the values of Linux's
+/// `include/uapi/xen/evtchn.h`, `include/uapi/xen/gntdev.h` and `include/uapi/linux/fs.h`;
+/// the `xen` crate checks its own copies against the headers). Found by reading every
+/// `ioctl` of the code that runs after [`super::confine`]:
+/// - the event-channel device, opened per queue on real Xen: bind to the frontend's port,
+///   restrict the handle to its domain, notify, reset after an overflow, unbind
+///   (`xen::evtchn`; binding an unbound port is the frontend's side, not the backend's);
+/// - gntdev, opened before confinement: map, find and unmap grants (`--grant-mode map`) and
+///   grant copy (`--grant-mode copy`) (`xen::gntdev`; raising the grant limit is done at open);
+/// - the disk: its size again on a resize (`BLKGETSIZE64`, `Device::refresh_size`) and a
+///   synchronous discard (`BLKDISCARD`, `BLKSECDISCARD`, `Device::discard_sync`). The other
+///   block queries happen when the device is opened, before confinement.
+///
+/// The simulated platform makes no ioctl (files and unix sockets). Only the low 32 bits of
+/// the request are compared: the kernel's `ioctl` takes an `unsigned int`.
+pub const IOCTLS: &[(&str, u32)] = &[
+    ("IOCTL_EVTCHN_BIND_INTERDOMAIN", xen_request(b'E', 1, 8)),
+    ("IOCTL_EVTCHN_UNBIND", xen_request(b'E', 3, 4)),
+    ("IOCTL_EVTCHN_NOTIFY", xen_request(b'E', 4, 4)),
+    ("IOCTL_EVTCHN_RESET", xen_request(b'E', 5, 0)),
+    ("IOCTL_EVTCHN_RESTRICT_DOMID", xen_request(b'E', 6, 2)),
+    ("IOCTL_GNTDEV_MAP_GRANT_REF", xen_request(b'G', 0, 24)),
+    ("IOCTL_GNTDEV_UNMAP_GRANT_REF", xen_request(b'G', 1, 16)),
+    (
+        "IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR",
+        xen_request(b'G', 2, 24),
+    ),
+    ("IOCTL_GNTDEV_GRANT_COPY", xen_request(b'G', 8, 16)),
+    ("BLKGETSIZE64", opcode::read::<usize>(0x12, 114) as u32),
+    ("BLKDISCARD", opcode::none(0x12, 119) as u32),
+    ("BLKSECDISCARD", opcode::none(0x12, 125) as u32),
+];
+
 /// Every allowed system call's name.
 pub fn allow_list() -> impl Iterator<Item = &'static str> {
     ALLOWED.iter().chain(ALLOWED_ARCH).copied()
@@ -138,6 +182,14 @@ fn filter_json() -> String {
             "socket" => format!(
                 "{{\"syscall\":\"socket\",\"args\":[{{\"index\":0,\"type\":\"dword\",\"op\":\"eq\",\"val\":{AF_UNIX}}}]}}"
             ),
+            // Only the requests the backend makes: one rule each (any of them matches).
+            "ioctl" => IOCTLS
+                .iter()
+                .map(|(_, request)| format!(
+                    "{{\"syscall\":\"ioctl\",\"args\":[{{\"index\":1,\"type\":\"dword\",\"op\":\"eq\",\"val\":{request}}}]}}"
+                ))
+                .collect::<Vec<_>>()
+                .join(","),
             _ => format!("{{\"syscall\":\"{name}\"}}"),
         })
         .collect();
@@ -191,5 +243,25 @@ mod tests {
                 "{forbidden} must not be allowed"
             );
         }
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn ioctl_requests_match_the_headers() {
+        let want: &[(&str, u32)] = &[
+            ("IOCTL_EVTCHN_BIND_INTERDOMAIN", 0x0008_4501),
+            ("IOCTL_EVTCHN_UNBIND", 0x0004_4503),
+            ("IOCTL_EVTCHN_NOTIFY", 0x0004_4504),
+            ("IOCTL_EVTCHN_RESET", 0x0000_4505),
+            ("IOCTL_EVTCHN_RESTRICT_DOMID", 0x0002_4506),
+            ("IOCTL_GNTDEV_MAP_GRANT_REF", 0x0018_4700),
+            ("IOCTL_GNTDEV_UNMAP_GRANT_REF", 0x0010_4701),
+            ("IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR", 0x0018_4702),
+            ("IOCTL_GNTDEV_GRANT_COPY", 0x0010_4708),
+            ("BLKGETSIZE64", 0x8008_1272),
+            ("BLKDISCARD", 0x1277),
+            ("BLKSECDISCARD", 0x127d),
+        ];
+        assert_eq!(IOCTLS, want);
     }
 }
