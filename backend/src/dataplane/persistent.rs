@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use xen::{Access, DomId, GrantError, GrantMapper, GrantMapping, GrantRef};
 
+use super::stats::Stats;
+
 /// Linux's `xen_blkif_max_pgrants` default.
 pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
 /// Linux's `xen_blkif_pgrant_timeout` default.
@@ -45,16 +47,22 @@ pub(super) struct PersistentGrants {
     timeout: Duration,
     map: HashMap<GrantRef, Entry>,
     next_purge: Instant,
+    /// A grant was wanted while the cache was full since the last purge (Linux's
+    /// `overflow_max_grants`): only then does a full cache give up its least recently used.
+    overflowed: bool,
+    stats: Arc<Stats>,
 }
 
 impl PersistentGrants {
-    pub(super) fn new(frontend: DomId, max: usize, timeout: Duration) -> Self {
+    pub(super) fn new(frontend: DomId, max: usize, timeout: Duration, stats: Arc<Stats>) -> Self {
         Self {
             frontend,
             max,
             timeout,
             map: HashMap::with_capacity(max.min(4096)),
             next_purge: Instant::now() + LRU_INTERVAL,
+            overflowed: false,
+            stats,
         }
     }
 
@@ -105,18 +113,33 @@ impl PersistentGrants {
                 return Ok(None);
             }
             e.last_used = now;
+            Stats::add(&self.stats.pgrant_hits, 1);
             return Ok(Some(Arc::clone(&e.mapping)));
         }
         if self.map.len() >= self.max {
+            self.overflowed = true;
             return Ok(None);
         }
         // Persistent grants are mapped writable, as Linux does: the same page serves reads
         // and writes over its lifetime.
-        let (mapping, writable) = match mapper.map(self.frontend, &[gref], Access::ReadWrite) {
+        let (mapping, writable) = match map_counted(
+            &self.stats,
+            mapper,
+            self.frontend,
+            &[gref],
+            Access::ReadWrite,
+        ) {
             Ok(m) => (m, true),
-            Err(_) if read_only_ok => {
-                (mapper.map(self.frontend, &[gref], Access::ReadOnly)?, false)
-            }
+            Err(_) if read_only_ok => (
+                map_counted(
+                    &self.stats,
+                    mapper,
+                    self.frontend,
+                    &[gref],
+                    Access::ReadOnly,
+                )?,
+                false,
+            ),
             Err(e) => return Err(e),
         };
         let mapping = Arc::new(mapping);
@@ -132,7 +155,10 @@ impl PersistentGrants {
     }
 
     /// Linux's `purge_persistent_gnt`, run at most every [`LRU_INTERVAL`]: drops grants idle
-    /// past the timeout and, when the cache is full, the least recently used 5 % besides.
+    /// past the timeout and, when the cache is full and a grant found no room in it since the
+    /// last purge, the least recently used 5 % besides. A cache that is merely full (the
+    /// frontend's whole grant pool fits, the usual steady state) is left alone: purging it
+    /// would unmap grants the frontend is about to reuse, only to map them again.
     /// Returns how many were dropped from the cache.
     pub(super) fn purge(&mut self, now: Instant) -> usize {
         if now < self.next_purge {
@@ -143,7 +169,8 @@ impl PersistentGrants {
         let timeout = self.timeout;
         self.map
             .retain(|_, e| now.saturating_duration_since(e.last_used) < timeout);
-        if self.map.len() >= self.max && self.max > 0 {
+        let overflowed = std::mem::take(&mut self.overflowed);
+        if self.map.len() >= self.max && self.max > 0 && overflowed {
             let n = (self.max * LRU_PERCENT_CLEAN / 100).max(1);
             let mut by_age: Vec<(Instant, GrantRef)> =
                 self.map.iter().map(|(g, e)| (e.last_used, *g)).collect();
@@ -152,7 +179,9 @@ impl PersistentGrants {
                 self.map.remove(&g);
             }
         }
-        before - self.map.len()
+        let dropped = before - self.map.len();
+        Stats::add(&self.stats.pgrant_purged, dropped as u64);
+        dropped
     }
 
     /// Drops every cached mapping (on disconnect); mappings still used by requests in flight
@@ -160,4 +189,21 @@ impl PersistentGrants {
     pub(super) fn clear(&mut self) {
         self.map.clear();
     }
+}
+
+/// `mapper.map`, counted in `stats` (`map_calls`, `map_pages`, `map_failures`).
+pub(super) fn map_counted(
+    stats: &Stats,
+    mapper: &dyn GrantMapper,
+    domid: DomId,
+    refs: &[GrantRef],
+    access: Access,
+) -> Result<GrantMapping, GrantError> {
+    Stats::add(&stats.map_calls, 1);
+    let r = mapper.map(domid, refs, access);
+    match &r {
+        Ok(_) => Stats::add(&stats.map_pages, refs.len() as u64),
+        Err(_) => Stats::add(&stats.map_failures, 1),
+    }
+    r
 }

@@ -21,8 +21,8 @@ use xen::{
     Access, CopyOp, EventChannel, GrantAddr, GrantMapping, GrantRef, GrantStatus, Platform, Port,
 };
 
-use super::persistent::{PersistentGrants, LRU_INTERVAL};
-use super::stats::Stats;
+use super::persistent::{map_counted, PersistentGrants, LRU_INTERVAL};
+use super::stats::{Stats, StatsSnapshot};
 use super::uring::{Completion, Control, Data, Reaped, Region, Uring};
 use super::{DataplaneError, Features, GrantMode, QueueExit, QueueParams};
 use crate::device::{Device, DeviceKind};
@@ -32,6 +32,12 @@ use crate::device::{Device, DeviceKind};
 const LARGE_REGIONS: usize = 8;
 /// The longest late-EOI delay (Linux: `HZ` jiffies).
 const MAX_EOI_DELAY: Duration = Duration::from_secs(1);
+/// A pause this long between two wake-ups ends a burst of activity, whose counters are then
+/// logged (target [`ACTIVITY_TARGET`], debug level).
+const ACTIVITY_GAP: Duration = Duration::from_secs(1);
+/// The tracing target of the per-burst counters: `RUST_LOG=info,blkbackd::activity=debug`
+/// shows what each burst of requests cost (tests/e2e's perf workload pauses between figures).
+const ACTIVITY_TARGET: &str = "blkbackd::activity";
 
 /// Where a slot is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +118,13 @@ pub(super) struct Queue {
     broken: Option<ring::ProtocolViolation>,
     /// `--record`: `None` costs one branch per request.
     recorder: Option<crate::replay::QueueRecorder>,
+    /// The counters when the current burst of activity began, and when it was last active
+    /// (the shared counters: with several queues a burst line covers all of them).
+    burst_start: StatsSnapshot,
+    last_active: Instant,
+    /// When the current burst's first wake-up came, and this thread's CPU time then.
+    burst_began: Option<Instant>,
+    burst_cpu: Duration,
 }
 
 impl std::fmt::Debug for Queue {
@@ -163,6 +176,7 @@ impl Queue {
                 p.frontend,
                 p.max_persistent_grants,
                 p.persistent_grant_timeout,
+                Arc::clone(&p.stats),
             )
         });
         let slots = (0..size)
@@ -218,6 +232,10 @@ impl Queue {
             stopping: false,
             broken: None,
             recorder,
+            burst_start: StatsSnapshot::default(),
+            last_active: Instant::now(),
+            burst_began: None,
+            burst_cpu: Duration::ZERO,
         })
     }
 
@@ -255,6 +273,7 @@ impl Queue {
             pg.clear();
         }
         self.sync_gauges();
+        self.log_burst();
         if let Err(e) = self.evtchn.unbind(self.local_port) {
             tracing::debug!(queue = %self.name, "unbinding the event channel: {e}");
         }
@@ -279,6 +298,10 @@ impl Queue {
             let mut reaped = std::mem::take(&mut self.reaped);
             self.uring.reap(&mut reaped);
             let mut event = false;
+            // Timers (purge ticks, EOI delays) are not activity: only events and completions.
+            let active = reaped
+                .iter()
+                .any(|r| matches!(r, Reaped::Control(Control::Event) | Reaped::Slot(_)));
             for r in reaped.drain(..) {
                 match r {
                     Reaped::Control(Control::Event) => event = true,
@@ -289,6 +312,14 @@ impl Queue {
                 }
             }
             self.reaped = reaped;
+            if active {
+                let now = Instant::now();
+                if now.saturating_duration_since(self.last_active) >= ACTIVITY_GAP {
+                    self.log_burst();
+                }
+                self.burst_began.get_or_insert(now);
+                self.last_active = now;
+            }
             if event {
                 Stats::add(&self.stats.events, 1);
                 if let Some(r) = self.recorder.as_mut() {
@@ -328,6 +359,7 @@ impl Queue {
                 return Ok(());
             }
             let want = usize::from(!self.uring.has_completions());
+            Stats::add(&self.stats.uring_enters, 1);
             self.uring
                 .submit_and_wait(want)
                 .map_err(|e| format!("io_uring_enter: {e}"))?;
@@ -338,6 +370,7 @@ impl Queue {
     fn push(&mut self, mem: &SharedMem<'_>) -> Result<(), String> {
         match self.back.push_responses(mem) {
             Ok(true) => {
+                Stats::add(&self.stats.notifies, 1);
                 // The frontend may have closed its end (a reboot in progress): as Linux's
                 // notify_remote_via_irq, carry on; the control plane sees the state change.
                 if let Err(e) = self.evtchn.notify(self.local_port) {
@@ -348,6 +381,34 @@ impl Queue {
             Ok(false) => Ok(()),
             Err(e) => Err(format!("pushing responses: {e}")),
         }
+    }
+
+    /// Logs what the burst of activity that just ended cost (when it served any request) and
+    /// starts the next one: the counters' changes, how long the burst lasted (`wall_us`, first
+    /// to last wake-up) and how much of it this thread ran (`cpu_us`, user and system).
+    fn log_burst(&mut self) {
+        let now = self.stats.snapshot();
+        let d = now.since(&self.burst_start);
+        self.burst_start = now;
+        let began = self.burst_began.take();
+        if !tracing::enabled!(target: ACTIVITY_TARGET, tracing::Level::DEBUG) {
+            return;
+        }
+        let cpu_now = thread_cpu_time();
+        let cpu = cpu_now.saturating_sub(std::mem::replace(&mut self.burst_cpu, cpu_now));
+        if d.completed == 0 {
+            return;
+        }
+        let wall = began.map_or(Duration::ZERO, |b| {
+            self.last_active.saturating_duration_since(b)
+        });
+        let mut line = format!(" wall_us={} cpu_us={}", wall.as_micros(), cpu.as_micros());
+        for (name, v) in d.fields() {
+            if v != 0 {
+                line.push_str(&format!(" {name}={v}"));
+            }
+        }
+        tracing::debug!(target: ACTIVITY_TARGET, queue = %self.name, "burst:{line}");
     }
 
     /// Linux's late EOI: unmask now if the wake-up found work, else count it as spurious and,
@@ -543,6 +604,8 @@ impl Queue {
                         status: GrantStatus::GeneralError,
                     })
                     .collect();
+                Stats::add(&self.stats.copy_calls, 1);
+                Stats::add(&self.stats.copy_segs, ops.len() as u64);
                 self.platform
                     .grant_copier()
                     .copy(&mut ops)
@@ -581,9 +644,14 @@ impl Queue {
                     None
                 } else {
                     Some(
-                        mapper
-                            .map(self.frontend, &self.np_grefs, Access::ReadOnly)
-                            .map_err(status)?,
+                        map_counted(
+                            &self.stats,
+                            mapper,
+                            self.frontend,
+                            &self.np_grefs,
+                            Access::ReadOnly,
+                        )
+                        .map_err(status)?,
                     )
                 };
                 let mut k = 0;
@@ -831,8 +899,7 @@ impl Queue {
                 Access::ReadWrite
             };
             Some(Arc::new(
-                mapper
-                    .map(self.frontend, &self.np_grefs, access)
+                map_counted(&self.stats, mapper, self.frontend, &self.np_grefs, access)
                     .map_err(|e| e.to_string())?,
             ))
         };
@@ -996,6 +1063,8 @@ impl Queue {
             }
             bi += 1;
         }
+        Stats::add(&self.stats.copy_calls, 1);
+        Stats::add(&self.stats.copy_segs, ops.len() as u64);
         let all_failed = self.platform.grant_copier().copy(&mut ops).is_err();
         for (op, &b) in ops.iter().zip(&owner) {
             if all_failed || op.status() != GrantStatus::Okay {
@@ -1054,4 +1123,13 @@ impl Queue {
         self.freed = true;
         self.put(mem, &rsp);
     }
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }

@@ -714,6 +714,44 @@ fn persistent_grants_are_capped_and_released() {
 }
 
 #[test]
+fn a_full_persistent_cache_is_purged_only_after_an_overflow() {
+    let dir = TempDir::new("pgfull");
+    let img = image(&dir.0, 4096);
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let mut p = f.params(&dir.0, open(&img));
+    p.grant_mode = GrantMode::Map;
+    p.persistent_grants = true;
+    p.max_persistent_grants = 4;
+    let stats = Arc::clone(&p.stats);
+    let q = spawn_queue(p).unwrap();
+    // The frontend's whole pool (4 pages) fits: mapped once, then only hits, however many
+    // purge intervals pass (a full cache that never overflowed is left alone, as Linux's).
+    assert_eq!(f.rw(OP_READ, 1, 0, 0, 32), Some(Status::Okay));
+    let first = stats.snapshot();
+    assert_eq!((first.map_calls, first.map_pages), (4, 4));
+    for id in 2..6 {
+        std::thread::sleep(super::persistent::LRU_INTERVAL * 2);
+        assert_eq!(f.rw(OP_READ, id, 0, 0, 32), Some(Status::Okay));
+    }
+    let d = stats.snapshot().since(&first);
+    assert_eq!(d.map_calls, 0, "the pool was remapped: {d:?}");
+    assert_eq!(d.pgrant_hits, 16);
+    assert_eq!(d.pgrant_purged, 0);
+    // A fifth page finds no room (mapped for its request only): that overflow lets the
+    // next purge drop the least recently used to make room.
+    assert_eq!(f.rw(OP_READ, 6, 0, 0, 40), Some(Status::Okay));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.snapshot().pgrant_purged == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "an overflowing cache was never purged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(q.stop(), QueueExit::Stopped);
+}
+
+#[test]
 fn grant_failure_fails_the_request_in_copy_mode() {
     let dir = TempDir::new("gfail");
     let img = image(&dir.0, 1024);

@@ -79,7 +79,8 @@ guest_create() { # name
 		xl destroy "$1" >/dev/null 2>&1
 		return 1
 	done
-	progress "$1: created as domain $(domid_of "$1")"
+	LAST_DOMID=$(domid_of "$1")
+	progress "$1: created as domain $LAST_DOMID"
 }
 
 domid_of() { xl domid "$1" 2>/dev/null; }
@@ -207,11 +208,14 @@ have_project() { # scenario -> 0 when blkbackd and blkhotplug are in dom0, else 
 
 # One supervisor for the whole boot, as a toolstack host would run it: it
 # watches backend/vbd and starts one `blkbackd serve` per device.
+# SUP_ARGS: its options (BLKBACKD_ARGS, from E2E_BLKBACKD_ARGS on the host).
+SUP_ARGS=${BLKBACKD_ARGS:-}
 start_supervisor() {
 	if [ -n "$SUP_PID" ] && kill -0 "$SUP_PID" 2>/dev/null; then return 0; fi
 	# BLKBACKD_ENV (from E2E_BLKBACKD_ENV on the host, e.g. BLKBACKD_NO_SANDBOX=true) reaches every serve.
-	env NO_COLOR=1 RUST_LOG=${E2E_BLKBACKD_LOG_LEVEL:-info} ${BLKBACKD_ENV:-} \
-		"$BLKBACKD" supervise --platform xen -v >>"$BLKBACKD_LOG" 2>&1 &
+	# blkbackd::activity: each queue's counters per burst of requests (see perf_costs).
+	env NO_COLOR=1 RUST_LOG=${LOG_LEVEL:-info},blkbackd::activity=debug ${BLKBACKD_ENV:-} \
+		"$BLKBACKD" supervise --platform xen -v $SUP_ARGS >>"$BLKBACKD_LOG" 2>&1 &
 	SUP_PID=$!
 	sleep 1
 	if ! kill -0 "$SUP_PID" 2>/dev/null; then
@@ -219,6 +223,21 @@ start_supervisor() {
 		SUP_PID=
 		return 1
 	fi
+}
+
+stop_supervisor() {
+	if [ -n "$SUP_PID" ]; then
+		kill "$SUP_PID" 2>/dev/null
+		wait "$SUP_PID" 2>/dev/null
+		SUP_PID=
+	fi
+}
+
+# What each burst of a guest's requests cost blkbackd (its blkbackd::activity
+# log lines for that domain), re-emitted as E2E-COST backend fields...
+perf_costs() { # domid backend
+	sed "s/$ESC\\[[0-9;]*m//g" "$BLKBACKD_LOG" | grep "blkbackd::activity" | grep "vbd-$1-" |
+		sed -n 's/.*burst://p' | while read -r l; do echo "E2E-COST $2 $l"; done
 }
 
 dump_blkbackd() {
@@ -276,7 +295,7 @@ sc_blkbackd_file() {
 		fail_bb $s
 		return
 	fi
-	selected perf && collect_perf e2e-file blkbackd
+	selected perf && collect_perf e2e-file blkbackd && perf_costs "$d" blkbackd
 	if [ -z "$l" ]; then
 		REASON="no loop device bound to $img while the guest ran"
 	elif [ "$ac" != 1 ]; then
@@ -650,13 +669,35 @@ for s in blkbackd-file blkbackd-features blkbackd-lifecycle blkbackd-sigkill blk
 	for g in $(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }'); do xl destroy "$g"; done
 	rm -f $DISKS/*
 done
+# PERF_VARIANTS (E2E_PERF_VARIANTS on the host): "label=options,..." more
+# blkbackd columns in the same boot, each from a supervisor started with those
+# options (e.g. "map=--grant-mode map").
+if selected perf && [ -n "${PERF_VARIANTS:-}" ] && [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ]; then
+	old_ifs=$IFS
+	IFS=,
+	for v in $PERF_VARIANTS; do
+		IFS=$old_ifs
+		[ -n "$v" ] || continue
+		label=${v%%=*} SUP_ARGS=${v#*=}
+		progress "perf variant $label: blkbackd supervise $SUP_ARGS"
+		stop_supervisor
+		start_supervisor || { progress "perf variant $label: $REASON"; continue; }
+		img=$DISKS/variant.img
+		make_disk $img 128
+		write_cfg e2e-variant perf 1 "$(hotplug_disk xvda $img)"
+		if run_guest e2e-variant $((400 + 6 * PERF_SECONDS)); then
+			collect_perf e2e-variant "blkbackd-$label" && perf_costs "$LAST_DOMID" "blkbackd-$label"
+		else
+			progress "perf variant $label failed: $REASON"
+		fi
+		stop_supervisor
+		rm -f $img
+	done
+	IFS=$old_ifs
+fi
 # blkbackd's supervisor watches backend/vbd too: stop it before the kernel
 # backend, or two backends answer the same frontend (blkfront 6.1 hits a BUG).
-if [ -n "$SUP_PID" ]; then
-	kill "$SUP_PID" 2>/dev/null
-	wait "$SUP_PID" 2>/dev/null
-	SUP_PID=
-fi
+stop_supervisor
 # The kernel backend last: once xen-blkback is loaded it claims every vbd.
 for s in qdisk kernel-blkback; do
 	selected $s || selected perf || continue
