@@ -595,6 +595,18 @@ impl Uring {
         }
     }
 
+    /// Hands the queued entries to the kernel without waiting (no system call when none are
+    /// queued).
+    ///
+    /// # Errors
+    /// As [`Uring::submit_and_wait`].
+    pub(super) fn submit_queued(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        self.submit_and_wait(0)
+    }
+
     /// Whether completions are waiting to be reaped.
     pub(super) fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()
