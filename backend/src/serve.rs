@@ -67,6 +67,8 @@ pub struct ServeConfig {
     pub features: Features,
     /// How the data plane reaches guest memory.
     pub grant_mode: GrantMode,
+    /// How long each queue busy-polls before sleeping (zero: never).
+    pub poll: Duration,
     /// Where to keep the statistics, if anywhere.
     pub stats_file: Option<PathBuf>,
 }
@@ -79,6 +81,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("device_options", &self.device_options)
             .field("features", &self.features)
             .field("grant_mode", &self.grant_mode)
+            .field("poll", &self.poll)
             .field("stats_file", &self.stats_file)
             .finish_non_exhaustive()
     }
@@ -199,6 +202,7 @@ struct Backend {
     frontend: String,
     features: Features,
     grant_mode: GrantMode,
+    poll: Duration,
     device_options: DeviceOptions,
     source: DeviceSource,
     listener: Option<OwnedFd>,
@@ -280,6 +284,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         frontend,
         features: config.features,
         grant_mode: config.grant_mode,
+        poll: config.poll,
         device_options: config.device_options,
         source: config.source,
         listener: None,
@@ -696,6 +701,7 @@ impl Backend {
                 Arc::clone(device),
             );
             params.grant_mode = self.grant_mode;
+            params.poll = self.poll;
             params.persistent_grants = config.persistent_grants;
             params.max_indirect_segments = u16::try_from(
                 self.features

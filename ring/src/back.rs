@@ -147,6 +147,17 @@ impl BackRing {
         Ok(Some(raw))
     }
 
+    /// `RING_HAS_UNCONSUMED_REQUESTS` on a fresh `req_prod`, without asking for an event: what
+    /// a busy-polling backend checks, leaving `req_event` behind so that the frontend does not
+    /// notify while it is watched. Call [`BackRing::final_check_for_requests`] before sleeping.
+    ///
+    /// # Errors
+    /// As [`BackRing::next_request`].
+    pub fn has_unconsumed_requests(&mut self, mem: &SharedMem<'_>) -> Result<bool, RingError> {
+        self.refresh(mem)?;
+        Ok(self.unconsumed() > 0)
+    }
+
     /// `RING_FINAL_CHECK_FOR_REQUESTS`: before sleeping, asks for an event at the next
     /// request and checks once more. `true` means more requests arrived: keep consuming.
     ///

@@ -176,6 +176,39 @@ fn responses_touch_only_id_operation_and_status() {
 }
 
 #[test]
+fn polling_for_requests_leaves_the_frontend_quiet() {
+    let m = OwnedMem::new(1).unwrap();
+    let mem = m.mem();
+    let mut front = FrontRing::init(&mem, Abi::X86_64, 1).unwrap();
+    let mut back = BackRing::attach(&mem, Abi::X86_64, 1).unwrap();
+    let s = [page(1)];
+
+    front.queue_request(&mem, &read(1, 0, &s)).unwrap();
+    assert!(front.push_requests(&mem).unwrap(), "req_event starts at 1");
+    assert!(back.has_unconsumed_requests(&mem).unwrap());
+    assert!(back.next_request(&mem).unwrap().is_some());
+    assert!(!back.has_unconsumed_requests(&mem).unwrap());
+    assert_eq!(
+        mem.load_u32(REQ_EVENT, Ordering::Relaxed).unwrap(),
+        1,
+        "polling asks for no event"
+    );
+
+    front.queue_request(&mem, &read(2, 0, &s)).unwrap();
+    assert!(
+        !front.push_requests(&mem).unwrap(),
+        "no notification while the backend polls"
+    );
+    assert!(back.has_unconsumed_requests(&mem).unwrap());
+    assert!(back.next_request(&mem).unwrap().is_some());
+
+    // Going to sleep: the final check asks for the next request's event.
+    assert!(!back.final_check_for_requests(&mem).unwrap());
+    front.queue_request(&mem, &read(3, 0, &s)).unwrap();
+    assert!(front.push_requests(&mem).unwrap(), "the sleeper is woken");
+}
+
+#[test]
 fn notify_decisions_follow_the_event_indices() {
     let m = OwnedMem::new(1).unwrap();
     let mem = m.mem();

@@ -112,6 +112,48 @@ fn grant_copy_without_persistent_grants() {
     );
 }
 
+/// utime + stime of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// `--poll-us`: the queues busy-poll between requests, serve every request right in both
+/// grant modes, and still go to sleep when the guest goes quiet (a queue that kept spinning
+/// would burn a whole CPU: about 100 ticks a second).
+#[test]
+fn busy_polling_serves_and_sleeps_when_idle() {
+    for mode in ["copy", "map"] {
+        let sim = Sim::new(&format!("poll-{mode}"));
+        let args = [
+            "--grant-mode",
+            mode,
+            "--poll-us",
+            "500",
+            "--max-queues",
+            "2",
+        ];
+        let options = FrontOptions {
+            queues: 2,
+            ..FrontOptions::default()
+        };
+        let (spec, mut backend, mut front) = connected(&sim, 16, &args, options);
+        let info = *front.info().unwrap();
+        let mut model = DiskModel::zeroed(info.sectors / 8, true);
+        exercise(&mut front, &mut model);
+        std::thread::sleep(Duration::from_millis(200));
+        let before = cpu_ticks(backend.pid());
+        std::thread::sleep(Duration::from_secs(1));
+        let idle = cpu_ticks(backend.pid()) - before;
+        assert!(idle <= 20, "{mode}: {idle} ticks of CPU in 1 s of idleness");
+        exercise(&mut front, &mut model);
+        remove(&sim, &spec, &mut backend, &mut front);
+    }
+}
+
 #[test]
 fn no_indirect_requests_when_disabled() {
     run(

@@ -156,6 +156,10 @@ pub struct QueueParams {
     pub on_exit: Option<Box<dyn FnOnce() + Send>>,
     /// Record a trace of this queue (`--record`); default: the process's installed recorder.
     pub recorder: Option<Arc<crate::replay::Recorder>>,
+    /// Busy-poll this long for new requests and completions before sleeping (`--poll-us`;
+    /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
+    /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
+    pub poll: Duration,
 }
 
 impl std::fmt::Debug for QueueParams {
@@ -170,6 +174,7 @@ impl std::fmt::Debug for QueueParams {
             .field("max_indirect_segments", &self.max_indirect_segments)
             .field("features", &self.features)
             .field("name", &self.name)
+            .field("poll", &self.poll)
             .finish_non_exhaustive()
     }
 }
@@ -203,6 +208,7 @@ impl QueueParams {
             name: format!("blkback-d{frontend}"),
             on_exit: None,
             recorder: crate::replay::Recorder::installed(),
+            poll: Duration::ZERO,
         }
     }
 }

@@ -125,6 +125,8 @@ pub(super) struct Queue {
     /// When the current burst's first wake-up came, and this thread's CPU time then.
     burst_began: Option<Instant>,
     burst_cpu: Duration,
+    /// `--poll-us`: zero, or how long to busy-poll before sleeping.
+    poll: Duration,
 }
 
 impl std::fmt::Debug for Queue {
@@ -236,6 +238,7 @@ impl Queue {
             last_active: Instant::now(),
             burst_began: None,
             burst_cpu: Duration::ZERO,
+            poll: p.poll,
         })
     }
 
@@ -359,6 +362,9 @@ impl Queue {
                 return Ok(());
             }
             let want = usize::from(!self.uring.has_completions());
+            if want == 1 && !self.poll.is_zero() && !self.stopping && self.poll_for_work(&mem)? {
+                continue;
+            }
             Stats::add(&self.stats.uring_enters, 1);
             self.uring
                 .submit_and_wait(want)
@@ -497,7 +503,8 @@ impl Queue {
                     }
                 }
             }
-            if self.deferred.is_some() || self.free.is_empty() {
+            // A polling queue asks for an event only before it sleeps (`poll_for_work`).
+            if self.deferred.is_some() || self.free.is_empty() || !self.poll.is_zero() {
                 return n;
             }
             match self.back.final_check_for_requests(mem) {
@@ -507,6 +514,53 @@ impl Queue {
                     self.ring_error(e);
                     return n;
                 }
+            }
+        }
+    }
+
+    /// Busy-polls (`--poll-us`) for completions and new requests before the queue sleeps,
+    /// with the frontend's events left off; when nothing came, asks for an event at the next
+    /// request (`RING_FINAL_CHECK_FOR_REQUESTS`) so that sleeping misses nothing. `true`:
+    /// there is work, go round again.
+    fn poll_for_work(&mut self, mem: &SharedMem<'_>) -> Result<bool, String> {
+        if self
+            .uring
+            .submit_queued()
+            .map_err(|e| format!("io_uring_enter: {e}"))?
+        {
+            Stats::add(&self.stats.uring_enters, 1);
+        }
+        let takes_requests =
+            self.broken.is_none() && self.deferred.is_none() && !self.free.is_empty();
+        let deadline = Instant::now() + self.poll;
+        loop {
+            if self.uring.has_completions() {
+                return Ok(true);
+            }
+            if takes_requests {
+                match self.back.has_unconsumed_requests(mem) {
+                    Ok(false) => {}
+                    Ok(true) => return Ok(true),
+                    Err(e) => {
+                        self.ring_error(e);
+                        return Ok(true);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if !takes_requests {
+            // Only a completion can make progress now, and it wakes the sleeper.
+            return Ok(false);
+        }
+        match self.back.final_check_for_requests(mem) {
+            Ok(more) => Ok(more),
+            Err(e) => {
+                self.ring_error(e);
+                Ok(true)
             }
         }
     }

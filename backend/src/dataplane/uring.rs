@@ -595,6 +595,18 @@ impl Uring {
         }
     }
 
+    /// Hands the queued entries to the kernel without waiting; `false` when none were queued
+    /// (no system call then).
+    ///
+    /// # Errors
+    /// As [`Uring::submit_and_wait`].
+    pub(super) fn submit_queued(&mut self) -> io::Result<bool> {
+        if self.ring.submission().is_empty() {
+            return Ok(false);
+        }
+        self.submit_and_wait(0).map(|()| true)
+    }
+
     /// Whether completions are waiting to be reaped.
     pub(super) fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()

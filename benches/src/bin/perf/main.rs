@@ -98,6 +98,8 @@ struct Config {
     grant_mode: &'static str,
     persistent: bool,
     queues: u32,
+    /// `--poll-us`.
+    poll_us: u32,
 }
 
 const CONFIGS: &[Config] = &[
@@ -106,18 +108,35 @@ const CONFIGS: &[Config] = &[
         grant_mode: "copy",
         persistent: false,
         queues: 1,
+        poll_us: 0,
     },
     Config {
         name: "map+persistent",
         grant_mode: "map",
         persistent: true,
         queues: 1,
+        poll_us: 0,
     },
     Config {
         name: "copy 2-queue",
         grant_mode: "copy",
         persistent: false,
         queues: 2,
+        poll_us: 0,
+    },
+    Config {
+        name: "copy poll 50 us",
+        grant_mode: "copy",
+        persistent: false,
+        queues: 1,
+        poll_us: 50,
+    },
+    Config {
+        name: "map+persistent poll 50 us",
+        grant_mode: "map",
+        persistent: true,
+        queues: 1,
+        poll_us: 50,
     },
 ];
 
@@ -166,6 +185,8 @@ struct Opts {
     blkbackd: PathBuf,
     /// `--scaling 1,2,4,8`: the multi-queue scaling run instead of the table.
     scaling: Option<Vec<u32>>,
+    /// `--configs NAME,...`: only these backend configurations (default: all).
+    configs: Option<Vec<String>>,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -175,6 +196,7 @@ fn parse_args() -> anyhow::Result<Opts> {
     let mut blkbackd = None;
     let mut which = "ram,disk".to_owned();
     let mut scaling = None;
+    let mut configs = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -183,6 +205,18 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--out" => out = args.next().context("--out DIR")?.into(),
             "--blkbackd" => blkbackd = Some(PathBuf::from(args.next().context("--blkbackd PATH")?)),
             "--targets" => which = args.next().context("--targets ram,disk")?,
+            "--configs" => {
+                let list = args.next().context("--configs NAME,...")?;
+                let names: Vec<String> = list.split(',').map(str::to_owned).collect();
+                if let Some(n) = names.iter().find(|n| !CONFIGS.iter().any(|c| c.name == *n)) {
+                    let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
+                    bail!(
+                        "--configs: no configuration {n:?} (known: {})",
+                        known.join(", ")
+                    );
+                }
+                configs = Some(names);
+            }
             "--scaling" => {
                 let list = args.next().context("--scaling 1,2,4,8")?;
                 let queues = list
@@ -197,7 +231,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                 scaling = Some(queues);
             }
             "-h" | "--help" => {
-                println!("perf [--tiny] [--seconds S] [--targets ram,disk] [--out DIR] [--blkbackd PATH] [--scaling 1,2,4,8] | perf --replot CSV");
+                println!("perf [--tiny] [--seconds S] [--targets ram,disk] [--out DIR] [--blkbackd PATH] [--configs NAME,...] [--scaling 1,2,4,8] | perf --replot CSV");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -231,6 +265,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         image_mib: if tiny { 16 } else { 512 },
         blkbackd,
         scaling,
+        configs,
     })
 }
 
@@ -478,6 +513,8 @@ impl Session {
             .arg(c.queues.to_string())
             .arg("--grant-mode")
             .arg(c.grant_mode)
+            .arg("--poll-us")
+            .arg(c.poll_us.to_string())
             .arg("--stats-file")
             .arg(dir.join("stats"))
             .env_remove("BLKBACKD_RECORD")
@@ -622,10 +659,14 @@ fn main() -> anyhow::Result<()> {
     } else {
         WORKLOADS.to_vec()
     };
-    let configs: Vec<Config> = if opts.tiny {
-        vec![CONFIGS[0]]
-    } else {
-        CONFIGS.to_vec()
+    let configs: Vec<Config> = match &opts.configs {
+        Some(names) => CONFIGS
+            .iter()
+            .filter(|c| names.iter().any(|n| n == c.name))
+            .copied()
+            .collect(),
+        None if opts.tiny => vec![CONFIGS[0]],
+        None => CONFIGS.to_vec(),
     };
     let mut rows = Vec::new();
     for (tname, tdir) in &opts.targets {

@@ -168,6 +168,7 @@ pub fn run(opts: &Opts, queue_counts: &[u32]) -> anyhow::Result<()> {
                     grant_mode,
                     persistent,
                     queues,
+                    poll_us: 0,
                 };
                 let mut s = Session::start(opts, tdir, &image, c)?;
                 for w in WORKLOADS {
