@@ -95,6 +95,9 @@ struct Fuzz {
     backend: Backend,
     front: SimFront,
     rw: Vec<(u32, GrantRef)>,
+    /// The grant refs of the frontend's own ring pages, which hostile requests do not name
+    /// (see [`ring_refs`]).
+    ring_refs: Vec<GrantRef>,
     ro: Vec<(u32, GrantRef)>,
     next_id: u64,
     tally: Tally,
@@ -156,6 +159,7 @@ impl Fuzz {
             backend,
             front,
             rw,
+            ring_refs: Vec::new(),
             ro,
             next_id: 1 << 40,
             tally: Tally::default(),
@@ -176,8 +180,17 @@ impl Fuzz {
         self.below(100) < percent
     }
 
-    /// A grant ref, mostly plausible, sometimes not.
+    /// A grant ref, mostly plausible, sometimes not; never one of the frontend's rings.
     fn gref(&mut self) -> u32 {
+        let g = self.any_gref();
+        if self.ring_refs.contains(&g) {
+            0
+        } else {
+            g
+        }
+    }
+
+    fn any_gref(&mut self) -> u32 {
         match self.below(10) {
             0..=4 => {
                 let i = self.below(self.rw.len() as u64) as usize;
@@ -343,6 +356,9 @@ impl Fuzz {
     }
 
     fn step(&mut self) {
+        if self.ring_refs.is_empty() {
+            self.ring_refs = ring_refs(&self.front);
+        }
         self.tally.steps += 1;
         let queues = self.front.info().map_or(1, |i| i.queues as usize);
         match self.below(100) {
@@ -434,6 +450,7 @@ impl Fuzz {
         self.front
             .reconnect()
             .expect("reconnecting after hostile steps");
+        self.ring_refs = ring_refs(&self.front);
     }
 
     /// Writes hostile frontend nodes, says Initialised (or a random state), and checks the
@@ -635,6 +652,38 @@ impl Fuzz {
         }
         std::mem::take(&mut self.tally)
     }
+}
+
+/// The grant refs of the frontend's ring pages, as it published them (`ring-ref`,
+/// `ring-ref%u`, per queue or not). A request naming one of them as a data buffer makes the
+/// backend write device data into the guest's own ring (Linux's blkback does the same: the
+/// guest granted the page and named it); that only hurts the guest, but the simulated
+/// frontend then reads garbage as responses (`response for unknown request id 0`, seed 777
+/// at step 16987 in copy mode) or waits forever for a zeroed index. The fuzzer attacks the
+/// backend, so it leaves its own rings alone (the ring crate's tests and the bogus `req_prod`
+/// step cover a ring changing under the backend).
+fn ring_refs(front: &SimFront) -> Vec<GrantRef> {
+    let Some(info) = front.info() else {
+        return Vec::new();
+    };
+    let fe = front.frontend_path();
+    let dirs: Vec<String> = match info.queues {
+        1 => vec![fe.to_owned()],
+        n => (0..n).map(|q| format!("{fe}/queue-{q}")).collect(),
+    };
+    // One page: `ring-ref`, or `ring-ref0` when the order was written.
+    let names: Vec<String> = match info.ring_page_order {
+        0 => vec!["ring-ref".to_owned(), "ring-ref0".to_owned()],
+        order => (0..1u32 << order).map(|i| format!("ring-ref{i}")).collect(),
+    };
+    let refs: Vec<GrantRef> = dirs
+        .iter()
+        .flat_map(|dir| names.iter().map(move |name| format!("{dir}/{name}")))
+        .filter_map(|path| xen::xenstore::XsOps::read(front.xenstore(), &path).ok())
+        .filter_map(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+        .collect();
+    assert!(!refs.is_empty(), "the frontend published no ring-ref");
+    refs
 }
 
 /// Rewrites the fuzzer's read-write pages with random bytes while `on` is set: indirect
