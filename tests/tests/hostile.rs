@@ -82,6 +82,8 @@ struct Tally {
     xenstore_cases: u64,
     revocations: u64,
     max_rss_kib: u64,
+    /// Random grant refs that were the frontend's own rings, replaced by ref 0.
+    ring_refs_avoided: u64,
     /// Disconnects after which a joined thread was still finishing its exit.
     exiting_seen: u64,
     /// The longest such a thread was still listed, and the threads seen exiting then.
@@ -184,6 +186,7 @@ impl Fuzz {
     fn gref(&mut self) -> u32 {
         let g = self.any_gref();
         if self.ring_refs.contains(&g) {
+            self.tally.ring_refs_avoided += 1;
             0
         } else {
             g
@@ -844,13 +847,14 @@ fn run(tag: &str, args: &[&str], default_steps: u64) {
     let bound = fuzz.memory_bound_kib;
     let tally = fuzz.finish();
     eprintln!(
-        "hostile guest ({tag}, seed {seed}): {} steps, {} hostile requests ({} answered), {} ring breaks, {} hostile handshakes, {} revocations, largest anonymous RSS {} KiB (bound {} KiB), {} disconnects with a joined thread still exiting (longest {:?} more: {:?}) in {:.1} s: no finding",
+        "hostile guest ({tag}, seed {seed}): {} steps, {} hostile requests ({} answered), {} ring breaks, {} hostile handshakes, {} revocations, {} ring refs avoided, largest anonymous RSS {} KiB (bound {} KiB), {} disconnects with a joined thread still exiting (longest {:?} more: {:?}) in {:.1} s: no finding",
         tally.steps,
         tally.requests,
         tally.answered,
         tally.ring_breaks,
         tally.xenstore_cases,
         tally.revocations,
+        tally.ring_refs_avoided,
         tally.max_rss_kib,
         bound,
         tally.exiting_seen,
