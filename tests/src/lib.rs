@@ -370,6 +370,33 @@ impl Drop for Loop {
     }
 }
 
+/// Plays blkhotplug's side of the handoff: opens loop device `lo` and sends its fd, with
+/// `diskseq`, on the backend's socket `sock`; returns the backend's reply.
+///
+/// # Panics
+/// When the device cannot be opened or the socket fails.
+pub fn hand_over(lo: &Loop, sock: &Path, diskseq: u64) -> xen::handoff::Reply {
+    use xen::handoff::{self, DeviceInfo, PhysicalDevice};
+    let (major, minor) = lo.numbers();
+    let fd = rustix::fs::open(
+        &lo.device,
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("opening the loop device");
+    let conn = handoff::connect(sock, Duration::from_secs(10)).expect("connecting");
+    let info = DeviceInfo {
+        device: PhysicalDevice {
+            major,
+            minor,
+            diskseq: Some(diskseq),
+        },
+        read_only: false,
+    };
+    handoff::send_device(&conn, std::os::fd::AsFd::as_fd(&fd), &info).expect("sending");
+    handoff::recv_reply(&conn).expect("reply")
+}
+
 /// Reads a backend node under `spec`'s directory.
 pub fn backend_node(sim: &Sim, spec: &VbdSpec, name: &str) -> Option<String> {
     sim.read(&format!("{}/{name}", spec.backend_path()))

@@ -6,11 +6,10 @@
 //! The layer tests run the confinement in a child process (this test binary, re-run with
 //! `BLKBACKD_SANDBOX_CHILD` naming what to try), since confinement cannot be undone.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use backend::sandbox::{self, Policy, Reachable};
 use backend::simfront::toolstack::VbdSpec;
@@ -18,7 +17,7 @@ use backend::simfront::workload::DiskModel;
 use backend::simfront::FrontOptions;
 use io_uring::{opcode, types};
 use tests::{connected, exercise, remove, Backend, Sim, TempDir, DEVID, GUEST};
-use xen::handoff::{self, DeviceInfo, PhysicalDevice, Reply};
+use xen::handoff::Reply;
 use xen::xenstore::XsOps;
 
 const CHILD: &str = "BLKBACKD_SANDBOX_CHILD";
@@ -514,23 +513,7 @@ fn the_xenstore_reader_is_restarted_under_the_confinement() {
             format!("{seq:x}@{major:x}:{minor:x}"),
         )
         .unwrap();
-    let fd = rustix::fs::open(
-        &lo.device,
-        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .unwrap();
-    let conn = handoff::connect(&sock, Duration::from_secs(10)).unwrap();
-    let info = DeviceInfo {
-        device: PhysicalDevice {
-            major,
-            minor,
-            diskseq: Some(seq),
-        },
-        read_only: false,
-    };
-    handoff::send_device(&conn, fd.as_fd(), &info).unwrap();
-    assert_eq!(handoff::recv_reply(&conn).unwrap(), Reply::Accepted);
+    assert_eq!(tests::hand_over(&lo, &sock, seq), Reply::Accepted);
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
     // It still talks to XenStore and serves through the new reader.
     let mut front = sim.front(FrontOptions::default());

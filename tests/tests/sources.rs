@@ -2,13 +2,14 @@
 //! the handoff socket (`xen::handoff`), checked against the diskseq it is described with.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
 
 use backend::simfront::toolstack::VbdSpec;
 use backend::simfront::workload::DiskModel;
 use backend::simfront::FrontOptions;
-use tests::{backend_node, exercise, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST};
-use xen::handoff::{self, DeviceInfo, PhysicalDevice, Reply};
+use tests::{
+    backend_node, exercise, hand_over, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST,
+};
+use xen::handoff::Reply;
 use xen::xenstore::XsOps;
 
 #[test]
@@ -44,27 +45,6 @@ fn handoff_setup(tag: &str) -> Option<(Sim, Loop, VbdSpec, Backend, std::path::P
     );
     sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
     Some((sim, lo, spec, backend, sock))
-}
-
-fn hand_over(lo: &Loop, sock: &std::path::Path, diskseq: u64) -> Reply {
-    let (major, minor) = lo.numbers();
-    let fd = rustix::fs::open(
-        &lo.device,
-        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .unwrap();
-    let conn = handoff::connect(sock, Duration::from_secs(10)).unwrap();
-    let info = DeviceInfo {
-        device: PhysicalDevice {
-            major,
-            minor,
-            diskseq: Some(diskseq),
-        },
-        read_only: false,
-    };
-    handoff::send_device(&conn, std::os::fd::AsFd::as_fd(&fd), &info).unwrap();
-    handoff::recv_reply(&conn).unwrap()
 }
 
 #[test]
