@@ -16,10 +16,6 @@ fail() {
 	exit 1
 }
 
-as_root() {
-	if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
-
 # The patches of the series, in order (the cover letter is not a patch).
 series() {
 	local p
@@ -34,25 +30,19 @@ series_files() {
 	series | xargs sed -n 's|^+++ b/||p' | sort -u
 }
 
-# install_build_deps [extra packages...]
+# The tools these scripts run, checked up front (.ci/need.sh: `command -v`, or a file
+# for headers and the source tarball) and installed when missing.
+# shellcheck source=../.ci/need.sh
+. "$series_dir/../.ci/need.sh"
+
+# install_build_deps [WHAT:PACKAGE...]: what every script here needs, and the extras given.
+# rsync is for headers_install.
 install_build_deps() {
-	local pkgs=("$source_pkg" bc bison flex libelf-dev libssl-dev make gcc g++
-		patch xz-utils git "$@")
-	local missing=() p
-	for p in "${pkgs[@]}"; do
-		[ -n "$p" ] || continue
-		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' ||
-			missing+=("$p")
-	done
-	if [ "${#missing[@]}" -eq 0 ]; then
-		step "build dependencies present"
-		return
-	fi
-	[ "${NO_INSTALL:-0}" != 1 ] || fail "missing packages: ${missing[*]} (NO_INSTALL=1)"
-	step "installing ${missing[*]}"
-	as_root apt-get update -qq
-	as_root env DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	need make:make gcc:gcc g++:g++ patch:patch git:git tar:tar xz:xz-utils bc:bc \
+		bison:bison flex:flex rsync:rsync perl:perl sha256sum:coreutils dpkg-query:dpkg \
+		/usr/include/libelf.h:libelf-dev /usr/include/openssl/ssl.h:libssl-dev \
+		"$tarball:$source_pkg" "$@"
+	step "build dependencies present"
 }
 
 # Extract the Debian source once per package version; print its path.
