@@ -143,13 +143,18 @@ struct Tuning {
     /// Do not offer persistent grants.
     #[arg(long)]
     no_persistent: bool,
-    /// How guest memory is reached: `copy` (grant copy into registered bounce buffers, one
-    /// batched ioctl per pass) or `map` (grant mapping, zero copy, persistent grants when the
-    /// frontend offers them, as Linux's blkback). Map is the default: on real Xen (tests/e2e,
-    /// measured between two copy guests in one boot) it moved 1 MiB requests 1.26-1.29 times
-    /// faster than copy and 4 KiB ones as fast, with blkfront's whole grant pool mapped once;
-    /// it holds 1 MiB per queue against copy's 31 MiB of bounce buffers.
-    #[arg(long, value_enum, default_value_t = GrantModeArg::Map)]
+    /// How guest memory is reached. `copy` (the default): grant copy into private bounce
+    /// buffers registered with the io_uring, one batched ioctl per pass; no guest page is ever
+    /// mapped for data, so nothing the kernel does with a page after an I/O can meet an unmap
+    /// (QEMU's qdisk does the same). `map`: zero copy through grant mappings, for frontends
+    /// that use persistent grants (others are served by grant copy, as in `copy`); a mapping
+    /// that carried I/O is unmapped only a grace period (1 s on Xen) after its last
+    /// completion, because the kernel reports O_DIRECT I/O complete before it releases the
+    /// pages, and gntdev on a PV dom0 then corrupts dom0's page tables ("BUG: Bad page map").
+    /// A `map` backend killed with I/O in flight leaves those unmaps to the kernel, which no
+    /// grace covers. On real Xen map moved 1 MiB requests 1.26-1.29x faster than copy, 4 KiB
+    /// ones as fast.
+    #[arg(long, value_enum, default_value_t = GrantModeArg::Copy)]
     grant_mode: GrantModeArg,
     /// Busy-poll each queue this many microseconds for new requests and completions before
     /// it sleeps (0: never, the default). While a queue polls the frontend does not notify:

@@ -77,8 +77,10 @@ fn grant_map_with_persistent_grants() {
     );
 }
 
+/// Map mode maps only persistent grants: this frontend is served by grant copy (the data
+/// plane's `map_mode_grant_copies_for_a_frontend_without_persistent_grants` counts it).
 #[test]
-fn grant_map_without_persistent_grants() {
+fn grant_map_mode_without_persistent_grants() {
     let options = FrontOptions {
         persistent: false,
         ..FrontOptions::default()

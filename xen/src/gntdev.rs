@@ -321,6 +321,12 @@ impl Gntdev {
     }
 }
 
+/// See [`GrantMapper::unmap_grace`]: the window is a completing CPU's few instructions
+/// between posting the completion and releasing the pages (or a workqueue item for reads
+/// whose pages lost their dirty bit), stretched only by the hypervisor descheduling that
+/// vCPU; a second covers many of Xen's time slices.
+const UNMAP_GRACE: Duration = Duration::from_secs(1);
+
 impl GrantMapper for Gntdev {
     fn map(
         &self,
@@ -395,6 +401,10 @@ impl GrantMapper for Gntdev {
         unsafe { call(self.dev.fd.as_fd(), IOCTL_GNTDEV_SET_UNMAP_NOTIFY, &mut arg) }
             .map(drop)
             .map_err(|e| GrantError::Io(io_err(e)))
+    }
+
+    fn unmap_grace(&self) -> Duration {
+        UNMAP_GRACE
     }
 }
 

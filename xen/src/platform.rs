@@ -2,6 +2,7 @@
 //! platform alike.
 
 use std::os::fd::BorrowedFd;
+use std::time::Duration;
 
 use crate::{
     Access, CopyOp, DomId, EvtchnError, GrantError, GrantMapping, GrantRef, Port, UnmapNotify,
@@ -37,6 +38,15 @@ pub trait GrantMapper: Send + Sync {
         mapping: &GrantMapping,
         notify: UnmapNotify,
     ) -> Result<(), GrantError>;
+
+    /// How long a mapping that carried I/O must stay mapped after the I/O completed before it
+    /// may be unmapped. The kernel reports an `O_DIRECT` request complete before it has let
+    /// go of the pages (block/fops.c posts the completion, then releases the bio's pages),
+    /// and gntdev on a PV dom0 (since "xen/gntdev: Avoid blocking in unmap_grant_pages()",
+    /// 2022) defers the unmap of a page still referenced while munmap clears its PTE anyway:
+    /// "BUG: Bad page map" in dom0. A grant unmapped this long after its last completion is
+    /// no longer held by that I/O.
+    fn unmap_grace(&self) -> Duration;
 }
 
 /// Copies between local memory and other domains' grants (`IOCTL_GNTDEV_GRANT_COPY` or the

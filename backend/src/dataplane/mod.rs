@@ -60,6 +60,7 @@
 
 mod persistent;
 mod queue;
+mod retire;
 mod stats;
 mod uring;
 
@@ -87,8 +88,10 @@ pub enum GrantMode {
     /// tapdisk do): no guest page is ever mapped into the backend for data.
     #[default]
     Copy,
-    /// Grant map: I/O goes straight to and from the guest's pages (zero copy), with
-    /// persistent grants when [`QueueParams::persistent_grants`] is set.
+    /// Grant map: I/O goes straight to and from the guest's pages (zero copy), for frontends
+    /// with persistent grants ([`QueueParams::persistent_grants`]); without them the queue
+    /// grant-copies. A mapping that carried I/O is unmapped only after the platform's
+    /// [`xen::GrantMapper::unmap_grace`] (see `retire`).
     Map,
 }
 
@@ -136,13 +139,16 @@ pub struct QueueParams {
     pub device: Arc<Device>,
     /// Grant copy or grant map.
     pub grant_mode: GrantMode,
-    /// The frontend offered `feature-persistent` and the backend accepted (map mode only;
-    /// ignored in copy mode, where nothing is mapped).
+    /// The frontend offered `feature-persistent` and the backend accepted. Map mode maps
+    /// only persistent grants: without them the queue grant-copies, whatever `grant_mode`.
     pub persistent_grants: bool,
     /// Cap on persistent grants per queue (Linux's `max_persistent_grants`, 1056).
     pub max_persistent_grants: usize,
     /// Persistent grants unused this long are unmapped (Linux's 60 s).
     pub persistent_grant_timeout: Duration,
+    /// How long a mapping that carried I/O stays mapped after its last completion (default:
+    /// the platform's [`xen::GrantMapper::unmap_grace`]).
+    pub unmap_grace: Duration,
     /// `feature-max-indirect-segments` as advertised; 0 disables indirect requests. At most
     /// [`ring::MAX_INDIRECT_SEGMENTS`].
     pub max_indirect_segments: u16,
@@ -191,6 +197,7 @@ impl QueueParams {
         device: Arc<Device>,
     ) -> Self {
         let features = Features::from_device(&device);
+        let unmap_grace = platform.grant_mapper().unmap_grace();
         Self {
             platform,
             frontend,
@@ -202,6 +209,7 @@ impl QueueParams {
             persistent_grants: false,
             max_persistent_grants: DEFAULT_MAX_PERSISTENT_GRANTS,
             persistent_grant_timeout: DEFAULT_PERSISTENT_GRANT_TIMEOUT,
+            unmap_grace,
             max_indirect_segments: ring::MAX_INDIRECT_SEGMENTS as u16,
             features,
             stats: Arc::new(Stats::new()),

@@ -8,9 +8,10 @@
 //! (`LRU_PERCENT_CLEAN`) of the least recently used are purged to make room.
 //!
 //! Ownership instead of Linux's flags: each mapping is an `Arc`, and a request in flight holds
-//! a clone (inside the io_uring's owned entry) until its completion. Purging only drops the
-//! cache's clone, so a mapping is unmapped when the last user is done, never under the kernel
-//! (XSA-365/371: a map error or a purge cannot leak or free a grant still in use). A
+//! a clone (inside the io_uring's owned entry) until its completion. Purging only hands the
+//! cache's clone to [`Retired`], so a mapping is unmapped after the last user is done and the
+//! kernel has let go of it, never under the kernel (XSA-365/371: a map error or a purge
+//! cannot leak or free a grant still in use; issue 21: nor can a completion). A
 //! frontend reusing a page in two requests at once shares the mapping (Linux would map the
 //! second use separately); its data is then as racy as it made it, our memory is not.
 
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use xen::{Access, DomId, GrantError, GrantMapper, GrantMapping, GrantRef};
 
+use super::retire::Retired;
 use super::stats::Stats;
 
 /// Linux's `xen_blkif_max_pgrants` default.
@@ -87,7 +89,7 @@ impl PersistentGrants {
     }
 
     /// A mapping of `gref` to read from (for indirect pages, which Linux's blkback also maps
-    /// through the persistent cache): as [`get`](Self::get), but a grant the frontend made
+    /// through the persistent cache, and the pages of writes): as [`get`](Self::get), but a grant the frontend made
     /// read-only is mapped and cached read-only rather than failing.
     ///
     /// # Errors
@@ -159,35 +161,45 @@ impl PersistentGrants {
     /// last purge, the least recently used 5 % besides. A cache that is merely full (the
     /// frontend's whole grant pool fits, the usual steady state) is left alone: purging it
     /// would unmap grants the frontend is about to reuse, only to map them again.
-    /// Returns how many were dropped from the cache.
-    pub(super) fn purge(&mut self, now: Instant) -> usize {
+    /// What is dropped goes to `retired`. Returns how many were dropped from the cache.
+    pub(super) fn purge(&mut self, now: Instant, retired: &mut Retired) -> usize {
         if now < self.next_purge {
             return 0;
         }
         self.next_purge = now + LRU_INTERVAL;
-        let before = self.map.len();
         let timeout = self.timeout;
-        self.map
-            .retain(|_, e| now.saturating_duration_since(e.last_used) < timeout);
+        let idle = |e: &Entry| now.saturating_duration_since(e.last_used) >= timeout;
+        let mut gone: Vec<GrantRef> = self
+            .map
+            .iter()
+            .filter(|(_, e)| idle(e))
+            .map(|(g, _)| *g)
+            .collect();
         let overflowed = std::mem::take(&mut self.overflowed);
-        if self.map.len() >= self.max && self.max > 0 && overflowed {
+        let left = self.map.len() - gone.len();
+        if left >= self.max && self.max > 0 && overflowed {
             let n = (self.max * LRU_PERCENT_CLEAN / 100).max(1);
-            let mut by_age: Vec<(Instant, GrantRef)> =
-                self.map.iter().map(|(g, e)| (e.last_used, *g)).collect();
+            let mut by_age: Vec<(Instant, GrantRef)> = self
+                .map
+                .iter()
+                .filter(|(_, e)| !idle(e))
+                .map(|(g, e)| (e.last_used, *g))
+                .collect();
             by_age.sort_unstable();
-            for (_, g) in by_age.into_iter().take(n) {
-                self.map.remove(&g);
-            }
+            gone.extend(by_age.into_iter().take(n).map(|(_, g)| g));
         }
-        let dropped = before - self.map.len();
+        let dropped = gone.len();
+        let mappings = gone.iter().filter_map(|g| self.map.remove(g));
+        retired.retire_all(mappings.map(|e| e.mapping), now);
         Stats::add(&self.stats.pgrant_purged, dropped as u64);
         dropped
     }
 
-    /// Drops every cached mapping (on disconnect); mappings still used by requests in flight
-    /// are unmapped when those complete.
-    pub(super) fn clear(&mut self) {
-        self.map.clear();
+    /// Hands every cached mapping to `retired` (on disconnect); mappings still used by
+    /// requests in flight are retired when those complete.
+    pub(super) fn clear(&mut self, retired: &mut Retired) {
+        let now = Instant::now();
+        retired.retire_all(self.map.drain().map(|(_, e)| e.mapping), now);
     }
 }
 

@@ -22,6 +22,7 @@ use xen::{
 };
 
 use super::persistent::{map_counted, PersistentGrants, LRU_INTERVAL};
+use super::retire::{Retired, MAX_RETIRED};
 use super::stats::{Stats, StatsSnapshot};
 use super::uring::{Completion, Control, Data, Reaped, Region, Uring};
 use super::{DataplaneError, Features, GrantMode, QueueExit, QueueParams};
@@ -73,6 +74,8 @@ pub(super) struct Queue {
     // the event channel, grant mappings); then persistent grants, then the ring mapping.
     uring: Uring,
     pgrants: Option<PersistentGrants>,
+    /// Mappings whose I/O completed, waiting for the kernel to let go (empty in copy mode).
+    retired: Retired,
     ring_map: Arc<GrantMapping>,
     back: BackRing,
     evtchn: Box<dyn EventChannel>,
@@ -155,7 +158,16 @@ impl Queue {
             .max_indirect_segments
             .min(ring::MAX_INDIRECT_SEGMENTS as u16);
         let max_segs = usize::from(max_indirect).max(ring::MAX_SEGMENTS_PER_REQUEST);
-        let copy = p.grant_mode == GrantMode::Copy;
+        // Only persistent grants are mapped: a frontend without them (FreeBSD's, or Linux's
+        // with feature_persistent=0) ends each grant as soon as its response arrives, which
+        // with mappings would mean unmapping right after every completion, while the kernel
+        // may still hold the pages (issue 21). Its data is grant-copied, as QEMU's qdisk does.
+        let copy = p.grant_mode == GrantMode::Copy || !p.persistent_grants;
+        let grant_mode = if copy {
+            GrantMode::Copy
+        } else {
+            GrantMode::Map
+        };
         let nr_large = if max_indirect > 0 { LARGE_REGIONS } else { 0 };
         let mut evtchn = p
             .platform
@@ -173,7 +185,7 @@ impl Queue {
         let files = [p.device.fd(), evtchn.as_fd(), stop_fd.as_fd()];
         let uring = Uring::new(size, copy, max_segs, nr_large, max_segs, &files)
             .map_err(DataplaneError::Uring)?;
-        let pgrants = (p.persistent_grants && !copy).then(|| {
+        let pgrants = (!copy).then(|| {
             PersistentGrants::new(
                 p.frontend,
                 p.max_persistent_grants,
@@ -199,7 +211,7 @@ impl Queue {
             platform: p.platform,
             frontend: p.frontend,
             device: p.device,
-            grant_mode: p.grant_mode,
+            grant_mode,
             features: p.features,
             max_indirect_segments: max_indirect,
             stats: p.stats,
@@ -207,6 +219,7 @@ impl Queue {
             name: p.name,
             uring,
             pgrants,
+            retired: Retired::new(p.unmap_grace),
             ring_map: Arc::new(ring_map),
             back,
             evtchn,
@@ -270,11 +283,30 @@ impl Queue {
     }
 
     fn teardown(&mut self) {
-        // Drain whatever is still in flight (only after a local failure), then let the fields
-        // drop in order: io_uring (waits), persistent grants, ring mapping.
-        if let Some(pg) = self.pgrants.as_mut() {
-            pg.clear();
+        // Drain whatever is still in flight (only after a local failure), retiring its
+        // mappings; then every mapping waits out its grace before the fields drop in order:
+        // io_uring, persistent grants, ring mapping.
+        let mut reaped = Vec::new();
+        while self.uring.slots_in_flight() > 0 {
+            if let Err(e) = self.uring.submit_and_wait(1) {
+                if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) {
+                    continue;
+                }
+                // The io_uring's own drop leaks what it cannot wait for.
+                tracing::error!(queue = %self.name, "io_uring wait failed while draining: {e}");
+                break;
+            }
+            self.uring.reap(&mut reaped);
+            for r in reaped.drain(..) {
+                if let Reaped::Slot(c) = r {
+                    self.retired.retire_all(c.guards, Instant::now());
+                }
+            }
         }
+        if let Some(pg) = self.pgrants.as_mut() {
+            pg.clear(&mut self.retired);
+        }
+        self.retired.release_all();
         self.sync_gauges();
         self.log_burst();
         if let Err(e) = self.evtchn.unbind(self.local_port) {
@@ -465,8 +497,10 @@ impl Queue {
     }
 
     fn tick(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        self.retired.release_due(now);
         if let Some(pg) = self.pgrants.as_mut() {
-            pg.purge(Instant::now());
+            pg.purge(now, &mut self.retired);
         }
         self.sync_gauges();
         self.uring
@@ -879,6 +913,11 @@ impl Queue {
                 }
             }
             GrantMode::Map => {
+                if self.retired.len() >= MAX_RETIRED {
+                    // Too many mappings waiting out their grace: wait for the next tick to
+                    // release some (counted like Linux's "out of requests").
+                    return self.defer(slot, true);
+                }
                 if let Err(e) = self.map_segments(slot, &t.segs, write) {
                     tracing::debug!(queue = %self.name, id = self.slots[slot].req.id, "mapping the request's grants failed: {e}");
                     self.uring.reset_slot(slot);
@@ -934,10 +973,13 @@ impl Queue {
         self.seg_maps.clear();
         self.np_grefs.clear();
         for seg in segs.as_slice() {
+            // A write only reads its pages: a grant the frontend made read-only serves it.
             let cached = match self.pgrants.as_mut() {
-                Some(pg) => pg.get(mapper, seg.gref, now).map_err(|e| e.to_string())?,
-                None => None,
-            };
+                Some(pg) if write => pg.get_readable(mapper, seg.gref, now),
+                Some(pg) => pg.get(mapper, seg.gref, now),
+                None => Ok(None),
+            }
+            .map_err(|e| e.to_string())?;
             if cached.is_none() {
                 self.np_grefs.push(seg.gref);
             }
@@ -1130,6 +1172,7 @@ impl Queue {
     /// Handles a slot whose I/O completed.
     fn complete(&mut self, mem: &SharedMem<'_>, c: Completion) {
         let slot = c.slot;
+        self.retired.retire_all(c.guards, Instant::now());
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };

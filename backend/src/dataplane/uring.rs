@@ -225,6 +225,9 @@ pub(super) struct Completion {
     pub(super) result: Result<(), Errno>,
     /// The bounce region, back from the kernel (copy mode).
     pub(super) region: Option<Region>,
+    /// The grant mappings the request's I/O used (map mode): the kernel has reported the I/O
+    /// complete, which is not yet the same as having let go of the pages (see `retire`).
+    pub(super) guards: Vec<Arc<GrantMapping>>,
 }
 
 /// A completion reaped from the ring.
@@ -637,13 +640,13 @@ impl Uring {
             }
             o.pending = o.pending.saturating_sub(1);
             if o.pending == 0 {
-                // The kernel is done with everything this slot pointed at.
+                // The kernel has completed everything this slot pointed at.
                 o.iov.clear();
-                o.guards.clear();
                 out.push(Reaped::Slot(Completion {
                     slot,
                     result: o.error.take().map_or(Ok(()), Err),
                     region: o.region.take(),
+                    guards: std::mem::take(&mut o.guards),
                 }));
             }
         }

@@ -22,7 +22,107 @@ SUP_PID=
 ESC=$(printf '\033') # to strip colours from logs (busybox sed has no \x escapes)
 
 selected() { grep -qx "$1" /e2e/selected; }
-result() { echo "E2E-RESULT $*"; }
+
+# Kernel logs: any of these in dom0's kernel log since the scenario began, or in the
+# console of a guest it ran, fails the scenario (issue 21: a bad unmap shows as "BUG: Bad
+# page map" and WARNINGs in dom0 and "backed has not unmapped grant" in the guest).
+KLOG_BAD='BUG|WARNING|Oops|has not unmapped grant|general protection|Call Trace'
+klog_mark() {
+	KLOG_START=$(dmesg | wc -l)
+	rm -f /e2e/guest-logs/* "$LOGDIR"/guest-*.log
+}
+mkdir -p /e2e/guest-logs
+KLOG_START=$(dmesg | wc -l)
+
+# E2E_KTRACE=1 on the host: kprobes on the kernel's side of a request's completion and of
+# a grant unmap, per scenario (issue 21's root cause), summed up in one E2E-KTRACE line:
+#   unmaps: gntdev unmaps (gnttab_unmap_refs_async: munmap of a grant mapping);
+#   during_endio: those made while another CPU was inside blkdev_bio_end_io_async, which
+#     posts the completion (ki_complete) and only then releases the bio's pages;
+#   deferred: unmaps that found a page still referenced, so gntdev retried later
+#     (gnttab_unmap_work, every 5 ms x age) while munmap had already cleared the PTE;
+#   held_max_ms: the longest such page reference, first unmap to the last retry;
+#   dirty_work: bio releases deferred to a workqueue (bio_dirty_fn).
+TRACE=/sys/kernel/tracing
+ktrace_start() {
+	[ "${KTRACE:-0}" = 1 ] || return 0
+	[ -d $TRACE/events ] || mount -t tracefs nodev $TRACE || return 0
+	echo 0 >$TRACE/tracing_on
+	echo >$TRACE/kprobe_events
+	echo 16384 >$TRACE/buffer_size_kb
+	{
+		echo 'p:e2e/e2e_endio blkdev_bio_end_io_async'
+		echo 'r:e2e/e2e_endio_ret blkdev_bio_end_io_async'
+		echo 'p:e2e/e2e_unmap gnttab_unmap_refs_async item=%di:x64'
+		echo 'p:e2e/e2e_retry gnttab_unmap_work item=%di:x64'
+		echo 'p:e2e/e2e_dirty_work bio_dirty_fn'
+	} >>$TRACE/kprobe_events || { progress "ktrace: kprobes refused"; return 0; }
+	echo >$TRACE/trace
+	echo 1 >$TRACE/events/e2e/enable
+	echo 1 >$TRACE/tracing_on
+}
+ktrace_report() { # scenario
+	[ "${KTRACE:-0}" = 1 ] && [ -d $TRACE/events/e2e ] || return 0
+	echo 0 >$TRACE/tracing_on
+	awk -v s="$1" '
+	/ e2e_/ {
+		cpu = $0; sub(/.*\[/, "", cpu); sub(/\].*/, "", cpu); cpu += 0
+		t = $0; sub(/: e2e_.*/, "", t); n = split(t, f, " "); t = f[n] + 0
+		ev = $0; sub(/.*: e2e_/, "", ev); sub(/:.*/, "", ev)
+		item = $0; sub(/.*item=/, "", item); sub(/ .*/, "", item)
+		if (ev == "endio") open[cpu] = 1
+		else if (ev == "endio_ret") open[cpu] = 0
+		else if (ev == "unmap") {
+			unmaps++; first[item] = t
+			for (c in open) if (c != cpu && open[c]) { during++; break }
+		} else if (ev == "retry" && item in first) {
+			if (!(item in held)) deferred++
+			d = (t - first[item]) * 1000; held[item] = d; if (d > hmax) hmax = d
+		} else if (ev == "dirty_work") dirty++
+	}
+	END { printf "E2E-KTRACE %s unmaps=%d during_endio=%d deferred=%d held_max_ms=%.1f dirty_work=%d\n", s, unmaps, during, deferred, hmax, dirty }
+	' $TRACE/trace
+	grep -c 'overrun\|LOST' $TRACE/trace >/dev/null 2>&1 && grep -m1 'entries-in-buffer' $TRACE/trace | sed 's/^/ktrace: /'
+	echo 0 >$TRACE/events/e2e/enable
+	echo >$TRACE/kprobe_events
+}
+klog_findings() {
+	dmesg | tail -n +$((KLOG_START + 1)) | grep -E "$KLOG_BAD" | head -n 3 | sed 's/^/dom0: /'
+	for g in /e2e/guest-logs/* "$LOGDIR"/guest-*.log; do
+		[ -e "$g" ] || continue
+		tr -d '\r' <"$g" | grep -v E2E-DOMU | grep -E "$KLOG_BAD" | head -n 3 | sed "s|^|${g##*/}: |"
+	done
+}
+# Every tenth turn of a wait: stop waiting once a kernel log shows a finding (a guest
+# whose blkfront disabled its disk would otherwise be waited for until the bound).
+klog_poll() { # turn
+	[ $(($1 % 10)) = 9 ] || return 0
+	k=$(klog_findings | head -n 1)
+	[ -z "$k" ] && return 0
+	REASON="stopped waiting, kernel log: $k"
+	return 1
+}
+# result PASS name ... | FAIL name: reason | SKIP name: reason; a PASS with kernel
+# log findings is a FAIL, and a FAIL carries them.
+result() { # one string: "PASS name ..." | "FAIL name: ..." | "SKIP name: ..."
+	k=$(klog_findings | head -n 3 | tr '\n' ' ' | cut -c1-400)
+	if [ -n "$k" ]; then
+		klog_findings | sed 's/^/klog: /'
+		case "$*" in
+		PASS*)
+			n=$*
+			n=${n#PASS }
+			echo "E2E-RESULT FAIL ${n%%[ :]*}: kernel log: $k"
+			return
+			;;
+		FAIL*)
+			echo "E2E-RESULT $* (kernel log: $k)"
+			return
+			;;
+		esac
+	fi
+	echo "E2E-RESULT $*"
+}
 progress() { echo "E2E-PROGRESS $*"; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.0f", b - a }'; }
@@ -49,7 +149,7 @@ name="$name"
 type="pv"
 kernel="/e2e/vmlinuz"
 ramdisk="/e2e/domU.cpio"
-extra="console=hvc0 loglevel=4 e2e.tasks=$tasks e2e.seconds=$PERF_SECONDS ${EXTRA_ARGS:-}"
+extra="console=hvc0 loglevel=5 e2e.tasks=$tasks e2e.seconds=$PERF_SECONDS ${EXTRA_ARGS:-}"
 memory=${MEMORY:-256}
 vcpus=$vcpus
 on_poweroff="destroy"
@@ -65,7 +165,8 @@ guest_log() { echo "$LOGDIR/guest-$1.log"; }
 # Under emulation on a loaded host QEMU's qdisk can miss libxl's fixed 10 s QMP
 # timeout ("device model did not start"): that one failure is retried.
 guest_create() { # name
-	rm -f "$(guest_log "$1")"
+	# An earlier guest's console is kept for the scenario's kernel log check.
+	[ -e "$(guest_log "$1")" ] && mv "$(guest_log "$1")" "/e2e/guest-logs/$1.$(uptime_s).log"
 	try=1
 	while ! xl create "/e2e/$1.cfg" >"/e2e/$1.xl.log" 2>&1; do
 		if [ $try -lt 3 ] && grep -q "device model did not start" "/e2e/$1.xl.log"; then
@@ -87,9 +188,12 @@ domid_of() { xl domid "$1" 2>/dev/null; }
 
 wait_gone() { # name seconds
 	end=$(deadline $(($2 * TIME_SCALE)))
+	n=0
 	while domid_of "$1" >/dev/null; do
 		before "$end" || return 1
+		klog_poll $n || return 1
 		sleep 0.5
+		n=$((n + 1))
 	done
 }
 
@@ -102,17 +206,21 @@ domu_has() { guest_lines "$1" | grep -q "E2E-DOMU $2"; }
 
 wait_domu() { # name key seconds
 	end=$(deadline $(($3 * TIME_SCALE)))
+	n=0
 	until domu_has "$1" "$2"; do
 		before "$end" || return 1
+		klog_poll $n || return 1
 		sleep 0.5
+		n=$((n + 1))
 	done
 }
 
 # Run a guest to its end (it powers itself off); REASON set on failure.
 run_guest() { # name timeout
 	guest_create "$1" || return 1
+	REASON=""
 	if ! wait_gone "$1" "$2"; then
-		REASON="guest still running after $2 s (last: $(guest_lines "$1" | grep E2E-DOMU | tail -n 1))"
+		[ -n "$REASON" ] || REASON="guest still running after $2 s (last: $(guest_lines "$1" | grep E2E-DOMU | tail -n 1))"
 		dump_guest "$1"
 		xl destroy "$1" >/dev/null 2>&1
 		return 1
@@ -607,6 +715,127 @@ EOF
 	rm -f $img
 }
 
+# ------------------------------------------------------------------ (8) issue 21
+# A disk for backend $1 (blkbackd: through blkhotplug; kernel: xen-blkback on a loop
+# device made here, KLOOP, released by release_disk).
+backend_disk() { # backend vdev image
+	case $1 in
+	blkbackd) hotplug_disk "$2" "$3" ;;
+	kernel)
+		[ -n "${KLOOP:-}" ] || KLOOP=$($LOSETUP --show -f "$3") || return 1
+		echo "format=raw, vdev=$2, access=rw, backendtype=phy, script=/e2e/phy-script, target=$KLOOP"
+		;;
+	esac
+}
+release_disk() {
+	[ -z "${KLOOP:-}" ] || $LOSETUP -d "$KLOOP"
+	KLOOP=
+}
+# The backend's set-up: blkbackd's supervisor, or the kernel's module.
+backend_up() { # backend
+	case $1 in
+	blkbackd) have_project "$S" && start_supervisor ;;
+	kernel) modprobe xen-blkback || { REASON="cannot load xen-blkback"; return 1; } ;;
+	esac
+}
+backend_fail() { # backend
+	if [ "$1" = blkbackd ]; then fail_bb "$S"; else result "FAIL $S: $REASON"; fi
+}
+
+# (8a) blkfront without persistent grants: 4096 random O_DIRECT 4 KiB writes at QD 16 in
+# the disk's second 64 MiB, six read-back passes, verified in the guest and on the backing
+# file; then the perf figures of this path (in the first 64 MiB), with p50 latencies.
+nopersist() { # backend
+	S=$1-nopersist
+	backend_up "$1" || { backend_fail "$1"; return; }
+	img=$DISKS/np.img
+	make_disk $img 128
+	disk=$(backend_disk "$1" xvda $img) || { REASON="no disk"; backend_fail "$1"; return; }
+	MEMORY=512 EXTRA_ARGS="e2e.blkfront=feature_persistent=0 e2e.verify=4242:4096:64:64:6 e2e.perfspan=64" \
+		write_cfg e2e-np verify,perf 1 "$disk"
+	if run_guest e2e-np $((600 + 6 * PERF_SECONDS)); then
+		v=$(domu e2e-np verify)
+		guest_lines e2e-np | sed -n "s/.*E2E-DOMU perf \([^ ]*\) \(.*\)/E2E-PERF $S \1 \2/p"
+		guest_lines e2e-np | sed -n "s/.*E2E-DOMU latency \([^ ]*\) \([0-9]*\) us/E2E-PERF $S \1-p50 \2 us/p"
+		case "$v" in
+		ok*)
+			if out=$(blkverify $img check 4242 4096 64 64 1 16 2>&1); then
+				[ "$1" = blkbackd ] && perf_costs "$LAST_DOMID" "$S"
+				result "PASS $S (guest: ${v#ok blkverify }; dom0: $(echo "$out" | tail -n 1 | cut -d' ' -f4-7))"
+				release_disk
+				return
+			fi
+			REASON="dom0 finds other bytes in $img: $(echo "$out" | tr '\n' ' ' | cut -c1-200)"
+			;;
+		*) REASON="guest: ${v:-no verify result}" ;;
+		esac
+	fi
+	release_disk
+	backend_fail "$1"
+}
+sc_blkbackd_nopersist() { nopersist blkbackd; }
+sc_kernel_nopersist() { nopersist kernel; }
+
+# (8b) Four live detach/attach cycles on a running guest, blkfront reloaded with another
+# configuration each time; every earlier region verified after each cycle, all of them in
+# dom0 at the end.
+ATTACH_CYCLES="max_ring_page_order=0:max_queues=1:max_indirect_segments=0:feature_persistent=0"
+ATTACH_CYCLES="$ATTACH_CYCLES/max_ring_page_order=4:max_queues=2:max_indirect_segments=32:feature_persistent=1"
+ATTACH_CYCLES="$ATTACH_CYCLES/max_ring_page_order=2:max_queues=1:max_indirect_segments=256:feature_persistent=0"
+ATTACH_CYCLES="$ATTACH_CYCLES/max_ring_page_order=1:max_queues=2:max_indirect_segments=256:feature_persistent=1"
+attach_cycles() { # backend
+	S=$1-attach
+	backend_up "$1" || { backend_fail "$1"; return; }
+	img=$DISKS/att.img
+	make_disk $img 64
+	MEMORY=512 EXTRA_ARGS="e2e.cycles=$ATTACH_CYCLES" write_cfg e2e-att cycles 2
+	guest_create e2e-att || { backend_fail "$1"; return; }
+	d=$LAST_DOMID
+	i=1
+	for cfg in $(echo "$ATTACH_CYCLES" | tr '/' ' '); do
+		if ! wait_domu e2e-att "ready $i" 120; then REASON="cycle $i: blkfront not reloaded ($(domu e2e-att "cycle $i"))"; break; fi
+		disk=$(backend_disk "$1" xvdb $img) || { REASON="no disk"; break; }
+		progress "$S: cycle $i: attaching"
+		if ! timeout $((60 * TIME_SCALE)) xl block-attach e2e-att "$disk" >/e2e/attach.log 2>&1; then
+			REASON="cycle $i: block-attach failed: $(tail -n 2 /e2e/attach.log | tr '\n' ' ')"
+			break
+		fi
+		progress "$S: cycle $i: attached"
+		if ! wait_domu e2e-att "cycle $i" 120; then REASON="cycle $i: no result from the guest"; break; fi
+		c=$(domu e2e-att "cycle $i")
+		progress "$S: cycle $i $c"
+		case "$c" in ok*) ;; *) REASON="cycle $i ($cfg): $c"; break ;; esac
+		if ! timeout $((60 * TIME_SCALE)) xl block-detach e2e-att xvdb >/e2e/detach.log 2>&1; then
+			REASON="cycle $i: block-detach failed: $(tail -n 2 /e2e/detach.log | tr '\n' ' ')"
+			break
+		fi
+		if ! wait_domu e2e-att "detached $i" 120; then REASON="cycle $i: xvdb never left the guest"; break; fi
+		i=$((i + 1))
+	done
+	if [ $i -le 4 ]; then
+		dump_guest e2e-att
+		xl destroy e2e-att
+		release_disk
+		backend_fail "$1"
+		return
+	fi
+	wait_gone e2e-att 60 || xl destroy e2e-att
+	release_disk
+	bad=""
+	for j in 1 2 3 4; do
+		blkverify $img check $((100 + j)) 512 $(((j - 1) * 8)) 8 1 16 >/dev/null 2>&1 || bad="$bad $j"
+	done
+	if [ -n "$bad" ]; then
+		REASON="dom0 finds other bytes in regions$bad of $img"
+	elif [ "$1" = kernel ] || check_no_leaks "$d" $img; then
+		result "PASS $S (4 cycles)"
+		return
+	fi
+	backend_fail "$1"
+}
+sc_blkbackd_attach() { attach_cycles blkbackd; }
+sc_kernel_attach() { attach_cycles kernel; }
+
 # ------------------------------------------------------------------ (7) kernel blkback and qdisk
 sc_qdisk() {
 	s=qdisk
@@ -657,14 +886,18 @@ sc_kernel_blkback() {
 
 # ------------------------------------------------------------------ main
 PERF_DONE="" PERF_FAIL=""
-for s in blkbackd-file blkbackd-features blkbackd-lifecycle blkbackd-sigkill blkhotplug-dm diskseq-mismatch; do
+for s in blkbackd-file blkbackd-features blkbackd-lifecycle blkbackd-sigkill blkhotplug-dm diskseq-mismatch \
+	blkbackd-nopersist blkbackd-attach; do
 	want=0
 	selected $s && want=1
 	[ $s = blkbackd-file ] && selected perf && [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ] && want=1
 	[ $want = 1 ] || continue
 	progress "scenario $s"
 	t0=$(uptime_s)
+	klog_mark
+	ktrace_start
 	sc_$(echo $s | tr - _)
+	ktrace_report $s
 	progress "scenario $s took $(since "$t0") s"
 	for g in $(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }'); do xl destroy "$g"; done
 	rm -f $DISKS/*
@@ -703,9 +936,27 @@ for s in qdisk kernel-blkback; do
 	selected $s || selected perf || continue
 	progress "scenario $s"
 	t0=$(uptime_s)
+	klog_mark
+	ktrace_start
 	sc_$(echo $s | tr - _)
+	ktrace_report $s
 	progress "scenario $s took $(since "$t0") s"
 done
+# The same scenarios as blkbackd-nopersist and -attach on the kernel's blkback, as their
+# reference in the same boot.
+for s in kernel-nopersist kernel-attach; do
+	selected $s || continue
+	progress "scenario $s"
+	t0=$(uptime_s)
+	klog_mark
+	ktrace_start
+	sc_$(echo $s | tr - _)
+	ktrace_report $s
+	progress "scenario $s took $(since "$t0") s"
+	for g in $(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }'); do xl destroy "$g"; done
+	rm -f $DISKS/*
+done
+rmmod xen-blkback 2>/dev/null
 if selected perf; then
 	case "$PERF_DONE" in *kernel*qdisk* | *qdisk*kernel*) ;; *) PERF_FAIL="$PERF_FAIL no figures from kernel blkback and qdisk;" ;; esac
 	if [ -n "$PERF_FAIL" ]; then

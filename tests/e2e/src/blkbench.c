@@ -8,7 +8,7 @@
  * fixed time. Built static on the host by tests/e2e/run.
  *
  * usage: blkbench DEVICE read|write|randread|randwrite BLOCK_BYTES QUEUE_DEPTH SECONDS [SPAN_MIB]
- * prints: mode=.. bs=.. qd=.. ios=.. secs=.. mibps=.. iops=..
+ * prints: mode=.. bs=.. qd=.. ios=.. secs=.. mibps=.. iops=.. p50us=.. (median completion latency)
  * exit status 0 when every I/O completed with its full length, 1 otherwise.
  */
 #define _GNU_SOURCE
@@ -30,6 +30,12 @@ static double now(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
 }
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
@@ -95,7 +101,11 @@ int main(int argc, char **argv)
 	struct iocb **ptrs = calloc(qd, sizeof(*ptrs));
 	struct io_event *events = calloc(qd, sizeof(*events));
 	char *busy = calloc(qd, 1);
-	if (!cbs || !ptrs || !events || !busy)
+	double *issued = calloc(qd, sizeof(*issued));
+	/* Completion latencies, the first million. */
+	size_t nlat = 0, maxlat = 1 << 20;
+	double *lat = malloc(maxlat * sizeof(*lat));
+	if (!cbs || !ptrs || !events || !busy || !issued || !lat)
 		return 1;
 	uint64_t next_block = 0;
 	for (long i = 0; i < qd; i++) {
@@ -122,6 +132,7 @@ int main(int argc, char **argv)
 				if (!busy[i]) {
 					uint64_t blk = is_rand ? xorshift64() % blocks : next_block++ % blocks;
 					cbs[i].aio_offset = blk * bs;
+					issued[i] = now();
 					busy[i] = 1;
 					ptrs[n++] = &cbs[i];
 				}
@@ -158,6 +169,8 @@ int main(int argc, char **argv)
 						(unsigned long long)cb->aio_offset, (long long)events[e].res);
 				errors++;
 			}
+			if (nlat < maxlat)
+				lat[nlat++] = now() - issued[cb->aio_data];
 			busy[cb->aio_data] = 0;
 			inflight--;
 			ios++;
@@ -166,9 +179,11 @@ int main(int argc, char **argv)
 			stopping = 1;
 	}
 	double elapsed = now() - start;
-	printf("mode=%s bs=%ld qd=%ld ios=%llu secs=%.3f mibps=%.2f iops=%.1f errors=%ld\n",
+	qsort(lat, nlat, sizeof(*lat), cmp_double);
+	printf("mode=%s bs=%ld qd=%ld ios=%llu secs=%.3f mibps=%.2f iops=%.1f errors=%ld p50us=%.0f\n",
 	       mode, bs, qd, (unsigned long long)ios, elapsed,
-	       ios * (double)bs / elapsed / 1048576.0, ios / elapsed, errors);
+	       ios * (double)bs / elapsed / 1048576.0, ios / elapsed, errors,
+	       nlat ? lat[nlat / 2] * 1e6 : 0.0);
 	syscall(SYS_io_destroy, ctx);
 	close(fd);
 	return errors ? 1 : 0;

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use shmem::{SharedMem, PAGE_SIZE};
 
@@ -565,6 +566,12 @@ impl GrantMapper for SimGnttab {
             .ok_or(GrantError::Invalid("mapping not made by this mapper"))?;
         rec.notify = notify;
         Ok(())
+    }
+
+    /// The simulation's pages are released when its copy returns: no grace is needed, but
+    /// a short one keeps the backend's deferred unmapping exercised by every test.
+    fn unmap_grace(&self) -> Duration {
+        Duration::from_millis(5)
     }
 }
 
