@@ -885,6 +885,18 @@ sc_kernel_blkback() {
 }
 
 # ------------------------------------------------------------------ main
+# One scenario with its kernel-log mark and trace, then whatever it left behind removed.
+run_scenario() { # name
+	progress "scenario $1"
+	t0=$(uptime_s)
+	klog_mark
+	ktrace_start
+	sc_$(echo "$1" | tr - _)
+	ktrace_report "$1"
+	progress "scenario $1 took $(since "$t0") s"
+	for g in $(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }'); do xl destroy "$g"; done
+	rm -f $DISKS/*
+}
 PERF_DONE="" PERF_FAIL=""
 for s in blkbackd-file blkbackd-features blkbackd-lifecycle blkbackd-sigkill blkhotplug-dm diskseq-mismatch \
 	blkbackd-nopersist blkbackd-attach; do
@@ -892,15 +904,7 @@ for s in blkbackd-file blkbackd-features blkbackd-lifecycle blkbackd-sigkill blk
 	selected $s && want=1
 	[ $s = blkbackd-file ] && selected perf && [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ] && want=1
 	[ $want = 1 ] || continue
-	progress "scenario $s"
-	t0=$(uptime_s)
-	klog_mark
-	ktrace_start
-	sc_$(echo $s | tr - _)
-	ktrace_report $s
-	progress "scenario $s took $(since "$t0") s"
-	for g in $(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }'); do xl destroy "$g"; done
-	rm -f $DISKS/*
+	run_scenario $s
 done
 # PERF_VARIANTS (E2E_PERF_VARIANTS on the host): "label=options,..." more
 # blkbackd columns in the same boot, each from a supervisor started with those
@@ -934,27 +938,13 @@ stop_supervisor
 # The kernel backend last: once xen-blkback is loaded it claims every vbd.
 for s in qdisk kernel-blkback; do
 	selected $s || selected perf || continue
-	progress "scenario $s"
-	t0=$(uptime_s)
-	klog_mark
-	ktrace_start
-	sc_$(echo $s | tr - _)
-	ktrace_report $s
-	progress "scenario $s took $(since "$t0") s"
+	run_scenario $s
 done
 # The same scenarios as blkbackd-nopersist and -attach on the kernel's blkback, as their
 # reference in the same boot.
 for s in kernel-nopersist kernel-attach; do
 	selected $s || continue
-	progress "scenario $s"
-	t0=$(uptime_s)
-	klog_mark
-	ktrace_start
-	sc_$(echo $s | tr - _)
-	ktrace_report $s
-	progress "scenario $s took $(since "$t0") s"
-	for g in $(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }'); do xl destroy "$g"; done
-	rm -f $DISKS/*
+	run_scenario $s
 done
 rmmod xen-blkback 2>/dev/null
 if selected perf; then

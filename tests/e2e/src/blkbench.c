@@ -14,7 +14,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/aio_abi.h>
+#include "aio.h"
 #include <linux/fs.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -139,28 +139,15 @@ int main(int argc, char **argv)
 			}
 		}
 		if (n) {
-			long done = 0;
-			while (done < n) {
-				long r = syscall(SYS_io_submit, ctx, n - done, ptrs + done);
-				if (r < 0) {
-					if (errno == EAGAIN || errno == EINTR)
-						continue;
-					perror("blkbench: io_submit");
-					return 1;
-				}
-				done += r;
-			}
+			if (aio_submit_all(ctx, ptrs, n, "blkbench"))
+				return 1;
 			inflight += n;
 		}
 		if (!inflight)
 			break;
-		long got = syscall(SYS_io_getevents, ctx, 1, qd, events, NULL);
-		if (got < 0) {
-			if (errno == EINTR)
-				continue;
-			perror("blkbench: io_getevents");
+		long got = aio_reap(ctx, events, qd, "blkbench");
+		if (got < 0)
 			return 1;
-		}
 		for (long e = 0; e < got; e++) {
 			struct iocb *cb = (struct iocb *)(uintptr_t)events[e].obj;
 			if (events[e].res != bs) {

@@ -15,7 +15,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/aio_abi.h>
+#include "aio.h"
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,26 +129,14 @@ int main(int argc, char **argv)
 				ptrs[n++] = &cbs[i];
 				next++;
 			}
-			for (long done = 0; done < n;) {
-				long r = syscall(SYS_io_submit, ctx, n - done, ptrs + done);
-				if (r < 0) {
-					if (errno == EAGAIN || errno == EINTR)
-						continue;
-					perror("blkverify: io_submit");
-					return 1;
-				}
-				done += r;
-			}
+			if (aio_submit_all(ctx, ptrs, n, "blkverify"))
+				return 1;
 			inflight += n;
 			if (!inflight)
 				break;
-			long got = syscall(SYS_io_getevents, ctx, 1, qd, events, NULL);
-			if (got < 0) {
-				if (errno == EINTR)
-					continue;
-				perror("blkverify: io_getevents");
+			long got = aio_reap(ctx, events, qd, "blkverify");
+			if (got < 0)
 				return 1;
-			}
 			for (long e = 0; e < got; e++) {
 				long i = (long)events[e].data;
 				if (events[e].res != BS) {
