@@ -89,8 +89,8 @@ impl PersistentGrants {
     }
 
     /// A mapping of `gref` to read from (for indirect pages, which Linux's blkback also maps
-    /// through the persistent cache, and the pages of writes): as [`get`](Self::get), but a grant the frontend made
-    /// read-only is mapped and cached read-only rather than failing.
+    /// through the persistent cache, and the pages of writes): as [`get`](Self::get), but a
+    /// grant the frontend made read-only is mapped and cached read-only rather than failing.
     ///
     /// # Errors
     /// The mapper's error for the read-only map; nothing is cached then.

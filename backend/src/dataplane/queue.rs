@@ -287,20 +287,14 @@ impl Queue {
         // mappings; then every mapping waits out its grace before the fields drop in order:
         // io_uring, persistent grants, ring mapping.
         let mut reaped = Vec::new();
-        while self.uring.slots_in_flight() > 0 {
-            if let Err(e) = self.uring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) {
-                    continue;
-                }
-                // The io_uring's own drop leaks what it cannot wait for.
-                tracing::error!(queue = %self.name, "io_uring wait failed while draining: {e}");
-                break;
-            }
-            self.uring.reap(&mut reaped);
-            for r in reaped.drain(..) {
-                if let Reaped::Slot(c) = r {
-                    self.retired.retire_all(c.guards, Instant::now());
-                }
+        if let Err(e) = self.uring.drain(&mut reaped) {
+            // The io_uring's own drop leaks what it cannot wait for.
+            tracing::error!(queue = %self.name, "io_uring wait failed while draining: {e}");
+        }
+        let now = Instant::now();
+        for r in reaped {
+            if let Reaped::Slot(c) = r {
+                self.retired.retire_all(c.guards, now);
             }
         }
         if let Some(pg) = self.pgrants.as_mut() {
@@ -1172,7 +1166,9 @@ impl Queue {
     /// Handles a slot whose I/O completed.
     fn complete(&mut self, mem: &SharedMem<'_>, c: Completion) {
         let slot = c.slot;
-        self.retired.retire_all(c.guards, Instant::now());
+        if !c.guards.is_empty() {
+            self.retired.retire_all(c.guards, Instant::now());
+        }
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };

@@ -41,7 +41,7 @@ impl Retired {
 
     /// Lets go of `mapping`, whose I/O (if any) completed by `now`: kept for the grace period
     /// when this was the last reference, else simply dropped (its last holder retires it).
-    pub(super) fn retire(&mut self, mapping: Arc<GrantMapping>, now: Instant) {
+    fn retire(&mut self, mapping: Arc<GrantMapping>, now: Instant) {
         if Arc::strong_count(&mapping) == 1 {
             self.queue.push_back((now + self.grace, mapping));
         }
@@ -58,11 +58,10 @@ impl Retired {
         }
     }
 
-    /// Unmaps every mapping whose grace period has ended by `now`. Returns how many.
-    pub(super) fn release_due(&mut self, now: Instant) -> usize {
+    /// Unmaps every mapping whose grace period has ended by `now`.
+    pub(super) fn release_due(&mut self, now: Instant) {
         let n = self.queue.iter().take_while(|(due, _)| *due <= now).count();
         self.queue.drain(..n);
-        n
     }
 
     /// Mappings still waiting.

@@ -742,6 +742,46 @@ fn persistent_grants_are_capped_and_released() {
     );
 }
 
+/// A frontend that never lets a grant into the cache fills the retired list: past
+/// `MAX_RETIRED` mappings waiting out their grace, a request that needs a new mapping waits
+/// (counted in `oo_req`) until the oldest are unmapped.
+#[test]
+fn retired_mappings_are_bounded() {
+    const GRACE: Duration = Duration::from_secs(4);
+    let dir = TempDir::new("retired");
+    let img = image(&dir.0, 4096);
+    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let mut p = f.params(&dir.0, open(&img));
+    p.grant_mode = GrantMode::Map;
+    p.persistent_grants = true;
+    p.max_persistent_grants = 0;
+    p.unmap_grace = GRACE;
+    let stats = Arc::clone(&p.stats);
+    let q = spawn_queue(p).unwrap();
+    let t0 = Instant::now();
+    for id in 0..super::retire::MAX_RETIRED as u64 {
+        assert_eq!(f.rw(OP_READ, id, 0, 0, 8), Some(Status::Okay));
+    }
+    let filled = t0.elapsed();
+    assert!(
+        filled < GRACE,
+        "1024 requests took {filled:?}: the first were unmapped already"
+    );
+    assert_eq!(stats.snapshot().oo_req, 0);
+    assert!(
+        f.dom.grant_in_use(f.page(0).1),
+        "retired mappings are still mapped"
+    );
+    assert_eq!(f.rw(OP_READ, 9999, 0, 0, 8), Some(Status::Okay));
+    assert!(
+        t0.elapsed() >= GRACE,
+        "the request past the bound did not wait"
+    );
+    assert_eq!(stats.snapshot().oo_req, 1);
+    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert!(!f.dom.grant_in_use(f.page(0).1), "leaked after stop");
+}
+
 #[test]
 fn a_full_persistent_cache_is_purged_only_after_an_overflow() {
     let dir = TempDir::new("pgfull");

@@ -656,6 +656,22 @@ impl Uring {
     pub(super) fn slots_in_flight(&self) -> usize {
         self.owned.iter().filter(|o| o.pending > 0).count()
     }
+
+    /// Waits until no request operation is in flight, reaping into `out`.
+    ///
+    /// # Errors
+    /// When waiting fails (other than `EINTR`); what is still in flight stays owned.
+    pub(super) fn drain(&mut self, out: &mut Vec<Reaped>) -> io::Result<()> {
+        while self.slots_in_flight() > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(Errno::INTR.raw_os_error()) {
+                    return Err(e);
+                }
+            }
+            self.reap(out);
+        }
+        Ok(())
+    }
 }
 
 fn data_region(d: Data) -> Option<Region> {
@@ -671,30 +687,23 @@ impl Drop for Uring {
         // or grant mappings. Control operations (polls, timers) point at nothing that dies
         // here but the timespecs, which the kernel copied at submission.
         let mut sink = Vec::new();
-        while self.slots_in_flight() > 0 {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() != Some(Errno::INTR.raw_os_error()) {
-                    // Cannot wait: leak the memory rather than free it under the kernel.
-                    tracing::error!("io_uring wait failed while draining: {e}; leaking buffers");
-                    let owned = std::mem::take(&mut self.owned);
-                    std::mem::forget(owned);
-                    let pool = std::mem::replace(
-                        &mut self.pool,
-                        BouncePool {
-                            base: NonNull::dangling(),
-                            len: 0,
-                            small: 0,
-                            nr_small: 0,
-                            large: 0,
-                            free_large: Vec::new(),
-                        },
-                    );
-                    std::mem::forget(pool);
-                    return;
-                }
-            }
-            self.reap(&mut sink);
-            sink.clear();
+        if let Err(e) = self.drain(&mut sink) {
+            // Cannot wait: leak the memory rather than free it under the kernel.
+            tracing::error!("io_uring wait failed while draining: {e}; leaking buffers");
+            let owned = std::mem::take(&mut self.owned);
+            std::mem::forget(owned);
+            let pool = std::mem::replace(
+                &mut self.pool,
+                BouncePool {
+                    base: NonNull::dangling(),
+                    len: 0,
+                    small: 0,
+                    nr_small: 0,
+                    large: 0,
+                    free_large: Vec::new(),
+                },
+            );
+            std::mem::forget(pool);
         }
     }
 }
