@@ -44,8 +44,9 @@ pub trait GrantMapper: Send + Sync {
     /// go of the pages (block/fops.c posts the completion, then releases the bio's pages),
     /// and gntdev on a PV dom0 (since "xen/gntdev: Avoid blocking in unmap_grant_pages()",
     /// 2022) defers the unmap of a page still referenced while munmap clears its PTE anyway:
-    /// "BUG: Bad page map" in dom0. A grant unmapped this long after its last completion is
-    /// no longer held by that I/O.
+    /// "BUG: Bad page map" in dom0. Nothing tells user space when the kernel has let go, so
+    /// this is a bound chosen well above the window measured (30-38 ms on real Xen under
+    /// emulation), not a guarantee; only grant copy has none to rely on.
     fn unmap_grace(&self) -> Duration;
 }
 
