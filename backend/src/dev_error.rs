@@ -59,18 +59,6 @@ pub mod errno {
     pub const ENOSYS: i32 = 38;
 }
 
-/// The absolute path of the `error` node for a device at `backend_path`, given the backend
-/// domain's home (`/local/domain/<domid>`). A backend path outside the home is used as is
-/// below `<home>/error`, with its leading slash dropped.
-pub fn error_node_path(home: &str, backend_path: &str) -> String {
-    let home = home.trim_end_matches('/');
-    let rel = backend_path
-        .strip_prefix(home)
-        .and_then(|r| r.strip_prefix('/'))
-        .unwrap_or_else(|| backend_path.trim_start_matches('/'));
-    format!("{home}/error/{rel}/error")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,23 +72,6 @@ mod tests {
         assert_eq!(
             e.node_value(),
             "22 reading /local/domain/5/device/vbd/51712/event-channel"
-        );
-    }
-
-    #[test]
-    fn error_path_is_relative_to_the_home() {
-        assert_eq!(
-            error_node_path("/local/domain/0", "/local/domain/0/backend/vbd/5/51712"),
-            "/local/domain/0/error/backend/vbd/5/51712/error"
-        );
-        assert_eq!(
-            error_node_path("/local/domain/7/", "/local/domain/7/backend/vbd/5/768"),
-            "/local/domain/7/error/backend/vbd/5/768/error"
-        );
-        // A prefix that is not a whole path component is not the home.
-        assert_eq!(
-            error_node_path("/local/domain/1", "/local/domain/12/backend/vbd/5/768"),
-            "/local/domain/1/error/local/domain/12/backend/vbd/5/768/error"
         );
     }
 }

@@ -9,7 +9,7 @@ use ring::Abi;
 use xen::{GrantRef, Port};
 
 use crate::dev_error::{errno, DevError};
-use crate::xenbus_state::parse_decimal;
+use xen::xenbus::parse_decimal;
 
 /// The backend's own limits, advertised at probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,19 +30,18 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 use xen::handoff::{self, Reply};
+use xen::xenbus::{error_node_path, parse_decimal, ReadState, XenbusState};
 use xen::xenstore::{XenStore, XsError, XsOps};
 use xen::{DomId, Platform};
 
 use crate::acquire::{self, DeviceNodes, DeviceSource};
 use crate::advertise::{DeviceInfo, Features};
 use crate::dataplane::{self, GrantMode, QueueExit, QueueHandle, QueueParams, Stats};
-use crate::dev_error::{errno, error_node_path, DevError};
+use crate::dev_error::{errno, DevError};
 use crate::device::{Device, DeviceOptions};
 use crate::frontend_config::{read_frontend_config, BackendLimits, FrontendConfig};
 use crate::stats_file::StatsFile;
-use crate::xenbus_state::{
-    on_frontend_state, parse_decimal, FrontendAction, ReadState, XenbusState,
-};
+use crate::xenbus_state::{on_frontend_state, FrontendAction};
 
 /// How often the loop wakes without events: to poll the device size, refresh the statistics
 /// file and notice a termination signal.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::dataplane::Stats;
 use crate::serve::BackendPath;
-use crate::xenbus_state::XenbusState;
+use xen::xenbus::XenbusState;
 
 /// The default directory of statistics files.
 pub const DEFAULT_DIR: &str = "/run/blkbackd";

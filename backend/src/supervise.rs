@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use xen::xenstore::{XenStore, XsError, XsOps};
 use xen::DomId;
 
-use crate::dev_error::{errno, error_node_path, DevError};
+use crate::dev_error::{errno, DevError};
 use crate::serve::BackendPath;
-use crate::xenbus_state::{parse_decimal, ReadState, XenbusState};
+use xen::xenbus::{error_node_path, parse_decimal, ReadState, XenbusState};
 
 /// How long children get to close their devices after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);

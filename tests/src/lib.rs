@@ -179,10 +179,7 @@ impl Sim {
     /// The error node Linux's `xenbus_dev_fatal` would write for the disk.
     pub fn error_node(&self, spec: &VbdSpec) -> Option<String> {
         let home = format!("/local/domain/{}", spec.backend_domid);
-        self.read(&backend::dev_error::error_node_path(
-            &home,
-            &spec.backend_path(),
-        ))
+        self.read(&xen::xenbus::error_node_path(&home, &spec.backend_path()))
     }
 
     /// Waits until `path` reads `want`.

@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 use backend::simfront::toolstack::VbdSpec;
 use backend::simfront::workload::Rng;
 use backend::simfront::{FrontOptions, IoOp, SimFront, SimFrontError};
-use backend::xenbus_state::XenbusState;
 use tests::{Backend, Sim, DEVID, GUEST};
 use xen::sim::SimDomain;
+use xen::xenbus::XenbusState;
 use xen::{Access, GrantRef};
 
 /// Guest pages: SimFront takes data frames from 1 upwards and ring frames from the top; the

@@ -7,8 +7,8 @@ use std::time::Duration;
 use backend::simfront::toolstack;
 use backend::simfront::workload::{self, DiskModel};
 use backend::simfront::{FrontOptions, IoOp};
-use backend::xenbus_state::XenbusState;
 use tests::{backend_node, connected, exercise, remove, Sim};
+use xen::xenbus::XenbusState;
 use xen::xenstore::XsOps;
 
 fn count(dir: &str) -> usize {

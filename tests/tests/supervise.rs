@@ -104,7 +104,7 @@ fn one_backend_per_disk_cleaned_up_after() {
     assert!(status.success(), "{status}");
     sim.wait_for(&format!("{}/state", one.backend_path()), "6");
     front
-        .wait_backend_state(&[backend::xenbus_state::XenbusState::Closed])
+        .wait_backend_state(&[xen::xenbus::XenbusState::Closed])
         .unwrap();
     front.close().unwrap();
 }

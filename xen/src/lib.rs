@@ -32,6 +32,7 @@ pub use types::{
 
 pub mod handoff;
 pub mod sim;
+pub mod xenbus;
 pub mod xenstore;
 
 mod config;

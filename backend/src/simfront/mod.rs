@@ -32,7 +32,7 @@ use xen::{Access, DomId, EventChannel, EvtchnError, GrantRef, Port};
 
 pub use io::{Completion, IoOp};
 
-use crate::xenbus_state::{parse_decimal, ReadState, XenbusState};
+use xen::xenbus::{error_node_path, parse_decimal, ReadState, XenbusState};
 
 /// How long any wait on the backend may take before it is an error.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -343,7 +343,7 @@ impl SimFront {
     /// domain's home), if any.
     pub fn backend_error(&self) -> Option<String> {
         let home = format!("/local/domain/{}", self.backend_domid);
-        let path = crate::dev_error::error_node_path(&home, &self.backend);
+        let path = error_node_path(&home, &self.backend);
         self.xs.read_string(&path).ok()
     }
 
