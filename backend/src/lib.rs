@@ -4,8 +4,9 @@
 //!   [`xenbus_state`] carried out against XenStore), with the device held race-free
 //!   ([`acquire`]) and served by the [`dataplane`];
 //! - [`supervise`]: one `serve` process per disk, started as devices appear;
-//! - [`simfront`]: a simulated blkfront for the demo, the tests and the benches;
-//! - [`demo`]: the README's main command.
+//!
+//! The `blkbackd` binary (its own crate) puts these together; the simulated platform and
+//! guest that tests, benches, the demo and replay use are the `sim` crate.
 #![deny(missing_docs)]
 #![cfg_attr(
     not(test),
@@ -15,14 +16,12 @@
 pub mod acquire;
 pub mod advertise;
 pub mod dataplane;
-pub mod demo;
 pub mod dev_error;
 pub mod device;
 pub mod frontend_config;
 pub mod replay;
 pub mod sandbox;
 pub mod serve;
-pub mod simfront;
 pub mod stats_file;
 pub mod supervise;
 pub mod xenbus_state;

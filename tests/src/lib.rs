@@ -11,9 +11,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use backend::simfront::toolstack::{self, VbdSpec};
-use backend::simfront::{FrontOptions, SimFront};
-use xen::sim::xenstored::SimXenstored;
+use sim::front::{FrontOptions, SimFront};
+use sim::toolstack::{self, VbdSpec};
+use sim::xenstored::SimXenstored;
 use xen::xenstore::{XenStore, XsOps};
 use xen::DomId;
 
@@ -56,7 +56,7 @@ pub fn build_blkbackd(profile_dir: &Path) -> std::io::Result<PathBuf> {
         "build",
         "--quiet",
         "-p",
-        "backend",
+        "blkbackd",
         "--bin",
         "blkbackd",
         "--target-dir",
@@ -122,10 +122,9 @@ impl Sim {
     pub fn new(tag: &str) -> Self {
         let tmp = TempDir::new(tag);
         let dir = tmp.path().join("sim");
-        let xenstored = SimXenstored::start(xen::sim::xenstored_dir(&dir))
+        let xenstored = SimXenstored::start(sim::xenstored_dir(&dir))
             .expect("starting the simulated xenstored");
-        let dom0 =
-            XenStore::open_at(xen::sim::xenstore_socket(&dir, 0)).expect("connecting as dom0");
+        let dom0 = XenStore::open_at(sim::xenstore_socket(&dir, 0)).expect("connecting as dom0");
         let sim = Self {
             dom0,
             xenstored,
@@ -422,8 +421,8 @@ pub fn connected(
 ///
 /// # Panics
 /// On any failed request or data mismatch.
-pub fn exercise(front: &mut SimFront, model: &mut backend::simfront::workload::DiskModel) {
-    use backend::simfront::workload::{self, Planned, Rng};
+pub fn exercise(front: &mut SimFront, model: &mut sim::workload::DiskModel) {
+    use sim::workload::{self, Planned, Rng};
     let blocks = model.blocks().min(2048);
     let big = u64::from(front.max_sectors_per_request() / 8).clamp(1, 64);
     workload::run(front, model, &workload::sequential(blocks, big, true), 16)

@@ -25,9 +25,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::Rng;
-use backend::simfront::{FrontOptions, IoOp};
+use sim::front::{FrontOptions, IoOp};
+use sim::toolstack::VbdSpec;
+use sim::workload::Rng;
 use tests::{is_root, Backend, Loop, Sim, TempDir, DEVID, GUEST};
 
 const BLOCK: usize = 4096;

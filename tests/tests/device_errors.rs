@@ -11,10 +11,10 @@
 
 use std::process::Command;
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::{self, DiskModel};
-use backend::simfront::{FrontOptions, IoOp};
 use ring::Status;
+use sim::front::{FrontOptions, IoOp};
+use sim::toolstack::VbdSpec;
+use sim::workload::{self, DiskModel};
 use tests::{is_root, remove, Backend, Loop, Sim, DEVID, GUEST};
 
 #[test]

@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backend::simfront::toolstack::{self, VbdSpec};
-use backend::simfront::{FrontOptions, IoOp, SimFront};
+use sim::front::{FrontOptions, IoOp, SimFront};
+use sim::toolstack::{self, VbdSpec};
+use sim::xenstored::SimXenstored;
 use tests::{blkbackd, is_root, Backend, Sim, TempDir, DEVID, GUEST};
 use xen::handoff::{self, DeviceInfo, PhysicalDevice, Reply};
-use xen::sim::xenstored::SimXenstored;
 use xen::xenstore::{XenStore, XsOps};
 
 /// Every grant entry of the guest that the backend still maps or copies.
@@ -92,9 +92,9 @@ impl OwnSim {
     fn new(tag: &str) -> Self {
         let tmp = TempDir::new(tag);
         let dir = tmp.path().join("sim");
-        let xenstored = SimXenstored::start(xen::sim::xenstored_dir(&dir)).unwrap();
+        let xenstored = SimXenstored::start(sim::xenstored_dir(&dir)).unwrap();
         xenstored.introduce_domain(GUEST).unwrap();
-        let dom0 = XenStore::open_at(xen::sim::xenstore_socket(&dir, 0)).unwrap();
+        let dom0 = XenStore::open_at(sim::xenstore_socket(&dir, 0)).unwrap();
         let image = tmp.path().join("disk.img");
         std::fs::File::create(&image)
             .unwrap()
@@ -171,7 +171,7 @@ fn the_frontend_domain_vanishing_ends_the_backend_cleanly() {
     assert!(!grants_in_use(&front).is_empty(), "the rings are mapped");
     // The guest dies: its grants and ports go, xenstored fires @releaseDomain and the
     // toolstack removes its directories, as libxl does.
-    xen::sim::SimDomain::open(&sim.dir, GUEST)
+    sim::SimDomain::open(&sim.dir, GUEST)
         .unwrap()
         .destroy()
         .unwrap();
@@ -289,7 +289,7 @@ fn sigkill_of_the_backend_leaves_no_autoclear_loop_device_attached() {
         let _ = sim.dom0.rm(&spec.backend_path());
         let _ = sim.dom0.rm(&format!("/local/domain/{GUEST}/device"));
         let _ = std::fs::remove_file(&sock);
-        let _ = xen::sim::SimDomain::open(sim.dir(), GUEST).map(|d| d.destroy());
+        let _ = sim::SimDomain::open(sim.dir(), GUEST).map(|d| d.destroy());
     }
 }
 

@@ -5,18 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::{self, DiskModel, Planned};
-use backend::simfront::{FrontOptions, IoOp};
 use ring::Status;
+use sim::front::{FrontOptions, IoOp};
+use sim::toolstack::VbdSpec;
+use sim::workload::{self, DiskModel, Planned};
 use tests::{backend_node, connected, exercise, remove, Backend, Sim, DEVID, GUEST};
 
-fn run(
-    tag: &str,
-    args: &[&str],
-    options: FrontOptions,
-    check: impl FnOnce(&backend::simfront::DiskInfo),
-) {
+fn run(tag: &str, args: &[&str], options: FrontOptions, check: impl FnOnce(&sim::front::DiskInfo)) {
     let sim = Sim::new(tag);
     let (spec, mut backend, mut front) = connected(&sim, 16, args, options);
     let info = *front.info().unwrap();
@@ -340,7 +335,7 @@ fn special_disk(
     tag: &str,
     mode: &str,
     device_type: &str,
-) -> (Sim, VbdSpec, Backend, backend::simfront::SimFront) {
+) -> (Sim, VbdSpec, Backend, sim::front::SimFront) {
     let sim = Sim::new(tag);
     let image = sim.image("disk.img", 8);
     std::fs::write(&image, vec![0x42u8; 8 << 20]).unwrap();

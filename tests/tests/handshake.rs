@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::DiskModel;
-use backend::simfront::FrontOptions;
+use sim::front::FrontOptions;
+use sim::toolstack::VbdSpec;
+use sim::workload::DiskModel;
 use tests::{backend_node, connected, exercise, remove, Backend, Sim, DEVID, GUEST};
 
 #[test]

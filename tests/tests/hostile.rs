@@ -37,11 +37,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::Rng;
-use backend::simfront::{FrontOptions, IoOp, SimFront, SimFrontError};
+use sim::front::{FrontOptions, IoOp, SimFront, SimFrontError};
+use sim::toolstack::VbdSpec;
+use sim::workload::Rng;
+use sim::SimDomain;
 use tests::{Backend, Sim, DEVID, GUEST};
-use xen::sim::SimDomain;
 use xen::xenbus::XenbusState;
 use xen::{Access, GrantRef};
 
@@ -205,7 +205,7 @@ impl Fuzz {
             }
             7 => 0,
             8 => self.rng.next_u64() as u32,
-            _ => (self.below(u64::from(xen::sim::DEFAULT_GRANT_ENTRIES) + 64)) as u32,
+            _ => (self.below(u64::from(sim::DEFAULT_GRANT_ENTRIES) + 64)) as u32,
         }
     }
 

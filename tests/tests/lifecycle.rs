@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use backend::simfront::toolstack;
-use backend::simfront::workload::{self, DiskModel};
-use backend::simfront::{FrontOptions, IoOp};
+use sim::front::{FrontOptions, IoOp};
+use sim::toolstack;
+use sim::workload::{self, DiskModel};
 use tests::{backend_node, connected, exercise, remove, Sim};
 use xen::xenbus::XenbusState;
 use xen::xenstore::XsOps;
@@ -28,7 +28,7 @@ fn settled(dir: &str) -> usize {
 }
 
 /// Fills both queues with writes and reads that are not waited for.
-fn fill_queues(front: &mut backend::simfront::SimFront, n: usize) -> usize {
+fn fill_queues(front: &mut sim::front::SimFront, n: usize) -> usize {
     let data = vec![0x11u8; 65536];
     let mut submitted = 0;
     for i in 0..n {

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::DiskModel;
-use backend::simfront::FrontOptions;
+use sim::front::FrontOptions;
+use sim::toolstack::VbdSpec;
+use sim::workload::DiskModel;
 use tests::{backend_node, exercise, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST};
 use xen::xenstore::XsOps;
 
@@ -57,7 +57,7 @@ fn too_many_queues_is_fatal() {
 
 /// A hostile guest writes its keys by hand.
 fn hostile(sim: &Sim, spec: &VbdSpec, nodes: &[(&str, &str)]) {
-    let xs = xen::xenstore::XenStore::open_at(xen::sim::xenstore_socket(sim.dir(), GUEST)).unwrap();
+    let xs = xen::xenstore::XenStore::open_at(sim::xenstore_socket(sim.dir(), GUEST)).unwrap();
     let fe = spec.frontend_path();
     for (k, v) in nodes {
         xs.write(&format!("{fe}/{k}"), v).unwrap();
@@ -121,7 +121,7 @@ fn an_unmappable_ring_is_fatal() {
     let sim = Sim::new("badref");
     let (spec, _backend) = disk(&sim, &[]);
     // The guest exists but never granted ref 4000.
-    let _guest = xen::sim::SimDomain::create(sim.dir(), GUEST, 16).unwrap();
+    let _guest = sim::SimDomain::create(sim.dir(), GUEST, 16).unwrap();
     hostile(&sim, &spec, &[("ring-ref", "4000"), ("event-channel", "1")]);
     sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
     let err = sim.error_node(&spec).unwrap();

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use backend::replay::{replay_file, replay_text, ReplayError, ReplayOptions};
+use blkbackd::replay::{replay_file, replay_text, ReplayError, ReplayOptions};
 
 fn traces() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("traces");

@@ -9,13 +9,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use backend::replay::format::{
-    page_hex, pattern_page, Event, ExitKind, Fnv, GrantAccess, Initial, Mode,
-};
+use backend::replay::format::{page_hex, Event, ExitKind, Fnv, GrantAccess, Initial, Mode};
 use ring::{
     Abi, FrontRequest, Segment, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
     OP_WRITE_BARRIER,
 };
+use sim::workload::pattern_page;
 
 const OKAY: i16 = 0;
 const ERROR: i16 = -1;

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::Command;
 
 use backend::sandbox::{self, Policy, Reachable};
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::DiskModel;
-use backend::simfront::FrontOptions;
 use io_uring::{opcode, types};
+use sim::front::FrontOptions;
+use sim::toolstack::VbdSpec;
+use sim::workload::DiskModel;
 use tests::{connected, exercise, remove, Backend, Sim, TempDir, DEVID, GUEST};
 use xen::handoff::Reply;
 use xen::xenstore::XsOps;
@@ -352,12 +352,8 @@ fn with_user_the_backend_serves_as_that_user() {
     }
     let sim = Sim::new("sandbox-user");
     let image = sim.image("disk.img", 16);
-    let spec = backend::simfront::toolstack::VbdSpec::disk(
-        0,
-        tests::GUEST,
-        tests::DEVID,
-        image.to_str().unwrap(),
-    );
+    let spec =
+        sim::toolstack::VbdSpec::disk(0, tests::GUEST, tests::DEVID, image.to_str().unwrap());
     sim.create_vbd(&spec);
     open_to_all(sim.tmp());
     let mut backend =

@@ -3,9 +3,9 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::DiskModel;
-use backend::simfront::FrontOptions;
+use sim::front::FrontOptions;
+use sim::toolstack::VbdSpec;
+use sim::workload::DiskModel;
 use tests::{
     backend_node, exercise, hand_over, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST,
 };

@@ -4,9 +4,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backend::simfront::toolstack::VbdSpec;
-use backend::simfront::workload::DiskModel;
-use backend::simfront::{FrontOptions, SimFront};
+use sim::front::{FrontOptions, SimFront};
+use sim::toolstack::VbdSpec;
+use sim::workload::DiskModel;
 use tests::{blkbackd, exercise, Sim, GUEST};
 
 struct Supervisor(Child);
@@ -118,7 +118,7 @@ fn a_backend_that_cannot_start_is_reported() {
     let config = SuperviseConfig {
         program: sim.tmp().join("no-such-blkbackd"),
         serve_args: vec!["serve".into()],
-        xenstore_path: xen::sim::xenstore_socket(sim.dir(), 0),
+        xenstore_path: sim::xenstore_socket(sim.dir(), 0),
         domid: 0,
         handoff_dir: None,
     };

@@ -3,11 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 
 use crate::evtchn::XenEventChannel;
 use crate::gntdev::Gntdev;
-use crate::sim::{SimError, SimPlatform};
 use crate::{
     DomId, EventChannel, EvtchnError, GrantCopier, GrantMapper, Platform, DOMID_FIRST_RESERVED,
 };
@@ -20,7 +18,7 @@ pub const PLATFORM_ENV: &str = "BLKBACK_PLATFORM";
 pub enum PlatformConfig {
     /// Real Xen, through the Linux device nodes, as domain 0.
     Xen,
-    /// The simulation in `dir` (see [`crate::sim`]), as domain `domid`.
+    /// The simulation in `dir` (the `sim` crate), as domain `domid`.
     Sim {
         /// The sim directory.
         dir: PathBuf,
@@ -46,9 +44,6 @@ pub enum PlatformError {
         #[source]
         source: std::io::Error,
     },
-    /// The simulation could not be opened.
-    #[error(transparent)]
-    Sim(#[from] SimError),
     /// The environment variable holds a bad value.
     #[error("${PLATFORM_ENV}: {0}")]
     Env(#[source] ParsePlatformError),
@@ -101,17 +96,6 @@ impl PlatformConfig {
             Err(std::env::VarError::NotUnicode(v)) => Err(PlatformError::Env(ParsePlatformError(
                 v.to_string_lossy().into_owned(),
             ))),
-        }
-    }
-
-    /// Opens the platform: the device nodes for Xen, the sim directory for the simulation.
-    ///
-    /// # Errors
-    /// When a device node or the simulation cannot be opened.
-    pub fn open(&self) -> Result<Arc<dyn Platform>, PlatformError> {
-        match self {
-            Self::Xen => Ok(Arc::new(XenPlatform::open()?)),
-            Self::Sim { dir, domid } => Ok(SimPlatform::open(dir, *domid)?.into_platform()),
         }
     }
 }

@@ -1,15 +1,16 @@
 //! Xen interfaces for a userspace backend, in pure Rust over the kernel's device nodes.
 //!
-//! Three interfaces, each real (Linux dom0 device nodes) and simulated (the [`sim`] module, a
-//! hypervisor stand-in that works across processes, for tests, benches, the demo and replay):
+//! Three interfaces, each real (Linux dom0 device nodes) and simulated (the `sim` crate, a
+//! hypervisor stand-in that works across processes, for tests, benches, the demo and replay,
+//! built on the same traits and checks):
 //! - grant tables: [`GrantMapper`] and [`GrantCopier`];
 //! - event channels: [`EventChannel`];
 //! - XenStore: one client, [`xenstore`], speaking the wire protocol to the real xenstored or to
 //!   the simulated one, so production code is the code under test.
 //!
-//! [`Platform`] bundles them; [`PlatformConfig`] selects the real or simulated one by
-//! configuration, never by code changes: `xen` opens [`XenPlatform`] ([`Gntdev`] and
-//! [`XenEventChannel`] over `/dev/xen`), `sim:DIR[:DOMID]` opens [`sim::SimPlatform`].
+//! [`Platform`] bundles them; [`PlatformConfig`] names the real or simulated one by
+//! configuration, never by code changes: `xen` is [`XenPlatform`] ([`Gntdev`] and
+//! [`XenEventChannel`] over `/dev/xen`), `sim:DIR[:DOMID]` the `sim` crate's `SimPlatform`.
 //!
 //! What the traits promise, on both implementations: a map is all or nothing and is undone
 //! by dropping its [`GrantMapping`]; a copy batch fails as a whole only for malformed
@@ -18,7 +19,7 @@
 //! fd polls readable exactly while something is pending.
 //!
 //! The ioctl and mmap `unsafe` is confined to one module per device (`gntdev`, `evtchn`, with
-//! the shared ioctl call in `ioctl`) and to `sim::shm` for the simulation.
+//! the shared ioctl call in `ioctl`).
 #![deny(missing_docs)]
 
 mod platform;
@@ -26,12 +27,11 @@ mod types;
 
 pub use platform::{EventChannel, GrantCopier, GrantMapper, Platform};
 pub use types::{
-    Access, CopyOp, DomId, EvtchnError, GrantAddr, GrantError, GrantMapping, GrantRef, GrantStatus,
-    Port, Unmap, UnmapNotify, DOMID_FIRST_RESERVED,
+    check_copy_batch, check_map_refs, Access, CopyOp, DomId, EvtchnError, GrantAddr, GrantError,
+    GrantMapping, GrantRef, GrantStatus, Port, Unmap, UnmapNotify, DOMID_FIRST_RESERVED,
 };
 
 pub mod handoff;
-pub mod sim;
 pub mod xenbus;
 pub mod xenstore;
 

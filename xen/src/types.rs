@@ -167,7 +167,7 @@ impl GrantMapping {
     }
 
     /// The mapper's handle for this mapping (the gntdev index).
-    pub(crate) fn token(&self) -> u64 {
+    pub fn token(&self) -> u64 {
         self.token
     }
 }
@@ -235,7 +235,7 @@ impl CopyOp<'_> {
 
 /// Checks a batch as the kernel's gntdev does before copying anything: a zero or over-page
 /// length, or a grant side crossing its page, fails the whole batch.
-pub(crate) fn check_copy_batch(ops: &[CopyOp<'_>]) -> Result<(), GrantError> {
+pub fn check_copy_batch(ops: &[CopyOp<'_>]) -> Result<(), GrantError> {
     for op in ops {
         let (len, addr) = match op {
             CopyOp::FromGuest { src, dst, .. } => (dst.len(), src),
@@ -255,7 +255,7 @@ pub(crate) fn check_copy_batch(ops: &[CopyOp<'_>]) -> Result<(), GrantError> {
 
 /// Checks the refs of one map call against the [`GrantMapper::map`](crate::GrantMapper::map)
 /// contract: at least one ref and at most `max` (the implementation's own limit).
-pub(crate) fn check_map_refs(refs: &[GrantRef], max: usize) -> Result<(), GrantError> {
+pub fn check_map_refs(refs: &[GrantRef], max: usize) -> Result<(), GrantError> {
     if refs.is_empty() {
         return Err(GrantError::Invalid("no grant refs to map"));
     }

@@ -1,4 +1,4 @@
-//! Data-plane tests: a simulated frontend (ring::FrontRing over xen::sim's guest memory,
+//! Data-plane tests: a simulated frontend (ring::FrontRing over the sim crate's guest memory,
 //! grants and event channels) drives a real queue against real files.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ring::{Abi, FrontRequest, FrontRing, RawResponse, Segment, Status, OP_READ, OP_WRITE};
 use shmem::PAGE_SIZE;
-use xen::sim::{SimDomain, SimEventChannel, SimPlatform};
+use sim::{SimDomain, SimEventChannel, SimPlatform};
 use xen::{Access, EventChannel, GrantRef, Port};
 
 use super::*;

@@ -137,7 +137,7 @@ pub enum Event {
         /// Content: bytes from offset 0 in hex, the rest of the page zero.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hex: Option<String>,
-        /// Or: the deterministic pattern of this seed ([`pattern_page`]). Neither: zeros.
+        /// Or: the deterministic pattern of this seed (`sim::workload::pattern_page`). Neither: zeros.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pattern: Option<u64>,
     },
@@ -309,11 +309,6 @@ impl Fnv {
     pub fn hex(&self) -> String {
         format!("{:016x}", self.0)
     }
-}
-
-/// A page of deterministic bytes for `seed` (the `pattern` content).
-pub fn pattern_page(seed: u64, out: &mut [u8]) {
-    crate::simfront::workload::pattern(seed, 1, out);
 }
 
 #[cfg(test)]

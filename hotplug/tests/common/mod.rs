@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use sim::xenstored::SimXenstored;
 use xen::handoff::{self, DeviceInfo, Reply};
-use xen::sim::xenstored::SimXenstored;
 use xen::xenstore::{XenStore, XsOps};
 
 /// Whether loop devices can be made here; prints why not (the test then passes as skipped).

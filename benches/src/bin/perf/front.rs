@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use ring::{FrontRequest, FrontRing, Segment, OP_READ, OP_WRITE};
 use rustix::event::{PollFd, PollFlags};
 use shmem::PAGE_SIZE;
-use xen::sim::{SimDomain, SimEventChannel};
+use sim::{SimDomain, SimEventChannel};
 use xen::xenstore::{XenStore, XsOps};
 use xen::{Access, DomId, EventChannel, GrantRef, Port};
 
@@ -83,7 +83,7 @@ impl Front {
         let per_queue = RING_PAGES + (0..max_qd).map(|i| slot_pages(i) + 1).sum::<usize>();
         let pages = 1 + queues as usize * per_queue;
         let dom = SimDomain::create(dir, domid, pages)?;
-        let xs = XenStore::open_at(xen::sim::xenstore_socket(dir, domid))?;
+        let xs = XenStore::open_at(sim::xenstore_socket(dir, domid))?;
         wait_state(&xs, be, &[2])?;
         let abi = ring::Abi::Native;
         let mut qs = Vec::new();

@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use backend::simfront::toolstack::{self, VbdSpec};
+use sim::toolstack::{self, VbdSpec};
 
 const GUEST: u16 = 1;
 const DEVID: u32 = 51712;
@@ -282,7 +282,7 @@ fn make_image(dir: &Path, mib: u64) -> anyhow::Result<PathBuf> {
     let mut f = std::fs::File::create(&p)?;
     let mut chunk = vec![0u8; 1 << 20];
     for i in 0..mib {
-        backend::simfront::workload::pattern(i, 1, &mut chunk);
+        sim::workload::pattern(i, 1, &mut chunk);
         f.write_all(&chunk)?;
     }
     f.sync_all()?;
@@ -485,7 +485,7 @@ fn libc_o_direct() -> i32 {
 // ---- through blkbackd ----
 
 struct Session {
-    _xenstored: xen::sim::xenstored::SimXenstored,
+    _xenstored: sim::xenstored::SimXenstored,
     dom0: xen::xenstore::XenStore,
     spec: VbdSpec,
     backend: Child,
@@ -497,9 +497,9 @@ impl Session {
     fn start(opts: &Opts, work: &Path, image: &Path, c: Config) -> anyhow::Result<Self> {
         let dir = work.join(format!("sim-{}", c.name.replace([' ', ',', '+'], "_")));
         let _ = std::fs::remove_dir_all(&dir);
-        let xenstored = xen::sim::xenstored::SimXenstored::start(xen::sim::xenstored_dir(&dir))?;
+        let xenstored = sim::xenstored::SimXenstored::start(sim::xenstored_dir(&dir))?;
         xenstored.introduce_domain(GUEST)?;
-        let dom0 = xen::xenstore::XenStore::open_at(xen::sim::xenstore_socket(&dir, 0))?;
+        let dom0 = xen::xenstore::XenStore::open_at(sim::xenstore_socket(&dir, 0))?;
         let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().context("utf-8 path")?);
         toolstack::create_vbd(&dom0, &spec)?;
         let mut cmd = Command::new(&opts.blkbackd);

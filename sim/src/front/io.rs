@@ -488,7 +488,7 @@ impl SimFront {
 }
 
 fn ring_mem<'a>(
-    domain: &'a xen::sim::SimDomain,
+    domain: &'a crate::SimDomain,
     frames: &[u32],
 ) -> Result<shmem::SharedMem<'a>, SimFrontError> {
     let first = frames.first().copied().unwrap_or(0) as usize;

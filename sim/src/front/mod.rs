@@ -3,7 +3,7 @@
 //! it; it is written the way Linux's `xen-blkfront` behaves, so that the backend meets what
 //! it will meet in a guest.
 //!
-//! It owns a simulated guest ([`xen::sim::SimDomain`]): rings and data buffers live in the
+//! It owns a simulated guest ([`crate::SimDomain`]): rings and data buffers live in the
 //! guest's pages and are granted to the backend; events go through the simulated event
 //! channels; the handshake goes through XenStore as the guest (its own xenstored socket).
 //!
@@ -18,15 +18,13 @@
 //!   every grant: ending a grant the backend still maps fails, so leaks show.
 
 mod io;
-pub mod toolstack;
-pub mod workload;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::{SimDomain, SimError, SimEventChannel};
 use ring::{Abi, FrontRing, RingError};
-use xen::sim::{SimDomain, SimError, SimEventChannel};
 use xen::xenstore::{XenStore, XsError, XsOps};
 use xen::{Access, DomId, EventChannel, EvtchnError, GrantRef, Port};
 
@@ -192,7 +190,7 @@ impl SimFront {
         options: FrontOptions,
     ) -> Result<Self, SimFrontError> {
         let domain = SimDomain::create(dir, domid, options.guest_pages)?;
-        let xs = XenStore::open_at(xen::sim::xenstore_socket(dir, domid))
+        let xs = XenStore::open_at(crate::xenstore_socket(dir, domid))
             .map_err(xs_err("connecting as the guest"))?;
         let evtchn = domain.open_event_channel()?;
         let frontend = format!("/local/domain/{domid}/device/vbd/{devid}");

@@ -15,16 +15,15 @@ use ring::{
 };
 use rustix::event::{PollFd, PollFlags};
 use shmem::PAGE_SIZE;
-use xen::sim::{SimDomain, SimEventChannel, SimPlatform};
+use sim::workload::pattern_page;
+use sim::{SimDomain, SimEventChannel, SimPlatform};
 use xen::{Access, DomId, EventChannel, Platform, Port};
 
-use super::format::{
-    self, from_hex, pattern_page, Event, ExitKind, Fnv, GrantAccess, Initial, Mode,
-};
-use crate::dataplane::{
+use backend::dataplane::{
     spawn_queue, Features, GrantMode, QueueExit, QueueHandle, QueueParams, Stats,
 };
-use crate::device::{Device, DeviceOptions};
+use backend::device::{Device, DeviceOptions};
+use backend::replay::format::{self, from_hex, Event, ExitKind, Fnv, GrantAccess, Initial, Mode};
 
 /// The simulated guest's domain id.
 const FRONT: DomId = 1;

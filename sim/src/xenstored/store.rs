@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 
-use crate::xenstore::wire::{ABS_PATH_MAX, REL_PATH_MAX};
-use crate::xenstore::{Perm, PermAccess, XsError};
-use crate::DomId;
+use xen::xenstore::wire::{ABS_PATH_MAX, REL_PATH_MAX};
+use xen::xenstore::{Perm, PermAccess, XsError};
+use xen::DomId;
 
 /// Nodes a domain may own (xenstored's `quota_nb_entry_per_domain`).
 pub(super) const QUOTA_NODES: usize = 1000;
@@ -376,7 +376,7 @@ impl<'a> View<'a> {
             out.push(0);
             return Ok(out);
         };
-        let max = crate::xenstore::wire::PAYLOAD_MAX - out.len() - 1;
+        let max = xen::xenstore::wire::PAYLOAD_MAX - out.len() - 1;
         let mut len = 0;
         for child in rest.split_inclusive(|&b| b == 0) {
             if len + child.len() > max {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
-use xen::sim::{self, SimDomain};
+use sim::SimDomain;
 use xen::{
     Access, CopyOp, EventChannel, GrantAddr, GrantStatus, PlatformConfig, PlatformError, Port,
     GNTDEV_PATH, PLATFORM_ENV,
@@ -49,13 +49,13 @@ fn wait_event(ch: &mut dyn EventChannel, timeout: Duration) -> Vec<Port> {
 fn sim_config_opens_the_simulation() {
     let dir = SimDir::new("config");
     let cfg: PlatformConfig = format!("sim:{}:3", dir.0.display()).parse().unwrap();
-    let p = cfg.open().expect("open sim platform");
+    let p = sim::open_platform(&cfg).expect("open sim platform");
     assert_eq!(p.domid(), 3);
     assert_eq!(p.xenstore_path(), dir.0.join("xenstored").join("socket.d3"));
     assert_eq!(p.xenstore_path(), sim::xenstore_socket(&dir.0, 3));
     let dom0: PlatformConfig = format!("sim:{}", dir.0.display()).parse().unwrap();
     assert_eq!(
-        dom0.open().unwrap().xenstore_path(),
+        sim::open_platform(&dom0).unwrap().xenstore_path(),
         dir.0.join("xenstored/socket")
     );
     // Each queue gets its own handle with its own fd.
@@ -66,12 +66,12 @@ fn sim_config_opens_the_simulation() {
 
 #[test]
 fn xen_config_needs_the_devices() {
-    let opened = PlatformConfig::Xen.open();
+    let opened = sim::open_platform(&PlatformConfig::Xen);
     if Path::new(GNTDEV_PATH).exists() {
         assert!(opened.is_ok(), "{:?}", opened.err());
     } else {
         assert!(
-            matches!(opened, Err(PlatformError::Device { path, .. }) if path == GNTDEV_PATH),
+            matches!(opened, Err(sim::OpenPlatformError::Xen(PlatformError::Device { path, .. })) if path == GNTDEV_PATH),
             "without /dev/xen, opening Xen fails with the device's name"
         );
     }
@@ -119,7 +119,7 @@ fn backend_child() {
     let args = std::env::var(CHILD_ARGS).expect("run by grants_and_events_work_across_processes");
     let (gref, fport) = args.split_once(':').unwrap();
     let (gref, fport): (u32, u32) = (gref.parse().unwrap(), fport.parse().unwrap());
-    let platform = PlatformConfig::from_env().unwrap().open().unwrap();
+    let platform = sim::open_platform(&PlatformConfig::from_env().unwrap()).unwrap();
     let mut ch = platform.open_event_channel().unwrap();
     ch.restrict(5).unwrap();
     let bport = ch.bind_interdomain(5, fport).unwrap();
@@ -165,7 +165,7 @@ fn domains_are_created_concurrently_and_once() {
             s.spawn(move || {
                 let d = SimDomain::create(dir, 10 + i, 2).expect("create");
                 d.page(1).unwrap().write_u8(0, i as u8).unwrap();
-                xen::sim::SimPlatform::open(dir, 0).expect("backend platform");
+                sim::SimPlatform::open(dir, 0).expect("backend platform");
             });
         }
     });
@@ -178,7 +178,7 @@ fn domains_are_created_concurrently_and_once() {
         );
         assert!(matches!(
             SimDomain::create(&dir.0, 10 + i, 2),
-            Err(xen::sim::SimError::Exists(id)) if id == 10 + i
+            Err(sim::SimError::Exists(id)) if id == 10 + i
         ));
     }
     let leftovers: Vec<_> = std::fs::read_dir(&dir.0)

@@ -30,9 +30,9 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use shmem::SharedMem;
 
-use super::shm::MappedFile;
-use super::{domain_file, SimError};
-use crate::{DomId, EventChannel, EvtchnError, Port};
+use crate::shm::MappedFile;
+use crate::{domain_file, SimError};
+use xen::{DomId, EventChannel, EvtchnError, Port};
 
 const MAGIC: u32 = 0x3145_5645; // "EVE1"
 const HEADER: usize = 64;
@@ -564,7 +564,7 @@ impl EventChannel for SimEventChannel {
         if self.restrict.is_some() {
             return Err(errno(Errno::ACCESS));
         }
-        if domid == 0 || domid >= crate::sim::DOMID_FIRST_RESERVED {
+        if domid == 0 || domid >= crate::DOMID_FIRST_RESERVED {
             return Err(errno(Errno::INVAL));
         }
         self.restrict = Some(domid);

@@ -1,6 +1,10 @@
-//! The simulated hypervisor: grant tables, event channels and a xenstored, across processes.
+//! The simulated Xen platform, and the simulated guest that runs against it.
 //!
-//! It plays Xen's part for tests, benches, the demo and ring replay. Everything lives in one
+//! Nothing here ships in the production libraries: tests, benches, `blkbackd demo` and
+//! `blkbackd replay` build on it, and the `blkbackd` binary offers it as the `sim:DIR`
+//! platform ([`open_platform`]) so that the real binary is what the tests run.
+//!
+//! The hypervisor stand-in plays Xen's part across processes. Everything lives in one
 //! directory (a test temp dir, or under `/dev/shm`), so that separate processes (a real
 //! `blkbackd` and a simulated guest) share it:
 //!
@@ -14,15 +18,23 @@
 //!
 //! The frontend side is [`SimDomain`] (a guest: memory, grants, an event-channel handle);
 //! the backend side is [`SimPlatform`], the same [`Platform`] the real backend uses, selected
-//! with [`crate::PlatformConfig`] (`sim:DIR:DOMID`).
+//! with [`xen::PlatformConfig`] (`sim:DIR:DOMID`).
+//!
+//! The simulated guest is [`front::SimFront`], a blkfront written the way Linux's behaves;
+//! [`toolstack`] writes a disk's XenStore nodes as xl does, [`workload`] drives verified I/O.
 //!
 //! Not simulated: a process that dies keeps its grant pins and ports in the shared tables
 //! (the real kernel would release them when the device fds close); grant table v2,
 //! transitive and sub-page grants.
+//!
+//! The mmap `unsafe` of the simulation is confined to [`shm`](crate::shm).
 
 pub mod evtchn;
+pub mod front;
 pub mod gnttab;
 mod shm;
+pub mod toolstack;
+pub mod workload;
 pub mod xenstored;
 
 use std::fs::File;
@@ -39,9 +51,9 @@ pub use gnttab::SimGnttab;
 use self::evtchn::EvtchnTable;
 use self::gnttab::GrantTable;
 use self::shm::MappedFile;
-use crate::{
-    Access, DomId, EventChannel, EvtchnError, GrantCopier, GrantMapper, GrantRef, Platform, Port,
-    DOMID_FIRST_RESERVED,
+use xen::{
+    Access, DomId, EventChannel, EvtchnError, GrantCopier, GrantMapper, GrantRef, Platform,
+    PlatformConfig, Port, DOMID_FIRST_RESERVED,
 };
 
 /// Grant entries per simulated domain: 32 frames of v1 entries, as Xen's default
@@ -409,5 +421,28 @@ impl Platform for SimPlatform {
 
     fn xenstore_path(&self) -> PathBuf {
         xenstore_socket(&self.dir, self.domid)
+    }
+}
+
+/// Opening the platform a [`PlatformConfig`] names failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenPlatformError {
+    /// Real Xen's device nodes could not be opened.
+    #[error(transparent)]
+    Xen(#[from] xen::PlatformError),
+    /// The simulation could not be opened.
+    #[error(transparent)]
+    Sim(#[from] SimError),
+}
+
+/// Opens the platform `config` names: Xen's device nodes, or the simulation in its directory.
+/// It lives here because only this crate knows both.
+///
+/// # Errors
+/// When a device node or the simulation cannot be opened.
+pub fn open_platform(config: &PlatformConfig) -> Result<Arc<dyn Platform>, OpenPlatformError> {
+    match config {
+        PlatformConfig::Xen => Ok(Arc::new(xen::XenPlatform::open()?)),
+        PlatformConfig::Sim { dir, domid } => Ok(SimPlatform::open(dir, *domid)?.into_platform()),
     }
 }

@@ -34,10 +34,10 @@ use std::thread::JoinHandle;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
-use crate::xenstore::wire::{self, FrameReader, Message, MsgType, PAYLOAD_MAX};
-use crate::xenstore::{Perm, XsError};
-use crate::DomId;
 use store::{Caller, Fire, Store, Tx, View};
+use xen::xenstore::wire::{self, FrameReader, Message, MsgType, PAYLOAD_MAX};
+use xen::xenstore::{Perm, XsError};
+use xen::DomId;
 
 /// Watches an unprivileged domain may hold beyond which `XS_WATCH` fails with `E2BIG`
 /// (`quota_nb_watch_per_domain`; xenstored checks `count > quota` before adding).

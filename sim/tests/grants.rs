@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use xen::sim::{SimDomain, SimError, SimPlatform};
+use sim::{SimDomain, SimError, SimPlatform};
 use xen::{
     Access, CopyOp, DomId, EventChannel, GrantAddr, GrantCopier, GrantError, GrantMapper, GrantRef,
     GrantStatus, Platform, UnmapNotify, GNTDEV_PATH,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use xen::sim::xenstored::{Fault, SimXenstored, QUOTA_WATCHES};
+use sim::xenstored::{Fault, SimXenstored, QUOTA_WATCHES};
 use xen::xenstore::{Perm, PermAccess, WatchEvent, XenStore, XsError, XsOps};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(5));

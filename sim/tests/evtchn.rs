@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
-use xen::sim::{SimDomain, SimPlatform};
+use sim::{SimDomain, SimPlatform};
 use xen::{DomId, EventChannel, EvtchnError, Platform, Port, XenEventChannel, EVTCHN_PATH};
 
 /// A sim directory removed when the test ends.

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{IoOp, SimFront, SimFrontError};
+use crate::front::{IoOp, SimFront, SimFrontError};
 
 /// Bytes per modelled block.
 pub const BLOCK: usize = 4096;
@@ -68,6 +68,12 @@ pub fn pattern(block: u64, gen: u32, out: &mut [u8]) {
         let bytes = x.to_le_bytes();
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
+}
+
+/// A page of deterministic bytes for `seed`: what a ring trace's `pattern` content stands for
+/// (`docs/trace-format.md`).
+pub fn pattern_page(seed: u64, out: &mut [u8]) {
+    pattern(seed, 1, out);
 }
 
 /// One planned operation, in blocks.

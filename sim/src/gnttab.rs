@@ -28,10 +28,10 @@ use std::time::Duration;
 
 use shmem::{SharedMem, PAGE_SIZE};
 
-use super::shm::{unmap_raw, MappedFile, Reservation};
-use super::{domain_file, SimError};
-use crate::types::{check_copy_batch, check_map_refs};
-use crate::{
+use crate::shm::{unmap_raw, MappedFile, Reservation};
+use crate::{domain_file, SimError};
+use xen::{check_copy_batch, check_map_refs};
+use xen::{
     Access, CopyOp, DomId, GrantCopier, GrantError, GrantMapper, GrantMapping, GrantRef,
     GrantStatus, Unmap, UnmapNotify,
 };

@@ -128,7 +128,7 @@ impl Reservation {
         Ok(())
     }
 
-    /// Hands the range over to a [`crate::GrantMapping`]; release it with [`unmap_raw`].
+    /// Hands the range over to a [`xen::GrantMapping`]; release it with [`unmap_raw`].
     pub(crate) fn into_raw(self) -> (NonNull<u8>, usize) {
         let this = std::mem::ManuallyDrop::new(self);
         (this.ptr, this.pages)

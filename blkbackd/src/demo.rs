@@ -1,8 +1,8 @@
 //! `blkbackd demo`: the whole backend at work with no Xen, in one command.
 //!
-//! On the simulated platform (`xen::sim`) it plays every other part: the toolstack (writes the
+//! On the simulated platform (`sim`) it plays every other part: the toolstack (writes the
 //! disk's XenStore nodes as xl would), xenstored (in this process), and a guest whose
-//! simulated blkfront ([`crate::simfront`]) negotiates with a real `blkbackd serve` child
+//! simulated blkfront ([`sim::front`]) negotiates with a real `blkbackd serve` child
 //! process through the full XenStore handshake. The guest then writes, reads back and checks
 //! data (sequential and random, with flushes and a discard), prints what it did with IOPS and
 //! bandwidth, and tears everything down: frontend Closing and Closed, the toolstack's removal,
@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::simfront::toolstack::{self, VbdSpec};
-use crate::simfront::workload::{self, DiskModel, PhaseResult, Planned, Rng, BLOCK};
-use crate::simfront::{FrontOptions, SimFront};
-use crate::stats_file::Report;
+use backend::stats_file::Report;
+use sim::front::{FrontOptions, SimFront};
+use sim::toolstack::{self, VbdSpec};
+use sim::workload::{self, DiskModel, PhaseResult, Planned, Rng, BLOCK};
 
 /// The guest's domain id in the demo.
 const GUEST: u16 = 1;
@@ -156,12 +156,12 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
         .context("the image path is not UTF-8")?
         .to_owned();
 
-    let xenstored = xen::sim::xenstored::SimXenstored::start(xen::sim::xenstored_dir(&sim))
+    let xenstored = sim::xenstored::SimXenstored::start(sim::xenstored_dir(&sim))
         .context("starting the simulated xenstored")?;
     xenstored
         .introduce_domain(GUEST)
         .context("introducing the guest to the simulated xenstored")?;
-    let dom0 = xen::xenstore::XenStore::open_at(xen::sim::xenstore_socket(&sim, 0))
+    let dom0 = xen::xenstore::XenStore::open_at(sim::xenstore_socket(&sim, 0))
         .context("connecting to the simulated xenstored")?;
     let spec = VbdSpec::disk(0, GUEST, DEVID, &image_str);
     toolstack::create_vbd(&dom0, &spec).context("writing the disk's XenStore nodes")?;

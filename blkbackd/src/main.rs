@@ -19,7 +19,8 @@ use backend::advertise::Features;
 use backend::dataplane::GrantMode;
 use backend::device::DeviceOptions;
 use backend::serve::{BackendPath, Outcome, ServeConfig};
-use backend::{demo, serve, stats_file, supervise};
+use backend::{serve, stats_file, supervise};
+use blkbackd::demo;
 
 /// A userspace Xen block backend (blkback), one process per virtual disk.
 #[derive(Debug, Parser)]
@@ -304,12 +305,12 @@ fn setup_recording(cli: &Cli) -> anyhow::Result<()> {
 }
 
 fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
-    let opts = backend::replay::ReplayOptions {
+    let opts = blkbackd::replay::ReplayOptions {
         image: args.image.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
         work_dir: None,
     };
-    let s = backend::replay::replay_file(&args.trace, &opts)
+    let s = blkbackd::replay::replay_file(&args.trace, &opts)
         .with_context(|| format!("replaying {}", args.trace.display()))?;
     println!(
         "{}: replayed {} events, {} slots, {} responses as recorded ({} read checksums{}), {} queue start(s)",
@@ -395,8 +396,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         backend::sandbox::prepare(user.as_ref()).context("dropping privileges")?;
     }
-    let platform = platform_config
-        .open()
+    let platform = sim::open_platform(&platform_config)
         .with_context(|| format!("opening the {} platform", args.platform.platform))?;
     let backend_path = match (given_path, args.domid, args.devid) {
         (Some(p), _, _) => p,
@@ -461,8 +461,7 @@ fn run_supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     if args.handoff_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
         bail!("--handoff-dir must be an absolute path");
     }
-    let platform = platform_config
-        .open()
+    let platform = sim::open_platform(&platform_config)
         .with_context(|| format!("opening the {} platform", args.platform.platform))?;
     let program = std::env::current_exe().context("finding this program's path")?;
     let t = &args.tuning;
