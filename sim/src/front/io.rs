@@ -156,7 +156,7 @@ impl SimFront {
         if queue >= self.queues.len() {
             return Err(SimFrontError::Usage(format!("no queue {queue}")));
         }
-        if self.queues[queue].ring.free_slots() == 0 {
+        if self.queues[queue].shared.ring.free_slots() == 0 {
             return Err(SimFrontError::Ring(ring::RingError::Full));
         }
         let id = self.next_id;
@@ -175,9 +175,9 @@ impl SimFront {
         }
         self.queues[queue].inflight.insert(id, inflight);
         let q = &mut self.queues[queue];
-        let mem = ring_mem(&self.domain, &q.ring_frames)?;
-        if q.ring.push_requests(&mem)? {
-            self.evtchn.notify(q.port)?;
+        let mem = ring_mem(&self.domain, &q.shared.frames)?;
+        if q.shared.ring.push_requests(&mem)? {
+            self.evtchn.notify(q.shared.port)?;
         }
         Ok(id)
     }
@@ -293,8 +293,8 @@ impl SimFront {
 
     fn queue_request(&mut self, queue: usize, req: &FrontRequest<'_>) -> Result<(), SimFrontError> {
         let q = &mut self.queues[queue];
-        let mem = ring_mem(&self.domain, &q.ring_frames)?;
-        q.ring.queue_request(&mem, req)?;
+        let mem = ring_mem(&self.domain, &q.shared.frames)?;
+        q.shared.ring.queue_request(&mem, req)?;
         Ok(())
     }
 
@@ -314,8 +314,8 @@ impl SimFront {
             .queues
             .get_mut(queue)
             .ok_or_else(|| SimFrontError::Usage(format!("no queue {queue}")))?;
-        let mem = ring_mem(&self.domain, &q.ring_frames)?;
-        q.ring.queue_raw(&mem, bytes)?;
+        let mem = ring_mem(&self.domain, &q.shared.frames)?;
+        q.shared.ring.queue_raw(&mem, bytes)?;
         q.inflight.insert(
             id,
             Inflight {
@@ -325,8 +325,8 @@ impl SimFront {
                 indirect: Vec::new(),
             },
         );
-        if q.ring.push_requests(&mem)? {
-            self.evtchn.notify(q.port)?;
+        if q.shared.ring.push_requests(&mem)? {
+            self.evtchn.notify(q.shared.port)?;
         }
         Ok(())
     }
@@ -368,11 +368,11 @@ impl SimFront {
             loop {
                 let rsp = {
                     let q = &mut self.queues[qi];
-                    let mem = ring_mem(&self.domain, &q.ring_frames)?;
-                    match q.ring.next_response(&mem)? {
+                    let mem = ring_mem(&self.domain, &q.shared.frames)?;
+                    match q.shared.ring.next_response(&mem)? {
                         Some(r) => r,
                         None => {
-                            if q.ring.final_check_for_responses(&mem)? {
+                            if q.shared.ring.final_check_for_responses(&mem)? {
                                 continue;
                             }
                             break;
@@ -474,16 +474,18 @@ impl SimFront {
             .queues
             .get(queue)
             .ok_or_else(|| SimFrontError::Usage(format!("no queue {queue}")))?;
-        let mem = ring_mem(&self.domain, &q.ring_frames)?;
+        let mem = ring_mem(&self.domain, &q.shared.frames)?;
         mem.store_u32(ring::REQ_PROD, value, std::sync::atomic::Ordering::Release)
             .map_err(|e| SimFrontError::Usage(format!("ring memory: {e}")))?;
-        self.evtchn.notify(q.port)?;
+        self.evtchn.notify(q.shared.port)?;
         Ok(())
     }
 
     /// Free slots on `queue`'s ring.
     pub fn free_slots(&self, queue: usize) -> u32 {
-        self.queues.get(queue).map_or(0, |q| q.ring.free_slots())
+        self.queues
+            .get(queue)
+            .map_or(0, |q| q.shared.ring.free_slots())
     }
 }
 

@@ -18,17 +18,19 @@
 //!   every grant: ending a grant the backend still maps fails, so leaks show.
 
 mod io;
+mod rings;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::{SimDomain, SimError, SimEventChannel};
-use ring::{Abi, FrontRing, RingError};
+use ring::{Abi, RingError};
 use xen::xenstore::{XenStore, XsError, XsOps};
-use xen::{Access, DomId, EventChannel, EvtchnError, GrantRef, Port};
+use xen::{DomId, EventChannel, EvtchnError, GrantRef, Port};
 
 pub use io::{Completion, IoOp};
+pub use rings::{write_ring_details, GuestRing, RingDetails};
 
 use xen::xenbus::{error_node_path, parse_decimal, ReadState, XenbusState};
 
@@ -141,10 +143,7 @@ pub struct DiskInfo {
 }
 
 struct Queue {
-    ring: FrontRing,
-    ring_frames: Vec<u32>,
-    ring_grefs: Vec<GrantRef>,
-    port: Port,
+    shared: GuestRing,
     inflight: HashMap<u64, io::Inflight>,
 }
 
@@ -402,70 +401,31 @@ impl SimFront {
         for _ in 0..nqueues {
             // FrontRing needs the ring's pages contiguous in our view of guest memory.
             let frames = self.alloc_run(pages)?;
-            let first = frames[0] as usize;
-            let mem = self
-                .domain
-                .mem()
-                .subregion(first * shmem::PAGE_SIZE, pages * shmem::PAGE_SIZE)
-                .map_err(|e| SimFrontError::Usage(format!("ring memory: {e}")))?;
-            let ring = FrontRing::init(&mem, abi, pages)?;
-            let mut grefs = Vec::with_capacity(pages);
-            for &f in &frames {
-                grefs.push(
-                    self.domain
-                        .grant(self.backend_domid, f, Access::ReadWrite)?,
-                );
-            }
-            let port = self.evtchn.alloc_unbound(self.backend_domid)?;
+            let shared = GuestRing::create(
+                &self.domain,
+                &mut self.evtchn,
+                self.backend_domid,
+                abi,
+                frames[0],
+                pages,
+            )?;
             self.queues.push(Queue {
-                ring,
-                ring_frames: frames,
-                ring_grefs: grefs,
-                port,
+                shared,
                 inflight: HashMap::new(),
             });
         }
-
-        let fe = self.frontend.clone();
-        let opts = self.options.clone();
-        let queues: Vec<(Vec<GrantRef>, Port)> = self
+        let rings: Vec<(&[GrantRef], Port)> = self
             .queues
             .iter()
-            .map(|q| (q.ring_grefs.clone(), q.port))
+            .map(|q| (q.shared.grefs.as_slice(), q.shared.port))
             .collect();
+        let details = RingDetails {
+            order,
+            protocol: self.options.protocol.as_deref(),
+            persistent: self.options.persistent,
+        };
         self.xs
-            .transaction(|tx| {
-                let write_ring =
-                    |dir: &str, grefs: &[GrantRef], port: Port| -> Result<(), XsError> {
-                        if order.is_some() {
-                            for (i, g) in grefs.iter().enumerate() {
-                                tx.write(&format!("{dir}/ring-ref{i}"), g.to_string())?;
-                            }
-                        } else {
-                            tx.write(&format!("{dir}/ring-ref"), grefs[0].to_string())?;
-                        }
-                        tx.write(&format!("{dir}/event-channel"), port.to_string())
-                    };
-                if let Some(o) = order {
-                    tx.write(&format!("{fe}/ring-page-order"), o.to_string())?;
-                }
-                if nqueues == 1 {
-                    write_ring(&fe, &queues[0].0, queues[0].1)?;
-                } else {
-                    tx.write(&format!("{fe}/multi-queue-num-queues"), nqueues.to_string())?;
-                    for (i, (grefs, port)) in queues.iter().enumerate() {
-                        write_ring(&format!("{fe}/queue-{i}"), grefs, *port)?;
-                    }
-                }
-                if let Some(p) = &opts.protocol {
-                    tx.write(&format!("{fe}/protocol"), p)?;
-                }
-                tx.write(
-                    &format!("{fe}/feature-persistent"),
-                    if opts.persistent { "1" } else { "0" },
-                )?;
-                Ok(())
-            })
+            .transaction(|tx| write_ring_details(tx, &self.frontend, &rings, details))
             .map_err(xs_err("writing the ring details"))?;
         self.set_state(XenbusState::Initialised)?;
         self.wait_backend_state(&[XenbusState::Connected])?;
@@ -575,12 +535,12 @@ impl SimFront {
         let queues = std::mem::take(&mut self.queues);
         let mut leaked = Vec::new();
         for (qi, q) in queues.into_iter().enumerate() {
-            let _ = self.evtchn.unbind(q.port);
+            let _ = self.evtchn.unbind(q.shared.port);
             for (id, inflight) in q.inflight {
                 lost.push(Completion::lost(id, qi, &inflight));
                 self.release(inflight, &mut leaked);
             }
-            for (f, g) in q.ring_frames.into_iter().zip(q.ring_grefs) {
+            for (f, g) in q.shared.frames.into_iter().zip(q.shared.grefs) {
                 if self.domain.end_access(g).is_err() {
                     leaked.push(g);
                 }

@@ -7,10 +7,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use ring::{FrontRequest, FrontRing, Segment, OP_READ, OP_WRITE};
+use ring::{FrontRequest, Segment, OP_READ, OP_WRITE};
 use rustix::event::{PollFd, PollFlags};
 use shmem::PAGE_SIZE;
+use sim::front::{write_ring_details, GuestRing, RingDetails};
 use sim::{SimDomain, SimEventChannel};
+use xen::xenbus::{ReadState, XenbusState};
 use xen::xenstore::{XenStore, XsOps};
 use xen::{Access, DomId, EventChannel, GrantRef, Port};
 
@@ -24,11 +26,9 @@ const BIG_SLOTS: usize = 4;
 /// One queue of the frontend, usable from a thread of its own (as blkfront drives each
 /// queue from its own CPU) with a shared `&SimDomain`.
 pub struct Queue {
-    ring: FrontRing,
-    ring_frame: u32,
+    shared: GuestRing,
     /// This queue's own event-channel handle (blkfront has one interrupt per queue).
     evt: SimEventChannel,
-    port: Port,
     ports: Vec<Port>,
     /// Per slot: data page grants, the indirect page's frame and grant.
     data: Vec<Vec<GrantRef>>,
@@ -46,22 +46,23 @@ pub struct Front {
     queues: Vec<Queue>,
 }
 
-fn state(xs: &XenStore, dir: &str) -> Option<u32> {
-    xs.read_string(&format!("{dir}/state"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+fn state(xs: &XenStore, dir: &str) -> ReadState {
+    ReadState::parse(xs.read_string(&format!("{dir}/state")).ok().as_deref())
 }
 
-fn wait_state(xs: &XenStore, dir: &str, want: &[u32]) -> anyhow::Result<()> {
+fn set_state(xs: &XenStore, dir: &str, state: XenbusState) -> anyhow::Result<()> {
+    Ok(xs.write(&format!("{dir}/state"), state.as_u32().to_string())?)
+}
+
+fn wait_state(xs: &XenStore, dir: &str, want: &[XenbusState]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if state(xs, dir).is_some_and(|s| want.contains(&s)) {
+        let now = state(xs, dir);
+        if matches!(now, ReadState::Known(s) if want.contains(&s)) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("backend state {:?}, waiting for {want:?}", state(xs, dir));
+            bail!("backend state {now:?}, waiting for {want:?}");
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -84,8 +85,7 @@ impl Front {
         let pages = 1 + queues as usize * per_queue;
         let dom = SimDomain::create(dir, domid, pages)?;
         let xs = XenStore::open_at(sim::xenstore_socket(dir, domid))?;
-        wait_state(&xs, be, &[2])?;
-        let abi = ring::Abi::Native;
+        wait_state(&xs, be, &[XenbusState::InitWait])?;
         let mut qs = Vec::new();
         let mut frame = 1u32;
         let mut take = |n: usize| {
@@ -94,17 +94,15 @@ impl Front {
             f
         };
         for _ in 0..queues {
-            let ring_frame = take(RING_PAGES);
-            let mem = dom
-                .mem()
-                .subregion(ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?;
-            let ring = FrontRing::init(&mem, abi, RING_PAGES)?;
-            let mut ring_refs = Vec::new();
-            for i in 0..RING_PAGES as u32 {
-                ring_refs.push(dom.grant(0, ring_frame + i, Access::ReadWrite)?);
-            }
             let mut evt = dom.open_event_channel()?;
-            let port = evt.alloc_unbound(0)?;
+            let shared = GuestRing::create(
+                &dom,
+                &mut evt,
+                0,
+                ring::Abi::Native,
+                take(RING_PAGES),
+                RING_PAGES,
+            )?;
             let mut data = Vec::new();
             let mut indirect = Vec::new();
             for i in 0..max_qd {
@@ -117,54 +115,36 @@ impl Front {
                 let f = take(1);
                 indirect.push((f, dom.grant(0, f, Access::ReadOnly)?));
             }
-            qs.push((ring, ring_frame, evt, port, ring_refs, data, indirect));
-        }
-        xs.transaction(|tx| {
-            tx.write(&format!("{fe}/ring-page-order"), "2")?;
-            if queues > 1 {
-                tx.write(&format!("{fe}/multi-queue-num-queues"), queues.to_string())?;
-            }
-            for (i, q) in qs.iter().enumerate() {
-                let d = if queues > 1 {
-                    format!("{fe}/queue-{i}")
-                } else {
-                    fe.to_owned()
-                };
-                for (k, r) in q.4.iter().enumerate() {
-                    tx.write(&format!("{d}/ring-ref{k}"), r.to_string())?;
-                }
-                tx.write(&format!("{d}/event-channel"), q.3.to_string())?;
-            }
-            tx.write(&format!("{fe}/protocol"), ring::PROTOCOL_NATIVE)?;
-            tx.write(
-                &format!("{fe}/feature-persistent"),
-                if persistent { "1" } else { "0" },
-            )?;
-            tx.write(&format!("{fe}/state"), "3")
-        })
-        .context("writing the ring details")?;
-        wait_state(&xs, be, &[4])?;
-        xs.write(&format!("{fe}/state"), "4")?;
-        let queues = qs
-            .into_iter()
-            .map(|(ring, ring_frame, evt, port, _, data, indirect)| Queue {
-                ring,
-                ring_frame,
+            qs.push(Queue {
+                shared,
                 evt,
-                port,
                 ports: Vec::new(),
                 started: vec![None; data.len()],
                 free: (0..data.len()).rev().collect(),
                 data,
                 indirect,
-            })
+            });
+        }
+        let rings: Vec<(&[GrantRef], Port)> = qs
+            .iter()
+            .map(|q| (q.shared.grefs.as_slice(), q.shared.port))
             .collect();
+        let details = RingDetails {
+            order: Some(RING_PAGES.ilog2()),
+            protocol: Some(ring::PROTOCOL_NATIVE),
+            persistent,
+        };
+        xs.transaction(|tx| write_ring_details(tx, fe, &rings, details))
+            .context("writing the ring details")?;
+        set_state(&xs, fe, XenbusState::Initialised)?;
+        wait_state(&xs, be, &[XenbusState::Connected])?;
+        set_state(&xs, fe, XenbusState::Connected)?;
         Ok(Self {
             dom,
             xs,
             fe: fe.to_owned(),
             be: be.to_owned(),
-            queues,
+            queues: qs,
         })
     }
 
@@ -232,9 +212,13 @@ impl Front {
 
     /// Closes as blkfront does when unplugged (the toolstack asked for removal first).
     pub fn close(self) -> anyhow::Result<()> {
-        self.xs.write(&format!("{}/state", self.fe), "5")?;
-        wait_state(&self.xs, &self.be, &[5, 6])?;
-        self.xs.write(&format!("{}/state", self.fe), "6")?;
+        set_state(&self.xs, &self.fe, XenbusState::Closing)?;
+        wait_state(
+            &self.xs,
+            &self.be,
+            &[XenbusState::Closing, XenbusState::Closed],
+        )?;
+        set_state(&self.xs, &self.fe, XenbusState::Closed)?;
         Ok(())
     }
 }
@@ -252,9 +236,10 @@ impl Queue {
     }
 
     fn ring_mem<'a>(&self, dom: &'a SimDomain) -> anyhow::Result<shmem::SharedMem<'a>> {
-        Ok(dom
-            .mem()
-            .subregion(self.ring_frame as usize * PAGE_SIZE, RING_PAGES * PAGE_SIZE)?)
+        Ok(dom.mem().subregion(
+            self.shared.frames[0] as usize * PAGE_SIZE,
+            RING_PAGES * PAGE_SIZE,
+        )?)
     }
 
     /// Queues a request of `bytes` at byte `offset` (published by [`Queue::push`]).
@@ -292,7 +277,7 @@ impl Queue {
                 handle: 0,
                 segs: &segs,
             };
-            self.ring.queue_request(&mem, &req)?;
+            self.shared.ring.queue_request(&mem, &req)?;
         } else {
             let (frame, gref) = self.indirect[slot];
             let mut page = vec![0u8; n * 8];
@@ -309,7 +294,7 @@ impl Queue {
                 nr_segments: n as u16,
                 page_grefs: &[gref],
             };
-            self.ring.queue_request(&mem, &req)?;
+            self.shared.ring.queue_request(&mem, &req)?;
         }
         self.started[slot] = Some(Instant::now());
         Ok(())
@@ -318,8 +303,8 @@ impl Queue {
     /// Publishes queued requests, notifying the backend where it asks.
     pub fn push(&mut self, dom: &SimDomain) -> anyhow::Result<()> {
         let mem = self.ring_mem(dom)?;
-        if self.ring.push_requests(&mem)? {
-            self.evt.notify(self.port)?;
+        if self.shared.ring.push_requests(&mem)? {
+            self.evt.notify(self.shared.port)?;
         }
         Ok(())
     }
@@ -334,7 +319,7 @@ impl Queue {
         let mem = self.ring_mem(dom)?;
         let mut got = 0;
         loop {
-            match self.ring.next_response(&mem)? {
+            match self.shared.ring.next_response(&mem)? {
                 Some(r) => {
                     let slot = r.id as usize;
                     let Some(start) = self.started.get_mut(slot).and_then(Option::take) else {
@@ -344,7 +329,7 @@ impl Queue {
                     self.free.push(slot);
                     got += 1;
                 }
-                None if self.ring.final_check_for_responses(&mem)? => {}
+                None if self.shared.ring.final_check_for_responses(&mem)? => {}
                 None => return Ok(got),
             }
         }
