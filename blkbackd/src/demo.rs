@@ -64,32 +64,6 @@ pub struct DemoArgs {
     pub keep: bool,
 }
 
-/// A temporary directory removed on drop unless kept.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempDir {
-    fn new(keep: bool) -> anyhow::Result<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path =
-            std::env::temp_dir().join(format!("blkbackd-demo-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path, keep })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// The backend child, killed if the demo fails before it exits.
 struct Backend(Option<Child>);
 
@@ -135,15 +109,18 @@ impl Drop for Backend {
 /// # Errors
 /// Any failure, with what was being done.
 pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<()> {
-    let tmp = TempDir::new(args.keep)?;
-    let sim = tmp.path.join("sim");
+    let mut tmp = sim::ScratchDir::new("blkbackd-demo")?;
+    if args.keep {
+        tmp.keep();
+    }
+    let sim = tmp.path().join("sim");
     let (image, discard_zeroes) = match &args.image {
         Some(p) => {
             let meta = std::fs::metadata(p).with_context(|| format!("--image {}", p.display()))?;
             (p.clone(), meta.is_file())
         }
         None => {
-            let p = tmp.path.join("disk.img");
+            let p = tmp.path().join("disk.img");
             let f =
                 std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
             f.set_len(args.size_mib * 1024 * 1024)
@@ -166,7 +143,7 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
     let spec = VbdSpec::disk(0, GUEST, DEVID, &image_str);
     toolstack::create_vbd(&dom0, &spec).context("writing the disk's XenStore nodes")?;
 
-    let stats_path = tmp.path.join("vbd.stats");
+    let stats_path = tmp.path().join("vbd.stats");
     let exe = std::env::current_exe().context("finding blkbackd's own path")?;
     let mut cmd = Command::new(exe);
     if verbose > 0 {
@@ -351,7 +328,7 @@ pub fn run(args: &DemoArgs, verbose: u8, out: &mut dyn Write) -> anyhow::Result<
         c.mean_latency_us().unwrap_or(0)
     )?;
     if args.keep {
-        writeln!(out, "  files kept in {}", tmp.path.display())?;
+        writeln!(out, "  files kept in {}", tmp.path().display())?;
     }
     Ok(())
 }

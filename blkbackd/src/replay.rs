@@ -119,8 +119,9 @@ pub fn replay_file(path: &Path, opts: &ReplayOptions) -> Result<Summary, ReplayE
 /// As [`replay_file`].
 pub fn replay_text(text: &str, opts: &ReplayOptions) -> Result<Summary, ReplayError> {
     let events = format::parse(text).map_err(|(line, msg)| ReplayError::Invalid { line, msg })?;
-    let work = WorkDir::new(opts.work_dir.as_deref())?;
-    let mut r = Replay::new(&work.0, &events, opts)?;
+    let work = sim::ScratchDir::new_in(opts.work_dir.as_deref(), "blkbackd-replay")
+        .map_err(|e| ReplayError::Setup(e.to_string()))?;
+    let mut r = Replay::new(work.path(), &events, opts)?;
     for (line, ev) in &events {
         r.line = *line;
         r.step(ev)?;
@@ -129,30 +130,6 @@ pub fn replay_text(text: &str, opts: &ReplayOptions) -> Result<Summary, ReplayEr
     r.finish()?;
     r.summary.events = events.len();
     Ok(r.summary)
-}
-
-/// A scratch directory removed on drop.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn new(base: Option<&Path>) -> Result<Self, ReplayError> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let base = base.map_or_else(std::env::temp_dir, Path::to_owned);
-        let p = base.join(format!(
-            "blkbackd-replay-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p)
-            .map_err(|e| ReplayError::Setup(format!("creating {}: {e}", p.display())))?;
-        Ok(Self(p))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A response collected from the ring, not yet matched with the trace.

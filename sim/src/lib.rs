@@ -32,6 +32,7 @@
 pub mod evtchn;
 pub mod front;
 pub mod gnttab;
+mod scratch;
 mod shm;
 pub mod toolstack;
 pub mod workload;
@@ -47,6 +48,7 @@ use shmem::{SharedMem, PAGE_SIZE};
 
 pub use evtchn::SimEventChannel;
 pub use gnttab::SimGnttab;
+pub use scratch::ScratchDir;
 
 use self::evtchn::EvtchnTable;
 use self::gnttab::GrantTable;

@@ -2,27 +2,15 @@
 //! and, where `/dev/xen/evtchn` exists, on the real device (dom0 to itself); then
 //! simulation-only checks (ring overflow, destroyed domains).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
-use sim::{SimDomain, SimPlatform};
+use sim::{ScratchDir, SimDomain, SimPlatform};
 use xen::{DomId, EventChannel, EvtchnError, Platform, Port, XenEventChannel, EVTCHN_PATH};
 
 /// A sim directory removed when the test ends.
-struct SimDir(PathBuf);
-
-impl SimDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("xen-evtchn-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for SimDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn sim_dir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("sim-{}-{name}", "evtchn")).expect("creating the sim directory")
 }
 
 /// Whether `ch`'s fd polls readable within `ms` milliseconds.
@@ -188,8 +176,8 @@ fn sim_pair(dir: &Path, front_dom: DomId) -> (SimDomain, Pair) {
 #[test]
 fn suite_on_simulation() {
     for (i, (name, test)) in SUITE.iter().enumerate() {
-        let dir = SimDir::new(name);
-        let (_dom, mut pair) = sim_pair(&dir.0, 5 + i as DomId);
+        let dir = sim_dir(name);
+        let (_dom, mut pair) = sim_pair(dir.path(), 5 + i as DomId);
         test(&mut pair);
     }
 }
@@ -217,9 +205,9 @@ fn suite_on_real_device() {
 #[test]
 fn overflowing_the_wakeup_queue_loses_no_port() {
     // Far more ports on one handle than its socket queues: every port is still reported.
-    let dir = SimDir::new("overflow");
-    let dom = SimDomain::create(&dir.0, 5, 1).expect("create domain");
-    let backend = SimPlatform::open(&dir.0, 0).expect("platform");
+    let dir = sim_dir("overflow");
+    let dom = SimDomain::create(dir.path(), 5, 1).expect("create domain");
+    let backend = SimPlatform::open(dir.path(), 0).expect("platform");
     let mut front = dom.open_event_channel().expect("front");
     let mut back = backend.open_event_channel().expect("back");
     let offered: Vec<Port> = (0..300)
@@ -245,8 +233,8 @@ fn overflowing_the_wakeup_queue_loses_no_port() {
 
 #[test]
 fn destroyed_domain_drops_events_and_refuses_binds() {
-    let dir = SimDir::new("destroy");
-    let (dom, mut p) = sim_pair(&dir.0, 5);
+    let dir = sim_dir("destroy");
+    let (dom, mut p) = sim_pair(dir.path(), 5);
     let bport = connect(&mut p);
     drop(p.front);
     // Closing the frontend's handle left the backend's end unbound: notifying is harmless.
@@ -262,8 +250,8 @@ fn destroyed_domain_drops_events_and_refuses_binds() {
 
 #[test]
 fn fds_are_distinct_per_handle() {
-    let dir = SimDir::new("fds");
-    let backend = SimPlatform::open(&dir.0, 0).expect("platform");
+    let dir = sim_dir("fds");
+    let backend = SimPlatform::open(dir.path(), 0).expect("platform");
     let a = backend.open_event_channel().expect("a");
     let b = backend.open_event_channel().expect("b");
     assert_ne!(
@@ -276,8 +264,8 @@ fn fds_are_distinct_per_handle() {
 fn no_wakeup_is_lost_under_concurrent_notify_and_unmask() {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LAST: u32 = 2000;
-    let dir = SimDir::new("race");
-    let (_dom, mut p) = sim_pair(&dir.0, 5);
+    let dir = sim_dir("race");
+    let (_dom, mut p) = sim_pair(dir.path(), 5);
     let bport = connect(&mut p);
     let seq = AtomicU32::new(0);
     let front = p.front;

@@ -3,30 +3,18 @@
 //! `/dev/xen/gntalloc` exist, on real Xen (dom0 granting to itself); then simulation-only
 //! checks of Xen's exact statuses, revocation, unmap notify and domain destruction.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use sim::{SimDomain, SimError, SimPlatform};
+use sim::{ScratchDir, SimDomain, SimError, SimPlatform};
 use xen::{
     Access, CopyOp, DomId, EventChannel, GrantAddr, GrantCopier, GrantError, GrantMapper, GrantRef,
     GrantStatus, Platform, UnmapNotify, GNTDEV_PATH,
 };
 
 /// A sim directory removed when the test ends.
-struct SimDir(PathBuf);
-
-impl SimDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("xen-grants-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for SimDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn sim_dir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("sim-{}-{name}", "grants")).expect("creating the sim directory")
 }
 
 /// The granting side, as the suite needs it.
@@ -283,8 +271,8 @@ fn sim_setup(dir: &Path) -> (SimDomain, SimPlatform) {
 #[test]
 fn suite_on_simulation() {
     for (name, test) in SUITE {
-        let dir = SimDir::new(name);
-        let (dom, backend) = sim_setup(&dir.0);
+        let dir = sim_dir(name);
+        let (dom, backend) = sim_setup(dir.path());
         let guest = SimGuest { dom, backend: 0 };
         test(&Ctx {
             mapper: backend.grant_mapper(),
@@ -492,8 +480,8 @@ fn copy_status(backend: &SimPlatform, src: GrantAddr) -> GrantStatus {
 
 #[test]
 fn bad_grants_get_xens_statuses() {
-    let dir = SimDir::new("statuses");
-    let (dom, backend) = sim_setup(&dir.0);
+    let dir = sim_dir("statuses");
+    let (dom, backend) = sim_setup(dir.path());
     let at = |gref| GrantAddr {
         domid: 5,
         gref,
@@ -538,7 +526,7 @@ fn bad_grants_get_xens_statuses() {
         GrantStatus::BadDomain
     );
     // Domain 9 may use the grant made to it, and only that one.
-    let other = SimPlatform::open(&dir.0, 9).unwrap();
+    let other = SimPlatform::open(dir.path(), 9).unwrap();
     assert_eq!(
         map_status(&other, 5, &[to_other], Access::ReadWrite),
         GrantStatus::Okay
@@ -555,8 +543,8 @@ fn bad_grants_get_xens_statuses() {
 
 #[test]
 fn failed_batch_map_leaves_nothing_pinned() {
-    let dir = SimDir::new("batch");
-    let (dom, backend) = sim_setup(&dir.0);
+    let dir = sim_dir("batch");
+    let (dom, backend) = sim_setup(dir.path());
     let a = dom.grant(0, 1, Access::ReadWrite).unwrap();
     let b = dom.grant(0, 2, Access::ReadWrite).unwrap();
     let ro = dom.grant(0, 3, Access::ReadOnly).unwrap();
@@ -572,8 +560,8 @@ fn failed_batch_map_leaves_nothing_pinned() {
 
 #[test]
 fn end_access_fails_while_mapped() {
-    let dir = SimDir::new("endaccess");
-    let (dom, backend) = sim_setup(&dir.0);
+    let dir = sim_dir("endaccess");
+    let (dom, backend) = sim_setup(dir.path());
     let r = dom.grant(0, 1, Access::ReadWrite).unwrap();
     let rw = backend
         .grant_mapper()
@@ -620,8 +608,8 @@ fn end_access_fails_while_mapped() {
 
 #[test]
 fn full_grant_table_and_reuse() {
-    let dir = SimDir::new("full");
-    let dom = SimDomain::create_with_grants(&dir.0, 6, 1, 10).unwrap();
+    let dir = sim_dir("full");
+    let dom = SimDomain::create_with_grants(dir.path(), 6, 1, 10).unwrap();
     let a = dom.grant(0, 0, Access::ReadOnly).unwrap();
     let b = dom.grant(0, 0, Access::ReadOnly).unwrap();
     assert_eq!(
@@ -639,8 +627,8 @@ fn full_grant_table_and_reuse() {
 
 #[test]
 fn unmap_notify_clears_the_byte_and_sends_the_event() {
-    let dir = SimDir::new("notify");
-    let (dom, backend) = sim_setup(&dir.0);
+    let dir = sim_dir("notify");
+    let (dom, backend) = sim_setup(dir.path());
     let mut front = dom.open_event_channel().unwrap();
     let fport = front.alloc_unbound(0).unwrap();
     let mut back = backend.open_event_channel().unwrap();
@@ -688,8 +676,8 @@ fn unmap_notify_clears_the_byte_and_sends_the_event() {
 
 #[test]
 fn destroyed_domain_fails_new_grant_operations_only() {
-    let dir = SimDir::new("destroy");
-    let (dom, backend) = sim_setup(&dir.0);
+    let dir = sim_dir("destroy");
+    let (dom, backend) = sim_setup(dir.path());
     let r = dom.grant(0, 1, Access::ReadWrite).unwrap();
     let r2 = dom.grant(0, 2, Access::ReadWrite).unwrap();
     dom.page(1).unwrap().write_from(0, b"still here").unwrap();
@@ -722,11 +710,11 @@ fn destroyed_domain_fails_new_grant_operations_only() {
     );
     drop(m);
     assert!(matches!(
-        SimDomain::open(&dir.0, 5),
+        SimDomain::open(dir.path(), 5),
         Err(SimError::NoDomain(5))
     ));
     // The domid can be used again, and the backend sees the new domain, not the old one.
-    let again = SimDomain::create(&dir.0, 5, 4).unwrap();
+    let again = SimDomain::create(dir.path(), 5, 4).unwrap();
     let r3 = again.grant(0, 3, Access::ReadOnly).unwrap();
     assert_eq!(
         map_status(&backend, 5, &[r3], Access::ReadOnly),
@@ -738,8 +726,8 @@ const CHILD_ENV: &str = "XEN_GRANTS_TEST_CHILD";
 
 #[test]
 fn readonly_mapping_faults_on_write() {
-    let dir = SimDir::new("rofault");
-    let (dom, _backend) = sim_setup(&dir.0);
+    let dir = sim_dir("rofault");
+    let (dom, _backend) = sim_setup(dir.path());
     let r = dom.grant(0, 1, Access::ReadOnly).unwrap();
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -748,7 +736,7 @@ fn readonly_mapping_faults_on_write() {
             "--ignored",
             "--nocapture",
         ])
-        .env(CHILD_ENV, format!("{}:{r}", dir.0.display()))
+        .env(CHILD_ENV, format!("{}:{r}", dir.path().display()))
         .output()
         .unwrap();
     use std::os::unix::process::ExitStatusExt;
@@ -785,8 +773,8 @@ fn readonly_mapping_write_child() {
 #[test]
 fn end_access_never_succeeds_while_mapped_under_contention() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let dir = SimDir::new("race");
-    let (dom, backend) = sim_setup(&dir.0);
+    let dir = sim_dir("race");
+    let (dom, backend) = sim_setup(dir.path());
     let r = dom.grant(0, 1, Access::ReadWrite).unwrap();
     let holders = AtomicUsize::new(0);
     let revoked = AtomicBool::new(false);

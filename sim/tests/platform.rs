@@ -3,32 +3,20 @@
 //! `$BLKBACK_PLATFORM`, as the real `blkbackd` binary would.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
-use sim::SimDomain;
+use sim::{ScratchDir, SimDomain};
 use xen::{
     Access, CopyOp, EventChannel, GrantAddr, GrantStatus, PlatformConfig, PlatformError, Port,
     GNTDEV_PATH, PLATFORM_ENV,
 };
 
 /// A sim directory removed when the test ends.
-struct SimDir(PathBuf);
-
-impl SimDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("xen-platform-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for SimDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn sim_dir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("sim-{}-{name}", "platform")).expect("creating the sim directory")
 }
 
 /// Waits up to `timeout` for an event; returns the pending ports (empty on timeout).
@@ -47,16 +35,19 @@ fn wait_event(ch: &mut dyn EventChannel, timeout: Duration) -> Vec<Port> {
 
 #[test]
 fn sim_config_opens_the_simulation() {
-    let dir = SimDir::new("config");
-    let cfg: PlatformConfig = format!("sim:{}:3", dir.0.display()).parse().unwrap();
+    let dir = sim_dir("config");
+    let cfg: PlatformConfig = format!("sim:{}:3", dir.path().display()).parse().unwrap();
     let p = sim::open_platform(&cfg).expect("open sim platform");
     assert_eq!(p.domid(), 3);
-    assert_eq!(p.xenstore_path(), dir.0.join("xenstored").join("socket.d3"));
-    assert_eq!(p.xenstore_path(), sim::xenstore_socket(&dir.0, 3));
-    let dom0: PlatformConfig = format!("sim:{}", dir.0.display()).parse().unwrap();
+    assert_eq!(
+        p.xenstore_path(),
+        dir.path().join("xenstored").join("socket.d3")
+    );
+    assert_eq!(p.xenstore_path(), sim::xenstore_socket(dir.path(), 3));
+    let dom0: PlatformConfig = format!("sim:{}", dir.path().display()).parse().unwrap();
     assert_eq!(
         sim::open_platform(&dom0).unwrap().xenstore_path(),
-        dir.0.join("xenstored/socket")
+        dir.path().join("xenstored/socket")
     );
     // Each queue gets its own handle with its own fd.
     let a = p.open_event_channel().unwrap();
@@ -81,8 +72,8 @@ const CHILD_ARGS: &str = "XEN_PLATFORM_TEST_CHILD";
 
 #[test]
 fn grants_and_events_work_across_processes() {
-    let dir = SimDir::new("xproc");
-    let guest = SimDomain::create(&dir.0, 5, 4).unwrap();
+    let dir = sim_dir("xproc");
+    let guest = SimDomain::create(dir.path(), 5, 4).unwrap();
     let mut front = guest.open_event_channel().unwrap();
     let fport = front.alloc_unbound(0).unwrap();
     let gref = guest.grant(0, 1, Access::ReadWrite).unwrap();
@@ -90,7 +81,7 @@ fn grants_and_events_work_across_processes() {
 
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "backend_child", "--ignored", "--nocapture"])
-        .env(PLATFORM_ENV, format!("sim:{}:0", dir.0.display()))
+        .env(PLATFORM_ENV, format!("sim:{}:0", dir.path().display()))
         .env(CHILD_ARGS, format!("{gref}:{fport}"))
         .spawn()
         .unwrap();
@@ -158,10 +149,10 @@ fn backend_child() {
 
 #[test]
 fn domains_are_created_concurrently_and_once() {
-    let dir = SimDir::new("create");
+    let dir = sim_dir("create");
     std::thread::scope(|s| {
         for i in 0..8u16 {
-            let dir = &dir.0;
+            let dir = dir.path();
             s.spawn(move || {
                 let d = SimDomain::create(dir, 10 + i, 2).expect("create");
                 d.page(1).unwrap().write_u8(0, i as u8).unwrap();
@@ -170,18 +161,18 @@ fn domains_are_created_concurrently_and_once() {
         }
     });
     for i in 0..8u16 {
-        let d = SimDomain::open(&dir.0, 10 + i).expect("open");
+        let d = SimDomain::open(dir.path(), 10 + i).expect("open");
         assert_eq!(
             d.page(1).unwrap().read_u8(0).unwrap(),
             i as u8,
             "each domain its own memory"
         );
         assert!(matches!(
-            SimDomain::create(&dir.0, 10 + i, 2),
+            SimDomain::create(dir.path(), 10 + i, 2),
             Err(sim::SimError::Exists(id)) if id == 10 + i
         ));
     }
-    let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))

@@ -74,28 +74,23 @@ pub fn build_blkbackd(profile_dir: &Path) -> std::io::Result<PathBuf> {
 
 /// A temporary directory, removed on drop.
 #[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub struct TempDir(sim::ScratchDir);
 
 impl TempDir {
     /// A fresh directory named after `tag`.
+    ///
+    /// # Panics
+    /// When it cannot be created.
     pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("blkbackd-e2e-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("creating the test directory");
-        Self(p)
+        Self(
+            sim::ScratchDir::new(&format!("blkbackd-e2e-{tag}"))
+                .expect("creating the test directory"),
+        )
     }
 
     /// The path.
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
