@@ -152,7 +152,13 @@ impl Queue {
             .grant_mapper()
             .map(p.frontend, &p.ring_refs, Access::ReadWrite)
             .map_err(DataplaneError::MapRing)?;
-        let back = BackRing::attach(&ring_map.mem(), p.abi, pages).map_err(DataplaneError::Ring)?;
+        let ring_mem =
+            ring_map
+                .writable()
+                .ok_or(DataplaneError::MapRing(xen::GrantError::Invalid(
+                    "the ring was mapped read-only",
+                )))?;
+        let back = BackRing::attach(&ring_mem, p.abi, pages).map_err(DataplaneError::Ring)?;
         let size = back.size() as usize;
         let max_indirect = p
             .max_indirect_segments
@@ -310,7 +316,9 @@ impl Queue {
 
     fn serve(&mut self) -> Result<(), String> {
         let ring_map = Arc::clone(&self.ring_map);
-        let mem = ring_map.mem();
+        let mem = ring_map
+            .writable()
+            .ok_or("the shared ring is mapped read-only")?;
         self.uring
             .poll(Control::Event, self.evtchn.as_fd())
             .map_err(|e| format!("arming the event poll: {e}"))?;
@@ -749,7 +757,7 @@ impl Queue {
                     let sub = mem
                         .subregion(offset, PAGE_SIZE)
                         .map_err(|_| GrantStatus::GeneralError)?;
-                    page.read_from(&sub)
+                    sub.read_into(0, &mut page.as_bytes_mut()[..])
                         .map_err(|_| GrantStatus::GeneralError)?;
                 }
             }
@@ -1009,6 +1017,7 @@ impl Queue {
                     m,
                     base + seg.offset_bytes() as usize,
                     seg.len_bytes() as usize,
+                    write,
                 )
                 .map_err(|e| e.to_string())?;
         }

@@ -346,26 +346,33 @@ impl Uring {
     }
 
     /// Adds one segment of a mapped request to `slot`'s iovecs: `len` bytes at `offset` in
-    /// `guard`'s mapping. The guard is kept until the slot completes.
+    /// `guard`'s mapping, which the device writes into unless `write` (then it only reads
+    /// them). The guard is kept until the slot completes.
     ///
     /// # Errors
-    /// `EINVAL` if the range lies outside the mapping or the slot is busy.
+    /// `EINVAL` if the range lies outside the mapping or the slot is busy; `EACCES` when the
+    /// device would write into a read-only mapping.
     pub(super) fn map_segment(
         &mut self,
         slot: usize,
         guard: &Arc<GrantMapping>,
         offset: usize,
         len: usize,
+        write: bool,
     ) -> Result<(), Errno> {
         let o = self.owned.get_mut(slot).ok_or(Errno::INVAL)?;
         if o.pending > 0 {
             return Err(Errno::INVAL);
         }
-        let base = guard
-            .mem()
-            .subregion(offset, len)
-            .map_err(|_| Errno::INVAL)?
-            .as_ptr();
+        let base = if write {
+            let sub = guard.mem().subregion(offset, len);
+            sub.map_err(|_| Errno::INVAL)?.as_ptr().cast_mut()
+        } else {
+            let mem = guard.writable().ok_or(Errno::ACCESS)?;
+            mem.subregion(offset, len)
+                .map_err(|_| Errno::INVAL)?
+                .as_ptr()
+        };
         if !o.guards.last().is_some_and(|g| Arc::ptr_eq(g, guard)) {
             o.guards.push(Arc::clone(guard));
         }
