@@ -32,6 +32,7 @@
 //! `io_uring_enter` per pass submits everything found and waits for the next completion.
 //! Completions are answered field by field, pushed once per pass, with one notification if
 //! `rsp_event` asks for it. See `queue` for the loop and `uring` for buffer ownership.
+
 //!
 //! # Semantics
 //! - Reads and writes use `O_DIRECT` (see [`crate::device`]); flush is an `fdatasync` of the
@@ -58,6 +59,7 @@
 //!   free waits, counted in `oo_req`), all registered with the io_uring (pinned: about 30 MiB
 //!   for a 16-page ring with 256 indirect segments).
 
+mod observer;
 mod persistent;
 mod queue;
 mod retire;
@@ -78,6 +80,7 @@ use xen::{DomId, GrantRef, Platform, Port};
 
 use crate::device::Device;
 
+pub use observer::{Observer, QueueObserver};
 pub use persistent::{DEFAULT_MAX_PERSISTENT_GRANTS, DEFAULT_PERSISTENT_GRANT_TIMEOUT};
 pub use stats::{Stats, StatsSnapshot};
 
@@ -160,8 +163,8 @@ pub struct QueueParams {
     pub name: String,
     /// Called on the queue's thread when it exits for any reason.
     pub on_exit: Option<Box<dyn FnOnce() + Send>>,
-    /// Record a trace of this queue (`--record`); default: the process's installed recorder.
-    pub recorder: Option<Arc<crate::replay::Recorder>>,
+    /// Who watches this queue (`--record`'s trace recorder); default: nobody.
+    pub observer: Option<Arc<dyn Observer>>,
     /// Busy-poll this long for new requests and completions before sleeping (`--poll-us`;
     /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
     /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
@@ -215,7 +218,7 @@ impl QueueParams {
             stats: Arc::new(Stats::new()),
             name: format!("blkback-d{frontend}"),
             on_exit: None,
-            recorder: crate::replay::Recorder::installed(),
+            observer: None,
             poll: Duration::ZERO,
         }
     }

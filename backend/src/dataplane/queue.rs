@@ -21,6 +21,7 @@ use xen::{
     Access, CopyOp, EventChannel, GrantAddr, GrantMapping, GrantRef, GrantStatus, Platform, Port,
 };
 
+use super::observer::QueueObserver;
 use super::persistent::{map_counted, PersistentGrants, LRU_INTERVAL};
 use super::retire::{Retired, MAX_RETIRED};
 use super::stats::{Stats, StatsSnapshot};
@@ -120,7 +121,7 @@ pub(super) struct Queue {
     stopping: bool,
     broken: Option<ring::ProtocolViolation>,
     /// `--record`: `None` costs one branch per request.
-    recorder: Option<crate::replay::QueueRecorder>,
+    observer: Option<Box<dyn QueueObserver>>,
     /// The counters when the current burst of activity began, and when it was last active
     /// (the shared counters: with several queues a burst line covers all of them).
     burst_start: StatsSnapshot,
@@ -143,7 +144,7 @@ impl std::fmt::Debug for Queue {
 impl Queue {
     pub(super) fn new(p: QueueParams, stop_fd: Arc<OwnedFd>) -> Result<Self, DataplaneError> {
         let pages = p.ring_refs.len();
-        let recorder = p.recorder.as_ref().map(|r| r.attach(&p));
+        let observer = p.observer.clone().map(|o| o.queue(&p));
         if !(pages.is_power_of_two() && pages <= ring::MAX_RING_PAGES) {
             return Err(DataplaneError::RingPages(pages));
         }
@@ -252,7 +253,7 @@ impl Queue {
             spurious: 0,
             stopping: false,
             broken: None,
-            recorder,
+            observer,
             burst_start: StatsSnapshot::default(),
             last_active: Instant::now(),
             burst_began: None,
@@ -270,7 +271,7 @@ impl Queue {
             },
             Err(e) => QueueExit::Failed(e),
         };
-        if let Some(r) = self.recorder.as_mut() {
+        if let Some(r) = self.observer.as_mut() {
             r.exit(&exit);
         }
         if let QueueExit::Protocol(v) = &exit {
@@ -359,7 +360,7 @@ impl Queue {
             }
             if event {
                 Stats::add(&self.stats.events, 1);
-                if let Some(r) = self.recorder.as_mut() {
+                if let Some(r) = self.observer.as_mut() {
                     r.event();
                 }
                 self.ports.clear();
@@ -613,7 +614,7 @@ impl Queue {
 
     /// Validates one request and starts it (or answers it at once).
     fn accept(&mut self, mem: &SharedMem<'_>, raw: &ring::RawRequest, limits: &DeviceLimits) {
-        if let Some(r) = self.recorder.as_mut() {
+        if let Some(r) = self.observer.as_mut() {
             r.slot(raw, limits);
         }
         let req = match ring::parse(raw, limits) {
@@ -652,7 +653,7 @@ impl Queue {
     }
 
     fn put(&mut self, mem: &SharedMem<'_>, rsp: &ring::Response) {
-        if let Some(r) = self.recorder.as_mut() {
+        if let Some(r) = self.observer.as_mut() {
             r.response(rsp);
         }
         if rsp.status != Status::Okay {
@@ -1209,7 +1210,7 @@ impl Queue {
     fn finish(&mut self, mem: &SharedMem<'_>, slot: usize, status: Status) {
         let s = &mut self.slots[slot];
         let rsp = s.req.response(status);
-        if let Some(r) = self.recorder.as_mut() {
+        if let Some(r) = self.observer.as_mut() {
             r.finishing(&s.req, status);
         }
         if let Some(r) = s.region.take() {
