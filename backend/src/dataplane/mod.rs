@@ -32,7 +32,19 @@
 //! `io_uring_enter` per pass submits everything found and waits for the next completion.
 //! Completions are answered field by field, pushed once per pass, with one notification if
 //! `rsp_event` asks for it. See `queue` for the loop and `uring` for buffer ownership.
-
+//!
+//! # Pieces
+//! - `queue`: the loop, driving the pieces below; it alone knows them all.
+//! - `slot`: the in-flight table, one state machine per ring slot (what the request waits
+//!   for, owning its bounce region while no I/O is in flight).
+//! - `grant_access`: one trait, one implementation per [`GrantMode`]: `grant_copy` (bounce
+//!   regions from `bounce`, batched grant copies) and `grant_map` (the `persistent` cache,
+//!   mappings `retire`d after their grace).
+//! - `uring`: the io_uring executor (submit, reap), owner of whatever the kernel points at.
+//! - `wake`: the wake-up policy: events, late EOI, polling, notify suppression.
+//! - `stats`: the counters, which the pieces feed through a narrow `Meter`; `observer`: the
+//!   narrow interface to whoever watches a queue ([`Observer`], the `--record` trace).
+//! - `error`: why a running queue fails.
 //!
 //! # Semantics
 //! - Reads and writes use `O_DIRECT` (see [`crate::device`]); flush is an `fdatasync` of the
@@ -59,12 +71,19 @@
 //!   free waits, counted in `oo_req`), all registered with the io_uring (pinned: about 30 MiB
 //!   for a 16-page ring with 256 indirect segments).
 
+mod bounce;
+mod error;
+mod grant_access;
+mod grant_copy;
+mod grant_map;
 mod observer;
 mod persistent;
 mod queue;
 mod retire;
+mod slot;
 mod stats;
 mod uring;
+mod wake;
 
 #[cfg(test)]
 mod tests;
