@@ -205,3 +205,189 @@ impl GrantAccess for GrantCopy {
 
     fn close(&mut self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use ring::{Request, Sector, Segment, Transfer, OP_READ, OP_WRITE};
+    use xen::sim::SimDomain;
+    use xen::Access;
+
+    use super::*;
+    use crate::dataplane::bounce::SMALL_REGION;
+    use crate::dataplane::slot::Slots;
+    use crate::dataplane::stats::Stats;
+    use crate::dataplane::tests::{sim_guest, TempDir, FRONT};
+
+    /// A never-granted ref.
+    const BAD_REF: GrantRef = 4000;
+
+    fn whole_page(gref: GrantRef) -> Segment {
+        Segment {
+            gref,
+            first_sect: 0,
+            last_sect: 7,
+        }
+    }
+
+    fn transfer(segs: &[Segment]) -> Transfer {
+        Transfer {
+            sector: Sector(0),
+            nr_sectors: segs.iter().map(|s| u64::from(s.sectors())).sum(),
+            segs: Segments::from_slice(segs).unwrap(),
+        }
+    }
+
+    fn request(id: u64, write: bool, segs: &[Segment]) -> Request {
+        let t = transfer(segs);
+        let (operation, op) = if write {
+            (
+                OP_WRITE,
+                Op::Write {
+                    transfer: t,
+                    flush: None,
+                },
+            )
+        } else {
+            (OP_READ, Op::Read(t))
+        };
+        Request { id, operation, op }
+    }
+
+    fn setup(dir: &TempDir, nr_large: usize) -> (SimDomain, GrantCopy, Arc<Stats>) {
+        let (dom, platform) = sim_guest(&dir.0, 8);
+        let stats = Arc::new(Stats::new());
+        let pool = BouncePool::new(4, 16, nr_large).unwrap();
+        let meter = Arc::clone(&stats) as Arc<dyn Meter>;
+        let copy = GrantCopy::new(platform, FRONT, pool, meter, "t".into());
+        (dom, copy, stats)
+    }
+
+    fn uring() -> (std::fs::File, Uring) {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let u = Uring::new(4, 16, None, &[null.as_fd()]).unwrap();
+        (null, u)
+    }
+
+    #[test]
+    fn reach_takes_the_slots_region_or_waits_for_a_large_one() {
+        let dir = TempDir::new("gc-reach");
+        let (_dom, mut copy, _) = setup(&dir, 0);
+        let (_null, mut u) = uring();
+        let segs = transfer(&[whole_page(1)]).segs;
+        match copy.reach(&mut u, 0, &segs, 4096, true, true) {
+            Reach::CopyIn(r) => assert_eq!(r.capacity(), SMALL_REGION),
+            other => panic!("a write waits for its copy: {other:?}"),
+        }
+        assert!(matches!(
+            copy.reach(&mut u, 1, &segs, 4096, false, true),
+            Reach::Submit(Data::Bounce(_, 4096))
+        ));
+        assert!(
+            matches!(copy.reach(&mut u, 0, &segs, 512, false, true), Reach::Fail),
+            "slot 0's region is out: never handed out twice"
+        );
+        let big = SMALL_REGION + 4096;
+        assert!(matches!(
+            copy.reach(&mut u, 2, &segs, big, false, false),
+            Reach::Wait
+        ));
+        assert!(
+            matches!(copy.reach(&mut u, 2, &segs, big, false, true), Reach::Fail),
+            "alone, a wait for a large region would never end"
+        );
+    }
+
+    #[test]
+    fn a_write_is_copied_in_and_a_read_copied_out_one_batch_each() {
+        let dir = TempDir::new("gc-copy");
+        let (dom, mut copy, stats) = setup(&dir, 0);
+        let (a, b) = (
+            dom.grant(0, 1, Access::ReadWrite).unwrap(),
+            dom.grant(0, 2, Access::ReadWrite).unwrap(),
+        );
+        dom.page(1).unwrap().fill(0, 4096, 0x11).unwrap();
+        let mut slots = Slots::new(4);
+        let now = Instant::now();
+        let w = slots.take(request(1, true, &[whole_page(a)]), now).unwrap();
+        let r = slots
+            .take(request(2, false, &[whole_page(b)]), now)
+            .unwrap();
+        let mut out = copy.pool.small(r).unwrap();
+        copy.pool.bytes(&mut out, 4096).fill(0x22);
+        slots.get_mut(w).unwrap().state = State::CopyIn {
+            region: copy.pool.small(w).unwrap(),
+            len: 4096,
+            offset: 0,
+            fsync: false,
+        };
+        slots.get_mut(r).unwrap().state = State::CopyOut {
+            region: out,
+            len: 4096,
+        };
+        let mut failed = Vec::new();
+        copy.copy(slots.as_mut_slice(), &[w], &mut failed);
+        assert_eq!(failed, [false]);
+        match &mut slots.get_mut(w).unwrap().state {
+            State::CopyIn { region, .. } => {
+                assert!(copy.pool.bytes(region, 4096).iter().all(|&x| x == 0x11));
+            }
+            other => panic!("{other:?}"),
+        }
+        copy.copy(slots.as_mut_slice(), &[r], &mut failed);
+        assert_eq!(failed, [false]);
+        let mut page = vec![0; 4096];
+        dom.page(2).unwrap().read_into(0, &mut page).unwrap();
+        assert!(
+            page.iter().all(|&x| x == 0x22),
+            "read data reached the guest"
+        );
+        let s = stats.snapshot();
+        assert_eq!((s.copy_calls, s.copy_segs), (2, 2));
+    }
+
+    #[test]
+    fn a_bad_grant_fails_its_own_request_only() {
+        let dir = TempDir::new("gc-bad");
+        let (dom, mut copy, _) = setup(&dir, 0);
+        let good = dom.grant(0, 1, Access::ReadWrite).unwrap();
+        let mut slots = Slots::new(4);
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        for (id, gref) in [(1, good), (2, BAD_REF), (3, good)] {
+            let i = slots
+                .take(request(id, true, &[whole_page(gref)]), now)
+                .unwrap();
+            slots.get_mut(i).unwrap().state = State::CopyIn {
+                region: copy.pool.small(i).unwrap(),
+                len: 4096,
+                offset: 0,
+                fsync: false,
+            };
+            batch.push(i);
+        }
+        batch.sort_unstable();
+        let mut failed = Vec::new();
+        copy.copy(slots.as_mut_slice(), &batch, &mut failed);
+        let bad: Vec<u64> = batch
+            .iter()
+            .zip(&failed)
+            .filter(|(_, &f)| f)
+            .map(|(&i, _)| slots.get(i).unwrap().req.id)
+            .collect();
+        assert_eq!(bad, [2]);
+    }
+
+    #[test]
+    fn indirect_pages_are_copied_and_a_bad_one_is_reported() {
+        let dir = TempDir::new("gc-ind");
+        let (dom, mut copy, _) = setup(&dir, 8);
+        let g = dom.grant(0, 3, Access::ReadOnly).unwrap();
+        dom.page(3).unwrap().write_from(8, b"indirect").unwrap();
+        let mut pages = vec![IndirectPage::new(), IndirectPage::new()];
+        copy.fetch_indirect(&[g], &mut pages[..1]).unwrap();
+        assert_eq!(&pages[0].as_bytes_mut()[8..16], b"indirect");
+        assert!(copy.fetch_indirect(&[g, BAD_REF], &mut pages).is_err());
+    }
+}

@@ -231,3 +231,115 @@ impl GrantAccess for GrantMap {
         self.retired.release_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use ring::Segment;
+    use xen::sim::SimDomain;
+
+    use super::*;
+    use crate::dataplane::persistent::DEFAULT_PERSISTENT_GRANT_TIMEOUT;
+    use crate::dataplane::stats::Stats;
+    use crate::dataplane::tests::{sim_guest, TempDir, FRONT};
+
+    const GRACE: Duration = Duration::from_millis(20);
+
+    fn setup(dir: &TempDir) -> (SimDomain, GrantMap, Arc<Stats>) {
+        let (dom, platform) = sim_guest(&dir.0, 8);
+        let stats = Arc::new(Stats::new());
+        let meter = Arc::clone(&stats) as Arc<dyn Meter>;
+        let pg = PersistentGrants::new(
+            FRONT,
+            16,
+            DEFAULT_PERSISTENT_GRANT_TIMEOUT,
+            Arc::clone(&meter),
+        );
+        let map = GrantMap::new(platform, FRONT, pg, GRACE, meter, "t".into());
+        (dom, map, stats)
+    }
+
+    fn segs(gref: GrantRef) -> Segments {
+        let s = Segment {
+            gref,
+            first_sect: 0,
+            last_sect: 7,
+        };
+        Segments::from_slice(&[s]).unwrap()
+    }
+
+    #[test]
+    fn reads_need_a_writable_grant_and_writes_take_a_read_only_one() {
+        let dir = TempDir::new("gm-ro");
+        let (dom, mut map, _) = setup(&dir);
+        let ro = dom.grant(0, 1, Access::ReadOnly).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut u = Uring::new(2, 16, None, &[null.as_fd()]).unwrap();
+        assert!(
+            matches!(
+                map.reach(&mut u, 0, &segs(ro), 4096, false, true),
+                Reach::Fail
+            ),
+            "the device must not write into a read-only grant"
+        );
+        assert!(matches!(
+            map.reach(&mut u, 1, &segs(ro), 4096, true, true),
+            Reach::Submit(Data::Mapped)
+        ));
+        assert_eq!(
+            map.cached(),
+            1,
+            "cached read-only, for writes and indirect pages"
+        );
+        // Slot 0 kept nothing: mapping it again works (its iovecs were reset).
+        let rw = dom.grant(0, 2, Access::ReadWrite).unwrap();
+        assert!(matches!(
+            map.reach(&mut u, 0, &segs(rw), 4096, false, true),
+            Reach::Submit(Data::Mapped)
+        ));
+    }
+
+    #[test]
+    fn completed_mappings_are_unmapped_only_after_their_grace() {
+        let dir = TempDir::new("gm-grace");
+        let (dom, mut map, _) = setup(&dir);
+        let g = dom.grant(0, 1, Access::ReadWrite).unwrap();
+        let m = map
+            .platform
+            .grant_mapper()
+            .map(FRONT, &[g], Access::ReadWrite)
+            .unwrap();
+        let done = Instant::now();
+        map.completed(vec![Arc::new(m)], done);
+        map.tick(done);
+        assert!(dom.grant_in_use(g), "still mapped within the grace");
+        map.tick(done + GRACE);
+        assert!(!dom.grant_in_use(g), "unmapped once the grace is over");
+    }
+
+    #[test]
+    fn indirect_pages_come_through_the_persistent_cache() {
+        let dir = TempDir::new("gm-ind");
+        let (dom, mut map, stats) = setup(&dir);
+        let g = dom.grant(0, 3, Access::ReadOnly).unwrap();
+        dom.page(3).unwrap().write_from(16, b"segments").unwrap();
+        let mut pages = [IndirectPage::new()];
+        map.fetch_indirect(&[g], &mut pages).unwrap();
+        assert_eq!(&pages[0].as_bytes_mut()[16..24], b"segments");
+        map.fetch_indirect(&[g], &mut pages).unwrap();
+        assert_eq!(stats.snapshot().pgrant_hits, 1);
+        assert!(map.fetch_indirect(&[4000], &mut pages).is_err());
+        map.close();
+        assert!(!dom.grant_in_use(g), "closing releases the cache");
+    }
+
+    #[test]
+    fn nothing_waits_for_a_copy_in_map_mode() {
+        let dir = TempDir::new("gm-copy");
+        let (_dom, mut map, _) = setup(&dir);
+        let mut failed = Vec::new();
+        map.copy(&mut [], &[0, 1], &mut failed);
+        assert_eq!(failed, [true, true]);
+    }
+}
