@@ -28,6 +28,9 @@ pub(super) enum QueueError {
     /// Unmasking the port failed.
     #[error("unmask: {0}")]
     Unmask(#[source] EvtchnError),
+    /// The ring's mapping is not writable (it is always mapped read-write).
+    #[error("the shared ring is mapped read-only")]
+    ReadOnlyRing,
     /// The responses could not be pushed.
     #[error("pushing responses: {0}")]
     Push(#[source] RingError),

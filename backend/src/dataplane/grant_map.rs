@@ -18,6 +18,17 @@ use super::slot::Slot;
 use super::stats::Meter;
 use super::uring::{Data, Uring};
 
+/// Why a request's pages could not be mapped (a guest can cause each: logged at debug level).
+#[derive(Debug, thiserror::Error)]
+enum MapError {
+    /// The map call failed.
+    #[error("{0}")]
+    Grant(#[from] GrantError),
+    /// A segment lies outside its mapping, or the device would write into a read-only one.
+    #[error("segment: {0}")]
+    Segment(rustix::io::Errno),
+}
+
 /// Grant map through the persistent cache.
 pub(super) struct GrantMap {
     platform: Arc<dyn Platform>,
@@ -125,18 +136,18 @@ impl GrantMap {
         slot: usize,
         segs: &Segments,
         write: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), MapError> {
         let grefs = segs.as_slice().iter().map(|s| s.gref);
-        let once = self.lookup(grefs, write).map_err(|e| e.to_string())?;
+        let once = self.lookup(grefs, write)?;
         let mut k = 0;
         for (i, seg) in segs.as_slice().iter().enumerate() {
             let (m, base) = self
                 .page(i, &once, &mut k)
-                .ok_or("segment without a mapping")?;
+                .ok_or(GrantError::Invalid("segment without a mapping"))?;
             let (offset, len) = (seg.offset_bytes() as usize, seg.len_bytes() as usize);
             uring
                 .map_segment(slot, m, base + offset, len, write)
-                .map_err(|e| e.to_string())?;
+                .map_err(MapError::Segment)?;
         }
         Ok(())
     }

@@ -233,10 +233,7 @@ impl Queue {
 
     fn serve(&mut self) -> Result<(), QueueError> {
         let ring_map = Arc::clone(&self.ring_map);
-        // Checked writable when the queue was set up.
-        let Some(mem) = ring_map.writable() else {
-            return Ok(());
-        };
+        let mem = ring_map.writable().ok_or(QueueError::ReadOnlyRing)?;
         self.wake.arm(&mut self.uring)?;
         let stop = Arc::clone(&self.stop_fd);
         self.uring
