@@ -131,6 +131,14 @@ impl Slots {
         self.slots.get_mut(i)
     }
 
+    /// Moves slot `i` on to `state` (`InFlight` once submitted, `CopyIn`/`CopyOut` with its
+    /// region).
+    pub(super) fn set(&mut self, i: usize, state: State) {
+        if let Some(s) = self.slots.get_mut(i) {
+            s.state = state;
+        }
+    }
+
     /// Leaves slot `i` `Deferred` as the one waiting to start; `true` when this is the first
     /// time its request waits for a resource (`out_of_resources`), to be counted in `oo_req`.
     pub(super) fn defer(&mut self, i: usize, out_of_resources: bool) -> bool {

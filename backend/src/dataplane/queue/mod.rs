@@ -16,7 +16,7 @@ use ring::{BackRing, DeviceLimits, IndirectPage, Parsed, ProtocolViolation, Ring
 use shmem::SharedMem;
 use xen::{Access, GrantError, GrantMapping, GrantStatus};
 
-use super::bounce::BouncePool;
+use super::bounce::{BounceMem, BouncePool};
 use super::error::QueueError;
 use super::grant_access::GrantAccess;
 use super::grant_copy::GrantCopy;
@@ -103,11 +103,6 @@ impl Queue {
             .max_indirect_segments
             .min(ring::MAX_INDIRECT_SEGMENTS as u16);
         let max_segs = usize::from(max_indirect).max(ring::MAX_SEGMENTS_PER_REQUEST);
-        // Only persistent grants are mapped: a frontend without them (FreeBSD's, or Linux's
-        // with feature_persistent=0) ends each grant as soon as its response arrives, which
-        // with mappings would mean unmapping right after every completion, while the kernel
-        // may still hold the pages (issue 21). Its data is grant-copied, as QEMU's qdisk does.
-        let copy = p.grant_mode == GrantMode::Copy || !p.persistent_grants;
         let mut evtchn = p
             .platform
             .open_event_channel()
@@ -122,36 +117,7 @@ impl Queue {
             .bind_interdomain(p.frontend, p.port)
             .map_err(DataplaneError::EventChannel)?;
         let wake = Wake::new(evtchn, local_port, p.poll);
-        let meter: Arc<dyn Meter> = Arc::clone(&p.stats) as Arc<dyn Meter>;
-        let (grants, bounce): (Box<dyn GrantAccess>, _) = if copy {
-            let nr_large = if max_indirect > 0 { LARGE_REGIONS } else { 0 };
-            let pool = BouncePool::new(size, max_segs, nr_large).map_err(DataplaneError::Uring)?;
-            let mem = Arc::clone(pool.mem());
-            let grants = GrantCopy::new(
-                Arc::clone(&p.platform),
-                p.frontend,
-                pool,
-                meter,
-                p.name.clone(),
-            );
-            (Box::new(grants), Some(mem))
-        } else {
-            let pgrants = PersistentGrants::new(
-                p.frontend,
-                p.max_persistent_grants,
-                p.persistent_grant_timeout,
-                Arc::clone(&meter),
-            );
-            let grants = GrantMap::new(
-                Arc::clone(&p.platform),
-                p.frontend,
-                pgrants,
-                p.unmap_grace,
-                meter,
-                p.name.clone(),
-            );
-            (Box::new(grants), None)
-        };
+        let (grants, bounce) = grant_access(&p, size, max_segs, max_indirect)?;
         let files = [p.device.fd(), wake.evtchn().as_fd(), stop_fd.as_fd()];
         let uring = Uring::new(size, max_segs, bounce, &files).map_err(DataplaneError::Uring)?;
         Ok(Self {
@@ -452,4 +418,46 @@ impl Queue {
             tracing::error!(queue = %self.name, "writing a response: {e}");
         }
     }
+}
+
+/// A grant mode's way to guest memory, and the bounce memory its io_uring registers.
+type ReachGuest = (Box<dyn GrantAccess>, Option<Arc<BounceMem>>);
+
+/// The grant mode's way to guest memory for a queue of `size` slots, and the bounce memory to
+/// register with its io_uring (copy mode).
+fn grant_access(
+    p: &QueueParams,
+    size: usize,
+    max_segs: usize,
+    max_indirect: u16,
+) -> Result<ReachGuest, DataplaneError> {
+    let meter = Arc::clone(&p.stats) as Arc<dyn Meter>;
+    // Only persistent grants are mapped: a frontend without them (FreeBSD's, or Linux's with
+    // feature_persistent=0) ends each grant as soon as its response arrives, which with
+    // mappings would mean unmapping right after every completion, while the kernel may still
+    // hold the pages (issue 21). Its data is grant-copied, as QEMU's qdisk does.
+    let copy = p.grant_mode == GrantMode::Copy || !p.persistent_grants;
+    if copy {
+        let nr_large = if max_indirect > 0 { LARGE_REGIONS } else { 0 };
+        let pool = BouncePool::new(size, max_segs, nr_large).map_err(DataplaneError::Uring)?;
+        let mem = Arc::clone(pool.mem());
+        let platform = Arc::clone(&p.platform);
+        let grants = GrantCopy::new(platform, p.frontend, pool, meter, p.name.clone());
+        return Ok((Box::new(grants), Some(mem)));
+    }
+    let pgrants = PersistentGrants::new(
+        p.frontend,
+        p.max_persistent_grants,
+        p.persistent_grant_timeout,
+        Arc::clone(&meter),
+    );
+    let grants = GrantMap::new(
+        Arc::clone(&p.platform),
+        p.frontend,
+        pgrants,
+        p.unmap_grace,
+        meter,
+        p.name.clone(),
+    );
+    Ok((Box::new(grants), None))
 }

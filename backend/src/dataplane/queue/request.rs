@@ -23,12 +23,6 @@ fn data_len(nr_sectors: u64) -> usize {
 }
 
 impl Queue {
-    fn set_state(&mut self, slot: usize, state: State) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.state = state;
-        }
-    }
-
     /// Issues a validated request in slot `slot` (`Deferred`), or leaves it deferred when it
     /// must wait.
     pub(super) fn start(&mut self, mem: &SharedMem<'_>, slot: usize) {
@@ -59,7 +53,7 @@ impl Queue {
             Op::Flush(_) => {
                 self.stats.count(Count::Flush);
                 match self.uring.submit_fsync(slot, fd) {
-                    Ok(()) => self.set_state(slot, State::InFlight),
+                    Ok(()) => self.slots.set(slot, State::InFlight),
                     Err(e) => {
                         tracing::error!(queue = %self.name, "submitting a flush: {e}");
                         self.finish(mem, slot, Status::Error);
@@ -91,7 +85,7 @@ impl Queue {
                     return self.finish(mem, slot, status);
                 }
                 match self.uring.submit_discard(slot, fd, block, offset, len) {
-                    Ok(()) => self.set_state(slot, State::InFlight),
+                    Ok(()) => self.slots.set(slot, State::InFlight),
                     Err(e) => {
                         tracing::error!(queue = %self.name, "submitting a discard: {e}");
                         self.finish(mem, slot, Status::Error);
@@ -144,7 +138,7 @@ impl Queue {
                     offset,
                     fsync,
                 };
-                self.set_state(slot, state);
+                self.slots.set(slot, state);
             }
             Reach::Submit(data) => {
                 self.stats.count(count);
@@ -167,7 +161,7 @@ impl Queue {
             .uring
             .submit_rw(slot, device.fd(), write, offset, data, fsync)
         {
-            Ok(()) => self.set_state(slot, State::InFlight),
+            Ok(()) => self.slots.set(slot, State::InFlight),
             Err((e, region)) => {
                 tracing::error!(queue = %self.name, "submitting I/O: {e}");
                 if let Some(r) = region {
@@ -252,7 +246,7 @@ impl Queue {
         match (result, region, op) {
             (Ok(()), Some(region), Op::Read(t)) => {
                 let len = data_len(t.nr_sectors);
-                self.set_state(slot, State::CopyOut { region, len });
+                self.slots.set(slot, State::CopyOut { region, len });
             }
             (result, region, _) => {
                 if let Some(r) = region {
