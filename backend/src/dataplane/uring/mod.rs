@@ -208,11 +208,13 @@ impl Uring {
         }
         let mut sq = self.ring.submission();
         // SAFETY: every pointer in these entries refers to memory this Uring keeps alive until
-        // the entry's completion is reaped: bounce regions and iovec arrays and grant mapping
-        // guards are owned by the slot's `Flight` entry (its `pending` count keeps them there),
-        // timespecs are fields of self (the kernel copies them when it reads the SQE), and the
-        // fds are owned by the queue, which drops this Uring (waiting for all completions)
-        // before closing them.
+        // the entry's completion is reaped: a bounce region (exclusive use of its bytes) and
+        // iovec arrays and grant mapping guards are owned by the slot's `Flight` entry (its
+        // `pending` count keeps them there), the bounce memory itself by `self.bounce`;
+        // timespecs are fields of self (the kernel copies them when it reads the SQE); the
+        // fds are owned by the queue, which drops this Uring (waiting for all completions, or
+        // leaking what they point at) before closing them, and the kernel holds its own
+        // reference to a registered file.
         unsafe { sq.push_multiple(entries) }.map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))
     }
 
