@@ -36,7 +36,7 @@ use xen::{DomId, Platform};
 
 use crate::acquire::{self, DeviceNodes, DeviceSource};
 use crate::advertise::{DeviceInfo, Features};
-use crate::dataplane::{self, GrantMode, QueueExit, QueueHandle, QueueParams, Stats};
+use crate::dataplane::{self, GrantMode, Observer, QueueExit, QueueHandle, QueueParams, Stats};
 use crate::dev_error::{errno, DevError};
 use crate::device::{Device, DeviceOptions};
 use crate::frontend_config::{read_frontend_config, BackendLimits, FrontendConfig};
@@ -70,6 +70,8 @@ pub struct ServeConfig {
     pub poll: Duration,
     /// Where to keep the statistics, if anywhere.
     pub stats_file: Option<PathBuf>,
+    /// Who watches the queues (`--record`), if anyone.
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -202,6 +204,7 @@ struct Backend {
     features: Features,
     grant_mode: GrantMode,
     poll: Duration,
+    observer: Option<Arc<dyn Observer>>,
     device_options: DeviceOptions,
     source: DeviceSource,
     listener: Option<OwnedFd>,
@@ -284,6 +287,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         features: config.features,
         grant_mode: config.grant_mode,
         poll: config.poll,
+        observer: config.observer,
         device_options: config.device_options,
         source: config.source,
         listener: None,
@@ -701,6 +705,7 @@ impl Backend {
             );
             params.grant_mode = self.grant_mode;
             params.poll = self.poll;
+            params.observer = self.observer.clone();
             params.persistent_grants = config.persistent_grants;
             params.max_indirect_segments = u16::try_from(
                 self.features

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use backend::acquire::DeviceSource;
 use backend::advertise::Features;
-use backend::dataplane::GrantMode;
+use backend::dataplane::{GrantMode, Observer};
 use backend::device::DeviceOptions;
 use backend::serve::{BackendPath, Outcome, ServeConfig};
 use backend::{serve, stats_file, supervise};
@@ -246,11 +246,14 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    if let Err(e) = setup_recording(&cli) {
-        eprintln!("blkbackd: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    match run(cli.command, cli.verbose) {
+    let recorder = match setup_recording(&cli) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("blkbackd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli.command, cli.verbose, recorder) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blkbackd: {e:#}");
@@ -274,11 +277,12 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-/// `--record`: `serve` records itself; `demo` passes it to its backend (through the
-/// environment), with the fresh image's content known to be zero.
-fn setup_recording(cli: &Cli) -> anyhow::Result<()> {
+/// `--record`: `serve` records itself (the recorder returned here observes its queues);
+/// `demo` passes it to its backend (through the environment), with the fresh image's content
+/// known to be zero.
+fn setup_recording(cli: &Cli) -> anyhow::Result<Option<Arc<dyn Observer>>> {
     let Some(path) = &cli.record else {
-        return Ok(());
+        return Ok(None);
     };
     match &cli.command {
         Command::Serve(_) => {
@@ -290,7 +294,7 @@ fn setup_recording(cli: &Cli) -> anyhow::Result<()> {
             let rec =
                 backend::replay::Recorder::create(path, initial, "recorded by blkbackd serve")
                     .with_context(|| format!("creating {}", path.display()))?;
-            backend::replay::Recorder::install(rec);
+            return Ok(Some(rec));
         }
         Command::Demo(args) => {
             let abs = std::path::absolute(path).context("--record")?;
@@ -301,7 +305,7 @@ fn setup_recording(cli: &Cli) -> anyhow::Result<()> {
         }
         _ => bail!("--record applies to serve and demo only"),
     }
-    Ok(())
+    Ok(None)
 }
 
 fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
@@ -325,9 +329,9 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(command: Command, verbose: u8) -> anyhow::Result<()> {
+fn run(command: Command, verbose: u8, recorder: Option<Arc<dyn Observer>>) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(args, recorder),
         Command::Supervise(args) => run_supervise(args),
         Command::Demo(args) => demo::run(&args, verbose, &mut std::io::stdout().lock()),
         Command::Stats(args) => run_stats(&args),
@@ -356,7 +360,7 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Result<()> {
     // Everything the command line says is checked before anything is opened.
     let platform_config = parse_platform(&args.platform)?;
     let given_path = args
@@ -433,6 +437,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         grant_mode: args.tuning.grant_mode(),
         poll: Duration::from_micros(args.tuning.poll_us.into()),
         stats_file: Some(stats_file),
+        observer: recorder,
     };
     let stop = stop_flag()?;
     match serve::serve(config, &stop).with_context(|| format!("serving {}", backend_path.path))? {

@@ -549,7 +549,7 @@ impl<'a> Replay<'a> {
         };
         p.stats = Arc::clone(&self.stats);
         p.name = format!("replay-q{q}");
-        p.recorder = None;
+        p.observer = None;
         let handle =
             spawn_queue(p).map_err(|e| self.differs(format!("queue {q} did not start: {e}")))?;
         self.summary.queues_started += 1;

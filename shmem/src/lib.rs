@@ -17,7 +17,9 @@
 )]
 
 mod owned;
+mod read_only;
 mod region;
 
 pub use owned::OwnedMem;
+pub use read_only::ReadOnlyMem;
 pub use region::{OutOfBounds, SharedMem, PAGE_SIZE};

@@ -86,7 +86,10 @@ fn suite_map_shares_memory_both_ways(c: &Ctx<'_>) {
     m.mem().read_into(0, &mut got).unwrap();
     assert_eq!(&got[..4096], &pattern(1)[..], "first ref is the first page");
     assert_eq!(&got[4096..], &pattern(2)[..]);
-    m.mem().write_from(4096 + 100, b"from the backend").unwrap();
+    m.writable()
+        .unwrap()
+        .write_from(4096 + 100, b"from the backend")
+        .unwrap();
     assert_eq!(g.read(2, 100, 16), b"from the backend");
     g.write(1, 7, b"guest");
     let mut b = [0u8; 5];
@@ -110,6 +113,10 @@ fn suite_readonly_grants_map_readonly_only(c: &Ctx<'_>) {
     let mut got = vec![0; 4096];
     m.mem().read_into(0, &mut got).unwrap();
     assert_eq!(got, pattern(3));
+    assert!(
+        m.writable().is_none(),
+        "safe code gets no writable view of a read-only mapping"
+    );
 }
 
 fn suite_map_batch_with_a_bad_ref_fails_whole(c: &Ctx<'_>) {
@@ -692,7 +699,7 @@ fn destroyed_domain_fails_new_grant_operations_only() {
         &b, b"still here",
         "a dying domain's mapped pages stay until unmapped"
     );
-    m.mem().write_u8(0, 1).unwrap();
+    m.writable().unwrap().write_u8(0, 1).unwrap();
     assert_eq!(
         map_status(&backend, 5, &[r2], Access::ReadOnly),
         GrantStatus::BadDomain
@@ -764,8 +771,15 @@ fn readonly_mapping_write_child() {
         .map(5, &[gref.parse().unwrap()], Access::ReadOnly)
         .unwrap();
     m.mem().read_u8(0).unwrap();
+    assert!(
+        m.writable().is_none(),
+        "no writable view of a read-only mapping"
+    );
     eprintln!("mapped read-only; writing");
-    let _ = m.mem().write_u8(0, 0x42);
+    let p = m.mem().as_ptr().cast_mut();
+    // SAFETY: none: this child writes to a read-only mapping on purpose, to show that the
+    // page tables refuse it (it dies of SIGSEGV before the write lands); safe code cannot.
+    unsafe { std::ptr::write_volatile(p, 0x42) };
     eprintln!("write to a read-only mapping did not fault");
     std::process::exit(0);
 }

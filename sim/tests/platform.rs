@@ -128,7 +128,7 @@ fn backend_child() {
     let mut req = [0u8; 7];
     m.mem().read_into(0, &mut req).unwrap();
     assert_eq!(&req, b"request");
-    m.mem().write_from(100, b"response").unwrap();
+    m.writable().unwrap().write_from(100, b"response").unwrap();
     drop(m);
     let mut ops = [CopyOp::ToGuest {
         src: b"copied",

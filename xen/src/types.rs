@@ -2,7 +2,7 @@
 
 use std::ptr::NonNull;
 
-use shmem::{SharedMem, PAGE_SIZE};
+use shmem::{ReadOnlyMem, SharedMem, PAGE_SIZE};
 
 /// A Xen domain id.
 pub type DomId = u16;
@@ -113,7 +113,7 @@ pub struct GrantMapping {
 // SAFETY: the mapping is plain memory owned by this value; it is only accessed through
 // SharedMem (volatile/atomic), and the unmapper is Send + Sync.
 unsafe impl Send for GrantMapping {}
-// SAFETY: &GrantMapping only hands out SharedMem views.
+// SAFETY: &GrantMapping only hands out SharedMem and ReadOnlyMem views.
 unsafe impl Sync for GrantMapping {}
 
 impl std::fmt::Debug for GrantMapping {
@@ -148,12 +148,22 @@ impl GrantMapping {
         }
     }
 
-    /// The mapped pages. For a read-only mapping, writing through the view faults: callers
-    /// only read from read-only mappings.
-    pub fn mem(&self) -> SharedMem<'_> {
+    /// The mapped pages, to read. Every mapping can be read.
+    pub fn mem(&self) -> ReadOnlyMem<'_> {
         // SAFETY: the mapping lives until self is dropped, which the view's lifetime forbids
-        // before the view is gone; no Rust reference to the pages exists.
-        unsafe { SharedMem::from_raw(self.addr, self.pages * PAGE_SIZE) }
+        // before the view is gone; no Rust reference to the pages exists; the view is made
+        // read-only before it leaves, so a read-only mapping is only ever read.
+        ReadOnlyMem::from(unsafe { SharedMem::from_raw(self.addr, self.pages * PAGE_SIZE) })
+    }
+
+    /// The mapped pages, to read and write; `None` for a read-only mapping (writing to it
+    /// would fault), so that safe code cannot write where the page tables forbid it.
+    pub fn writable(&self) -> Option<SharedMem<'_>> {
+        if self.access != Access::ReadWrite {
+            return None;
+        }
+        // SAFETY: as in `mem`; the mapping was made read-write (checked above).
+        Some(unsafe { SharedMem::from_raw(self.addr, self.pages * PAGE_SIZE) })
     }
 
     /// Number of pages mapped.

@@ -33,6 +33,19 @@
 //! Completions are answered field by field, pushed once per pass, with one notification if
 //! `rsp_event` asks for it. See `queue` for the loop and `uring` for buffer ownership.
 //!
+//! # Pieces
+//! - `queue`: the loop, driving the pieces below; it alone knows them all.
+//! - `slot`: the in-flight table, one state machine per ring slot (what the request waits
+//!   for, owning its bounce region while no I/O is in flight).
+//! - `grant_access`: one trait, one implementation per [`GrantMode`]: `grant_copy` (bounce
+//!   regions from `bounce`, batched grant copies) and `grant_map` (the `persistent` cache,
+//!   mappings `retire`d after their grace).
+//! - `uring`: the io_uring executor (submit, reap), owner of whatever the kernel points at.
+//! - `wake`: the wake-up policy: events, late EOI, polling, notify suppression.
+//! - `stats`: the counters, which the pieces feed through a narrow `Meter`; `observer`: the
+//!   narrow interface to whoever watches a queue ([`Observer`], the `--record` trace).
+//! - `error`: why a running queue fails.
+//!
 //! # Semantics
 //! - Reads and writes use `O_DIRECT` (see [`crate::device`]); flush is an `fdatasync` of the
 //!   device, so it completes once the data is durable; a flush or barrier carrying data is the
@@ -58,11 +71,19 @@
 //!   free waits, counted in `oo_req`), all registered with the io_uring (pinned: about 30 MiB
 //!   for a 16-page ring with 256 indirect segments).
 
+mod bounce;
+mod error;
+mod grant_access;
+mod grant_copy;
+mod grant_map;
+mod observer;
 mod persistent;
 mod queue;
 mod retire;
+mod slot;
 mod stats;
 mod uring;
+mod wake;
 
 #[cfg(test)]
 mod tests;
@@ -78,6 +99,7 @@ use xen::{DomId, GrantRef, Platform, Port};
 
 use crate::device::Device;
 
+pub use observer::{Observer, QueueObserver};
 pub use persistent::{DEFAULT_MAX_PERSISTENT_GRANTS, DEFAULT_PERSISTENT_GRANT_TIMEOUT};
 pub use stats::{Stats, StatsSnapshot};
 
@@ -160,8 +182,8 @@ pub struct QueueParams {
     pub name: String,
     /// Called on the queue's thread when it exits for any reason.
     pub on_exit: Option<Box<dyn FnOnce() + Send>>,
-    /// Record a trace of this queue (`--record`); default: the process's installed recorder.
-    pub recorder: Option<Arc<crate::replay::Recorder>>,
+    /// Who watches this queue (`--record`'s trace recorder); default: nobody.
+    pub observer: Option<Arc<dyn Observer>>,
     /// Busy-poll this long for new requests and completions before sleeping (`--poll-us`;
     /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
     /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
@@ -215,7 +237,7 @@ impl QueueParams {
             stats: Arc::new(Stats::new()),
             name: format!("blkback-d{frontend}"),
             on_exit: None,
-            recorder: crate::replay::Recorder::installed(),
+            observer: None,
             poll: Duration::ZERO,
         }
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use xen::{Access, DomId, GrantError, GrantMapper, GrantMapping, GrantRef};
 
 use super::retire::Retired;
-use super::stats::Stats;
+use super::stats::{Count, Meter};
 
 /// Linux's `xen_blkif_max_pgrants` default.
 pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
@@ -52,11 +52,16 @@ pub(super) struct PersistentGrants {
     /// A grant was wanted while the cache was full since the last purge (Linux's
     /// `overflow_max_grants`): only then does a full cache give up its least recently used.
     overflowed: bool,
-    stats: Arc<Stats>,
+    meter: Arc<dyn Meter>,
 }
 
 impl PersistentGrants {
-    pub(super) fn new(frontend: DomId, max: usize, timeout: Duration, stats: Arc<Stats>) -> Self {
+    pub(super) fn new(
+        frontend: DomId,
+        max: usize,
+        timeout: Duration,
+        meter: Arc<dyn Meter>,
+    ) -> Self {
         Self {
             frontend,
             max,
@@ -64,7 +69,7 @@ impl PersistentGrants {
             map: HashMap::with_capacity(max.min(4096)),
             next_purge: Instant::now() + LRU_INTERVAL,
             overflowed: false,
-            stats,
+            meter,
         }
     }
 
@@ -115,7 +120,7 @@ impl PersistentGrants {
                 return Ok(None);
             }
             e.last_used = now;
-            Stats::add(&self.stats.pgrant_hits, 1);
+            self.meter.count(Count::PgrantHit);
             return Ok(Some(Arc::clone(&e.mapping)));
         }
         if self.map.len() >= self.max {
@@ -125,7 +130,7 @@ impl PersistentGrants {
         // Persistent grants are mapped writable, as Linux does: the same page serves reads
         // and writes over its lifetime.
         let (mapping, writable) = match map_counted(
-            &self.stats,
+            &*self.meter,
             mapper,
             self.frontend,
             &[gref],
@@ -134,7 +139,7 @@ impl PersistentGrants {
             Ok(m) => (m, true),
             Err(_) if read_only_ok => (
                 map_counted(
-                    &self.stats,
+                    &*self.meter,
                     mapper,
                     self.frontend,
                     &[gref],
@@ -191,7 +196,7 @@ impl PersistentGrants {
         let dropped = gone.len();
         let mappings = gone.iter().filter_map(|g| self.map.remove(g));
         retired.retire_all(mappings.map(|e| e.mapping), now);
-        Stats::add(&self.stats.pgrant_purged, dropped as u64);
+        self.meter.count(Count::PgrantPurged(dropped));
         dropped
     }
 
@@ -203,19 +208,18 @@ impl PersistentGrants {
     }
 }
 
-/// `mapper.map`, counted in `stats` (`map_calls`, `map_pages`, `map_failures`).
+/// `mapper.map`, counted by `meter`.
 pub(super) fn map_counted(
-    stats: &Stats,
+    meter: &dyn Meter,
     mapper: &dyn GrantMapper,
     domid: DomId,
     refs: &[GrantRef],
     access: Access,
 ) -> Result<GrantMapping, GrantError> {
-    Stats::add(&stats.map_calls, 1);
     let r = mapper.map(domid, refs, access);
-    match &r {
-        Ok(_) => Stats::add(&stats.map_pages, refs.len() as u64),
-        Err(_) => Stats::add(&stats.map_failures, 1),
-    }
+    meter.count(Count::Map {
+        pages: refs.len(),
+        ok: r.is_ok(),
+    });
     r
 }

@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Declares [`Stats`] and [`StatsSnapshot`] from one list, so that a counter is named once.
 /// Each entry is `kind name: doc`; `sum` counters and gauges add up when snapshots merge,
@@ -121,17 +121,209 @@ impl Stats {
         Self::default()
     }
 
-    pub(super) fn add(counter: &AtomicU64, n: u64) {
+    fn add(counter: &AtomicU64, n: u64) {
         // Queues of one device may share the counters.
         counter.fetch_add(n, Ordering::Relaxed);
     }
+}
 
-    pub(super) fn record_latency(&self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        Self::add(&self.completed, 1);
-        Self::add(&self.latency_ns_sum, ns);
-        self.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
+/// One thing the data plane counts: what its pieces report through [`Meter`], never touching
+/// the counters themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Count {
+    /// A request had to wait for a resource before it could be issued (`oo_req`).
+    Waited,
+    /// A read of this many sectors was issued.
+    Read(u64),
+    /// A write of this many sectors was issued.
+    Write(u64),
+    /// A flush or barrier was issued.
+    Flush,
+    /// A discard was issued.
+    Discard,
+    /// A response other than `BLKIF_RSP_OKAY` was written.
+    Error,
+    /// An event-channel wake-up was handled.
+    Event,
+    /// A wake-up found no request.
+    Spurious,
+    /// The frontend was notified.
+    Notify,
+    /// One `io_uring_enter`.
+    UringEnter,
+    /// One grant-copy batch of this many segments.
+    CopyBatch(usize),
+    /// One grant-map call of `pages` pages, `ok` or failed.
+    Map {
+        /// Pages asked for.
+        pages: usize,
+        /// The call succeeded.
+        ok: bool,
+    },
+    /// A page was found in the persistent-grant cache.
+    PgrantHit,
+    /// This many persistent grants were dropped from the cache.
+    PgrantPurged(usize),
+    /// A request issued was answered this long after it was taken off the ring.
+    Answered(Duration),
+}
+
+/// Where the data plane's pieces report what they did.
+pub(super) trait Meter: Send + Sync + std::fmt::Debug {
+    /// Counts `c`.
+    fn count(&self, c: Count);
+}
+
+impl Meter for Stats {
+    fn count(&self, c: Count) {
+        let one = |counter: &AtomicU64| Self::add(counter, 1);
+        match c {
+            Count::Waited => one(&self.oo_req),
+            Count::Read(sectors) => {
+                one(&self.rd_req);
+                Self::add(&self.rd_sect, sectors);
+            }
+            Count::Write(sectors) => {
+                one(&self.wr_req);
+                Self::add(&self.wr_sect, sectors);
+            }
+            Count::Flush => one(&self.f_req),
+            Count::Discard => one(&self.ds_req),
+            Count::Error => one(&self.errors),
+            Count::Event => one(&self.events),
+            Count::Spurious => one(&self.spurious_events),
+            Count::Notify => one(&self.notifies),
+            Count::UringEnter => one(&self.uring_enters),
+            Count::CopyBatch(segs) => {
+                one(&self.copy_calls);
+                Self::add(&self.copy_segs, segs as u64);
+            }
+            Count::Map { pages, ok } => {
+                one(&self.map_calls);
+                if ok {
+                    Self::add(&self.map_pages, pages as u64);
+                } else {
+                    one(&self.map_failures);
+                }
+            }
+            Count::PgrantHit => one(&self.pgrant_hits),
+            Count::PgrantPurged(n) => Self::add(&self.pgrant_purged, n as u64),
+            Count::Answered(d) => {
+                let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+                one(&self.completed);
+                Self::add(&self.latency_ns_sum, ns);
+                self.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
+            }
+        }
     }
+}
+
+/// One queue's share of the shared gauges (`in_flight`, `persistent_grants`), moved by its
+/// own change so that queues sharing one [`Stats`] add up instead of overwriting each other.
+#[derive(Debug, Default)]
+pub(super) struct GaugeShare {
+    in_flight: u64,
+    persistent_grants: u64,
+}
+
+impl GaugeShare {
+    /// Moves the gauges of `stats` to this queue's `in_flight` and `persistent_grants`.
+    pub(super) fn sync(&mut self, stats: &Stats, in_flight: u64, persistent_grants: u64) {
+        for (gauge, last, now) in [
+            (&stats.in_flight, &mut self.in_flight, in_flight),
+            (
+                &stats.persistent_grants,
+                &mut self.persistent_grants,
+                persistent_grants,
+            ),
+        ] {
+            if now > *last {
+                gauge.fetch_add(now - *last, Ordering::Relaxed);
+            } else {
+                gauge.fetch_sub(*last - now, Ordering::Relaxed);
+            }
+            *last = now;
+        }
+    }
+}
+
+/// A pause this long between two wake-ups ends a burst of activity, whose counters are then
+/// logged (target [`ACTIVITY_TARGET`], debug level).
+const ACTIVITY_GAP: Duration = Duration::from_secs(1);
+/// The tracing target of the per-burst counters: `RUST_LOG=info,blkbackd::activity=debug`
+/// shows what each burst of requests cost (tests/e2e's perf workload pauses between figures).
+const ACTIVITY_TARGET: &str = "blkbackd::activity";
+
+/// What each burst of activity cost, logged when it ends.
+#[derive(Debug)]
+pub(super) struct Bursts {
+    /// The counters when the current burst began (the shared counters: with several queues a
+    /// burst line covers all of them).
+    start: StatsSnapshot,
+    /// When the queue was last active.
+    last_active: Instant,
+    /// When the current burst's first wake-up came, and this thread's CPU time then.
+    began: Option<Instant>,
+    cpu: Duration,
+}
+
+impl Bursts {
+    pub(super) fn new() -> Self {
+        Self {
+            start: StatsSnapshot::default(),
+            last_active: Instant::now(),
+            began: None,
+            cpu: Duration::ZERO,
+        }
+    }
+
+    /// The queue woke for an event or a completion (timers are not activity): a wake-up after
+    /// a pause ends the burst before.
+    pub(super) fn active(&mut self, stats: &Stats, queue: &str) {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.last_active) >= ACTIVITY_GAP {
+            self.log(stats, queue);
+        }
+        self.began.get_or_insert(now);
+        self.last_active = now;
+    }
+
+    /// Logs what the burst that just ended cost (when it served any request) and starts the
+    /// next one: the counters' changes, how long the burst lasted (`wall_us`, first to last
+    /// wake-up) and how much of it this thread ran (`cpu_us`, user and system).
+    pub(super) fn log(&mut self, stats: &Stats, queue: &str) {
+        let now = stats.snapshot();
+        let d = now.since(&self.start);
+        self.start = now;
+        let began = self.began.take();
+        if !tracing::enabled!(target: ACTIVITY_TARGET, tracing::Level::DEBUG) {
+            return;
+        }
+        let cpu_now = thread_cpu_time();
+        let cpu = cpu_now.saturating_sub(std::mem::replace(&mut self.cpu, cpu_now));
+        if d.completed == 0 {
+            return;
+        }
+        let wall = began.map_or(Duration::ZERO, |b| {
+            self.last_active.saturating_duration_since(b)
+        });
+        let mut line = format!(" wall_us={} cpu_us={}", wall.as_micros(), cpu.as_micros());
+        for (name, v) in d.fields() {
+            if v != 0 {
+                line.push_str(&format!(" {name}={v}"));
+            }
+        }
+        tracing::debug!(target: ACTIVITY_TARGET, queue = %queue, "burst:{line}");
+    }
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 impl StatsSnapshot {
@@ -170,20 +362,55 @@ mod tests {
     #[test]
     fn since_subtracts_counters_and_keeps_gauges() {
         let s = Stats::new();
-        Stats::add(&s.rd_req, 3);
-        Stats::add(&s.persistent_grants, 5);
+        s.count(Count::Read(1));
+        s.count(Count::Read(1));
+        s.count(Count::Read(1));
+        GaugeShare::default().sync(&s, 0, 5);
         let a = s.snapshot();
-        Stats::add(&s.rd_req, 4);
-        Stats::add(&s.copy_segs, 9);
+        for _ in 0..4 {
+            s.count(Count::Read(2));
+        }
+        s.count(Count::CopyBatch(9));
         s.latency_ns_max.fetch_max(7, Ordering::Relaxed);
         let d = s.snapshot().since(&a);
         assert_eq!(d.rd_req, 4);
+        assert_eq!(d.rd_sect, 8);
         assert_eq!(d.copy_segs, 9);
+        assert_eq!(d.copy_calls, 1);
         assert_eq!(d.persistent_grants, 5);
         assert_eq!(d.latency_ns_max, 7);
         let m = d.merge(&a);
         assert_eq!(m.rd_req, 7);
         assert_eq!(m.persistent_grants, 10);
+    }
+
+    #[test]
+    fn gauge_shares_of_two_queues_add_up() {
+        let s = Stats::new();
+        let (mut a, mut b) = (GaugeShare::default(), GaugeShare::default());
+        a.sync(&s, 3, 10);
+        b.sync(&s, 2, 1);
+        a.sync(&s, 1, 10);
+        assert_eq!(s.snapshot().in_flight, 3);
+        assert_eq!(s.snapshot().persistent_grants, 11);
+        b.sync(&s, 0, 0);
+        assert_eq!(s.snapshot().in_flight, 1);
+    }
+
+    #[test]
+    fn map_calls_count_pages_only_when_they_succeed() {
+        let s = Stats::new();
+        s.count(Count::Map { pages: 4, ok: true });
+        s.count(Count::Map {
+            pages: 4,
+            ok: false,
+        });
+        s.count(Count::Answered(Duration::from_nanos(10)));
+        s.count(Count::Answered(Duration::from_nanos(30)));
+        let v = s.snapshot();
+        assert_eq!((v.map_calls, v.map_pages, v.map_failures), (2, 4, 1));
+        assert_eq!(v.mean_latency(), Some(Duration::from_nanos(20)));
+        assert_eq!(v.latency_ns_max, 30);
     }
 
     #[test]

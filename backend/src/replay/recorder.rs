@@ -2,7 +2,8 @@
 //! simulation: each queue writes what its frontend did (the raw slots it consumed, the pages
 //! those requests name, the events) and what it answered.
 //!
-//! The data plane holds an `Option<QueueRecorder>`: `None` costs one branch per request.
+//! The recorder is the data plane's [`Observer`], passed in with
+//! [`QueueParams::observer`]; a queue without one pays one branch per request.
 //! While recording, the recorder reads the guest pages a request names with its own grant
 //! copies (write data and indirect pages before the request runs, read data after it
 //! completed), so a guest changing a page between the two reads makes the trace differ from
@@ -12,14 +13,14 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use ring::{DeviceLimits, IndirectPage, Op, Parsed, RawRequest, Request, Response, Status};
 use shmem::PAGE_SIZE;
 use xen::{CopyOp, DomId, GrantAddr, GrantStatus, Platform};
 
 use super::format::{page_hex, to_hex, Event, ExitKind, Fnv, GrantAccess, Initial, Mode, VERSION};
-use crate::dataplane::{GrantMode, QueueExit, QueueParams};
+use crate::dataplane::{GrantMode, Observer, QueueExit, QueueObserver, QueueParams};
 
 /// A trace being written, shared by the queues of one backend.
 pub struct Recorder {
@@ -36,8 +37,6 @@ impl std::fmt::Debug for Recorder {
             .finish_non_exhaustive()
     }
 }
-
-static GLOBAL: OnceLock<Arc<Recorder>> = OnceLock::new();
 
 impl Recorder {
     /// Records to `out`; `initial` says what the disk held before.
@@ -66,17 +65,6 @@ impl Recorder {
             initial,
             about,
         ))
-    }
-
-    /// Makes `rec` the recorder every queue started from now on in this process uses
-    /// (`blkbackd serve --record`). Only the first call has an effect.
-    pub fn install(rec: Arc<Self>) {
-        let _ = GLOBAL.set(rec);
-    }
-
-    /// The installed recorder, if any ([`QueueParams::new`] takes it).
-    pub fn installed() -> Option<Arc<Self>> {
-        GLOBAL.get().cloned()
     }
 
     fn write(&self, ev: &Event) {
@@ -127,6 +115,12 @@ impl Recorder {
             pending_sum: None,
             page: vec![0; PAGE_SIZE],
         }
+    }
+}
+
+impl Observer for Recorder {
+    fn queue(self: Arc<Self>, params: &QueueParams) -> Box<dyn QueueObserver> {
+        Box::new(self.attach(params))
     }
 }
 
@@ -187,9 +181,11 @@ impl QueueRecorder {
             pattern: None,
         });
     }
+}
 
+impl QueueObserver for QueueRecorder {
     /// The backend took slot `raw` off the ring (before validating it).
-    pub fn slot(&mut self, raw: &RawRequest, limits: &DeviceLimits) {
+    fn slot(&mut self, raw: &RawRequest, limits: &DeviceLimits) {
         let write = |t: &ring::Transfer| t.segs.as_slice().iter().map(|s| s.gref).collect();
         let (grefs, with_data): (Vec<u32>, bool) = match ring::parse(raw, limits) {
             Ok(Parsed::Ready(req)) => match &req.op {
@@ -230,7 +226,7 @@ impl QueueRecorder {
 
     /// Request `req` is about to be answered with `status`: for a successful read, the
     /// checksum of the data now in the guest's pages.
-    pub fn finishing(&mut self, req: &Request, status: Status) {
+    fn finishing(&mut self, req: &Request, status: Status) {
         let Op::Read(t) = &req.op else { return };
         if status != Status::Okay {
             return;
@@ -247,7 +243,7 @@ impl QueueRecorder {
     }
 
     /// The backend wrote response `rsp`.
-    pub fn response(&mut self, rsp: &Response) {
+    fn response(&mut self, rsp: &Response) {
         let sum = match self.pending_sum.take() {
             Some((id, sum)) if id == rsp.id => Some(sum),
             _ => None,
@@ -262,13 +258,13 @@ impl QueueRecorder {
     }
 
     /// The backend woke up for an event.
-    pub fn event(&mut self) {
+    fn event(&mut self) {
         self.rec.write(&Event::Event { q: self.q });
         self.rec.flush();
     }
 
     /// The queue ended.
-    pub fn exit(&mut self, exit: &QueueExit) {
+    fn exit(&mut self, exit: &QueueExit) {
         let (how, detail) = match exit {
             QueueExit::Stopped => (ExitKind::Stopped, String::new()),
             QueueExit::Protocol(v) => (ExitKind::Protocol, v.to_string()),

@@ -1,0 +1,463 @@
+//! The loop of one queue: event → consume and validate → reach guest memory → SQEs →
+//! completions → responses → notify → re-arm the event.
+//!
+//! The pieces it drives, each in its own module: the in-flight table (`slot`), the grant
+//! mode's way to guest memory (`grant_access`: `grant_copy` or `grant_map`), the io_uring
+//! executor (`uring`, with the `bounce` memory of copy mode), the wake-up policy (`wake`), and
+//! what it reports: counters through `stats`' narrow [`Meter`](super::stats::Meter), the
+//! observer (`observer`) for `--record`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ring::{BackRing, DeviceLimits, IndirectPage, Parsed, ProtocolViolation, RingError, Status};
+use shmem::SharedMem;
+use xen::{Access, GrantError, GrantMapping, GrantStatus};
+
+use super::bounce::{BounceMem, BouncePool};
+use super::error::QueueError;
+use super::grant_access::GrantAccess;
+use super::grant_copy::GrantCopy;
+use super::grant_map::GrantMap;
+use super::observer::QueueObserver;
+use super::persistent::PersistentGrants;
+use super::slot::Slots;
+use super::stats::{Bursts, Count, GaugeShare, Meter, Stats};
+use super::uring::{Control, Reaped, Uring};
+use super::wake::{Polled, Wake};
+use super::{DataplaneError, Features, GrantMode, QueueExit, QueueParams};
+use crate::device::Device;
+
+mod request;
+
+/// Large bounce regions for indirect requests in copy mode (each `max_indirect_segments`
+/// pages); an indirect request that finds none free waits (counted in `oo_req`).
+const LARGE_REGIONS: usize = 8;
+
+/// What the queue's thread owns.
+pub(super) struct Queue {
+    // Field order matters for Drop: the io_uring (which waits for I/O in flight and releases
+    // what it holds) goes first, before anything its operations name (the device fd, the
+    // event channel, grant mappings, bounce memory); then the grant access (persistent
+    // grants, retired mappings), then the ring mapping.
+    uring: Uring,
+    grants: Box<dyn GrantAccess>,
+    ring_map: Arc<GrantMapping>,
+    back: BackRing,
+    wake: Wake,
+    stop_fd: Arc<OwnedFd>,
+    device: Arc<Device>,
+    features: Features,
+    max_indirect_segments: u16,
+    stats: Arc<Stats>,
+    gauges: GaugeShare,
+    bursts: Bursts,
+    /// `--record`: `None` costs one branch per request.
+    observer: Option<Box<dyn QueueObserver>>,
+    on_exit: Option<Box<dyn FnOnce() + Send>>,
+    name: String,
+
+    slots: Slots,
+    /// The kernel has the io_uring discard command (else `BLKDISCARD` from now on).
+    uring_discard: bool,
+    stopping: bool,
+    broken: Option<ProtocolViolation>,
+
+    // Scratch, reused every pass.
+    reaped: Vec<Reaped>,
+    batch: Vec<usize>,
+    failed: Vec<bool>,
+    ind_pages: Vec<IndirectPage>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    pub(super) fn new(p: QueueParams, stop_fd: Arc<OwnedFd>) -> Result<Self, DataplaneError> {
+        let pages = p.ring_refs.len();
+        let observer = p.observer.clone().map(|o| o.queue(&p));
+        if !(pages.is_power_of_two() && pages <= ring::MAX_RING_PAGES) {
+            return Err(DataplaneError::RingPages(pages));
+        }
+        let ring_map = p
+            .platform
+            .grant_mapper()
+            .map(p.frontend, &p.ring_refs, Access::ReadWrite)
+            .map_err(DataplaneError::MapRing)?;
+        let ring_mem = ring_map
+            .writable()
+            .ok_or(DataplaneError::MapRing(GrantError::Invalid(
+                "the ring was mapped read-only",
+            )))?;
+        let back = BackRing::attach(&ring_mem, p.abi, pages).map_err(DataplaneError::Ring)?;
+        let size = back.size() as usize;
+        let max_indirect = p
+            .max_indirect_segments
+            .min(ring::MAX_INDIRECT_SEGMENTS as u16);
+        let max_segs = usize::from(max_indirect).max(ring::MAX_SEGMENTS_PER_REQUEST);
+        let mut evtchn = p
+            .platform
+            .open_event_channel()
+            .map_err(DataplaneError::EventChannel)?;
+        // The handle can bind the frontend's ports only (Linux refuses to restrict to dom0).
+        if p.frontend != 0 {
+            evtchn
+                .restrict(p.frontend)
+                .map_err(DataplaneError::EventChannel)?;
+        }
+        let local_port = evtchn
+            .bind_interdomain(p.frontend, p.port)
+            .map_err(DataplaneError::EventChannel)?;
+        let wake = Wake::new(evtchn, local_port, p.poll);
+        let (grants, bounce) = grant_access(&p, size, max_segs, max_indirect)?;
+        let files = [p.device.fd(), wake.evtchn().as_fd(), stop_fd.as_fd()];
+        let uring = Uring::new(size, max_segs, bounce, &files).map_err(DataplaneError::Uring)?;
+        Ok(Self {
+            uring,
+            grants,
+            ring_map: Arc::new(ring_map),
+            back,
+            wake,
+            stop_fd,
+            device: p.device,
+            features: p.features,
+            max_indirect_segments: max_indirect,
+            stats: p.stats,
+            gauges: GaugeShare::default(),
+            bursts: Bursts::new(),
+            observer,
+            on_exit: p.on_exit,
+            name: p.name,
+            slots: Slots::new(size),
+            uring_discard: true,
+            stopping: false,
+            broken: None,
+            reaped: Vec::with_capacity(size * 2 + 8),
+            batch: Vec::with_capacity(size),
+            failed: Vec::with_capacity(size),
+            ind_pages: (0..ring::MAX_INDIRECT_PAGES)
+                .map(|_| IndirectPage::new())
+                .collect(),
+        })
+    }
+
+    /// Runs the queue until stopped, then tears it down.
+    pub(super) fn run(mut self, finished: &AtomicBool) -> QueueExit {
+        let exit = match self.serve() {
+            Ok(()) => match self.broken {
+                Some(v) => QueueExit::Protocol(v),
+                None => QueueExit::Stopped,
+            },
+            Err(e) => QueueExit::Failed(e.to_string()),
+        };
+        if let Some(o) = self.observer.as_mut() {
+            o.exit(&exit);
+        }
+        if let QueueExit::Protocol(v) = &exit {
+            tracing::warn!(queue = %self.name, "frontend broke the ring protocol, ring halted: {v}");
+        }
+        self.teardown();
+        let on_exit = self.on_exit.take();
+        // Everything is released (I/O drained, grants unmapped, port unbound) before anyone
+        // is told the queue has ended.
+        drop(self);
+        finished.store(true, Ordering::Release);
+        if let Some(f) = on_exit {
+            f();
+        }
+        exit
+    }
+
+    fn teardown(&mut self) {
+        // Drain whatever is still in flight (only after a local failure), retiring its
+        // mappings; then every mapping waits out its grace before the fields drop in order:
+        // io_uring, grant access, ring mapping.
+        let mut reaped = Vec::new();
+        if let Err(e) = self.uring.drain(&mut reaped) {
+            // The io_uring's own drop leaks what it cannot wait for.
+            tracing::error!(queue = %self.name, "io_uring wait failed while draining: {e}");
+        }
+        let now = Instant::now();
+        for r in reaped {
+            if let Reaped::Slot(c) = r {
+                self.grants.completed(c.guards, now);
+            }
+        }
+        self.grants.close();
+        self.sync_gauges();
+        self.bursts.log(&self.stats, &self.name);
+        self.wake.unbind(&self.name);
+    }
+
+    fn serve(&mut self) -> Result<(), QueueError> {
+        let ring_map = Arc::clone(&self.ring_map);
+        let mem = ring_map.writable().ok_or(QueueError::ReadOnlyRing)?;
+        self.wake.arm(&mut self.uring)?;
+        let stop = Arc::clone(&self.stop_fd);
+        self.uring
+            .poll(Control::Stop, stop.as_fd())
+            .map_err(|source| QueueError::Arm {
+                what: "stop poll",
+                source,
+            })?;
+        self.arm_tick()?;
+        loop {
+            let mut reaped = std::mem::take(&mut self.reaped);
+            self.uring.reap(&mut reaped);
+            let mut event = false;
+            // Timers (purge ticks, EOI delays) are not activity: only events and completions.
+            let active = reaped
+                .iter()
+                .any(|r| matches!(r, Reaped::Control(Control::Event) | Reaped::Slot(_)));
+            for r in reaped.drain(..) {
+                match r {
+                    Reaped::Control(Control::Event) => event = true,
+                    Reaped::Control(Control::Stop) => self.stopping = true,
+                    Reaped::Control(Control::EoiTimer) => self.wake.unmask(&mut self.uring)?,
+                    Reaped::Control(Control::Tick) => self.tick()?,
+                    Reaped::Slot(c) => self.complete(&mem, c),
+                }
+            }
+            self.reaped = reaped;
+            if active {
+                self.bursts.active(&self.stats, &self.name);
+            }
+            if event {
+                if let Some(o) = self.observer.as_mut() {
+                    o.event();
+                }
+                self.wake.event(&*self.stats)?;
+            }
+            self.copy(&mem, false);
+            loop {
+                self.slots.take_freed();
+                if let Some(slot) = self.slots.take_deferred() {
+                    self.start(&mem, slot);
+                }
+                if !(self.stopping || self.broken.is_some()) {
+                    let n = self.consume(&mem);
+                    self.wake.consumed(n);
+                }
+                self.copy(&mem, true);
+                // A request that waits (for a barrier's drain or a bounce region) may have
+                // become startable by a slot freed after it was tried, with no completion
+                // left to wake us: try again (the loop ends once nothing more is freed).
+                if !(self.slots.has_deferred() && self.slots.take_freed()) {
+                    break;
+                }
+            }
+            self.wake
+                .after_pass(&mut self.uring, self.slots.is_full(), &*self.stats)?;
+            self.sync_gauges();
+            self.wake
+                .push(&mut self.back, &mem, &*self.stats, &self.name)?;
+            if (self.stopping || self.broken.is_some()) && self.slots.busy() == 0 {
+                return Ok(());
+            }
+            let want = usize::from(!self.uring.has_completions());
+            if want == 1 && self.wake.polls() && !self.stopping {
+                let takes_requests =
+                    self.broken.is_none() && !self.slots.has_deferred() && !self.slots.is_full();
+                let polled = self.wake.poll_for_work(
+                    &mut self.uring,
+                    &mut self.back,
+                    &mem,
+                    takes_requests,
+                    &*self.stats,
+                )?;
+                match polled {
+                    Polled::Work => continue,
+                    Polled::Broken(e) => {
+                        self.ring_error(e);
+                        continue;
+                    }
+                    Polled::Idle => {}
+                }
+            }
+            self.stats.count(Count::UringEnter);
+            self.uring
+                .submit_and_wait(want)
+                .map_err(QueueError::Enter)?;
+        }
+    }
+
+    fn arm_tick(&mut self) -> Result<(), QueueError> {
+        let Some(every) = self.grants.tick_interval() else {
+            return Ok(());
+        };
+        self.uring
+            .timer(Control::Tick, every)
+            .map_err(|source| QueueError::Arm {
+                what: "housekeeping tick",
+                source,
+            })
+    }
+
+    fn tick(&mut self) -> Result<(), QueueError> {
+        self.grants.tick(Instant::now());
+        self.sync_gauges();
+        self.arm_tick()
+    }
+
+    /// Moves the shared gauges by this queue's change since the last call.
+    fn sync_gauges(&mut self) {
+        let busy = self.slots.busy() as u64;
+        let cached = self.grants.cached() as u64;
+        self.gauges.sync(&self.stats, busy, cached);
+    }
+
+    fn limits(&self) -> DeviceLimits {
+        DeviceLimits {
+            sectors: self.device.sectors(),
+            logical_block_size: self.device.logical_block_size(),
+            read_only: self.features.read_only || self.device.read_only(),
+            max_indirect_segments: self.max_indirect_segments,
+            discard: self.features.discard && self.device.discard(),
+            secure_discard: self.features.secure_discard && self.device.secure_discard(),
+        }
+    }
+
+    /// Takes requests off the ring while slots are free. Returns how many were consumed.
+    fn consume(&mut self, mem: &SharedMem<'_>) -> usize {
+        let limits = self.limits();
+        let mut n = 0;
+        loop {
+            while !self.slots.has_deferred() && !self.slots.is_full() {
+                match self.back.next_request(mem) {
+                    Ok(Some(raw)) => {
+                        n += 1;
+                        self.accept(mem, &raw, &limits);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.ring_error(e);
+                        return n;
+                    }
+                }
+            }
+            // A polling queue asks for an event only before it sleeps (`Wake::poll_for_work`).
+            if self.slots.has_deferred() || self.slots.is_full() || self.wake.polls() {
+                return n;
+            }
+            match self.back.final_check_for_requests(mem) {
+                Ok(true) => {}
+                Ok(false) => return n,
+                Err(e) => {
+                    self.ring_error(e);
+                    return n;
+                }
+            }
+        }
+    }
+
+    fn ring_error(&mut self, e: RingError) {
+        match e {
+            RingError::Protocol(v) => self.broken = Some(v),
+            other => {
+                tracing::error!(queue = %self.name, "ring access failed: {other}");
+                self.stopping = true;
+            }
+        }
+    }
+
+    /// Validates one request and starts it (or answers it at once).
+    fn accept(&mut self, mem: &SharedMem<'_>, raw: &ring::RawRequest, limits: &DeviceLimits) {
+        if let Some(o) = self.observer.as_mut() {
+            o.slot(raw, limits);
+        }
+        let req = match ring::parse(raw, limits) {
+            Ok(Parsed::Ready(req)) => req,
+            Ok(Parsed::Indirect(h)) => {
+                let grefs = h.page_grefs();
+                let fetched = match self.ind_pages.get_mut(..grefs.len()) {
+                    Some(pages) => self.grants.fetch_indirect(grefs, pages),
+                    None => Err(GrantStatus::GeneralError),
+                };
+                if let Err(status) = fetched {
+                    tracing::debug!(queue = %self.name, id = h.id, "indirect pages unreachable: {status:?}");
+                    return self.put(mem, &h.response(Status::Error));
+                }
+                let pages = self.ind_pages.get(..h.pages()).unwrap_or(&[]);
+                match ring::parse_indirect(&h, pages, limits) {
+                    Ok(req) => req,
+                    Err(rej) => return self.reject(mem, &rej),
+                }
+            }
+            Err(rej) => return self.reject(mem, &rej),
+        };
+        if self.slots.is_full() {
+            // Cannot happen: the ring hands out no more requests than there are slots.
+            return self.put(mem, &req.response(Status::Error));
+        }
+        if let Some(slot) = self.slots.take(req, Instant::now()) {
+            self.start(mem, slot);
+        }
+    }
+
+    fn reject(&mut self, mem: &SharedMem<'_>, rej: &ring::Rejection) {
+        tracing::debug!(queue = %self.name, "{rej}");
+        self.put(mem, &rej.response());
+    }
+
+    fn put(&mut self, mem: &SharedMem<'_>, rsp: &ring::Response) {
+        if let Some(o) = self.observer.as_mut() {
+            o.response(rsp);
+        }
+        if rsp.status != Status::Okay {
+            self.stats.count(Count::Error);
+        }
+        if let Err(e) = self.back.put_response(mem, rsp) {
+            tracing::error!(queue = %self.name, "writing a response: {e}");
+        }
+    }
+}
+
+/// A grant mode's way to guest memory, and the bounce memory its io_uring registers.
+type ReachGuest = (Box<dyn GrantAccess>, Option<Arc<BounceMem>>);
+
+/// The grant mode's way to guest memory for a queue of `size` slots, and the bounce memory to
+/// register with its io_uring (copy mode).
+fn grant_access(
+    p: &QueueParams,
+    size: usize,
+    max_segs: usize,
+    max_indirect: u16,
+) -> Result<ReachGuest, DataplaneError> {
+    let meter = Arc::clone(&p.stats) as Arc<dyn Meter>;
+    // Only persistent grants are mapped: a frontend without them (FreeBSD's, or Linux's with
+    // feature_persistent=0) ends each grant as soon as its response arrives, which with
+    // mappings would mean unmapping right after every completion, while the kernel may still
+    // hold the pages (issue 21). Its data is grant-copied, as QEMU's qdisk does.
+    let copy = p.grant_mode == GrantMode::Copy || !p.persistent_grants;
+    if copy {
+        let nr_large = if max_indirect > 0 { LARGE_REGIONS } else { 0 };
+        let pool = BouncePool::new(size, max_segs, nr_large).map_err(DataplaneError::Uring)?;
+        let mem = Arc::clone(pool.mem());
+        let platform = Arc::clone(&p.platform);
+        let grants = GrantCopy::new(platform, p.frontend, pool, meter, p.name.clone());
+        return Ok((Box::new(grants), Some(mem)));
+    }
+    let pgrants = PersistentGrants::new(
+        p.frontend,
+        p.max_persistent_grants,
+        p.persistent_grant_timeout,
+        Arc::clone(&meter),
+    );
+    let grants = GrantMap::new(
+        Arc::clone(&p.platform),
+        p.frontend,
+        pgrants,
+        p.unmap_grace,
+        meter,
+        p.name.clone(),
+    );
+    Ok((Box::new(grants), None))
+}

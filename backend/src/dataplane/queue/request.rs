@@ -1,0 +1,289 @@
+//! One request's way through the queue, once validated: start (or wait), reach guest memory,
+//! submit, complete, copy out, answer. Each step moves the slot's [`State`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ring::{FlushKind, Op, Status};
+use rustix::io::Errno;
+use shmem::SharedMem;
+
+use super::Queue;
+use crate::dataplane::grant_access::Reach;
+use crate::dataplane::slot::State;
+use crate::dataplane::stats::{Count, Meter};
+use crate::dataplane::uring::{Completion, Data};
+use crate::device::DeviceKind;
+
+/// Bytes of data a read or write moves.
+fn data_len(nr_sectors: u64) -> usize {
+    usize::try_from(nr_sectors)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(512)
+}
+
+impl Queue {
+    /// Issues a validated request in slot `slot` (`Deferred`), or leaves it deferred when it
+    /// must wait.
+    pub(super) fn start(&mut self, mem: &SharedMem<'_>, slot: usize) {
+        let Some(op) = self.slots.get(slot).map(|s| s.req.op.clone()) else {
+            return;
+        };
+        let (barrier, flush_kind) = match &op {
+            Op::Write { flush, .. } => (*flush == Some(FlushKind::Barrier), *flush),
+            Op::Flush(k) => (*k == FlushKind::Barrier, Some(*k)),
+            _ => (false, None),
+        };
+        let unsupported = match flush_kind {
+            Some(FlushKind::Cache) => !self.features.flush,
+            Some(FlushKind::Barrier) => !self.features.barrier,
+            None => false,
+        };
+        if unsupported {
+            return self.finish(mem, slot, Status::NotSupported);
+        }
+        // A barrier waits until every other request has completed (xen_blk_drain_io).
+        if barrier && self.slots.busy() > 1 {
+            self.slots.defer(slot, false);
+            return;
+        }
+        let device = Arc::clone(&self.device);
+        let fd = device.fd();
+        match op {
+            Op::Flush(_) => {
+                self.stats.count(Count::Flush);
+                match self.uring.submit_fsync(slot, fd) {
+                    Ok(()) => self.slots.set(slot, State::InFlight),
+                    Err(e) => {
+                        tracing::error!(queue = %self.name, "submitting a flush: {e}");
+                        self.finish(mem, slot, Status::Error);
+                    }
+                }
+            }
+            Op::Discard {
+                sector,
+                nr_sectors,
+                secure,
+            } => {
+                self.stats.count(Count::Discard);
+                let (Some(offset), Some(len)) = (sector.bytes(), ring::Sector(nr_sectors).bytes())
+                else {
+                    return self.finish(mem, slot, Status::Error);
+                };
+                if len == 0 {
+                    return self.finish(mem, slot, Status::Okay);
+                }
+                let block = matches!(device.kind(), DeviceKind::Block { .. });
+                if secure || (block && !self.uring_discard) {
+                    let status = match device.discard_sync(offset, len, secure) {
+                        Ok(()) => Status::Okay,
+                        Err(e) => {
+                            tracing::debug!(queue = %self.name, "discard failed: {e}");
+                            Status::Error
+                        }
+                    };
+                    return self.finish(mem, slot, status);
+                }
+                match self.uring.submit_discard(slot, fd, block, offset, len) {
+                    Ok(()) => self.slots.set(slot, State::InFlight),
+                    Err(e) => {
+                        tracing::error!(queue = %self.name, "submitting a discard: {e}");
+                        self.finish(mem, slot, Status::Error);
+                    }
+                }
+            }
+            Op::Read(t) => self.start_rw(mem, slot, &t, false, false),
+            Op::Write { transfer, flush } => {
+                if flush.is_some() {
+                    self.stats.count(Count::Flush);
+                }
+                self.start_rw(mem, slot, &transfer, true, flush.is_some());
+            }
+        }
+    }
+
+    fn start_rw(
+        &mut self,
+        mem: &SharedMem<'_>,
+        slot: usize,
+        t: &ring::Transfer,
+        write: bool,
+        fsync: bool,
+    ) {
+        let Some(offset) = t.sector.bytes() else {
+            return self.finish(mem, slot, Status::Error);
+        };
+        let len = data_len(t.nr_sectors);
+        let alone = self.slots.busy() <= 1;
+        let reach = self
+            .grants
+            .reach(&mut self.uring, slot, &t.segs, len, write, alone);
+        let count = if write {
+            Count::Write(t.nr_sectors)
+        } else {
+            Count::Read(t.nr_sectors)
+        };
+        match reach {
+            Reach::Fail => self.finish(mem, slot, Status::Error),
+            Reach::Wait => {
+                if self.slots.defer(slot, true) {
+                    self.stats.count(Count::Waited);
+                }
+            }
+            Reach::CopyIn(region) => {
+                self.stats.count(count);
+                let state = State::CopyIn {
+                    region,
+                    len,
+                    offset,
+                    fsync,
+                };
+                self.slots.set(slot, state);
+            }
+            Reach::Submit(data) => {
+                self.stats.count(count);
+                self.submit_rw(mem, slot, write, offset, data, fsync);
+            }
+        }
+    }
+
+    fn submit_rw(
+        &mut self,
+        mem: &SharedMem<'_>,
+        slot: usize,
+        write: bool,
+        offset: u64,
+        data: Data,
+        fsync: bool,
+    ) {
+        let device = Arc::clone(&self.device);
+        match self
+            .uring
+            .submit_rw(slot, device.fd(), write, offset, data, fsync)
+        {
+            Ok(()) => self.slots.set(slot, State::InFlight),
+            Err((e, region)) => {
+                tracing::error!(queue = %self.name, "submitting I/O: {e}");
+                if let Some(r) = region {
+                    self.grants.give_back(r);
+                }
+                self.finish(mem, slot, Status::Error);
+            }
+        }
+    }
+
+    /// Grant-copies, in one batch, the data of every write waiting in `CopyIn` (`copy_in`)
+    /// and submits those whose copy succeeded, or of every read waiting in `CopyOut` and
+    /// answers them.
+    pub(super) fn copy(&mut self, mem: &SharedMem<'_>, copy_in: bool) {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.slots.waiting_for_copy(copy_in, &mut batch);
+        if !batch.is_empty() {
+            self.grants
+                .copy(self.slots.as_mut_slice(), &batch, &mut self.failed);
+            for (bi, &slot) in batch.iter().enumerate() {
+                let failed = self.failed.get(bi).copied().unwrap_or(true);
+                if failed {
+                    let id = self.slots.get(slot).map_or(0, |s| s.req.id);
+                    let what = if copy_in { "write" } else { "read" };
+                    tracing::debug!(queue = %self.name, id, "grant copy of {what} data failed");
+                    self.finish(mem, slot, Status::Error);
+                } else if copy_in {
+                    self.copied_in(mem, slot);
+                } else {
+                    self.finish(mem, slot, Status::Okay);
+                }
+            }
+        }
+        self.batch = batch;
+    }
+
+    /// Submits a write whose data is now in its region.
+    fn copied_in(&mut self, mem: &SharedMem<'_>, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let State::CopyIn {
+            region,
+            len,
+            offset,
+            fsync,
+        } = std::mem::replace(&mut s.state, State::Deferred)
+        else {
+            return;
+        };
+        self.submit_rw(mem, slot, true, offset, Data::Bounce(region, len), fsync);
+    }
+
+    /// Handles a slot whose I/O completed.
+    pub(super) fn complete(&mut self, mem: &SharedMem<'_>, c: Completion) {
+        let Completion {
+            slot,
+            result,
+            region,
+            guards,
+        } = c;
+        self.grants.completed(guards, Instant::now());
+        if !self.slots.complete(slot) {
+            // Not a slot in flight (cannot happen): nothing to answer.
+            if let Some(r) = region {
+                self.grants.give_back(r);
+            }
+            return;
+        }
+        let Some(op) = self.slots.get(slot).map(|s| &s.req.op) else {
+            return;
+        };
+        let id = self.slots.get(slot).map_or(0, |s| s.req.id);
+        if let Err(e) = &result {
+            if matches!(op, Op::Discard { .. }) && *e == Errno::OPNOTSUPP && self.uring_discard {
+                // The kernel lacks the io_uring discard command: use the ioctl from now on.
+                self.uring_discard = false;
+                return self.start(mem, slot);
+            }
+            tracing::debug!(queue = %self.name, id, "I/O failed: {e}");
+        }
+        match (result, region, op) {
+            (Ok(()), Some(region), Op::Read(t)) => {
+                let len = data_len(t.nr_sectors);
+                self.slots.set(slot, State::CopyOut { region, len });
+            }
+            (result, region, _) => {
+                if let Some(r) = region {
+                    self.grants.give_back(r);
+                }
+                let status = if result.is_ok() {
+                    Status::Okay
+                } else {
+                    Status::Error
+                };
+                self.finish(mem, slot, status);
+            }
+        }
+    }
+
+    /// Answers slot `slot` and frees it, giving back what it held.
+    pub(super) fn finish(&mut self, mem: &SharedMem<'_>, slot: usize, status: Status) {
+        let Some(s) = self.slots.get(slot) else {
+            return;
+        };
+        let rsp = s.req.response(status);
+        let latency = s.start.elapsed();
+        if let Some(o) = self.observer.as_mut() {
+            o.finishing(&s.req, status);
+        }
+        match self.slots.release(slot) {
+            Some(State::CopyIn { region, .. } | State::CopyOut { region, .. }) => {
+                self.grants.give_back(region);
+            }
+            Some(_) => {}
+            None => {
+                // Free or in flight: answering it would be a bug (its buffers are the kernel's).
+                tracing::error!(queue = %self.name, slot, "not answering a slot that is free or in flight");
+                return;
+            }
+        }
+        self.stats.count(Count::Answered(latency));
+        self.put(mem, &rsp);
+    }
+}

@@ -1,0 +1,280 @@
+//! Data-plane tests: a simulated frontend (ring::FrontRing over the sim crate's guest memory,
+//! grants and event channels) drives a real queue against real files.
+//!
+//! - `round_trip`: data in and out in both grant modes, indirect requests, flush, discard.
+//! - `map_mode`: persistent grants, retirement, read-only grants.
+//! - `device`: device errors, read-only and 4 KiB-sector devices, loop devices, ENOSPC,
+//!   resize, queues sharing a device.
+//! - `hostile`: broken rings, event storms, hostile slots, a dying frontend, stopping.
+//!
+//! The harness here is shared with the unit tests of the pieces (`sim_guest`, `TempDir`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ring::{Abi, FrontRequest, FrontRing, RawResponse, Segment, Status, OP_READ, OP_WRITE};
+use shmem::PAGE_SIZE;
+use sim::{SimDomain, SimEventChannel, SimPlatform};
+use xen::{Access, EventChannel, GrantRef, Port};
+
+use super::*;
+use crate::device::{Device, DeviceOptions};
+
+mod device;
+mod hostile;
+mod map_mode;
+mod round_trip;
+
+pub(super) const FRONT: xen::DomId = 7;
+/// Guest pages: up to 16 ring pages, then data pages.
+const GUEST_PAGES: usize = 16 + 600;
+const DATA0: u32 = 16;
+
+/// A scratch directory removed on drop.
+pub(super) struct TempDir(pub(super) PathBuf);
+
+impl TempDir {
+    pub(super) fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "dp-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn image(dir: &Path, sectors: u64) -> PathBuf {
+    let p = dir.join("disk.img");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(sectors * 512).unwrap();
+    p
+}
+
+/// The frontend side of one queue.
+struct Front {
+    dom: SimDomain,
+    evt: SimEventChannel,
+    port: Port,
+    ring: FrontRing,
+    ring_pages: usize,
+    ring_refs: Vec<GrantRef>,
+    /// Data frame -> grant ref (granted read-write to dom0).
+    data_refs: Vec<GrantRef>,
+}
+
+impl Front {
+    fn new(dir: &Path, abi: Abi, ring_pages: usize) -> Self {
+        let dom = SimDomain::create(&dir.join("sim"), FRONT, GUEST_PAGES).unwrap();
+        let mut evt = dom.open_event_channel().unwrap();
+        let port = evt.alloc_unbound(0).unwrap();
+        let ring_refs: Vec<GrantRef> = (0..ring_pages as u32)
+            .map(|f| dom.grant(0, f, Access::ReadWrite).unwrap())
+            .collect();
+        let mem = dom.mem().subregion(0, ring_pages * PAGE_SIZE).unwrap();
+        let ring = FrontRing::init(&mem, abi, ring_pages).unwrap();
+        let data_refs = (DATA0..GUEST_PAGES as u32)
+            .map(|f| dom.grant(0, f, Access::ReadWrite).unwrap())
+            .collect();
+        Self {
+            dom,
+            evt,
+            port,
+            ring,
+            ring_pages,
+            ring_refs,
+            data_refs,
+        }
+    }
+
+    fn platform(dir: &Path) -> Arc<dyn xen::Platform> {
+        SimPlatform::open(&dir.join("sim"), 0)
+            .unwrap()
+            .into_platform()
+    }
+
+    fn params(&self, dir: &Path, device: Arc<Device>) -> QueueParams {
+        let mut p = QueueParams::new(
+            Self::platform(dir),
+            FRONT,
+            self.ring.abi(),
+            self.ring_refs.clone(),
+            self.port,
+            device,
+        );
+        p.name = "test-q".into();
+        p
+    }
+
+    /// Data page `i` (frame DATA0 + i) and its grant.
+    fn page(&self, i: usize) -> (shmem::SharedMem<'_>, GrantRef) {
+        (self.dom.page(DATA0 + i as u32).unwrap(), self.data_refs[i])
+    }
+
+    fn queue(&mut self, req: &FrontRequest<'_>) {
+        let mem = self
+            .dom
+            .mem()
+            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .unwrap();
+        self.ring.queue_request(&mem, req).unwrap();
+    }
+
+    fn push(&mut self) {
+        let mem = self
+            .dom
+            .mem()
+            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .unwrap();
+        if self.ring.push_requests(&mem).unwrap() {
+            self.evt.notify(self.port).unwrap();
+        }
+    }
+
+    /// Waits for `n` responses.
+    fn responses(&mut self, n: usize) -> Vec<RawResponse> {
+        let mem = self
+            .dom
+            .mem()
+            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while out.len() < n {
+            while let Some(r) = self.ring.next_response(&mem).unwrap() {
+                out.push(r);
+            }
+            if out.len() >= n {
+                break;
+            }
+            if !self.ring.final_check_for_responses(&mem).unwrap() {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out with {} of {n} responses",
+                    out.len()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        out
+    }
+
+    fn one(&mut self, req: &FrontRequest<'_>) -> Option<Status> {
+        self.queue(req);
+        self.push();
+        let r = self.responses(1);
+        r[0].status()
+    }
+
+    /// Reads `nsect` sectors at `sector` into data pages from `first` on (8 sectors a page).
+    fn rw(&mut self, op: u8, id: u64, sector: u64, first: usize, nsect: usize) -> Option<Status> {
+        let segs = segs_for(self, first, nsect);
+        self.one(&FrontRequest::Direct {
+            operation: op,
+            id,
+            sector,
+            handle: 0,
+            segs: &segs,
+        })
+    }
+}
+
+fn segs_for(f: &Front, first: usize, nsect: usize) -> Vec<Segment> {
+    (0..nsect.div_ceil(8))
+        .map(|i| {
+            let n = (nsect - i * 8).min(8);
+            Segment {
+                gref: f.page(first + i).1,
+                first_sect: 0,
+                last_sect: (n - 1) as u8,
+            }
+        })
+        .collect()
+}
+
+fn fill(f: &Front, first: usize, pages: usize, seed: u8) {
+    for i in 0..pages {
+        let (m, _) = f.page(first + i);
+        let bytes: Vec<u8> = (0..PAGE_SIZE)
+            .map(|b| {
+                (b as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(seed)
+                    .wrapping_add(i as u8)
+            })
+            .collect();
+        m.write_from(0, &bytes).unwrap();
+    }
+}
+
+fn page_bytes(f: &Front, i: usize) -> Vec<u8> {
+    let mut v = vec![0; PAGE_SIZE];
+    f.page(i).0.read_into(0, &mut v).unwrap();
+    v
+}
+
+fn open(path: &Path) -> Arc<Device> {
+    Arc::new(Device::open(path, &DeviceOptions::default()).unwrap())
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A loop device over a file, detached on drop (set up with losetup: tests need root).
+struct LoopDev(PathBuf);
+
+impl LoopDev {
+    /// `None` (the test is skipped, and says so) only when not root: as root, a loop device
+    /// that cannot be set up fails the test.
+    fn attach(file: &Path, sector_size: u32) -> Option<Self> {
+        if !is_root() {
+            eprintln!("skipped: loop devices need root");
+            return None;
+        }
+        let out = std::process::Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "--direct-io=on",
+                "--sector-size",
+                &sector_size.to_string(),
+            ])
+            .arg(file)
+            .output()
+            .expect("running losetup");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(Self(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A simulated guest of `pages` pages (domain [`FRONT`]) under `dir`, and dom0's platform.
+pub(super) fn sim_guest(dir: &Path, pages: usize) -> (SimDomain, Arc<dyn xen::Platform>) {
+    let dom = SimDomain::create(&dir.join("sim"), FRONT, pages).unwrap();
+    (dom, Front::platform(dir))
+}
