@@ -2,17 +2,25 @@
 //! playing the frontend on the simulated platform (`front`: blkfront's handshake, then
 //! `ring::FrontRing` with data pages granted once), against the same
 //! workload issued with io_uring straight at the same target in the same run (the physical
-//! limit of this machine). Writes `perf.md` (Markdown table), `perf.csv` and `perf.png` to
-//! `benches/results/` (or `--out`).
+//! limit of this machine), and fio on the same file when it is installed (`fio`). Writes
+//! `perf.md` (Markdown tables), `perf.csv` and `perf.png` to `benches/results/` (or `--out`).
 //!
-//! `cargo run --release -p benches --bin perf` (full), `... -- --tiny` (what CI runs).
+//! `cargo run --release -p benches --bin perf` (full), `... -- --tiny` (what CI runs),
+//! `... -- --help` for the rest (`--compare`, `--baseline`, `--check-agree`).
+//!
+//! Every case runs as interleaved repeats (direct, fio, blkbackd A[, blkbackd B], direct,
+//! ...; 3 by default), so that a machine's drift hits both sides of a ratio; the tables give
+//! the medians of the figures and the min-max spread of the per-repeat ratios. A single run
+//! swings by up to 2x on a shared machine; the spread says how far a median can be trusted,
+//! and `--check-agree` whether two runs tell the same story.
 //!
 //! Metrics per case: IOPS, bandwidth, p50/p99/p99.9 latency (from submission by the
 //! frontend to its seeing the completion), CPU time per request (utime + stime of the whole
 //! backend process from `/proc/<pid>/stat`, or of this process during the direct run, which
-//! counts the io_uring's kernel workers too), and system calls per request, counted with
-//! `perf stat -e raw_syscalls:sys_enter` attached to the backend process (all its threads) or
-//! to the direct thread; "n/a" where perf is missing.
+//! counts the io_uring's kernel workers too), and system calls per request: blkbackd's
+//! counted with `perf stat -e raw_syscalls:sys_enter` attached to the backend process (all its
+//! threads) in a short run of its own, since perf's hooks slow what they watch ("n/a" where
+//! perf is missing); the direct loop's counted by the loop itself.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -1382,7 +1390,7 @@ fn write_results(opts: &Opts, cases: &[Case], took: f64) -> anyhow::Result<()> {
         .map_or("no fio".to_owned(), |(_, v)| format!("fio `{v}`"));
     writeln!(
         md,
-        "# blkbackd vs direct io_uring\n\nMeasured {} UTC, {cpus} CPUs, Linux {}, image {} MiB, {fio}; the run took {:.1} minutes. Each case ran as {} interleaved repeats of {} s: direct, fio (in the first configuration that runs the workload), blkbackd{}. Every figure is the median over the repeats; `(min–max)` is the spread of the per-repeat ratio (or difference) between a run and the direct run of the same repeat.\n\n`b` = through blkbackd (simulated platform; the load generator in this process plays blkfront on ring::FrontRing with data pages granted once), `d` = io_uring straight at the same file (`O_DIRECT`, the file registered, `COOP_TASKRUN | SINGLE_ISSUER | DEFER_TASKRUN` as fio sets its ring up), `fio` = fio's io_uring engine on the same file, block size, depth and pattern (`--direct=1`), `b/d` = ratio of IOPS. Latency from submission to completion seen by the submitter (fio: its total latency), in µs. CPU: utime+stime of the whole blkbackd process (of this process during the direct run; of the fio job), io_uring kernel workers included, 10 ms ticks. Syscalls: `perf stat -e raw_syscalls:sys_enter` on the blkbackd process (the direct thread).\n",
+        "# blkbackd vs direct io_uring\n\nMeasured {} UTC, {cpus} CPUs, Linux {}, image {} MiB, {fio}; the run took {:.1} minutes. Each case ran as {} interleaved repeats of {} s: direct, fio (in the first configuration that runs the workload), blkbackd{}. Every figure is the median over the repeats; `(min–max)` is the spread of the per-repeat ratio (or difference) between a run and the direct run of the same repeat.\n\n`b` = through blkbackd (simulated platform; the load generator in this process plays blkfront on ring::FrontRing with data pages granted once), `d` = io_uring straight at the same file (`O_DIRECT`, the file registered, `COOP_TASKRUN | SINGLE_ISSUER | DEFER_TASKRUN` as fio sets its ring up), `fio` = fio's io_uring engine on the same file, block size, depth and pattern (`--direct=1`), `b/d` = ratio of IOPS. Latency from submission to completion seen by the submitter (fio: its total latency), in µs. CPU: utime+stime of the whole blkbackd process (of this process during the direct run; of the whole fio process, its start-up included), io_uring's io-wq workers included, 10 ms ticks. Syscalls: blkbackd's counted by `perf stat -e raw_syscalls:sys_enter` attached to its process in a 0.5 s run of their own after the repeats (perf's hooks slow what they watch, so no measured repeat runs under it); the direct run's are its own `io_uring_enter` calls, counted in its loop; none for fio. On tmpfs every request, fio's too, buffered or `O_DIRECT`, is handed to io_uring's io-wq workers (`perf stat -e io_uring:io_uring_queue_async_work` counts one per request): the direct and fio figures include that hop.\n",
         utc_now(),
         host.trim(),
         opts.image_mib,
