@@ -237,9 +237,19 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(&crc32(&body).to_be_bytes());
 }
 
+/// A bar: its label, its value (a median) and the spread around it (min, max).
+pub type Bar = (String, f64, Option<(f64, f64)>);
+
 /// Bars of `(label, value)` on a 0..1.2 scale, with marks at 0.9, 0.97 and 1.0.
 pub fn bars(path: &Path, title: &str, bars: &[(String, f64)]) -> std::io::Result<()> {
-    let label_w = bars.iter().map(|(l, _)| l.len()).max().unwrap_or(10) * GLYPH_W + 16;
+    let bars: Vec<Bar> = bars.iter().map(|(l, v)| (l.clone(), *v, None)).collect();
+    bars_spread(path, title, &bars)
+}
+
+/// Bars of `(label, median, (min, max))`: the median as the bar, the spread as a black
+/// whisker across its end.
+pub fn bars_spread(path: &Path, title: &str, bars: &[Bar]) -> std::io::Result<()> {
+    let label_w = bars.iter().map(|(l, _, _)| l.len()).max().unwrap_or(10) * GLYPH_W + 16;
     let plot_w = 480;
     let row = 18;
     let top = 40;
@@ -248,7 +258,8 @@ pub fn bars(path: &Path, title: &str, bars: &[(String, f64)]) -> std::io::Result
     let mut c = Canvas::new(w, h);
     c.text(8, 10, title);
     let x_of = |v: f64| label_w + ((v.clamp(0.0, 1.2) / 1.2) * plot_w as f64) as usize;
-    for (i, (label, v)) in bars.iter().enumerate() {
+    for (i, (label, v, spread)) in bars.iter().enumerate() {
+        let v = &v.max(0.0);
         let y = top + i * row;
         c.text(8, y + 3, label);
         let color = if *v >= 0.9 {
@@ -257,7 +268,15 @@ pub fn bars(path: &Path, title: &str, bars: &[(String, f64)]) -> std::io::Result
             [200, 80, 60]
         };
         c.rect(label_w, y, x_of(*v) - label_w, row - 4, color);
-        c.text(x_of(*v) + 6, y + 3, &format!("{v:.2}"));
+        let mut label_x = x_of(*v) + 6;
+        if let Some((lo, hi)) = spread.filter(|(lo, hi)| lo.is_finite() && hi.is_finite()) {
+            let (x0, x1) = (x_of(lo.max(0.0)), x_of(hi.max(0.0)));
+            c.rect(x0, y + (row - 4) / 2 - 1, (x1 - x0).max(1), 2, [0, 0, 0]);
+            c.rect(x0, y + 2, 1, row - 8, [0, 0, 0]);
+            c.rect(x1, y + 2, 1, row - 8, [0, 0, 0]);
+            label_x = label_x.max(x1 + 6);
+        }
+        c.text(label_x, y + 3, &format!("{v:.2}"));
     }
     for (k, mark) in [0.9, 0.97, 1.0].into_iter().enumerate() {
         let x = x_of(mark);

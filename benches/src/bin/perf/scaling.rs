@@ -170,7 +170,7 @@ pub fn run(opts: &Opts, queue_counts: &[u32]) -> anyhow::Result<()> {
                     queues,
                     poll_us: 0,
                 };
-                let mut s = Session::start(opts, tdir, &image, c)?;
+                let mut s = Session::start(&opts.blkbackd, tdir, &image, c, "")?;
                 for w in WORKLOADS {
                     let b = s
                         .run_parallel(*w, opts.seconds, size)
