@@ -37,7 +37,7 @@ fn bogus_producer_halts_the_queue() {
     let e2 = Arc::clone(&exited);
     // When told, the ring is already unmapped.
     let dom2 = SimDomain::open(&dir.0.join("sim"), FRONT).unwrap();
-    let ring_ref = f.ring_refs[0];
+    let ring_ref = f.shared.grefs[0];
     p.on_exit = Some(Box::new(move || {
         assert!(!dom2.grant_in_use(ring_ref));
         e2.store(true, Ordering::SeqCst);
@@ -47,12 +47,12 @@ fn bogus_producer_halts_the_queue() {
     let mem = f.dom.mem();
     mem.store_u32(ring::REQ_PROD, 1 + 1000, Ordering::SeqCst)
         .unwrap();
-    f.evt.notify(f.port).unwrap();
+    f.evt.notify(f.shared.port).unwrap();
     let exit = q.wait();
     assert!(matches!(exit, QueueExit::Protocol(_)), "{exit:?}");
     assert!(exited.load(Ordering::SeqCst));
     assert!(
-        f.ring_refs.iter().all(|g| !f.dom.grant_in_use(*g)),
+        f.shared.grefs.iter().all(|g| !f.dom.grant_in_use(*g)),
         "ring unmapped"
     );
 }
@@ -70,7 +70,7 @@ fn event_storm_is_throttled() {
     let t = Instant::now();
     let mut sent = 0u64;
     while t.elapsed() < Duration::from_millis(600) {
-        f.evt.notify(f.port).unwrap();
+        f.evt.notify(f.shared.port).unwrap();
         sent += 1;
     }
     let s = stats.snapshot();
@@ -95,7 +95,7 @@ fn stop_answers_requests_in_flight_and_releases_everything() {
         p.grant_mode = mode;
         p.persistent_grants = true;
         let q = spawn_queue(p).unwrap();
-        let n = f.ring.size() as usize;
+        let n = f.shared.ring.size() as usize;
         for k in 0..n {
             let segs: Vec<Segment> = (0..11)
                 .map(|i| Segment {
@@ -116,9 +116,13 @@ fn stop_answers_requests_in_flight_and_releases_everything() {
         f.push();
         // Stop while they are being served: whatever was taken off the ring is answered.
         assert_eq!(q.stop(), QueueExit::Stopped);
-        let mem = f.dom.mem().subregion(0, f.ring_pages * PAGE_SIZE).unwrap();
+        let mem = f
+            .dom
+            .mem()
+            .subregion(0, f.shared.frames.len() * PAGE_SIZE)
+            .unwrap();
         let mut answered = 0;
-        while let Some(r) = f.ring.next_response(&mem).unwrap() {
+        while let Some(r) = f.shared.ring.next_response(&mem).unwrap() {
             assert_eq!(r.status(), Some(Status::Okay));
             answered += 1;
         }
@@ -127,7 +131,7 @@ fn stop_answers_requests_in_flight_and_releases_everything() {
             answered, req_cons_bound as usize,
             "every response published"
         );
-        for g in f.ring_refs.iter().chain(&f.data_refs) {
+        for g in f.shared.grefs.iter().chain(&f.data_refs) {
             assert!(
                 !f.dom.grant_in_use(*g),
                 "{mode:?}: grant {g} still mapped after stop"
@@ -197,7 +201,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
         let mut answered = 0usize;
         let (mut okay, mut refused) = (0usize, 0usize);
         for _round in 0..60 {
-            let n = 1 + (rnd() % u64::from(f.ring.free_slots())) as usize;
+            let n = 1 + (rnd() % u64::from(f.shared.ring.free_slots())) as usize;
             for _ in 0..n {
                 let mut b: Vec<u8> = (0..size).map(|_| rnd() as u8).collect();
                 b[0] = [0u8, 1, 2, 3, 5, 6, 4, 0xff][(rnd() % 8) as usize];
@@ -251,8 +255,12 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
                     b[nseg_at..nseg_at + 2].copy_from_slice(&nseg.to_le_bytes());
                     b[grefs_at..grefs_at + 4].copy_from_slice(&list_ref.to_le_bytes());
                 }
-                let mem = f.dom.mem().subregion(0, f.ring_pages * PAGE_SIZE).unwrap();
-                f.ring.queue_raw(&mem, &b).unwrap();
+                let mem = f
+                    .dom
+                    .mem()
+                    .subregion(0, f.shared.frames.len() * PAGE_SIZE)
+                    .unwrap();
+                f.shared.ring.queue_raw(&mem, &b).unwrap();
                 sent += 1;
             }
             f.push();
@@ -277,7 +285,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
             "{mode:?}: still serving"
         );
         assert_eq!(q.stop(), QueueExit::Stopped);
-        for g in f.ring_refs.iter().chain(&f.data_refs).chain([&ro]) {
+        for g in f.shared.grefs.iter().chain(&f.data_refs).chain([&ro]) {
             assert!(!f.dom.grant_in_use(*g), "{mode:?}: grant {g} leaked");
         }
     }

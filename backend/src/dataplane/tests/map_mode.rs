@@ -150,7 +150,7 @@ fn persistent_grants_are_capped_and_released() {
     assert_eq!(q.stop(), QueueExit::Stopped);
     assert_eq!(in_use(&f), 0, "no grant leaked after stop");
     assert!(
-        f.ring_refs.iter().all(|g| !f.dom.grant_in_use(*g)),
+        f.shared.grefs.iter().all(|g| !f.dom.grant_in_use(*g)),
         "ring unmapped"
     );
 }

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use ring::{Abi, FrontRequest, FrontRing, RawResponse, Segment, Status, OP_READ, OP_WRITE};
 use shmem::PAGE_SIZE;
+use sim::front::GuestRing;
 use sim::{SimDomain, SimEventChannel, SimPlatform};
-use xen::{Access, EventChannel, GrantRef, Port};
+use xen::{Access, EventChannel, GrantRef};
 
 use super::*;
 use crate::device::{Device, DeviceOptions};
@@ -65,10 +66,8 @@ fn image(dir: &Path, sectors: u64) -> PathBuf {
 struct Front {
     dom: SimDomain,
     evt: SimEventChannel,
-    port: Port,
-    ring: FrontRing,
-    ring_pages: usize,
-    ring_refs: Vec<GrantRef>,
+    /// The ring at frame 0, its grants and port.
+    shared: GuestRing,
     /// Data frame -> grant ref (granted read-write to dom0).
     data_refs: Vec<GrantRef>,
 }
@@ -77,22 +76,14 @@ impl Front {
     fn new(dir: &Path, abi: Abi, ring_pages: usize) -> Self {
         let dom = SimDomain::create(&dir.join("sim"), FRONT, GUEST_PAGES).unwrap();
         let mut evt = dom.open_event_channel().unwrap();
-        let port = evt.alloc_unbound(0).unwrap();
-        let ring_refs: Vec<GrantRef> = (0..ring_pages as u32)
-            .map(|f| dom.grant(0, f, Access::ReadWrite).unwrap())
-            .collect();
-        let mem = dom.mem().subregion(0, ring_pages * PAGE_SIZE).unwrap();
-        let ring = FrontRing::init(&mem, abi, ring_pages).unwrap();
+        let shared = GuestRing::create(&dom, &mut evt, 0, abi, 0, ring_pages).unwrap();
         let data_refs = (DATA0..GUEST_PAGES as u32)
             .map(|f| dom.grant(0, f, Access::ReadWrite).unwrap())
             .collect();
         Self {
             dom,
             evt,
-            port,
-            ring,
-            ring_pages,
-            ring_refs,
+            shared,
             data_refs,
         }
     }
@@ -107,9 +98,9 @@ impl Front {
         let mut p = QueueParams::new(
             Self::platform(dir),
             FRONT,
-            self.ring.abi(),
-            self.ring_refs.clone(),
-            self.port,
+            self.shared.ring.abi(),
+            self.shared.grefs.clone(),
+            self.shared.port,
             device,
         );
         p.name = "test-q".into();
@@ -125,19 +116,19 @@ impl Front {
         let mem = self
             .dom
             .mem()
-            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .subregion(0, self.shared.frames.len() * PAGE_SIZE)
             .unwrap();
-        self.ring.queue_request(&mem, req).unwrap();
+        self.shared.ring.queue_request(&mem, req).unwrap();
     }
 
     fn push(&mut self) {
         let mem = self
             .dom
             .mem()
-            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .subregion(0, self.shared.frames.len() * PAGE_SIZE)
             .unwrap();
-        if self.ring.push_requests(&mem).unwrap() {
-            self.evt.notify(self.port).unwrap();
+        if self.shared.ring.push_requests(&mem).unwrap() {
+            self.evt.notify(self.shared.port).unwrap();
         }
     }
 
@@ -146,18 +137,18 @@ impl Front {
         let mem = self
             .dom
             .mem()
-            .subregion(0, self.ring_pages * PAGE_SIZE)
+            .subregion(0, self.shared.frames.len() * PAGE_SIZE)
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         while out.len() < n {
-            while let Some(r) = self.ring.next_response(&mem).unwrap() {
+            while let Some(r) = self.shared.ring.next_response(&mem).unwrap() {
                 out.push(r);
             }
             if out.len() >= n {
                 break;
             }
-            if !self.ring.final_check_for_responses(&mem).unwrap() {
+            if !self.shared.ring.final_check_for_responses(&mem).unwrap() {
                 assert!(
                     Instant::now() < deadline,
                     "timed out with {} of {n} responses",

@@ -35,7 +35,7 @@ fn round_trip(mode: GrantMode, persistent: bool, abi: Abi, ring_pages: usize) {
     }
 
     // A batch of many requests at once, with a repeated guest id, all answered with their ids.
-    let n = f.ring.size() as usize;
+    let n = f.shared.ring.size() as usize;
     for k in 0..n {
         let segs = [Segment {
             gref: f.page(40 + k % 64).1,
@@ -68,7 +68,7 @@ fn round_trip(mode: GrantMode, persistent: bool, abi: Abi, ring_pages: usize) {
         assert!(s.map_calls == 0 && s.copy_segs > 0, "{s:?}");
     }
     assert_eq!(q.stop(), QueueExit::Stopped);
-    for g in f.ring_refs.iter().chain(&f.data_refs) {
+    for g in f.shared.grefs.iter().chain(&f.data_refs) {
         assert!(!f.dom.grant_in_use(*g), "grant {g} still mapped after stop");
     }
 }
