@@ -30,6 +30,7 @@ pub use types::{
     Port, Unmap, UnmapNotify, DOMID_FIRST_RESERVED,
 };
 
+pub mod abspath;
 pub mod handoff;
 pub mod sim;
 pub mod xenstore;
