@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 use xen::handoff::{self, Reply};
-use xen::xenstore::{XenStore, XsError, XsOps};
-use xen::{DomId, Platform};
+use xen::xenstore::{BackendPath, BadBackendPath, XenStore, XsError, XsOps};
+use xen::Platform;
 
 use crate::acquire::{self, DeviceNodes, DeviceSource};
 use crate::advertise::{DeviceInfo, Features};
@@ -99,6 +99,9 @@ pub enum ServeError {
         #[source]
         source: XsError,
     },
+    /// The backend directory's path is malformed.
+    #[error(transparent)]
+    BadBackendPath(#[from] BadBackendPath),
     /// The backend directory is not usable.
     #[error("{0}")]
     BadBackend(String),
@@ -126,59 +129,6 @@ pub enum Outcome {
     Removed,
     /// A termination signal asked us to stop; the device was closed.
     Stopped,
-}
-
-/// The identity of a backend directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendPath {
-    /// The whole path.
-    pub path: String,
-    /// The backend domain's id (from the path).
-    pub backend_domid: DomId,
-    /// The frontend domain's id (from the path).
-    pub frontend_domid: DomId,
-    /// The virtual device number (from the path).
-    pub devid: u32,
-}
-
-impl BackendPath {
-    /// Parses `/local/domain/<backend>/backend/vbd/<frontend>/<devid>`.
-    ///
-    /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(path: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = path.split('/').collect();
-        let bad = || {
-            format!("backend path {path:?} is not /local/domain/<backend-domid>/backend/vbd/<frontend-domid>/<devid>")
-        };
-        match parts.as_slice() {
-            ["", "local", "domain", be, "backend", "vbd", fe, dev] => {
-                let domid = |s: &str| parse_decimal(s).and_then(|n| DomId::try_from(n).ok());
-                Ok(Self {
-                    path: path.to_owned(),
-                    backend_domid: domid(be).ok_or_else(bad)?,
-                    frontend_domid: domid(fe).ok_or_else(bad)?,
-                    devid: parse_decimal(dev).ok_or_else(bad)?,
-                })
-            }
-            _ => Err(bad()),
-        }
-    }
-
-    /// The path for a backend domain, frontend domain and device.
-    pub fn new(backend_domid: DomId, frontend_domid: DomId, devid: u32) -> Self {
-        Self {
-            path: format!("/local/domain/{backend_domid}/backend/vbd/{frontend_domid}/{devid}"),
-            backend_domid,
-            frontend_domid,
-            devid,
-        }
-    }
-
-    /// A node below the directory.
-    pub fn node(&self, name: &str) -> String {
-        format!("{}/{name}", self.path)
-    }
 }
 
 /// The connected rings: one data-plane queue each.
@@ -250,7 +200,7 @@ impl RateLimit {
 /// [`ServeError`] when XenStore or the backend directory is unusable; problems with the
 /// device or the frontend are reported in XenStore and do not end serving.
 pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeError> {
-    let be = BackendPath::parse(&config.backend_path).map_err(ServeError::BadBackend)?;
+    let be = BackendPath::parse(&config.backend_path)?;
     let xs = XenStore::open_at(config.platform.xenstore_path()).map_err(xs_err("connecting"))?;
     let home = xs
         .get_domain_path(config.platform.domid())
@@ -261,11 +211,11 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
     let frontend_id = xs
         .read_string(&be.node("frontend-id"))
         .map_err(xs_err(format!("reading {}", be.node("frontend-id"))))?;
-    if parse_decimal(&frontend_id) != Some(u32::from(be.frontend_domid)) {
+    if parse_decimal(&frontend_id) != Some(u32::from(be.frontend_domid())) {
         return Err(ServeError::BadBackend(format!(
             "{} is {frontend_id:?}, but the path names frontend domain {}",
             be.node("frontend-id"),
-            be.frontend_domid
+            be.frontend_domid()
         )));
     }
     if !frontend.starts_with('/') {
@@ -308,7 +258,7 @@ impl Backend {
         let mut last_resize_check = Instant::now();
         loop {
             if stop.load(Ordering::Relaxed) {
-                tracing::info!(backend = %self.be.path, "stopping on signal");
+                tracing::info!(backend = %self.be, "stopping on signal");
                 self.switch_state(XenbusState::Closing)?;
                 self.disconnect();
                 self.switch_state(XenbusState::Closed)?;
@@ -387,14 +337,14 @@ impl Backend {
             self.take_inherited_fd()?;
         }
         self.xs
-            .watch(&self.be.path, TOKEN_BACKEND)
-            .map_err(xs_err(format!("watching {}", self.be.path)))?;
+            .watch(self.be.as_str(), TOKEN_BACKEND)
+            .map_err(xs_err(format!("watching {}", self.be)))?;
         let fe_state = format!("{}/state", self.frontend);
         self.xs
             .watch(&fe_state, TOKEN_FRONTEND)
             .map_err(xs_err(format!("watching {fe_state}")))?;
         self.switch_state(XenbusState::InitWait)?;
-        tracing::info!(backend = %self.be.path, frontend = %self.frontend, "probed, waiting for the frontend");
+        tracing::info!(backend = %self.be, frontend = %self.frontend, "probed, waiting for the frontend");
         Ok(())
     }
 
@@ -430,7 +380,7 @@ impl Backend {
             })
             .map_err(xs_err(format!("writing {path}")))?;
         if written {
-            tracing::debug!(backend = %self.be.path, %state, "switched state");
+            tracing::debug!(backend = %self.be, %state, "switched state");
         }
         self.state = state;
         Ok(())
@@ -439,11 +389,11 @@ impl Backend {
     /// `xenbus_dev_fatal`: reports the error, drops the connection, switches to Closing.
     fn fatal(&mut self, err: &DevError) -> Result<(), ServeError> {
         if self.guest_log.allow() {
-            tracing::warn!(backend = %self.be.path, "{err}");
+            tracing::warn!(backend = %self.be, "{err}");
         } else {
-            tracing::debug!(backend = %self.be.path, "{err}");
+            tracing::debug!(backend = %self.be, "{err}");
         }
-        let path = error_node_path(&self.home, &self.be.path);
+        let path = error_node_path(&self.home, self.be.as_str());
         if let Err(e) = self.xs.write(&path, err.node_value()) {
             tracing::warn!("failed to write error node {path}: {e}");
         }
@@ -492,7 +442,7 @@ impl Backend {
                 let device_type = self.read_opt(&format!("{}/device-type", self.frontend))?;
                 self.cdrom = device_type.as_deref() == Some("cdrom");
                 tracing::info!(
-                    backend = %self.be.path,
+                    backend = %self.be,
                     sectors = device.sectors(),
                     sector_size = device.logical_block_size(),
                     read_only = device.read_only(),
@@ -518,7 +468,7 @@ impl Backend {
     /// Linux `backend_changed`, plus removal of the directory (`xenbus_dev_changed`).
     fn backend_changed(&mut self) -> Result<Option<Outcome>, ServeError> {
         if self.read_opt(&self.be.node("frontend"))?.is_none() {
-            tracing::info!(backend = %self.be.path, "backend directory removed");
+            tracing::info!(backend = %self.be, "backend directory removed");
             return Ok(Some(Outcome::Removed));
         }
         if self.device.is_some() {
@@ -575,7 +525,7 @@ impl Backend {
         let (fd, info) = match handoff::recv_device(&conn) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(backend = %self.be.path, "handoff refused: {e}");
+                tracing::warn!(backend = %self.be, "handoff refused: {e}");
                 let _ = handoff::send_reply(&conn, Reply::Rejected(rustix::io::Errno::INVAL));
                 return Ok(false);
             }
@@ -621,11 +571,11 @@ impl Backend {
             .unwrap_or(0)
             != 0;
         let action = on_frontend_state(self.state, fe_state, online);
-        tracing::debug!(backend = %self.be.path, ?fe_state, own = %self.state, ?action, "frontend changed");
+        tracing::debug!(backend = %self.be, ?fe_state, own = %self.state, ?action, "frontend changed");
         match action {
             FrontendAction::Nothing => {}
             FrontendAction::PrepareReconnect => {
-                tracing::info!(backend = %self.be.path, "prepare for reconnect");
+                tracing::info!(backend = %self.be, "prepare for reconnect");
                 self.switch_state(XenbusState::InitWait)?;
             }
             FrontendAction::Connect => {
@@ -644,7 +594,7 @@ impl Backend {
                 match read_frontend_config(&self.frontend, limits, &mut read) {
                     Ok(config) => {
                         tracing::info!(
-                            backend = %self.be.path,
+                            backend = %self.be,
                             queues = config.queues.len(),
                             protocol = %config.protocol,
                             ring_pages = 1u32 << config.ring_page_order,
@@ -667,7 +617,7 @@ impl Backend {
                 }
             }
             FrontendAction::Remove => {
-                tracing::info!(backend = %self.be.path, "frontend gone");
+                tracing::info!(backend = %self.be, "frontend gone");
                 return Ok(Some(Outcome::Removed));
             }
             FrontendAction::Fatal(n) => {
@@ -694,7 +644,7 @@ impl Backend {
         for (index, ring) in config.queues.iter().enumerate() {
             let mut params = QueueParams::new(
                 Arc::clone(&self.platform),
-                self.be.frontend_domid,
+                self.be.frontend_domid(),
                 config.abi,
                 ring.ring_refs.clone(),
                 ring.port,
@@ -717,7 +667,7 @@ impl Backend {
                 read_only: info.read_only,
             };
             params.stats = Arc::clone(&self.stats);
-            params.name = format!("vbd-{}-{}-q{index}", self.be.frontend_domid, self.be.devid);
+            params.name = format!("{}-q{index}", self.be.file_stem());
             match dataplane::spawn_queue(params) {
                 Ok(q) => queues.push(q),
                 Err(e) => {
@@ -741,11 +691,10 @@ impl Backend {
                 Ok(())
             })
             .map_err(xs_err(format!(
-                "writing the connect transaction under {}",
-                be.path
+                "writing the connect transaction under {be}"
             )))?;
         self.switch_state(XenbusState::Connected)?;
-        tracing::info!(backend = %self.be.path, sectors = info.sectors, "connected");
+        tracing::info!(backend = %self.be, sectors = info.sectors, "connected");
         Ok(())
     }
 
@@ -762,7 +711,7 @@ impl Backend {
     fn disconnect(&mut self) {
         if let Some(c) = self.connection.take() {
             c.stop();
-            tracing::debug!(backend = %self.be.path, "disconnected");
+            tracing::debug!(backend = %self.be, "disconnected");
         }
     }
 
@@ -784,9 +733,9 @@ impl Backend {
                 QueueExit::Stopped => {}
                 QueueExit::Protocol(v) => {
                     if self.guest_log.allow() {
-                        tracing::warn!(backend = %self.be.path, "frontend broke the ring protocol ({v}); ring halted");
+                        tracing::warn!(backend = %self.be, "frontend broke the ring protocol ({v}); ring halted");
                     } else {
-                        tracing::debug!(backend = %self.be.path, "frontend broke the ring protocol ({v}); ring halted");
+                        tracing::debug!(backend = %self.be, "frontend broke the ring protocol ({v}); ring halted");
                     }
                 }
                 QueueExit::Failed(why) => failure = Some(why),
@@ -808,14 +757,14 @@ impl Backend {
         let after = match device.refresh_size() {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(backend = %self.be.path, "reading the device size: {e}");
+                tracing::warn!(backend = %self.be, "reading the device size: {e}");
                 return Ok(());
             }
         };
         if before == after || self.state != XenbusState::Connected {
             return Ok(());
         }
-        tracing::info!(backend = %self.be.path, before, after, "VBD resize");
+        tracing::info!(backend = %self.be, before, after, "VBD resize");
         let (sectors, state) = (self.be.node("sectors"), self.be.node("state"));
         let value = self.state.as_u32().to_string();
         self.xs
@@ -846,28 +795,4 @@ fn listen(path: &std::path::Path) -> std::io::Result<OwnedFd> {
     let sock = handoff::listen(path, 1).map_err(std::io::Error::other)?;
     rustix::io::ioctl_fionbio(&sock, true)?;
     Ok(sock)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_backend_paths() {
-        let p = BackendPath::parse("/local/domain/0/backend/vbd/5/51712").unwrap();
-        assert_eq!((p.backend_domid, p.frontend_domid, p.devid), (0, 5, 51712));
-        assert_eq!(p, BackendPath::new(0, 5, 51712));
-        assert_eq!(p.node("state"), "/local/domain/0/backend/vbd/5/51712/state");
-        for bad in [
-            "",
-            "/local/domain/0/backend/vbd/5",
-            "/local/domain/0/backend/vif/5/0",
-            "/local/domain/0/backend/vbd/5/51712/",
-            "/local/domain/x/backend/vbd/5/51712",
-            "/local/domain/0/backend/vbd/65536/51712",
-            "local/domain/0/backend/vbd/5/51712",
-        ] {
-            assert!(BackendPath::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 }
