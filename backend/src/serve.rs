@@ -38,7 +38,7 @@ use crate::advertise::{DeviceInfo, Features};
 use crate::dataplane::{self, GrantMode, QueueExit, QueueHandle, QueueParams, Stats};
 use crate::dev_error::{errno, error_node_path, DevError};
 use crate::device::{Device, DeviceOptions};
-use crate::frontend_config::{read_frontend_config, BackendLimits, FrontendConfig};
+use crate::frontend_config::{read_frontend_config, FrontendConfig};
 use crate::stats_file::StatsFile;
 use crate::xenbus_state::{
     on_frontend_state, parse_decimal, FrontendAction, ReadState, XenbusState,
@@ -580,18 +580,13 @@ impl Backend {
             }
             FrontendAction::Connect => {
                 self.disconnect();
-                let limits = BackendLimits {
-                    max_queues: self.features.max_queues,
-                    max_ring_page_order: self.features.max_ring_page_order,
-                    persistent_grants: self.features.persistent_grants,
-                };
                 let xs = &self.xs;
                 let mut read = |path: &str| match xs.read(path) {
                     Ok(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
                     Err(XsError::NotFound) => Ok(None),
                     Err(e) => Err(DevError::new(errno::EIO, format!("reading {path}: {e}"))),
                 };
-                match read_frontend_config(&self.frontend, limits, &mut read) {
+                match read_frontend_config(&self.frontend, &self.features, &mut read) {
                     Ok(config) => {
                         tracing::info!(
                             backend = %self.be,
@@ -659,13 +654,7 @@ impl Backend {
                     .min(ring::MAX_INDIRECT_SEGMENTS as u32),
             )
             .unwrap_or(0);
-            params.features = dataplane::Features {
-                flush: info.flush,
-                barrier: info.flush,
-                discard: info.discard.is_some(),
-                secure_discard: info.discard.is_some_and(|d| d.secure),
-                read_only: info.read_only,
-            };
+            params.features = info.queue_features();
             params.stats = Arc::clone(&self.stats);
             params.name = format!("{}-q{index}", self.be.file_stem());
             match dataplane::spawn_queue(params) {
