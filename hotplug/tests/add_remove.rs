@@ -222,7 +222,7 @@ fn remove_leaves_a_reused_loop_device_alone() {
         return;
     }
     if !Path::new("/usr/sbin/losetup").exists() && !Path::new("/sbin/losetup").exists() {
-        eprintln!("SKIPPED remove_leaves_a_reused_loop_device_alone: needs losetup to rebind a chosen loop device");
+        eprintln!("SKIPPED (needs losetup to rebind a chosen loop device): remove_leaves_a_reused_loop_device_alone");
         return;
     }
     let env = Env::new("reuse");

@@ -304,11 +304,14 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether the tests run as root; when not, says `SKIPPED (needs root): <test> (<why>)` on
+/// stderr, so that a test that returns early is visibly skipped.
+pub use blkdev::root_or_skip;
+
 /// A simulated platform and a loop device over a fresh `mib` MiB image in it; `None` (with a
 /// note that the test is skipped) when not root, as loop devices need.
 pub fn loop_disk(tag: &str, mib: u64) -> Option<(Sim, Loop)> {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
+    if !root_or_skip("loop devices") {
         return None;
     }
     let sim = Sim::new(tag);

@@ -298,7 +298,7 @@ fn suite_on_simulation() {
 fn suite_on_real_device() {
     if !Path::new(GNTDEV_PATH).exists() || !Path::new(gntalloc::PATH).exists() {
         eprintln!(
-            "skipped: {GNTDEV_PATH} or {} does not exist (not running on Xen)",
+            "SKIPPED (needs Xen: {GNTDEV_PATH} and {}): suite_on_real_device",
             gntalloc::PATH
         );
         return;

@@ -17,14 +17,11 @@ use xen::xenstore::{XenStore, XsOps};
 
 /// Whether loop devices can be made here; prints why not (the test then passes as skipped).
 pub fn can_run(test: &str) -> bool {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED {test}: needs root (loop devices); CI and developers' machines run as root"
-        );
+    if !blkdev::root_or_skip("loop devices; CI and developers' machines run as root") {
         return false;
     }
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIPPED {test}: no /dev/loop-control");
+        eprintln!("SKIPPED (no /dev/loop-control): {test}");
         return false;
     }
     true

@@ -197,7 +197,10 @@ mod tests {
     fn fd_passes_and_is_checked() {
         let Some((dev, major, minor)) = some_block_device() else {
             eprintln!(
-                "skipped: no block device node can be opened here (needs root and /dev/loop0)"
+                "SKIPPED (needs root and a block device node such as /dev/loop0): {}",
+                std::thread::current()
+                    .name()
+                    .unwrap_or("fd_passes_and_is_checked")
             );
             return;
         };
