@@ -18,4 +18,4 @@ mod ioctl;
 pub mod loopdev;
 mod skip;
 
-pub use skip::root_or_skip;
+pub use skip::{report_skip, root_or_skip};

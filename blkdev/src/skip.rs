@@ -1,10 +1,23 @@
 //! Tests that need root (loop devices, device-mapper, switching users) return early without
-//! it; [`root_or_skip`] makes such a skip visible in the test output.
+//! it; [`root_or_skip`] and [`report_skip`] make such a skip visible in the test output.
 
-/// Whether this process runs as root. When it does not, writes
-/// `SKIPPED (needs root): <test> (<why>)` to stderr, where `<test>` is the running test's name
-/// (the name libtest gives the test's thread), so that a test that returns early does not pass
-/// silently.
+use std::io::Write as _;
+
+/// Writes `SKIPPED (<reason>): <test>` to stderr, where `<test>` is the running test's name
+/// (the name libtest gives the test's thread). It goes to the process's stderr directly, not
+/// through `eprintln!`, which libtest captures and shows only for failing tests, so the line
+/// shows in every `cargo test` run.
+pub fn report_skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("<unnamed test>");
+    // One write, so that the line is not interleaved with libtest's own output.
+    let line = format!("SKIPPED ({reason}): {test}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// Whether this process runs as root. When it does not, reports the calling test as skipped
+/// ([`report_skip`]): `SKIPPED (needs root: <why>): <test>`, so that a test that returns early
+/// does not pass silently.
 ///
 /// ```
 /// fn some_test() {
@@ -19,10 +32,6 @@ pub fn root_or_skip(why: &str) -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
     }
-    let thread = std::thread::current();
-    eprintln!(
-        "SKIPPED (needs root): {} ({why})",
-        thread.name().unwrap_or("<unnamed test>")
-    );
+    report_skip(&format!("needs root: {why}"));
     false
 }
