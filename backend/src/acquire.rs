@@ -192,9 +192,10 @@ pub fn open_params(nodes: &DeviceNodes, options: &DeviceOptions) -> Result<Devic
     let params = nodes
         .params
         .as_deref()
-        .filter(|p| p.starts_with('/'))
-        .ok_or_else(|| DevError::new(errno::ENOENT, "reading params: not an absolute path"))?;
-    let device = Device::open(Path::new(params), options)
+        .ok_or(xen::abspath::BadPath::Empty)
+        .and_then(|p| xen::abspath::parse(p.as_bytes(), xen::abspath::PATH_MAX))
+        .map_err(|e| DevError::new(errno::ENOENT, format!("reading params: {e}")))?;
+    let device = Device::open(&params, options)
         .map_err(|e| DevError::new(errno::ENOENT, format!("creating vbd structure: {e}")))?;
     let expected = nodes.expected()?;
     check_device(&device, expected.as_ref(), None)?;

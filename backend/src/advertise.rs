@@ -1,6 +1,7 @@
 //! The nodes the backend writes about itself: features at probe, and the device's details in
 //! the connect transaction (Linux `xen_blkbk_probe` and `connect`).
 
+use crate::dataplane;
 use crate::device::Device;
 
 /// VDISK_CDROM in `info`.
@@ -10,7 +11,8 @@ pub const VDISK_REMOVABLE: u32 = 2;
 /// VDISK_READONLY in `info`.
 pub const VDISK_READONLY: u32 = 4;
 
-/// What this backend supports, advertised before InitWait.
+/// What this backend supports, advertised before InitWait: also the limits the frontend's
+/// keys are checked against ([`crate::frontend_config::read_frontend_config`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Features {
     /// `feature-max-indirect-segments` (Linux: 256).
@@ -86,6 +88,19 @@ impl DeviceInfo {
                 alignment: 0,
                 secure: device.secure_discard(),
             }),
+        }
+    }
+
+    /// What the data-plane queues serve: exactly what is advertised (flush and barrier with
+    /// `feature-flush-cache`/`feature-barrier`, discard with `feature-discard`, secure discard
+    /// with `discard-secure`), read-only as advertised in `info`.
+    pub fn queue_features(&self) -> dataplane::Features {
+        dataplane::Features {
+            flush: self.flush,
+            barrier: self.flush,
+            discard: self.discard.is_some(),
+            secure_discard: self.discard.is_some_and(|d| d.secure),
+            read_only: self.read_only,
         }
     }
 
@@ -178,6 +193,29 @@ mod tests {
         assert_eq!(get(&nodes, "feature-discard"), Some("0"));
         assert_eq!(get(&nodes, "discard-granularity"), None);
         assert_eq!(get(&nodes, "feature-persistent"), Some("0"));
+    }
+
+    #[test]
+    fn queues_serve_what_is_advertised() {
+        let f = info().queue_features();
+        assert!(f.flush && f.barrier && f.discard && !f.secure_discard && !f.read_only);
+        let secure = DeviceInfo {
+            read_only: true,
+            discard: Some(Discard {
+                granularity: 512,
+                alignment: 0,
+                secure: true,
+            }),
+            ..info()
+        }
+        .queue_features();
+        assert!(secure.secure_discard && secure.read_only);
+        let none = DeviceInfo {
+            discard: None,
+            ..info()
+        }
+        .queue_features();
+        assert!(!none.discard && !none.secure_discard);
     }
 
     #[test]

@@ -18,31 +18,20 @@
 //!
 //! Discard: a block device supports it when its queue's `discard_max_bytes` is non-zero
 //! (sysfs), secure discard when `BLKSECDISCARD` is implemented (probed without side effects,
-//! see [`probe_secure_discard`]); a regular file supports it as `FALLOC_FL_PUNCH_HOLE`, probed
+//! see [`blkdev::block::probe_secure_discard`]); a regular file supports it as `FALLOC_FL_PUNCH_HOLE`, probed
 //! on an empty range.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use blkdev::block;
 use rustix::fs::{FallocateFlags, FileType, Mode, OFlags, StatxFlags};
 use rustix::io::Errno;
-use rustix::ioctl::{opcode, Getter, IntegerSetter, Opcode, Setter};
 
 /// The unit of blkif sector numbers and of the `sectors` XenStore node, whatever the logical
 /// block size.
 pub const SECTOR_SIZE: u64 = 512;
-
-/// `BLKROGET`: `_IO(0x12, 94)`, writes an `int`.
-const BLKROGET: Opcode = opcode::none(0x12, 94);
-/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
-const BLKGETSIZE64: Opcode = opcode::read::<usize>(0x12, 114);
-/// `BLKDISCARD`: `_IO(0x12, 119)`, reads `u64[2]` {start, len} in bytes.
-const BLKDISCARD: Opcode = opcode::none(0x12, 119);
-/// `BLKSECDISCARD`: `_IO(0x12, 125)`, reads `u64[2]` {start, len} in bytes.
-const BLKSECDISCARD: Opcode = opcode::none(0x12, 125);
-/// `BLKGETDISKSEQ`: `_IOR(0x12, 128, __u64)`.
-const BLKGETDISKSEQ: Opcode = opcode::read::<u64>(0x12, 128);
 
 /// Why a device could not be opened or queried.
 #[derive(Debug, thiserror::Error)]
@@ -169,20 +158,12 @@ impl Device {
     fn block(fd: OwnedFd, rdev: u64, buffered: bool) -> Result<Self, DeviceError> {
         let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
         let direct = !buffered && set_direct(&fd, true).is_ok();
-        let lbs = rustix::fs::ioctl_blksszget(&fd).map_err(query("BLKSSZGET"))?;
-        let pbs = rustix::fs::ioctl_blkpbszget(&fd).map_err(query("BLKPBSZGET"))?;
+        let lbs = block::logical_block_size(fd.as_fd()).map_err(query("BLKSSZGET"))?;
+        let pbs = block::physical_block_size(fd.as_fd()).map_err(query("BLKPBSZGET"))?;
         check_block_size(lbs)?;
-        // SAFETY: BLKROGET writes one int.
-        let req = unsafe { Getter::<BLKROGET, i32>::new() };
-        // SAFETY: req's opcode and output type match (above).
-        let ro: i32 = unsafe { rustix::ioctl::ioctl(&fd, req) }.map_err(query("BLKROGET"))?;
-        let bytes = block_size_bytes(fd.as_fd())?;
-        // SAFETY: BLKGETDISKSEQ writes one u64.
-        let req = unsafe { Getter::<BLKGETDISKSEQ, u64>::new() };
-        // SAFETY: req's opcode and output type match (above).
-        let diskseq = unsafe { rustix::ioctl::ioctl(&fd, req) }
-            .ok()
-            .filter(|&s| s != 0);
+        let ro = block::read_only(fd.as_fd()).map_err(query("BLKROGET"))?;
+        let bytes = block::size_bytes(fd.as_fd()).map_err(query("BLKGETSIZE64"))?;
+        let diskseq = block::diskseq(fd.as_fd()).ok().filter(|&s| s != 0);
         let queue = sysfs_queue_dir(major, minor);
         let discard_max = read_sysfs_u64(&queue, "discard_max_bytes").unwrap_or(0);
         let discard = discard_max > 0;
@@ -191,14 +172,14 @@ impl Device {
             .and_then(|g| u32::try_from(g).ok())
             .filter(|&g| g != 0)
             .unwrap_or(lbs);
-        let secure_discard = discard && probe_secure_discard(fd.as_fd());
+        let secure_discard = discard && block::probe_secure_discard(fd.as_fd());
         Ok(Self {
             fd,
             kind: DeviceKind::Block { major, minor },
             sectors: AtomicU64::new(bytes / SECTOR_SIZE),
             logical_block_size: lbs,
             physical_block_size: pbs.max(lbs),
-            read_only: ro != 0,
+            read_only: ro,
             direct,
             discard,
             secure_discard,
@@ -272,7 +253,9 @@ impl Device {
     /// When the size cannot be read.
     pub fn refresh_size(&self) -> Result<u64, DeviceError> {
         let bytes = match self.kind {
-            DeviceKind::Block { .. } => block_size_bytes(self.fd.as_fd())?,
+            DeviceKind::Block { .. } => {
+                block::size_bytes(self.fd.as_fd()).map_err(query("BLKGETSIZE64"))?
+            }
             DeviceKind::File => {
                 let st = rustix::fs::fstat(&self.fd).map_err(query("fstat"))?;
                 u64::try_from(st.st_size).unwrap_or(0)
@@ -333,19 +316,7 @@ impl Device {
     pub fn discard_sync(&self, offset: u64, len: u64, secure: bool) -> std::io::Result<()> {
         match self.kind {
             DeviceKind::Block { .. } => {
-                let range = [offset, len];
-                let res = if secure {
-                    // SAFETY: BLKSECDISCARD reads two u64 {start, len}.
-                    let req = unsafe { Setter::<BLKSECDISCARD, [u64; 2]>::new(range) };
-                    // SAFETY: req's opcode and input type match (above).
-                    unsafe { rustix::ioctl::ioctl(&self.fd, req) }
-                } else {
-                    // SAFETY: BLKDISCARD reads two u64 {start, len}.
-                    let req = unsafe { Setter::<BLKDISCARD, [u64; 2]>::new(range) };
-                    // SAFETY: req's opcode and input type match (above).
-                    unsafe { rustix::ioctl::ioctl(&self.fd, req) }
-                };
-                res.map_err(Into::into)
+                block::discard(self.fd.as_fd(), offset, len, secure).map_err(Into::into)
             }
             DeviceKind::File => {
                 if secure {
@@ -381,14 +352,6 @@ fn set_direct(fd: &OwnedFd, on: bool) -> rustix::io::Result<()> {
     rustix::fs::fcntl_setfl(fd, fl)
 }
 
-fn block_size_bytes(fd: BorrowedFd<'_>) -> Result<u64, DeviceError> {
-    // SAFETY: BLKGETSIZE64 writes one size_t.
-    let req = unsafe { Getter::<BLKGETSIZE64, usize>::new() };
-    // SAFETY: req's opcode and output type match (above).
-    let bytes = unsafe { rustix::ioctl::ioctl(fd, req) }.map_err(query("BLKGETSIZE64"))?;
-    Ok(bytes as u64)
-}
-
 /// The sysfs queue directory of a whole disk or, for a partition, of its parent disk.
 fn sysfs_queue_dir(major: u32, minor: u32) -> PathBuf {
     let base = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
@@ -405,19 +368,6 @@ fn read_sysfs_u64(dir: &Path, name: &str) -> std::io::Result<u64> {
     s.trim()
         .parse()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{name}: {s:?}")))
-}
-
-/// Whether `BLKSECDISCARD` is implemented for this device, found without side effects: the
-/// kernel (block/ioctl.c `blk_ioctl_secure_erase`) returns `EOPNOTSUPP` when the device has no
-/// secure erase before it reads its argument, so a NULL argument gets `EFAULT` exactly when the
-/// device supports it. (`EBADF` on a read-only fd: then it is not usable either.)
-pub fn probe_secure_discard(fd: BorrowedFd<'_>) -> bool {
-    // SAFETY: the pointer is passed as is; the kernel validates it (copy_from_user fails
-    // with EFAULT), nobody dereferences it in this process.
-    let req = unsafe { IntegerSetter::<BLKSECDISCARD>::new_pointer(std::ptr::null_mut()) };
-    // SAFETY: as above: a NULL argument only makes the kernel fail with EFAULT.
-    let res = unsafe { rustix::ioctl::ioctl(fd, req) };
-    matches!(res, Err(Errno::FAULT))
 }
 
 /// Whether the file's file system punches holes: probed one block past the end of the file,

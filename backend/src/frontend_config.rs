@@ -8,19 +8,9 @@
 use ring::Abi;
 use xen::{GrantRef, Port};
 
+use crate::advertise::Features;
 use crate::dev_error::{errno, DevError};
 use xen::xenbus::parse_decimal;
-
-/// The backend's own limits, advertised at probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackendLimits {
-    /// `multi-queue-max-queues`.
-    pub max_queues: u32,
-    /// `max-ring-page-order`.
-    pub max_ring_page_order: u32,
-    /// Whether this backend offers persistent grants (`feature-persistent` at connect).
-    pub persistent_grants: bool,
-}
 
 /// One queue's shared ring as the frontend described it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +47,7 @@ pub type ReadNode<'a> = dyn FnMut(&str) -> Result<Option<String>, DevError> + 'a
 /// page order above the maximum, or a missing or malformed `event-channel` or ring reference.
 pub fn read_frontend_config(
     frontend: &str,
-    limits: BackendLimits,
+    limits: &Features,
     read: &mut ReadNode<'_>,
 ) -> Result<FrontendConfig, DevError> {
     // "%63s": the first whitespace-separated token; missing or empty means the default.
@@ -165,7 +155,8 @@ mod tests {
     use std::collections::HashMap;
 
     const FE: &str = "/local/domain/5/device/vbd/51712";
-    const LIMITS: BackendLimits = BackendLimits {
+    const LIMITS: Features = Features {
+        max_indirect_segments: 256,
         max_queues: 4,
         max_ring_page_order: 4,
         persistent_grants: true,
@@ -176,7 +167,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (format!("{FE}/{k}"), (*v).to_owned()))
             .collect();
-        read_frontend_config(FE, LIMITS, &mut |p: &str| Ok(map.get(p).cloned()))
+        read_frontend_config(FE, &LIMITS, &mut |p: &str| Ok(map.get(p).cloned()))
     }
 
     #[test]
@@ -319,11 +310,11 @@ mod tests {
             .iter()
             .map(|(k, v)| (format!("{FE}/{k}"), (*v).to_owned()))
             .collect();
-        let limits = BackendLimits {
+        let limits = Features {
             persistent_grants: false,
             ..LIMITS
         };
-        let c = read_frontend_config(FE, limits, &mut |p: &str| Ok(map.get(p).cloned())).unwrap();
+        let c = read_frontend_config(FE, &limits, &mut |p: &str| Ok(map.get(p).cloned())).unwrap();
         assert!(!c.persistent_grants);
     }
 }

@@ -20,8 +20,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use xen::xenstore::BackendPath;
+
 use crate::dataplane::Stats;
-use crate::serve::BackendPath;
 use xen::xenbus::XenbusState;
 
 /// The default directory of statistics files.
@@ -225,7 +226,7 @@ impl StatsFile {
         }
         self.last = Some(Instant::now());
         let report = Report {
-            backend: self.backend.path.clone(),
+            backend: self.backend.to_string(),
             state: state.as_u32(),
             counters: snapshot(stats),
         };

@@ -22,11 +22,10 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use xen::xenstore::{XenStore, XsError, XsOps};
+use xen::xenstore::{BackendPath, XenStore, XsError, XsOps};
 use xen::DomId;
 
 use crate::dev_error::{errno, DevError};
-use crate::serve::BackendPath;
 use xen::xenbus::{error_node_path, parse_decimal, ReadState, XenbusState};
 
 /// How long children get to close their devices after SIGTERM before they are killed.
@@ -89,7 +88,7 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
     xs.watch(&root, "vbd")
         .map_err(xs_err(format!("watching {root}")))?;
     tracing::info!(%root, "supervising");
-    let mut children: HashMap<String, Served> = HashMap::new();
+    let mut children: HashMap<BackendPath, Served> = HashMap::new();
     let mut rescan = true;
     while !stop.load(Ordering::Relaxed) {
         match xs.wait_watch_event(Some(TICK)) {
@@ -134,8 +133,8 @@ fn new_devices(
     xs: &XenStore,
     own: DomId,
     root: &str,
-    children: &HashMap<String, Served>,
-) -> Result<Vec<String>, SuperviseError> {
+    children: &HashMap<BackendPath, Served>,
+) -> Result<Vec<BackendPath>, SuperviseError> {
     let mut found = Vec::new();
     let frontends = match xs.directory(root) {
         Ok(d) => d,
@@ -156,11 +155,11 @@ fn new_devices(
             let Some(devid) = parse_decimal(&dev) else {
                 continue;
             };
-            let path = BackendPath::new(own, fe_id, devid).path;
+            let path = BackendPath::new(own, fe_id, devid);
             if children.contains_key(&path) {
                 continue;
             }
-            let read = |n: &str| xs.read_string(&format!("{path}/{n}")).ok();
+            let read = |n: &str| xs.read_string(&path.node(n)).ok();
             let state = ReadState::parse(read("state").as_deref());
             if state == ReadState::Known(XenbusState::Initialising)
                 && read("frontend").is_some()
@@ -173,19 +172,21 @@ fn new_devices(
     Ok(found)
 }
 
-fn spawn(config: &SuperviseConfig, path: &str) -> std::io::Result<Child> {
+fn spawn(config: &SuperviseConfig, path: &BackendPath) -> std::io::Result<Child> {
     let mut cmd = Command::new(&config.program);
-    cmd.args(&config.serve_args).arg("--backend-path").arg(path);
-    if let (Some(dir), Ok(be)) = (&config.handoff_dir, BackendPath::parse(path)) {
+    cmd.args(&config.serve_args)
+        .arg("--backend-path")
+        .arg(path.as_str());
+    if let Some(dir) = &config.handoff_dir {
         std::fs::create_dir_all(dir)?;
         cmd.arg("--handoff-socket")
-            .arg(dir.join(format!("vbd-{}-{}.sock", be.frontend_domid, be.devid)));
+            .arg(dir.join(format!("{}.sock", path.file_stem())));
     }
     cmd.spawn()
 }
 
 /// Reaps exited children and cleans up after those that failed.
-fn reap(xs: &XenStore, home: &str, children: &mut HashMap<String, Served>) {
+fn reap(xs: &XenStore, home: &str, children: &mut HashMap<BackendPath, Served>) {
     let mut done = Vec::new();
     for (path, served) in children.iter_mut() {
         match served.child.try_wait() {
@@ -218,11 +219,11 @@ fn describe(status: ExitStatus) -> String {
 
 /// A dead backend's device: the error where `xenbus_dev_fatal` writes it, state Closed
 /// (nothing serves it any more), unless the toolstack already removed the directory.
-fn report_dead(xs: &XenStore, home: &str, path: &str, err: &DevError) {
-    let state = format!("{path}/state");
+fn report_dead(xs: &XenStore, home: &str, path: &BackendPath, err: &DevError) {
+    let state = path.node("state");
     let result = xs.transaction(|tx| match tx.read(&state) {
         Ok(_) => {
-            tx.write(&error_node_path(home, path), err.node_value())?;
+            tx.write(&error_node_path(home, path.as_str()), err.node_value())?;
             tx.write(&state, XenbusState::Closed.as_u32().to_string())
         }
         Err(XsError::NotFound) => Ok(()),
@@ -234,7 +235,7 @@ fn report_dead(xs: &XenStore, home: &str, path: &str, err: &DevError) {
 }
 
 /// Stops every child: SIGTERM, a grace period, then SIGKILL.
-fn stop_all(xs: &XenStore, home: &str, mut children: HashMap<String, Served>) {
+fn stop_all(xs: &XenStore, home: &str, mut children: HashMap<BackendPath, Served>) {
     for (path, served) in &children {
         if let Some(pid) = i32::try_from(served.child.id())
             .ok()

@@ -18,9 +18,10 @@ use backend::acquire::DeviceSource;
 use backend::advertise::Features;
 use backend::dataplane::{GrantMode, Observer};
 use backend::device::DeviceOptions;
-use backend::serve::{BackendPath, Outcome, ServeConfig};
+use backend::serve::{Outcome, ServeConfig};
 use backend::{serve, stats_file, supervise};
 use blkbackd::demo;
+use xen::xenstore::BackendPath;
 
 /// A userspace Xen block backend (blkback), one process per virtual disk.
 #[derive(Debug, Parser)]
@@ -367,8 +368,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         .backend_path
         .as_deref()
         .map(BackendPath::parse)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .transpose()?;
     if let Some(size) = args.sector_size {
         if !(size.is_power_of_two() && (512..=4096).contains(&size)) {
             bail!("--sector-size must be 512, 1024, 2048 or 4096");
@@ -378,9 +378,8 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
     let source = if let Some(fd) = args.device_fd {
         DeviceSource::Fd(inherited_fd(fd)?)
     } else if let Some(path) = args.handoff_socket {
-        if !path.is_absolute() {
-            bail!("--handoff-socket must be an absolute path");
-        }
+        xen::abspath::check(&path, xen::abspath::SOCKET_PATH_MAX)
+            .with_context(|| format!("--handoff-socket {}", path.display()))?;
         DeviceSource::Handoff(path)
     } else if args.open_params {
         DeviceSource::Params
@@ -407,15 +406,15 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         (None, Some(domid), Some(devid)) => BackendPath::new(platform.domid(), domid, devid),
         _ => bail!("give --backend-path, or --domid and --devid"),
     };
-    if backend_path.backend_domid != platform.domid() {
+    if backend_path.backend_domid() != Some(platform.domid()) {
         bail!(
             "--backend-path names backend domain {}, but this is domain {}",
-            backend_path.backend_domid,
+            backend_path.backend_domid().unwrap_or_default(),
             platform.domid()
         );
     }
     let stats_file = args.stats_file.unwrap_or_else(|| {
-        stats_file::default_path(backend_path.frontend_domid, backend_path.devid)
+        stats_file::default_path(backend_path.frontend_domid(), backend_path.devid())
     });
     if !args.no_sandbox {
         backend::sandbox::arm(backend::sandbox::Policy::new(
@@ -426,7 +425,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
     }
     let config = ServeConfig {
         platform,
-        backend_path: backend_path.path.clone(),
+        backend_path: backend_path.to_string(),
         source,
         device_options: DeviceOptions {
             read_only: false,
@@ -440,7 +439,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         observer: recorder,
     };
     let stop = stop_flag()?;
-    match serve::serve(config, &stop).with_context(|| format!("serving {}", backend_path.path))? {
+    match serve::serve(config, &stop).with_context(|| format!("serving {backend_path}"))? {
         Outcome::Removed | Outcome::Stopped => Ok(()),
     }
 }
@@ -463,8 +462,9 @@ fn inherited_fd(fd: i32) -> anyhow::Result<OwnedFd> {
 
 fn run_supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     let platform_config = parse_platform(&args.platform)?;
-    if args.handoff_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
-        bail!("--handoff-dir must be an absolute path");
+    if let Some(dir) = &args.handoff_dir {
+        xen::abspath::check(dir, xen::abspath::PATH_MAX)
+            .with_context(|| format!("--handoff-dir {}", dir.display()))?;
     }
     let platform = sim::open_platform(&platform_config)
         .with_context(|| format!("opening the {} platform", args.platform.platform))?;

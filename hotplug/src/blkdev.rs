@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FileType, Mode as FileMode, OFlags, ResolveFlags, CWD};
 use rustix::io::Errno;
 
-use crate::{ioctl, Error};
+use ::blkdev::block;
+
+use crate::Error;
 
 /// What an opened path turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +106,7 @@ pub fn device_number(fd: BorrowedFd<'_>, path: &Path) -> Result<(u32, u32), Erro
 /// # Errors
 /// [`Error::Sys`].
 pub fn diskseq(fd: BorrowedFd<'_>, path: &Path) -> Result<u64, Error> {
-    ioctl::blk_get_diskseq(fd).map_err(Error::sys(format!("BLKGETDISKSEQ {}", path.display())))
+    block::diskseq(fd).map_err(Error::sys(format!("BLKGETDISKSEQ {}", path.display())))
 }
 
 /// The logical block size of the block device open on `fd`.
@@ -112,7 +114,7 @@ pub fn diskseq(fd: BorrowedFd<'_>, path: &Path) -> Result<u64, Error> {
 /// # Errors
 /// [`Error::Sys`].
 pub fn logical_block_size(fd: BorrowedFd<'_>, path: &Path) -> Result<u32, Error> {
-    ioctl::blk_logical_block_size(fd).map_err(Error::sys(format!("BLKSSZGET {}", path.display())))
+    block::logical_block_size(fd).map_err(Error::sys(format!("BLKSSZGET {}", path.display())))
 }
 
 /// The size in bytes of the block device open on `fd`.
@@ -120,7 +122,7 @@ pub fn logical_block_size(fd: BorrowedFd<'_>, path: &Path) -> Result<u32, Error>
 /// # Errors
 /// [`Error::Sys`].
 pub fn size_bytes(fd: BorrowedFd<'_>, path: &Path) -> Result<u64, Error> {
-    ioctl::blk_size_bytes(fd).map_err(Error::sys(format!("BLKGETSIZE64 {}", path.display())))
+    block::size_bytes(fd).map_err(Error::sys(format!("BLKGETSIZE64 {}", path.display())))
 }
 
 /// Opens a device node that blkhotplug itself names (`/dev/loopN`, `/dev/dm-N`): no symbolic
@@ -220,7 +222,7 @@ mod tests {
     #[test]
     fn sysfs_diskseq_matches_the_ioctl() {
         let Ok((fd, major, minor)) = open_node(Path::new("/dev/loop0"), false) else {
-            eprintln!("skipped: /dev/loop0 cannot be opened here (needs root)");
+            ::blkdev::report_skip("needs root: /dev/loop0 cannot be opened here");
             return;
         };
         let by_ioctl = diskseq(fd.as_fd(), Path::new("/dev/loop0")).expect("BLKGETDISKSEQ");

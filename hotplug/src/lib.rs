@@ -9,14 +9,14 @@
 //!
 //! Modules: [`params`] (the toolstack's nodes), [`blkdev`] (opening safely), [`loopdev`],
 //! [`dm`], [`attach`] (params to an open device, and back for remove), [`script`] (the XenStore
-//! side). All `unsafe` is in the private `ioctl` module.
+//! side). Every ioctl (loop, block, device-mapper), and with it all `unsafe`, is in the
+//! `blkdev` crate, which blkbackd uses too.
 #![deny(missing_docs)]
 
 pub mod attach;
 pub mod blkdev;
 pub mod dm;
 mod error;
-mod ioctl;
 pub mod loopdev;
 pub mod params;
 pub mod script;

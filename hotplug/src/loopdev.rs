@@ -7,87 +7,17 @@ use std::path::{Path, PathBuf};
 use rustix::fs::OFlags;
 use rustix::io::Errno;
 
-use crate::{blkdev, ioctl, Error};
+use ::blkdev::loopdev as ioctl;
+pub use ::blkdev::loopdev::{
+    LoopConfig, LoopInfo64, LOOP_MAJOR, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN,
+    LO_FLAGS_READ_ONLY,
+};
 
-/// The loop driver's major number.
-pub const LOOP_MAJOR: u32 = 7;
-/// `LO_FLAGS_READ_ONLY`.
-pub const LO_FLAGS_READ_ONLY: u32 = 1;
-/// `LO_FLAGS_AUTOCLEAR`: the kernel unbinds the device when its last opener closes it.
-pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
-/// `LO_FLAGS_PARTSCAN`.
-pub const LO_FLAGS_PARTSCAN: u32 = 8;
-/// `LO_FLAGS_DIRECT_IO`.
-pub const LO_FLAGS_DIRECT_IO: u32 = 16;
+use crate::{blkdev, Error};
+
 /// How many free devices may be taken by others before giving up.
 pub const MAX_ATTEMPTS: u32 = 256;
 const LOOP_CONTROL: &str = "/dev/loop-control";
-
-/// `struct loop_info64` from `include/uapi/linux/loop.h`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct LoopInfo64 {
-    /// `st_dev` of the backing file (`new_encode_dev`).
-    pub lo_device: u64,
-    /// Inode number of the backing file.
-    pub lo_inode: u64,
-    /// `lo_rdevice`.
-    pub lo_rdevice: u64,
-    /// Offset into the backing file.
-    pub lo_offset: u64,
-    /// Size limit (0 = whole file).
-    pub lo_sizelimit: u64,
-    /// The device index.
-    pub lo_number: u32,
-    /// Obsolete.
-    pub lo_encrypt_type: u32,
-    /// Obsolete.
-    pub lo_encrypt_key_size: u32,
-    /// `LO_FLAGS_*`.
-    pub lo_flags: u32,
-    /// Name of the backing file (informational, truncated).
-    pub lo_file_name: [u8; 64],
-    /// Obsolete.
-    pub lo_crypt_name: [u8; 64],
-    /// Obsolete.
-    pub lo_encrypt_key: [u8; 32],
-    /// Obsolete.
-    pub lo_init: [u64; 2],
-}
-
-impl Default for LoopInfo64 {
-    fn default() -> Self {
-        Self {
-            lo_device: 0,
-            lo_inode: 0,
-            lo_rdevice: 0,
-            lo_offset: 0,
-            lo_sizelimit: 0,
-            lo_number: 0,
-            lo_encrypt_type: 0,
-            lo_encrypt_key_size: 0,
-            lo_flags: 0,
-            lo_file_name: [0; 64],
-            lo_crypt_name: [0; 64],
-            lo_encrypt_key: [0; 32],
-            lo_init: [0; 2],
-        }
-    }
-}
-
-/// `struct loop_config` from `include/uapi/linux/loop.h` (`LOOP_CONFIGURE`).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LoopConfig {
-    /// The backing file's fd.
-    pub fd: u32,
-    /// Logical block size (0 = kernel default).
-    pub block_size: u32,
-    /// Settings.
-    pub info: LoopInfo64,
-    /// Must be zero.
-    pub reserved: [u64; 8],
-}
 
 /// Settings for [`attach`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +91,7 @@ pub fn attach(
         if attempts > MAX_ATTEMPTS {
             return Err(Error::LoopContention(MAX_ATTEMPTS));
         }
-        let index = ioctl::loop_ctl_get_free(ctl.as_fd()).map_err(Error::LoopPoolFull)?;
+        let index = ioctl::ctl_get_free(ctl.as_fd()).map_err(Error::LoopPoolFull)?;
         let path = blkdev::loop_path(index);
         let (fd, major, minor) = match blkdev::open_node(&path, !opts.read_only) {
             Ok(x) => x,
@@ -176,7 +106,7 @@ pub fn attach(
             });
         }
         config.info.lo_flags = flags;
-        match ioctl::loop_configure(fd.as_fd(), &config) {
+        match ioctl::configure(fd.as_fd(), &config) {
             Ok(()) => break (fd, index, minor),
             // Another process bound it first: not an error, take another.
             Err(Errno::BUSY) => continue,
@@ -202,7 +132,7 @@ pub fn attach(
     // open nobody can unbind it (LOOP_CLR_FD from others only sets autoclear), so the diskseq
     // read belongs to our binding.
     let diskseq = blkdev::diskseq(fd.as_fd(), &path)?;
-    let info = ioctl::loop_get_status(fd.as_fd())
+    let info = ioctl::get_status(fd.as_fd())
         .map_err(Error::sys(format!("LOOP_GET_STATUS64 {}", path.display())))?;
     if info.lo_inode != st.st_ino || info.lo_device != st.st_dev {
         return Err(Error::WrongDevice {
@@ -270,7 +200,7 @@ pub fn detach_if(path: &Path, diskseq: u64) -> Result<Detach, Error> {
             why: format!("major {major}, not a loop device"),
         });
     }
-    match ioctl::loop_get_status(fd.as_fd()) {
+    match ioctl::get_status(fd.as_fd()) {
         Ok(_) => {}
         Err(Errno::NXIO) => return Ok(Detach::Gone),
         Err(e) => {
@@ -284,7 +214,7 @@ pub fn detach_if(path: &Path, diskseq: u64) -> Result<Detach, Error> {
     if found != diskseq {
         return Ok(Detach::Reused { found });
     }
-    match ioctl::loop_clr_fd(fd.as_fd()) {
+    match ioctl::clr_fd(fd.as_fd()) {
         Ok(()) => Ok(Detach::Detached),
         Err(Errno::NXIO) => Ok(Detach::Gone),
         Err(e) => Err(Error::Sys {
@@ -299,32 +229,11 @@ pub fn detach_if(path: &Path, diskseq: u64) -> Result<Detach, Error> {
 /// # Errors
 /// [`Error::Sys`].
 pub fn detach_fd(fd: BorrowedFd<'_>, path: &Path) -> Result<(), Error> {
-    match ioctl::loop_clr_fd(fd) {
+    match ioctl::clr_fd(fd) {
         Ok(()) | Err(Errno::NXIO) => Ok(()),
         Err(e) => Err(Error::Sys {
             what: format!("LOOP_CLR_FD {}", path.display()),
             source: e,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use core::mem::{offset_of, size_of};
-
-    #[test]
-    fn layouts_match_the_kernel() {
-        assert_eq!(size_of::<LoopInfo64>(), 232);
-        assert_eq!(offset_of!(LoopInfo64, lo_number), 40);
-        assert_eq!(offset_of!(LoopInfo64, lo_flags), 52);
-        assert_eq!(offset_of!(LoopInfo64, lo_file_name), 56);
-        assert_eq!(offset_of!(LoopInfo64, lo_crypt_name), 120);
-        assert_eq!(offset_of!(LoopInfo64, lo_encrypt_key), 184);
-        assert_eq!(offset_of!(LoopInfo64, lo_init), 216);
-        assert_eq!(size_of::<LoopConfig>(), 304);
-        assert_eq!(offset_of!(LoopConfig, block_size), 4);
-        assert_eq!(offset_of!(LoopConfig, info), 8);
-        assert_eq!(offset_of!(LoopConfig, reserved), 240);
     }
 }

@@ -1,7 +1,7 @@
 //! The toolstack's `params` and `mode` nodes, parsed strictly before anything is opened.
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use xen::abspath;
 
 use crate::Error;
 
@@ -84,25 +84,7 @@ impl Source {
 }
 
 fn absolute_path(value: &[u8]) -> Result<PathBuf, &'static str> {
-    if value.is_empty() {
-        return Err("empty");
-    }
-    if value[0] != b'/' {
-        return Err("not an absolute path");
-    }
-    if value.contains(&0) {
-        return Err("contains NUL");
-    }
-    if value.len() > 4095 {
-        return Err("longer than PATH_MAX");
-    }
-    if value.split(|&b| b == b'/').any(|c| c == b"." || c == b"..") {
-        return Err("contains a '.' or '..' component");
-    }
-    if value.ends_with(b"/") {
-        return Err("ends with '/'");
-    }
-    Ok(Path::new(OsStr::from_bytes(value)).to_path_buf())
+    abspath::parse(value, abspath::PATH_MAX).map_err(abspath::BadPath::as_str)
 }
 
 /// Validates a device-mapper name: 1 to 127 printable ASCII characters, no `/`, not `control`,

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use xen::handoff::{self, DeviceInfo, Reply};
-use xen::xenstore::{XenStore, XsError, XsOps};
+use xen::xenstore::{BackendPath, XenStore, XsError, XsOps};
 
 use crate::attach::{self, AttachOptions, Attached, Created, Released, CREATED};
 use crate::params::{Mode, Source};
@@ -37,32 +37,16 @@ pub struct Config {
     pub timeout: Duration,
 }
 
-/// A backend directory path: printable, no empty components; absolute, or relative to this
-/// domain's home path as libxl passes it in `XENBUS_PATH` (`backend/vbd/D/N`), which xenstored
-/// resolves against the connection's domain.
+/// Parses the backend directory as the toolstack gives it (`--backend` or `XENBUS_PATH`):
+/// absolute, or libxl's relative `backend/vbd/<domid>/<devid>`.
 ///
 /// # Errors
 /// [`Error::BadParams`].
-pub fn check_backend_path(path: &str) -> Result<(), Error> {
-    let body = path.strip_prefix('/').unwrap_or(path);
-    let ok = !body.is_empty()
-        && !body.starts_with('@')
-        && path.len() <= 3072
-        && !path.ends_with('/')
-        && !path.contains("//")
-        && path.bytes().all(|b| b.is_ascii_graphic());
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::BadParams {
-            params: path.into(),
-            why: "not a XenStore path",
-        })
-    }
-}
-
-fn node(backend: &str, name: &str) -> String {
-    format!("{backend}/{name}")
+pub fn parse_backend_path(path: &str) -> Result<BackendPath, Error> {
+    BackendPath::parse_xenbus_path(path).map_err(|_| Error::BadParams {
+        params: path.into(),
+        why: "not a backend/vbd/<domid>/<devid> XenStore path",
+    })
 }
 
 fn read_opt(xs: &impl XsOps, path: &str) -> Result<Option<Vec<u8>>, Error> {
@@ -92,11 +76,11 @@ fn rm_opt(xs: &impl XsOps, path: &str) -> Result<(), XsError> {
 ///
 /// # Errors
 /// [`Error::XenStore`], or [`Error::Handoff`] for a malformed socket path.
-pub fn handover_of(xs: &XenStore, backend: &str) -> Result<Handover, Error> {
-    if let Some(sock) = read_opt(xs, &node(backend, handoff::HANDOFF_SOCKET))? {
+pub fn handover_of(xs: &XenStore, backend: &BackendPath) -> Result<Handover, Error> {
+    if let Some(sock) = read_opt(xs, &backend.node(handoff::HANDOFF_SOCKET))? {
         return Ok(Handover::Socket(handoff::parse_socket_path(&sock)?));
     }
-    if read_opt(xs, &node(backend, handoff::OPENED))?.is_some() {
+    if read_opt(xs, &backend.node(handoff::OPENED))?.is_some() {
         return Ok(Handover::Opened);
     }
     Ok(Handover::Legacy)
@@ -104,7 +88,7 @@ pub fn handover_of(xs: &XenStore, backend: &str) -> Result<Handover, Error> {
 
 /// A device-mapper name and uuid for this attachment: unique, so an older device still
 /// waiting for its deferred removal never collides with a new one.
-fn dm_identity(backend: &str) -> (String, String) {
+fn dm_identity(backend: &BackendPath) -> (String, String) {
     let mut rand = [0u8; 8];
     let nonce = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut rand))
@@ -117,11 +101,7 @@ fn dm_identity(backend: &str) -> (String, String) {
             },
             |()| rand.iter().map(|b| format!("{b:02x}")).collect(),
         );
-    let tail: Vec<&str> = backend.rsplit('/').take(2).collect();
-    let (devid, domid) = (
-        tail.first().copied().unwrap_or("x"),
-        tail.get(1).copied().unwrap_or("x"),
-    );
+    let (domid, devid) = (backend.frontend_domid(), backend.devid());
     (
         format!("blkhotplug-{domid}-{devid}-{nonce}"),
         format!("BLKHOTPLUG-{nonce}"),
@@ -134,17 +114,17 @@ fn dm_identity(backend: &str) -> (String, String) {
 /// # Errors
 /// What went wrong.
 pub fn add(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, Error> {
-    check_backend_path(backend)?;
+    let backend = &parse_backend_path(backend)?;
     add_inner(xs, backend, config).inspect_err(|e| {
         tracing::error!("add {backend}: {e}");
         report_failure(xs, backend, e);
     })
 }
 
-fn add_inner(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, Error> {
+fn add_inner(xs: &XenStore, backend: &BackendPath, config: Config) -> Result<Attached, Error> {
     let deadline = Instant::now() + config.timeout;
-    let params = read_req(xs, &node(backend, handoff::PARAMS))?;
-    let mode = Mode::parse(&read_req(xs, &node(backend, handoff::MODE))?)?;
+    let params = read_req(xs, &backend.node(handoff::PARAMS))?;
+    let mode = Mode::parse(&read_req(xs, &backend.node(handoff::MODE))?)?;
     let source = Source::parse(&params)?;
     let handover = handover_of(xs, backend)?;
     let (dm_name, dm_uuid) = dm_identity(backend);
@@ -172,7 +152,7 @@ fn add_inner(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, E
 /// Publishes the opened device and hands it over; `connected` once the backend holds it.
 fn connect_device(
     xs: &XenStore,
-    backend: &str,
+    backend: &BackendPath,
     a: &Attached,
     handover: &Handover,
     deadline: Instant,
@@ -186,7 +166,7 @@ fn connect_device(
         Handover::Opened => wait_opened(xs, backend, deadline, timeout)?,
         Handover::Legacy => {}
     }
-    let status = node(backend, handoff::HOTPLUG_STATUS);
+    let status = backend.node(handoff::HOTPLUG_STATUS);
     xs.write(&status, handoff::STATUS_CONNECTED)
         .map_err(Error::xs("write", &status))
 }
@@ -194,7 +174,7 @@ fn connect_device(
 /// Writes the device nodes in one transaction, refusing when the backend directory is gone.
 fn write_device_nodes(
     xs: &XenStore,
-    backend: &str,
+    backend: &BackendPath,
     a: &Attached,
     with_diskseq: bool,
 ) -> Result<(), Error> {
@@ -202,7 +182,7 @@ fn write_device_nodes(
     let path = a.path.to_string_lossy().into_owned();
     let seq = handoff::format_diskseq(a.diskseq);
     let record = a.created.record();
-    let state = node(backend, "state");
+    let state = backend.node("state");
     let gone = xs
         .transaction(|tx| {
             match tx.read(&state) {
@@ -211,16 +191,16 @@ fn write_device_nodes(
                 Ok(_) => {}
             }
             // physical-device first: a reader outside the transaction sees all or nothing.
-            tx.write(&node(backend, handoff::PHYSICAL_DEVICE), &pd)?;
-            tx.write(&node(backend, handoff::PHYSICAL_DEVICE_PATH), &path)?;
-            tx.write(&node(backend, handoff::DISKSEQ), &seq)?;
+            tx.write(&backend.node(handoff::PHYSICAL_DEVICE), &pd)?;
+            tx.write(&backend.node(handoff::PHYSICAL_DEVICE_PATH), &path)?;
+            tx.write(&backend.node(handoff::DISKSEQ), &seq)?;
             match &record {
-                Some(r) => tx.write(&node(backend, CREATED), r)?,
-                None => rm_opt(tx, &node(backend, CREATED))?,
+                Some(r) => tx.write(&backend.node(CREATED), r)?,
+                None => rm_opt(tx, &backend.node(CREATED))?,
             }
             Ok(false)
         })
-        .map_err(Error::xs("transaction", backend))?;
+        .map_err(Error::xs("transaction", backend.as_str()))?;
     if gone {
         return Err(Error::BackendGone);
     }
@@ -259,12 +239,12 @@ fn hand_fd(
 /// Waits until the backend writes `opened` = `1`, failing early when it goes away.
 fn wait_opened(
     xs: &XenStore,
-    backend: &str,
+    backend: &BackendPath,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), Error> {
-    let opened = node(backend, handoff::OPENED);
-    let state = node(backend, "state");
+    let opened = backend.node(handoff::OPENED);
+    let state = backend.node("state");
     let token = format!("blkhotplug-{}", std::process::id());
     xs.watch(&opened, &token)
         .map_err(Error::xs("watch", &opened))?;
@@ -303,9 +283,9 @@ fn wait_opened(
 
 /// Removes the device nodes and writes the error, in one transaction (best effort: the
 /// error itself is what the caller reports).
-fn report_failure(xs: &XenStore, backend: &str, e: &Error) {
+fn report_failure(xs: &XenStore, backend: &BackendPath, e: &Error) {
     let msg = e.to_string();
-    let state = node(backend, "state");
+    let state = backend.node("state");
     let r = xs.transaction(|tx| {
         if matches!(tx.read(&state), Err(XsError::NotFound)) {
             return Ok(());
@@ -316,13 +296,10 @@ fn report_failure(xs: &XenStore, backend: &str, e: &Error) {
             handoff::DISKSEQ,
             CREATED,
         ] {
-            rm_opt(tx, &node(backend, n))?;
+            rm_opt(tx, &backend.node(n))?;
         }
-        tx.write(&node(backend, handoff::HOTPLUG_ERROR), &msg)?;
-        tx.write(
-            &node(backend, handoff::HOTPLUG_STATUS),
-            handoff::STATUS_BUSY,
-        )
+        tx.write(&backend.node(handoff::HOTPLUG_ERROR), &msg)?;
+        tx.write(&backend.node(handoff::HOTPLUG_STATUS), handoff::STATUS_BUSY)
     });
     if let Err(w) = r {
         tracing::error!("could not report the failure in {backend}: {w}");
@@ -334,13 +311,13 @@ fn report_failure(xs: &XenStore, backend: &str, e: &Error) {
 /// # Errors
 /// What went wrong.
 pub fn remove(xs: &XenStore, backend: &str) -> Result<Released, Error> {
-    check_backend_path(backend)?;
-    let record = node(backend, CREATED);
+    let backend = &parse_backend_path(backend)?;
+    let record = backend.node(CREATED);
     let Some(created) = read_opt(xs, &record)? else {
         return Ok(Released::Gone);
     };
     let created = Created::parse(&created)?;
-    let path_node = node(backend, handoff::PHYSICAL_DEVICE_PATH);
+    let path_node = backend.node(handoff::PHYSICAL_DEVICE_PATH);
     let path = read_req(xs, &path_node)?;
     let path = match Source::parse(&path)? {
         Source::Path(p) => p,
@@ -351,7 +328,7 @@ pub fn remove(xs: &XenStore, backend: &str) -> Result<Released, Error> {
             })
         }
     };
-    let seq_node = node(backend, handoff::DISKSEQ);
+    let seq_node = backend.node(handoff::DISKSEQ);
     let seq =
         handoff::parse_diskseq(&read_req(xs, &seq_node)?).map_err(|source| Error::BadNode {
             node: seq_node,
@@ -369,29 +346,34 @@ mod tests {
 
     #[test]
     fn backend_paths() {
-        assert!(check_backend_path("/local/domain/0/backend/vbd/3/51712").is_ok());
-        assert!(
-            check_backend_path("backend/vbd/3/51712").is_ok(),
-            "libxl's relative form"
+        let be = parse_backend_path("/local/domain/0/backend/vbd/3/51712").unwrap();
+        assert_eq!(
+            be.node("params"),
+            "/local/domain/0/backend/vbd/3/51712/params"
         );
+        let rel = parse_backend_path("backend/vbd/3/51712").expect("libxl's relative form");
+        assert_eq!(rel.node("params"), "backend/vbd/3/51712/params");
         for bad in [
             "",
             "/",
             "/a//b",
-            "a//b",
             "/a/b/",
             "/a b",
-            "/a\n",
             "@releaseDomain",
+            "backend/vif/3/0",
         ] {
-            assert!(check_backend_path(bad).is_err(), "{bad:?}");
+            assert!(
+                matches!(parse_backend_path(bad), Err(Error::BadParams { .. })),
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn dm_identity_is_unique_and_valid() {
-        let (n1, u1) = dm_identity("/local/domain/0/backend/vbd/3/51712");
-        let (n2, u2) = dm_identity("/local/domain/0/backend/vbd/3/51712");
+        let be = BackendPath::new(0, 3, 51712);
+        let (n1, u1) = dm_identity(&be);
+        let (n2, u2) = dm_identity(&be);
         assert_ne!((&n1, &u1), (&n2, &u2));
         assert!(n1.starts_with("blkhotplug-3-51712-"), "{n1}");
         assert!(crate::params::dm_name(n1.as_bytes()).is_ok());

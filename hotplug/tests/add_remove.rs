@@ -22,7 +22,7 @@ fn status(env: &Env, be: &str) -> (Option<String>, Option<String>) {
 /// fd the backend receives is the device named (diskseq equal).
 #[test]
 fn concurrent_adds_each_get_their_own_loop_device() {
-    if !can_run("concurrent_adds_each_get_their_own_loop_device") {
+    if !can_run() {
         return;
     }
     let env = Env::new("concurrent");
@@ -136,7 +136,7 @@ impl SpawnOutput for std::process::Command {
 /// stays attached to any of the files.
 #[test]
 fn sigkill_during_add_never_leaks_a_loop_device() {
-    if !can_run("sigkill_during_add_never_leaks_a_loop_device") {
+    if !can_run() {
         return;
     }
     let env = Env::new("sigkill");
@@ -218,11 +218,11 @@ fn sigkill_during_add_never_leaks_a_loop_device() {
 /// leaves it alone.
 #[test]
 fn remove_leaves_a_reused_loop_device_alone() {
-    if !can_run("remove_leaves_a_reused_loop_device_alone") {
+    if !can_run() {
         return;
     }
     if !Path::new("/usr/sbin/losetup").exists() && !Path::new("/sbin/losetup").exists() {
-        eprintln!("SKIPPED remove_leaves_a_reused_loop_device_alone: needs losetup to rebind a chosen loop device");
+        blkdev::report_skip("needs losetup to rebind a chosen loop device");
         return;
     }
     let env = Env::new("reuse");
@@ -278,7 +278,7 @@ fn remove_leaves_a_reused_loop_device_alone() {
 /// `remove` is a no-op.
 #[test]
 fn remove_tears_down_what_add_made() {
-    if !can_run("remove_tears_down_what_add_made") {
+    if !can_run() {
         return;
     }
     let env = Env::new("remove");
@@ -341,7 +341,7 @@ fn remove_tears_down_what_add_made() {
 /// closes its fd and reports `connected`.
 #[test]
 fn nodes_in_one_transaction_and_wait_for_opened() {
-    if !can_run("nodes_in_one_transaction_and_wait_for_opened") {
+    if !can_run() {
         return;
     }
     let env = Env::new("opened");
@@ -416,7 +416,7 @@ fn nodes_in_one_transaction_and_wait_for_opened() {
 /// removes the device nodes, and the loop device goes away with its fd.
 #[test]
 fn waiting_for_opened_is_bounded() {
-    if !can_run("waiting_for_opened_is_bounded") {
+    if !can_run() {
         return;
     }
     let env = Env::new("timeout");
@@ -451,7 +451,7 @@ fn waiting_for_opened_is_bounded() {
 /// exit, and nothing attached.
 #[test]
 fn bad_inputs_fail_cleanly() {
-    if !can_run("bad_inputs_fail_cleanly") {
+    if !can_run() {
         return;
     }
     let env = Env::new("bad");
@@ -536,7 +536,7 @@ fn bad_inputs_fail_cleanly() {
 /// A backend that refuses the fd: `add` fails and nothing stays attached.
 #[test]
 fn refused_handoff_fails_and_leaves_nothing() {
-    if !can_run("refused_handoff_fails_and_leaves_nothing") {
+    if !can_run() {
         return;
     }
     let env = Env::new("refused");
@@ -563,7 +563,7 @@ fn refused_handoff_fails_and_leaves_nothing() {
 /// flight in the unaccepted connection; once the backend's socket closes, nothing is left.
 #[test]
 fn silent_backend_times_out_and_leaves_nothing() {
-    if !can_run("silent_backend_times_out_and_leaves_nothing") {
+    if !can_run() {
         return;
     }
     let env = Env::new("silent");

@@ -39,10 +39,8 @@ impl VbdSpec {
 
     /// The backend directory.
     pub fn backend_path(&self) -> String {
-        format!(
-            "/local/domain/{}/backend/vbd/{}/{}",
-            self.backend_domid, self.frontend_domid, self.devid
-        )
+        xen::xenstore::BackendPath::new(self.backend_domid, self.frontend_domid, self.devid)
+            .to_string()
     }
 
     /// The frontend directory.

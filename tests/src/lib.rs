@@ -215,7 +215,7 @@ impl Backend {
     pub fn serve(sim: &Sim, spec: &VbdSpec, extra: &[&str]) -> Self {
         let stats_file = sim
             .tmp()
-            .join(format!("vbd-{}-{}.stats", spec.frontend_domid, spec.devid));
+            .join(format!("{}.stats", backend_path(spec).file_stem()));
         let child = Command::new(blkbackd())
             .arg("serve")
             .arg("--platform")
@@ -290,16 +290,24 @@ impl Drop for Backend {
     }
 }
 
+/// The disk's backend directory as the shared type.
+pub fn backend_path(spec: &VbdSpec) -> xen::xenstore::BackendPath {
+    xen::xenstore::BackendPath::new(spec.backend_domid, spec.frontend_domid, spec.devid)
+}
+
 /// Whether the tests run as root (loop devices need it).
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether the tests run as root; when not, says `SKIPPED (needs root: <why>): <test>` on
+/// stderr, so that a test that returns early is visibly skipped.
+pub use blkdev::root_or_skip;
+
 /// A simulated platform and a loop device over a fresh `mib` MiB image in it; `None` (with a
 /// note that the test is skipped) when not root, as loop devices need.
 pub fn loop_disk(tag: &str, mib: u64) -> Option<(Sim, Loop)> {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
+    if !root_or_skip("loop devices") {
         return None;
     }
     let sim = Sim::new(tag);

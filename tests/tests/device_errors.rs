@@ -15,12 +15,11 @@ use ring::Status;
 use sim::front::{FrontOptions, IoOp};
 use sim::toolstack::VbdSpec;
 use sim::workload::{self, DiskModel};
-use tests::{is_root, remove, Backend, Loop, Sim, DEVID, GUEST};
+use tests::{remove, Backend, Loop, Sim, DEVID, GUEST};
 
 #[test]
 fn eio_on_one_sector_fails_that_request_only() {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
+    if !tests::root_or_skip("loop devices") {
         return;
     }
     let sim = Sim::new("eio");
@@ -99,8 +98,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn enospc_fails_the_write_and_the_backend_carries_on() {
-    if !is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    if !tests::root_or_skip("mounting a tmpfs") {
         return;
     }
     let sim = Sim::new("enospc");

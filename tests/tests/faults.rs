@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use sim::front::{FrontOptions, IoOp, SimFront};
 use sim::toolstack::{self, VbdSpec};
 use sim::xenstored::SimXenstored;
-use tests::{blkbackd, is_root, Backend, Sim, TempDir, DEVID, GUEST};
+use tests::{blkbackd, Backend, Sim, TempDir, DEVID, GUEST};
 use xen::handoff::{self, DeviceInfo, PhysicalDevice, Reply};
 use xen::xenstore::{XenStore, XsOps};
 
@@ -224,8 +224,7 @@ fn loop_attached(path: &Path) -> bool {
 
 #[test]
 fn sigkill_of_the_backend_leaves_no_autoclear_loop_device_attached() {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
+    if !tests::root_or_skip("loop devices") {
         return;
     }
     let sim = Sim::new("fault-kill");
@@ -295,8 +294,7 @@ fn sigkill_of_the_backend_leaves_no_autoclear_loop_device_attached() {
 
 #[test]
 fn a_device_whose_media_vanishes_fails_requests_without_hanging() {
-    if !is_root() {
-        eprintln!("skipped: loop devices need root");
+    if !tests::root_or_skip("loop devices") {
         return;
     }
     // The nearest thing to a disk disappearing here: its loop device's capacity drops to 0

@@ -346,8 +346,7 @@ fn open_to_all(dir: &Path) {
 
 #[test]
 fn with_user_the_backend_serves_as_that_user() {
-    if !tests::is_root() {
-        eprintln!("skipped: switching users needs root");
+    if !tests::root_or_skip("switching users") {
         return;
     }
     let sim = Sim::new("sandbox-user");

@@ -1,8 +1,9 @@
 //! The one ioctl shape the Xen device nodes use: `_IOC(_IOC_NONE, group, nr, sizeof(arg))`
 //! with a pointer to an argument struct that the kernel reads and may update, returning an
-//! int (a port for `IOCTL_EVTCHN_BIND_INTERDOMAIN`). [`call`] is public because blkhotplug's
-//! loop, block and device-mapper ioctls have the same shape (a pointer or nothing in, the
-//! return value out), so the workspace has one `rustix::ioctl::Ioctl` implementation.
+//! int (a port for `IOCTL_EVTCHN_BIND_INTERDOMAIN`). [`call`] is public for tests that issue
+//! raw requests (the sandbox's ioctl filter test). Block, loop and device-mapper requests are
+//! the `blkdev` crate's, which has its own copy of this small `rustix::ioctl::Ioctl`
+//! implementation so that it does not depend on Xen.
 
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;

@@ -31,6 +31,7 @@ pub use types::{
     GrantMapping, GrantRef, GrantStatus, Port, Unmap, UnmapNotify, DOMID_FIRST_RESERVED,
 };
 
+pub mod abspath;
 pub mod handoff;
 pub mod xenbus;
 pub mod xenstore;

@@ -36,6 +36,7 @@
 //! - a synchronous discard on a file: `fallocate`;
 //! - ending: `exit`, `exit_group`, `rt_sigreturn`, `tgkill` (an abort).
 
+use blkdev::block;
 use rustix::ioctl::{opcode, Direction};
 
 use super::SandboxError;
@@ -138,7 +139,8 @@ const fn xen_request(group: u8, nr: u8, size: usize) -> u32 {
 
 /// The `ioctl` requests a confined backend makes, with their names (the values of Linux's
 /// `include/uapi/xen/evtchn.h`, `include/uapi/xen/gntdev.h` and `include/uapi/linux/fs.h`;
-/// the `xen` crate checks its own copies against the headers). Found by reading every
+/// the `xen` crate checks its own copies against the headers; the block requests are the
+/// `blkdev` crate's, the very numbers `Device` calls). Found by reading every
 /// `ioctl` of the code that runs after [`super::confine`]:
 /// - the event-channel device, opened per queue on real Xen: bind to the frontend's port,
 ///   restrict the handle to its domain, notify, reset after an overflow, unbind
@@ -164,9 +166,9 @@ pub const IOCTLS: &[(&str, u32)] = &[
         xen_request(b'G', 2, 24),
     ),
     ("IOCTL_GNTDEV_GRANT_COPY", xen_request(b'G', 8, 16)),
-    ("BLKGETSIZE64", opcode::read::<usize>(0x12, 114) as u32),
-    ("BLKDISCARD", opcode::none(0x12, 119) as u32),
-    ("BLKSECDISCARD", opcode::none(0x12, 125) as u32),
+    ("BLKGETSIZE64", block::BLKGETSIZE64),
+    ("BLKDISCARD", block::BLKDISCARD),
+    ("BLKSECDISCARD", block::BLKSECDISCARD),
 ];
 
 /// Every allowed system call's name.

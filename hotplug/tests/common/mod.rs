@@ -16,15 +16,12 @@ use xen::handoff::{self, DeviceInfo, Reply};
 use xen::xenstore::{XenStore, XsOps};
 
 /// Whether loop devices can be made here; prints why not (the test then passes as skipped).
-pub fn can_run(test: &str) -> bool {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED {test}: needs root (loop devices); CI and developers' machines run as root"
-        );
+pub fn can_run() -> bool {
+    if !blkdev::root_or_skip("loop devices; CI and developers' machines run as root") {
         return false;
     }
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIPPED {test}: no /dev/loop-control");
+        blkdev::report_skip("needs /dev/loop-control");
         return false;
     }
     true
@@ -75,7 +72,7 @@ impl Env {
         opened: bool,
         socket: Option<&Path>,
     ) -> String {
-        let be = format!("/local/domain/0/backend/vbd/7/{devid}");
+        let be = xen::xenstore::BackendPath::new(0, 7, devid).to_string();
         self.xs
             .transaction(|tx| {
                 tx.write(&format!("{be}/params"), params)?;

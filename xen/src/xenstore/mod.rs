@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+mod backend_path;
 mod conn;
 mod error;
 mod perms;
@@ -33,6 +34,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use backend_path::{BackendPath, BadBackendPath};
 pub use conn::Transport;
 pub use error::XsError;
 pub use perms::{Perm, PermAccess};
