@@ -96,20 +96,13 @@ impl TempDir {
 
 /// A simulated platform: hypervisor files and xenstored in a temporary directory, and a
 /// privileged (dom0) XenStore connection for the toolstack's part.
+#[derive(Debug)]
 pub struct Sim {
     /// dom0's XenStore connection.
     pub dom0: XenStore,
     xenstored: SimXenstored,
     dir: PathBuf,
     tmp: TempDir,
-}
-
-impl std::fmt::Debug for Sim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sim")
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Sim {

@@ -9,7 +9,7 @@ use crate::{
 };
 
 /// Maps other domains' grants into this process (`/dev/xen/gntdev` or the simulation).
-pub trait GrantMapper: Send + Sync {
+pub trait GrantMapper: Send + Sync + std::fmt::Debug {
     /// Maps `refs` of `domid` contiguously, in order. All or nothing: when any ref fails,
     /// whatever was mapped is unmapped again and the first failing status is returned
     /// (XSA-361/362/365: partial failures must not leak or crash).
@@ -52,7 +52,7 @@ pub trait GrantMapper: Send + Sync {
 
 /// Copies between local memory and other domains' grants (`IOCTL_GNTDEV_GRANT_COPY` or the
 /// simulation).
-pub trait GrantCopier: Send + Sync {
+pub trait GrantCopier: Send + Sync + std::fmt::Debug {
     /// Performs every op in `ops`, setting each op's status. Segments fail independently.
     ///
     /// # Errors
@@ -63,7 +63,7 @@ pub trait GrantCopier: Send + Sync {
 
 /// One open event-channel handle (`/dev/xen/evtchn` or the simulation). Delivery masks a
 /// port until it is unmasked, as the Linux device does.
-pub trait EventChannel: Send {
+pub trait EventChannel: Send + std::fmt::Debug {
     /// Binds a local port to `remote_port` of `remote`.
     ///
     /// # Errors
@@ -107,7 +107,7 @@ pub trait EventChannel: Send {
 }
 
 /// Everything the backend needs from the hypervisor, for one domain's view of it.
-pub trait Platform: Send + Sync {
+pub trait Platform: Send + Sync + std::fmt::Debug {
     /// This domain's id (the backend domain).
     fn domid(&self) -> DomId;
     /// The grant mapper.

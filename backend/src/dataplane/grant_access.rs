@@ -31,7 +31,7 @@ pub(super) enum Reach {
 }
 
 /// One grant mode's way to guest memory.
-pub(super) trait GrantAccess: Send {
+pub(super) trait GrantAccess: Send + std::fmt::Debug {
     /// Reads the indirect pages `grefs` once into the first `grefs.len()` of `pages`.
     ///
     /// # Errors

@@ -15,21 +15,13 @@ use super::stats::{Count, Meter};
 use super::uring::{Data, Uring};
 
 /// Grant copy through bounce regions.
+#[derive(Debug)]
 pub(super) struct GrantCopy {
     platform: Arc<dyn Platform>,
     frontend: DomId,
     pool: BouncePool,
     meter: Arc<dyn Meter>,
     name: String,
-}
-
-impl std::fmt::Debug for GrantCopy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrantCopy")
-            .field("frontend", &self.frontend)
-            .field("pool", &self.pool)
-            .finish_non_exhaustive()
-    }
 }
 
 impl GrantCopy {

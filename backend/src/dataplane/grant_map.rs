@@ -30,6 +30,7 @@ enum MapError {
 }
 
 /// Grant map through the persistent cache.
+#[derive(Debug)]
 pub(super) struct GrantMap {
     platform: Arc<dyn Platform>,
     frontend: DomId,
@@ -42,16 +43,6 @@ pub(super) struct GrantMap {
     // mapping alive past the request's own guards).
     seg_maps: Vec<Option<Arc<GrantMapping>>>,
     np_grefs: Vec<GrantRef>,
-}
-
-impl std::fmt::Debug for GrantMap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrantMap")
-            .field("frontend", &self.frontend)
-            .field("pgrants", &self.pgrants)
-            .field("retired", &self.retired)
-            .finish_non_exhaustive()
-    }
 }
 
 impl GrantMap {

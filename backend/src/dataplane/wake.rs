@@ -37,6 +37,7 @@ pub(super) enum Polled {
 }
 
 /// The wake-up policy of one queue, and its event channel.
+#[derive(Debug)]
 pub(super) struct Wake {
     evtchn: Box<dyn EventChannel>,
     port: Port,
@@ -50,16 +51,6 @@ pub(super) struct Wake {
     consumed_since_unmask: usize,
     /// Spurious wake-ups in a row.
     spurious: u32,
-}
-
-impl std::fmt::Debug for Wake {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wake")
-            .field("port", &self.port)
-            .field("poll", &self.poll)
-            .field("spurious", &self.spurious)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The late-EOI delay after `spurious` spurious wake-ups in a row: none for the first.

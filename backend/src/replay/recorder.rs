@@ -125,6 +125,7 @@ impl Observer for Recorder {
 }
 
 /// One queue's recording, owned by the queue's thread.
+#[derive(Debug)]
 pub struct QueueRecorder {
     rec: Arc<Recorder>,
     q: u32,
@@ -135,14 +136,6 @@ pub struct QueueRecorder {
     /// The checksum of the read about to be answered: (id, sum).
     pending_sum: Option<(u64, String)>,
     page: Vec<u8>,
-}
-
-impl std::fmt::Debug for QueueRecorder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueRecorder")
-            .field("q", &self.q)
-            .finish_non_exhaustive()
-    }
 }
 
 impl QueueRecorder {

@@ -58,6 +58,7 @@ const TOKEN_BACKEND: &str = "backend";
 const TOKEN_FRONTEND: &str = "frontend-state";
 
 /// Everything `blkbackd serve` is told.
+#[derive(Debug)]
 pub struct ServeConfig {
     /// The platform (real Xen or the simulation).
     pub platform: Arc<dyn Platform>,
@@ -77,20 +78,6 @@ pub struct ServeConfig {
     pub stats_file: Option<PathBuf>,
     /// Who watches the queues (`--record`), if anyone.
     pub observer: Option<Arc<dyn Observer>>,
-}
-
-impl std::fmt::Debug for ServeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServeConfig")
-            .field("backend_path", &self.backend_path)
-            .field("source", &self.source)
-            .field("device_options", &self.device_options)
-            .field("features", &self.features)
-            .field("grant_mode", &self.grant_mode)
-            .field("poll", &self.poll)
-            .field("stats_file", &self.stats_file)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Why serving ended with an error (device-level problems are reported in XenStore instead).

@@ -142,12 +142,14 @@ pub struct DiskInfo {
     pub abi: Abi,
 }
 
+#[derive(Debug)]
 struct Queue {
     shared: GuestRing,
     inflight: HashMap<u64, io::Inflight>,
 }
 
 /// A simulated guest's block frontend for one virtual disk.
+#[derive(Debug)]
 pub struct SimFront {
     domain: SimDomain,
     xs: XenStore,
@@ -164,16 +166,6 @@ pub struct SimFront {
     info: Option<DiskInfo>,
     next_id: u64,
     completed: VecDeque<Completion>,
-}
-
-impl std::fmt::Debug for SimFront {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimFront")
-            .field("frontend", &self.frontend)
-            .field("backend", &self.backend)
-            .field("info", &self.info)
-            .finish_non_exhaustive()
-    }
 }
 
 impl SimFront {
