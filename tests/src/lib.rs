@@ -153,6 +153,16 @@ impl Sim {
         p
     }
 
+    /// A simulation named after `tag` with one disk: a sparse `disk.img` of `mib` MiB as
+    /// the guest's xvda, its toolstack nodes written.
+    pub fn with_disk(tag: &str, mib: u64) -> (Self, VbdSpec) {
+        let sim = Self::new(tag);
+        let image = sim.image("disk.img", mib);
+        let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().expect("a UTF-8 temp dir"));
+        sim.create_vbd(&spec);
+        (sim, spec)
+    }
+
     /// Writes the toolstack's nodes for a disk.
     pub fn create_vbd(&self, spec: &VbdSpec) {
         toolstack::create_vbd(&self.dom0, spec).expect("writing the disk's nodes");

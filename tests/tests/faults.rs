@@ -191,10 +191,7 @@ fn the_frontend_domain_vanishing_ends_the_backend_cleanly() {
 
 #[test]
 fn sigterm_with_requests_in_flight_unmaps_everything() {
-    let sim = Sim::new("fault-term");
-    let image = sim.image("disk.img", 16);
-    let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().unwrap());
-    sim.create_vbd(&spec);
+    let (sim, spec) = Sim::with_disk("fault-term", 16);
     let mut backend = Backend::serve(&sim, &spec, &["--open-params", "--grant-mode", "map"]);
     let mut front = sim.front(FrontOptions::default());
     front.connect().unwrap();

@@ -3,16 +3,12 @@
 use std::time::Duration;
 
 use sim::front::FrontOptions;
-use sim::toolstack::VbdSpec;
 use sim::workload::DiskModel;
-use tests::{backend_node, connected, exercise, remove, Backend, Sim, DEVID, GUEST};
+use tests::{backend_node, connected, exercise, remove, Backend, Sim};
 
 #[test]
 fn probe_advertises_features_and_waits_for_the_device() {
-    let sim = Sim::new("probe");
-    let image = sim.image("disk.img", 8);
-    let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().unwrap());
-    sim.create_vbd(&spec);
+    let (sim, spec) = Sim::with_disk("probe", 8);
     // No device source: the backend waits for the hotplug script's physical-device.
     let mut backend = Backend::serve(&sim, &spec, &["--max-queues", "3"]);
     sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
@@ -41,10 +37,7 @@ fn probe_advertises_features_and_waits_for_the_device() {
 
 #[test]
 fn opened_is_published_once_the_device_is_held() {
-    let sim = Sim::new("opened");
-    let image = sim.image("disk.img", 8);
-    let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().unwrap());
-    sim.create_vbd(&spec);
+    let (sim, spec) = Sim::with_disk("opened", 8);
     let _backend = Backend::serve(&sim, &spec, &["--open-params"]);
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
     assert_eq!(backend_node(&sim, &spec, "state").as_deref(), Some("2"));
