@@ -133,6 +133,20 @@ impl Gen {
         (gref, bytes)
     }
 
+    /// A read or write (`op`) in one slot of queue `q`, handle 0.
+    fn direct(&mut self, q: u32, op: u8, id: u64, sector: u64, segs: &[Segment]) {
+        self.slot(
+            q,
+            &FrontRequest::Direct {
+                operation: op,
+                id,
+                sector,
+                handle: 0,
+                segs,
+            },
+        );
+    }
+
     fn slot(&mut self, q: u32, req: &FrontRequest<'_>) {
         let raw = req.encode(self.abis[&q]).expect("encodable");
         self.raw(q, raw.as_bytes(), true);
@@ -180,16 +194,7 @@ impl Gen {
     /// Pushes a request with `segs` (direct up to 11 segments, indirect beyond).
     fn rw_slot(&mut self, q: u32, id: u64, op: u8, sector: u64, segs: &[Segment]) -> u8 {
         if segs.len() <= 11 {
-            self.slot(
-                q,
-                &FrontRequest::Direct {
-                    operation: op,
-                    id,
-                    sector,
-                    handle: 0,
-                    segs,
-                },
-            );
+            self.direct(q, op, id, sector, segs);
             return op;
         }
         let mut page_grefs = Vec::new();
@@ -259,16 +264,7 @@ impl Gen {
 
     fn flush(&mut self, q: u32) -> Pending {
         let id = self.id();
-        self.slot(
-            q,
-            &FrontRequest::Direct {
-                operation: OP_FLUSH_DISKCACHE,
-                id,
-                sector: 0,
-                handle: 0,
-                segs: &[],
-            },
-        );
+        self.direct(q, OP_FLUSH_DISKCACHE, id, 0, &[]);
         ok(q, id, OP_FLUSH_DISKCACHE)
     }
 
@@ -433,16 +429,7 @@ fn flush_discard() -> Gen {
     // A barrier carrying data.
     let id = g.id();
     let (segs, bytes) = g.segments(8, true);
-    g.slot(
-        0,
-        &FrontRequest::Direct {
-            operation: OP_WRITE_BARRIER,
-            id,
-            sector: 512,
-            handle: 0,
-            segs: &segs,
-        },
-    );
+    g.direct(0, OP_WRITE_BARRIER, id, 512, &segs);
     g.disk[512 * 512..512 * 512 + bytes.len()].copy_from_slice(&bytes);
     g.expect(&[ok(0, id, OP_WRITE_BARRIER)]);
     let d = g.discard(0, 64, 64);
@@ -673,16 +660,7 @@ fn bad_sectors() -> Gen {
     ] {
         let id = g.id();
         let (segs, _) = g.segments(n, false);
-        g.slot(
-            0,
-            &FrontRequest::Direct {
-                operation: OP_READ,
-                id,
-                sector,
-                handle: 0,
-                segs: &segs,
-            },
-        );
+        g.direct(0, OP_READ, id, sector, &segs);
         g.expect(&[with_status(ok(0, id, OP_READ), ERROR)]);
     }
     for (sector, n) in [(SECTORS - 8, 16u64), (8, u64::MAX - 4), (u64::MAX, 2)] {
@@ -748,16 +726,7 @@ fn unknown_ops() -> Gen {
     for op in [4u8, 7, 0x80, 255] {
         let id = g.id();
         let (segs, _) = g.segments(8, false);
-        g.slot(
-            0,
-            &FrontRequest::Direct {
-                operation: op,
-                id,
-                sector: 0,
-                handle: 0,
-                segs: &segs,
-            },
-        );
+        g.direct(0, op, id, 0, &segs);
         expect.push(with_status(ok(0, id, op), NOTSUPP));
     }
     g.expect(&expect);
@@ -812,32 +781,14 @@ fn bad_grants(mode: Mode) -> Gen {
     for gref in bad.clone() {
         for op in [OP_READ, OP_WRITE] {
             let id = g.id();
-            g.slot(
-                0,
-                &FrontRequest::Direct {
-                    operation: op,
-                    id,
-                    sector: 16,
-                    handle: 0,
-                    segs: &[whole(gref)],
-                },
-            );
+            g.direct(0, op, id, 16, &[whole(gref)]);
             g.expect(&[with_status(ok(0, id, op), ERROR)]);
         }
     }
     // A good segment followed by a bad one: the whole request fails.
     let id = g.id();
     let (good, _) = g.page(false, GrantAccess::Rw);
-    g.slot(
-        0,
-        &FrontRequest::Direct {
-            operation: OP_READ,
-            id,
-            sector: 16,
-            handle: 0,
-            segs: &[whole(good), whole(never)],
-        },
-    );
+    g.direct(0, OP_READ, id, 16, &[whole(good), whole(never)]);
     g.expect(&[with_status(ok(0, id, OP_READ), ERROR)]);
     // An indirect request whose indirect page was never granted.
     let id = g.id();
@@ -856,30 +807,12 @@ fn bad_grants(mode: Mode) -> Gen {
     // A read into a read-only page: the backend may not write it.
     let id = g.id();
     let (ro, _) = g.page(false, GrantAccess::Ro);
-    g.slot(
-        0,
-        &FrontRequest::Direct {
-            operation: OP_READ,
-            id,
-            sector: 0,
-            handle: 0,
-            segs: &[whole(ro)],
-        },
-    );
+    g.direct(0, OP_READ, id, 0, &[whole(ro)]);
     g.expect(&[with_status(ok(0, id, OP_READ), ERROR)]);
     // A write from a read-only page is fine.
     let id = g.id();
     let (ro, bytes) = g.page(true, GrantAccess::Ro);
-    g.slot(
-        0,
-        &FrontRequest::Direct {
-            operation: OP_WRITE,
-            id,
-            sector: 24,
-            handle: 0,
-            segs: &[whole(ro)],
-        },
-    );
+    g.direct(0, OP_WRITE, id, 24, &[whole(ro)]);
     g.disk[24 * 512..24 * 512 + 4096].copy_from_slice(&bytes);
     g.expect(&[ok(0, id, OP_WRITE)]);
     let r = g.read(0, 24, 8);
@@ -942,16 +875,7 @@ fn duplicate_ids() -> Gen {
     let mut p = Vec::new();
     for i in 0..4u64 {
         let (segs, _) = g.segments(8, false);
-        g.slot(
-            0,
-            &FrontRequest::Direct {
-                operation: OP_READ,
-                id: 42,
-                sector: i * 8,
-                handle: 0,
-                segs: &segs,
-            },
-        );
+        g.direct(0, OP_READ, 42, i * 8, &segs);
         let mut f = Fnv::default();
         f.update(&[0u8; 4096]);
         p.push(Pending {
@@ -964,16 +888,7 @@ fn duplicate_ids() -> Gen {
     }
     g.expect(&p);
     let (segs, _) = g.segments(8, false);
-    g.slot(
-        0,
-        &FrontRequest::Direct {
-            operation: OP_READ,
-            id: u64::MAX,
-            sector: 0,
-            handle: 0,
-            segs: &segs,
-        },
-    );
+    g.direct(0, OP_READ, u64::MAX, 0, &segs);
     let mut f = Fnv::default();
     f.update(&[0u8; 4096]);
     g.expect(&[Pending {
