@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring::{IndirectPage, Segments};
-use xen::{GrantMapping, GrantRef, GrantStatus};
+use xen::{DomId, GrantMapping, GrantRef, GrantStatus, Platform};
 
 use super::bounce::Region;
 use super::slot::Slot;
+use super::stats::Meter;
 use super::uring::{Data, Uring};
 
 /// What starting a read or write takes, as [`GrantAccess::reach`] found it.
@@ -28,6 +29,19 @@ pub(super) enum Reach {
     Wait,
     /// The request cannot be served: answer it with an error.
     Fail,
+}
+
+/// Whose grants a strategy reaches and where it reports: the same for both grant modes.
+#[derive(Debug, Clone)]
+pub(super) struct Frontend {
+    /// Reaches the frontend's grants.
+    pub(super) platform: Arc<dyn Platform>,
+    /// The frontend's domain.
+    pub(super) domid: DomId,
+    /// Where grant operations are counted.
+    pub(super) meter: Arc<dyn Meter>,
+    /// The queue's name, for logs.
+    pub(super) name: String,
 }
 
 /// One grant mode's way to guest memory.

@@ -6,49 +6,34 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring::{IndirectPage, Op, Segments};
-use xen::{CopyOp, DomId, GrantAddr, GrantMapping, GrantRef, GrantStatus, Platform};
+use xen::{CopyOp, GrantAddr, GrantMapping, GrantRef, GrantStatus};
 
 use super::bounce::{BouncePool, Region};
-use super::grant_access::{GrantAccess, Reach};
+use super::grant_access::{Frontend, GrantAccess, Reach};
 use super::slot::{Slot, State};
-use super::stats::{Count, Meter};
+use super::stats::Count;
 use super::uring::{Data, Uring};
 
 /// Grant copy through bounce regions.
 #[derive(Debug)]
 pub(super) struct GrantCopy {
-    platform: Arc<dyn Platform>,
-    frontend: DomId,
+    fe: Frontend,
     pool: BouncePool,
-    meter: Arc<dyn Meter>,
-    name: String,
 }
 
 impl GrantCopy {
-    pub(super) fn new(
-        platform: Arc<dyn Platform>,
-        frontend: DomId,
-        pool: BouncePool,
-        meter: Arc<dyn Meter>,
-        name: String,
-    ) -> Self {
-        Self {
-            platform,
-            frontend,
-            pool,
-            meter,
-            name,
-        }
+    pub(super) fn new(fe: Frontend, pool: BouncePool) -> Self {
+        Self { fe, pool }
     }
 
     /// One batched copy; a failing batch (as opposed to failing segments) is logged here,
     /// at debug level: a guest can cause it.
     fn run(&self, ops: &mut [CopyOp<'_>]) -> bool {
-        self.meter.count(Count::CopyBatch(ops.len()));
-        match self.platform.grant_copier().copy(ops) {
+        self.fe.meter.count(Count::CopyBatch(ops.len()));
+        match self.fe.platform.grant_copier().copy(ops) {
             Ok(()) => true,
             Err(e) => {
-                tracing::debug!(queue = %self.name, segments = ops.len(), "grant copy batch failed: {e}");
+                tracing::debug!(queue = %self.fe.name, segments = ops.len(), "grant copy batch failed: {e}");
                 false
             }
         }
@@ -61,7 +46,7 @@ impl GrantAccess for GrantCopy {
         grefs: &[GrantRef],
         pages: &mut [IndirectPage],
     ) -> Result<(), GrantStatus> {
-        let domid = self.frontend;
+        let domid = self.fe.domid;
         let mut ops: Vec<CopyOp<'_>> = pages
             .iter_mut()
             .zip(grefs)
@@ -116,7 +101,7 @@ impl GrantAccess for GrantCopy {
     fn copy(&mut self, slots: &mut [Slot], batch: &[usize], failed: &mut Vec<bool>) {
         failed.clear();
         failed.resize(batch.len(), false);
-        let domid = self.frontend;
+        let domid = self.fe.domid;
         let pool = &self.pool;
         let mut ops: Vec<CopyOp<'_>> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
@@ -209,7 +194,7 @@ mod tests {
     use super::*;
     use crate::dataplane::bounce::SMALL_REGION;
     use crate::dataplane::slot::Slots;
-    use crate::dataplane::stats::Stats;
+    use crate::dataplane::stats::{Meter, Stats};
     use crate::dataplane::tests::{sim_guest, TempDir, FRONT};
 
     /// A never-granted ref.
@@ -252,7 +237,13 @@ mod tests {
         let stats = Arc::new(Stats::new());
         let pool = BouncePool::new(4, 16, nr_large).unwrap();
         let meter = Arc::clone(&stats) as Arc<dyn Meter>;
-        let copy = GrantCopy::new(platform, FRONT, pool, meter, "t".into());
+        let fe = Frontend {
+            platform,
+            domid: FRONT,
+            meter,
+            name: "t".into(),
+        };
+        let copy = GrantCopy::new(fe, pool);
         (dom, copy, stats)
     }
 

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use ring::{IndirectPage, Segments};
 use shmem::PAGE_SIZE;
-use xen::{Access, DomId, GrantError, GrantMapping, GrantRef, GrantStatus, Platform};
+use xen::{Access, GrantError, GrantMapping, GrantRef, GrantStatus};
 
 use super::bounce::Region;
-use super::grant_access::{GrantAccess, Reach};
+use super::grant_access::{Frontend, GrantAccess, Reach};
 use super::persistent::{map_counted, PersistentGrants, LRU_INTERVAL};
 use super::retire::{Retired, MAX_RETIRED};
 use super::slot::Slot;
-use super::stats::Meter;
 use super::uring::{Data, Uring};
 
 /// Why a request's pages could not be mapped (a guest can cause each: logged at debug level).
@@ -32,13 +31,10 @@ enum MapError {
 /// Grant map through the persistent cache.
 #[derive(Debug)]
 pub(super) struct GrantMap {
-    platform: Arc<dyn Platform>,
-    frontend: DomId,
+    fe: Frontend,
     pgrants: PersistentGrants,
     /// Mappings whose I/O completed, waiting for the kernel to let go.
     retired: Retired,
-    meter: Arc<dyn Meter>,
-    name: String,
     // Scratch, reused by every request (cleared before it returns, so that it keeps no
     // mapping alive past the request's own guards).
     seg_maps: Vec<Option<Arc<GrantMapping>>>,
@@ -46,21 +42,11 @@ pub(super) struct GrantMap {
 }
 
 impl GrantMap {
-    pub(super) fn new(
-        platform: Arc<dyn Platform>,
-        frontend: DomId,
-        pgrants: PersistentGrants,
-        unmap_grace: Duration,
-        meter: Arc<dyn Meter>,
-        name: String,
-    ) -> Self {
+    pub(super) fn new(fe: Frontend, pgrants: PersistentGrants, unmap_grace: Duration) -> Self {
         Self {
-            platform,
-            frontend,
+            fe,
             pgrants,
             retired: Retired::new(unmap_grace),
-            meter,
-            name,
             seg_maps: Vec::with_capacity(ring::MAX_INDIRECT_SEGMENTS),
             np_grefs: Vec::with_capacity(ring::MAX_INDIRECT_SEGMENTS),
         }
@@ -75,7 +61,7 @@ impl GrantMap {
         write: bool,
     ) -> Result<Option<Arc<GrantMapping>>, GrantError> {
         let now = Instant::now();
-        let mapper = self.platform.grant_mapper();
+        let mapper = self.fe.platform.grant_mapper();
         self.seg_maps.clear();
         self.np_grefs.clear();
         for gref in grefs {
@@ -99,7 +85,13 @@ impl GrantMap {
         } else {
             Access::ReadWrite
         };
-        let m = map_counted(&*self.meter, mapper, self.frontend, &self.np_grefs, access)?;
+        let m = map_counted(
+            &*self.fe.meter,
+            mapper,
+            self.fe.domid,
+            &self.np_grefs,
+            access,
+        )?;
         Ok(Some(Arc::new(m)))
     }
 
@@ -193,7 +185,7 @@ impl GrantAccess for GrantMap {
         match r {
             Ok(()) => Reach::Submit(Data::Mapped),
             Err(e) => {
-                tracing::debug!(queue = %self.name, "mapping the request's grants failed: {e}");
+                tracing::debug!(queue = %self.fe.name, "mapping the request's grants failed: {e}");
                 // The guards drop here, unmapping what was mapped for this request (no I/O).
                 uring.reset_slot(slot);
                 Reach::Fail
@@ -243,7 +235,7 @@ mod tests {
 
     use super::*;
     use crate::dataplane::persistent::DEFAULT_PERSISTENT_GRANT_TIMEOUT;
-    use crate::dataplane::stats::Stats;
+    use crate::dataplane::stats::{Meter, Stats};
     use crate::dataplane::tests::{sim_guest, TempDir, FRONT};
 
     const GRACE: Duration = Duration::from_millis(20);
@@ -258,7 +250,13 @@ mod tests {
             DEFAULT_PERSISTENT_GRANT_TIMEOUT,
             Arc::clone(&meter),
         );
-        let map = GrantMap::new(platform, FRONT, pg, GRACE, meter, "t".into());
+        let fe = Frontend {
+            platform,
+            domid: FRONT,
+            meter,
+            name: "t".into(),
+        };
+        let map = GrantMap::new(fe, pg, GRACE);
         (dom, map, stats)
     }
 
@@ -308,6 +306,7 @@ mod tests {
         let (dom, mut map, _) = setup(&dir);
         let g = dom.grant(0, 1, Access::ReadWrite).unwrap();
         let m = map
+            .fe
             .platform
             .grant_mapper()
             .map(FRONT, &[g], Access::ReadWrite)

@@ -18,7 +18,7 @@ use xen::{Access, GrantError, GrantMapping, GrantStatus};
 
 use super::bounce::{BounceMem, BouncePool};
 use super::error::QueueError;
-use super::grant_access::GrantAccess;
+use super::grant_access::{Frontend, GrantAccess};
 use super::grant_copy::GrantCopy;
 use super::grant_map::GrantMap;
 use super::observer::QueueObserver;
@@ -431,7 +431,12 @@ fn grant_access(
     max_segs: usize,
     max_indirect: u16,
 ) -> Result<ReachGuest, DataplaneError> {
-    let meter = Arc::clone(&p.stats) as Arc<dyn Meter>;
+    let fe = Frontend {
+        platform: Arc::clone(&p.platform),
+        domid: p.frontend,
+        meter: Arc::clone(&p.stats) as Arc<dyn Meter>,
+        name: p.name.clone(),
+    };
     // Only persistent grants are mapped: a frontend without them (FreeBSD's, or Linux's with
     // feature_persistent=0) ends each grant as soon as its response arrives, which with
     // mappings would mean unmapping right after every completion, while the kernel may still
@@ -441,23 +446,15 @@ fn grant_access(
         let nr_large = if max_indirect > 0 { LARGE_REGIONS } else { 0 };
         let pool = BouncePool::new(size, max_segs, nr_large).map_err(DataplaneError::Uring)?;
         let mem = Arc::clone(pool.mem());
-        let platform = Arc::clone(&p.platform);
-        let grants = GrantCopy::new(platform, p.frontend, pool, meter, p.name.clone());
+        let grants = GrantCopy::new(fe, pool);
         return Ok((Box::new(grants), Some(mem)));
     }
     let pgrants = PersistentGrants::new(
         p.frontend,
         p.max_persistent_grants,
         p.persistent_grant_timeout,
-        Arc::clone(&meter),
+        Arc::clone(&fe.meter),
     );
-    let grants = GrantMap::new(
-        Arc::clone(&p.platform),
-        p.frontend,
-        pgrants,
-        p.unmap_grace,
-        meter,
-        p.name.clone(),
-    );
+    let grants = GrantMap::new(fe, pgrants, p.unmap_grace);
     Ok((Box::new(grants), None))
 }
