@@ -2,14 +2,21 @@
 
 use super::*;
 
-#[test]
-fn indirect_pages_are_persistent_grants_in_map_mode() {
-    let dir = TempDir::new("indpg");
+/// A one-page x86_64 ring on a 4 KiB-sector image, with queue parameters for map mode with
+/// persistent grants (what every test here starts from).
+fn map_mode(tag: &str) -> (TempDir, PathBuf, Front, QueueParams) {
+    let dir = TempDir::new(tag);
     let img = image(&dir.0, 4096);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let f = Front::new(&dir.0, Abi::X86_64, 1);
     let mut p = f.params(&dir.0, open(&img));
     p.grant_mode = GrantMode::Map;
     p.persistent_grants = true;
+    (dir, img, f, p)
+}
+
+#[test]
+fn indirect_pages_are_persistent_grants_in_map_mode() {
+    let (_dir, img, mut f, p) = map_mode("indpg");
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
     // Two indirect pages listing 16 data pages (1..=16): data page 0 granted writable as
@@ -66,12 +73,7 @@ fn indirect_pages_are_persistent_grants_in_map_mode() {
 
 #[test]
 fn persistent_grants_are_capped_and_released() {
-    let dir = TempDir::new("pgnt");
-    let img = image(&dir.0, 4096);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = GrantMode::Map;
-    p.persistent_grants = true;
+    let (_dir, _, mut f, mut p) = map_mode("pgnt");
     p.max_persistent_grants = 4;
     p.persistent_grant_timeout = Duration::from_millis(1500);
     p.unmap_grace = Duration::from_millis(300);
@@ -161,12 +163,7 @@ fn persistent_grants_are_capped_and_released() {
 #[test]
 fn retired_mappings_are_bounded() {
     const GRACE: Duration = Duration::from_secs(4);
-    let dir = TempDir::new("retired");
-    let img = image(&dir.0, 4096);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = GrantMode::Map;
-    p.persistent_grants = true;
+    let (_dir, _, mut f, mut p) = map_mode("retired");
     p.max_persistent_grants = 0;
     p.unmap_grace = GRACE;
     let stats = Arc::clone(&p.stats);
@@ -197,12 +194,7 @@ fn retired_mappings_are_bounded() {
 
 #[test]
 fn a_full_persistent_cache_is_purged_only_after_an_overflow() {
-    let dir = TempDir::new("pgfull");
-    let img = image(&dir.0, 4096);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = GrantMode::Map;
-    p.persistent_grants = true;
+    let (_dir, _, mut f, mut p) = map_mode("pgfull");
     p.max_persistent_grants = 4;
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();

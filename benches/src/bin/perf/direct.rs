@@ -170,9 +170,7 @@ pub(crate) fn direct_loop_with(
             if res != w.bs as i32 {
                 bail!("direct I/O failed: {res}");
             }
-            m.lat_us.push((now - started[i]).as_secs_f64() * 1e6);
-            m.requests += 1;
-            m.bytes += w.bs as u64;
+            m.record(now - started[i], w.bs);
             free.push(i);
         }
     }

@@ -174,18 +174,7 @@ fn main() -> anyhow::Result<()> {
         let result = (|| -> anyhow::Result<()> {
             if opts.baseline_only {
                 for w in &workloads {
-                    let mut case = Case {
-                        target: tname,
-                        workload: *w,
-                        config: NO_CONFIG,
-                        d: vec![],
-                        a: vec![],
-                        b: vec![],
-                        f: vec![],
-                        sys_a: f64::NAN,
-                        sys_b: f64::NAN,
-                        more: vec![],
-                    };
+                    let mut case = Case::new(tname, *w, NO_CONFIG);
                     let (mut legacy, mut each, mut counted) = (vec![], vec![], vec![]);
                     for _ in 0..opts.pairs {
                         let run = |kind, perf_stat| {
@@ -236,18 +225,7 @@ fn main() -> anyhow::Result<()> {
                     // it, interleaved with that case's repeats.
                     let fio = opts.fio.as_ref().filter(|_| !fio_done[wi]);
                     fio_done[wi] |= fio.is_some();
-                    let mut case = Case {
-                        target: tname,
-                        workload: *w,
-                        config: *c,
-                        d: vec![],
-                        a: vec![],
-                        b: vec![],
-                        f: vec![],
-                        sys_a: f64::NAN,
-                        sys_b: f64::NAN,
-                        more: vec![],
-                    };
+                    let mut case = Case::new(tname, *w, *c);
                     for rep in 0..opts.pairs {
                         case.d.push(
                             run_direct(&image, *w, opts.seconds, size, Direct::Tuned, false)

@@ -23,6 +23,13 @@ pub(crate) struct Measured {
 }
 
 impl Measured {
+    /// Counts one completed request of `bytes` that took `lat`.
+    pub(crate) fn record(&mut self, lat: std::time::Duration, bytes: usize) {
+        self.lat_us.push(lat.as_secs_f64() * 1e6);
+        self.requests += 1;
+        self.bytes += bytes as u64;
+    }
+
     pub(crate) fn iops(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }

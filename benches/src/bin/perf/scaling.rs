@@ -80,9 +80,7 @@ impl Session {
                             q.complete(dom, |lat, ok| {
                                 in_flight -= 1;
                                 failed += u64::from(!ok);
-                                m.lat_us.push(lat.as_secs_f64() * 1e6);
-                                m.requests += 1;
-                                m.bytes += w.bs as u64;
+                                m.record(lat, w.bs);
                             })?;
                         }
                         m.elapsed = t0.elapsed();

@@ -83,6 +83,24 @@ pub(crate) struct Case {
     pub(crate) more: Vec<(&'static str, Vec<Fig>)>,
 }
 
+impl Case {
+    /// A case with nothing measured yet.
+    pub(crate) fn new(target: &'static str, workload: Workload, config: Config) -> Self {
+        Self {
+            target,
+            workload,
+            config,
+            d: vec![],
+            a: vec![],
+            b: vec![],
+            f: vec![],
+            sys_a: f64::NAN,
+            sys_b: f64::NAN,
+            more: vec![],
+        }
+    }
+}
+
 pub(crate) fn of(v: &[Fig], k: impl Fn(&Fig) -> f64) -> Spread {
     spread(v.iter().map(k))
 }
