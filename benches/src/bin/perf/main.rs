@@ -9,7 +9,9 @@
 //! `... -- --help` for the rest (`--compare`, `--baseline`, `--check-agree`).
 //!
 //! Every case runs as interleaved repeats (direct, fio, blkbackd A[, blkbackd B], direct,
-//! ...; 3 by default), so that a machine's drift hits both sides of a ratio; the tables give
+//! ...; 3 by default), so that a machine's drift hits both sides of a ratio, and its repeats
+//! lie in rounds spread over the whole run (`rounds`), so that slow drift shows in the
+//! spread rather than between runs; the tables give
 //! the medians of the figures and the min-max spread of the per-repeat ratios. A single run
 //! swings by up to 2x on a shared machine; the spread says how far a median can be trusted,
 //! and `--check-agree` whether two runs tell the same story.
@@ -41,6 +43,7 @@ mod front;
 mod measure;
 mod plot;
 mod report;
+mod rounds;
 mod scaling;
 mod session;
 mod spread;
@@ -50,6 +53,7 @@ use cli::*;
 use direct::*;
 use measure::*;
 use report::*;
+use rounds::*;
 use session::*;
 use spread::*;
 
@@ -153,7 +157,7 @@ fn main() -> anyhow::Result<()> {
     }
     total_runs *= opts.targets.len();
     count_runs *= opts.targets.len();
-    let sessions = opts.targets.len() * configs.len() * blk;
+    let sessions = opts.targets.len() * configs.len() * blk * opts.pairs;
     let estimate = total_runs as f64 * (opts.seconds + RUN_OVERHEAD_S)
         + count_runs as f64 * (opts.seconds.min(COUNT_SECONDS) + RUN_OVERHEAD_S)
         + sessions as f64 * SESSION_OVERHEAD_S;
@@ -164,8 +168,11 @@ fn main() -> anyhow::Result<()> {
         opts.seconds,
         estimate / 60.0
     );
-    let t_start = Instant::now();
-    let mut done_runs = 0usize;
+    let mut progress = Progress {
+        done: 0,
+        total: total_runs,
+        started: Instant::now(),
+    };
     let mut cases = Vec::new();
     for (tname, tdir) in &opts.targets {
         let image = make_image(tdir, opts.image_mib)
@@ -189,7 +196,7 @@ fn main() -> anyhow::Result<()> {
                             case.f
                                 .push(fio::run(fio, &image, *w, opts.seconds, size)?.figures());
                         }
-                        done_runs += 4 + usize::from(opts.fio.is_some());
+                        progress.done += 4 + usize::from(opts.fio.is_some());
                     }
                     case.more = vec![
                         ("direct as before issue 19 (plain ring)", legacy),
@@ -213,112 +220,22 @@ fn main() -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let mut fio_done = vec![false; workloads.len()];
-            for c in &configs {
-                let mut sa = Session::start(&opts.blkbackd, tdir, &image, *c, "")?;
-                let mut sb = match &opts.compare {
-                    Some(p) => Some(Session::start(p, tdir, &image, *c, "-B")?),
-                    None => None,
-                };
-                for (wi, w) in workloads.iter().enumerate() {
-                    if !runs(c, w) {
-                        continue;
-                    }
-                    // fio once per workload and target: in the first configuration that runs
-                    // it, interleaved with that case's repeats.
-                    let fio = opts.fio.as_ref().filter(|_| !fio_done[wi]);
-                    fio_done[wi] |= fio.is_some();
-                    let mut case = Case::new(tname, *w, *c);
-                    for rep in 0..opts.pairs {
-                        case.d.push(
-                            run_direct(&image, *w, opts.seconds, size, Direct::Tuned, false)
-                                .with_context(|| format!("{} direct", w.name))?
-                                .figures(),
-                        );
-                        if let Some((fio, _)) = fio {
-                            case.f.push(
-                                fio::run(fio, &image, *w, opts.seconds, size)
-                                    .with_context(|| format!("{} fio", w.name))?
-                                    .figures(),
-                            );
-                        }
-                        // A and B swap places every other repeat.
-                        let b_first = rep % 2 == 1;
-                        if b_first {
-                            if let Some(sb) = sb.as_mut() {
-                                case.b.push(
-                                    sb.run(*w, opts.seconds, size, false)
-                                        .with_context(|| format!("{} via blkbackd B", w.name))?
-                                        .figures(),
-                                );
-                            }
-                        }
-                        case.a.push(
-                            sa.run(*w, opts.seconds, size, false)
-                                .with_context(|| format!("{} via blkbackd", w.name))?
-                                .figures(),
-                        );
-                        if !b_first {
-                            if let Some(sb) = sb.as_mut() {
-                                case.b.push(
-                                    sb.run(*w, opts.seconds, size, false)
-                                        .with_context(|| format!("{} via blkbackd B", w.name))?
-                                        .figures(),
-                                );
-                            }
-                        }
-                        done_runs += 2 + usize::from(fio.is_some()) + usize::from(sb.is_some());
-                    }
-                    // System calls: a short run of their own with `perf stat` attached.
-                    let secs = opts.seconds.min(COUNT_SECONDS);
-                    case.sys_a = sa.run(*w, secs, size, true)?.figures().sys;
-                    if let Some(sb) = sb.as_mut() {
-                        case.sys_b = sb.run(*w, secs, size, true)?.figures().sys;
-                    }
-                    done_runs += 1 + usize::from(sb.is_some());
-                    let mut line = format!(
-                        "{tname:12} {:18} {:26} direct {:>8.0}  blkbackd {:>8.0} IOPS  b/d {}",
-                        w.name,
-                        c.name,
-                        of(&case.d, |f| f.iops).med,
-                        of(&case.a, |f| f.iops).med,
-                        ratio(&case.a, &case.d, |f| f.iops).ms(2, false),
-                    );
-                    if !case.f.is_empty() {
-                        let _ = write!(
-                            line,
-                            "  fio {:.0}  d/fio {}",
-                            of(&case.f, |f| f.iops).med,
-                            ratio(&case.d, &case.f, |f| f.iops).ms(2, false)
-                        );
-                    }
-                    if !case.b.is_empty() {
-                        let _ = write!(
-                            line,
-                            "  B {:.0}  B/A {}",
-                            of(&case.b, |f| f.iops).med,
-                            ratio(&case.b, &case.a, |f| f.iops).ms(2, false)
-                        );
-                    }
-                    let _ = write!(
-                        line,
-                        "  [{done_runs}/{total_runs} runs, {:.0} s]",
-                        t_start.elapsed().as_secs_f64()
-                    );
-                    eprintln!("{line}");
-                    cases.push(case);
-                }
-                sa.stop()?;
-                if let Some(sb) = sb {
-                    sb.stop()?;
-                }
-            }
+            cases.extend(run_rounds(
+                &opts,
+                tname,
+                tdir,
+                &image,
+                size,
+                &workloads,
+                &configs,
+                &mut progress,
+            )?);
             Ok(())
         })();
         let _ = std::fs::remove_dir_all(tdir);
         result?;
     }
-    let took = t_start.elapsed().as_secs_f64();
+    let took = progress.started.elapsed().as_secs_f64();
     eprintln!(
         "perf: took {:.1} minutes (estimated {:.1})",
         took / 60.0,
