@@ -28,15 +28,27 @@ pub const DEVID: u32 = 51712;
 /// When it cannot be built.
 pub fn blkbackd() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/<test binary>
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        build_blkbackd(profile_dir).expect("building blkbackd")
-    })
+    BIN.get_or_init(|| build_for_tests("blkbackd", "blkbackd"))
+}
+
+/// The `blkhotplug` binary of this build, built once per test process.
+///
+/// # Panics
+/// When it cannot be built.
+pub fn blkhotplug() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_for_tests("hotplug", "blkhotplug"))
+}
+
+/// `bin` of `package`, built into the profile directory of the running test binary
+/// (`target/<profile>/deps/<test binary>`).
+fn build_for_tests(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    build_binary(profile_dir, package, bin).unwrap_or_else(|e| panic!("building {bin}: {e}"))
 }
 
 /// Builds `blkbackd` with the cargo running us (`$CARGO`) into `profile_dir`
@@ -46,6 +58,10 @@ pub fn blkbackd() -> &'static Path {
 /// # Errors
 /// When cargo cannot be run or the build fails.
 pub fn build_blkbackd(profile_dir: &Path) -> std::io::Result<PathBuf> {
+    build_binary(profile_dir, "blkbackd", "blkbackd")
+}
+
+fn build_binary(profile_dir: &Path, package: &str, bin: &str) -> std::io::Result<PathBuf> {
     let target_dir = profile_dir
         .parent()
         .ok_or_else(|| std::io::Error::other("the profile directory has no parent"))?;
@@ -56,9 +72,9 @@ pub fn build_blkbackd(profile_dir: &Path) -> std::io::Result<PathBuf> {
         "build",
         "--quiet",
         "-p",
-        "blkbackd",
+        package,
         "--bin",
-        "blkbackd",
+        bin,
         "--target-dir",
     ])
     .arg(target_dir)
@@ -67,9 +83,11 @@ pub fn build_blkbackd(profile_dir: &Path) -> std::io::Result<PathBuf> {
         cmd.arg("--release");
     }
     if !cmd.status()?.success() {
-        return Err(std::io::Error::other("cargo build of blkbackd failed"));
+        return Err(std::io::Error::other(format!(
+            "cargo build of {bin} failed"
+        )));
     }
-    Ok(profile_dir.join("blkbackd"))
+    Ok(profile_dir.join(bin))
 }
 
 /// A temporary directory, removed on drop.
