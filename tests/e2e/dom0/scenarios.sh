@@ -382,9 +382,34 @@ fail_bb() { # scenario
 	dump_blkbackd
 }
 
-# (1) A file through blkhotplug's autoclear loop device, served by blkbackd.
-sc_blkbackd_file() {
-	s=blkbackd-file
+# How the backend of domain $1 got its device: "fd handoff" when it named a
+# handoff socket (blkhotplug sent the fd it created), "opened" when it opened
+# physical-device itself and wrote opened = 1 (the series' form).
+device_path() { # domid
+	if xenstore-read /local/domain/0/backend/vbd/$1/$DEVID/handoff-socket >/dev/null 2>&1; then
+		echo "fd handoff"
+	elif [ "$(xenstore-read /local/domain/0/backend/vbd/$1/$DEVID/opened 2>/dev/null)" = 1 ]; then
+		echo "opened"
+	else
+		echo "unknown"
+	fi
+}
+
+# Whether a process holds an fd on block device $2 (sysfs name, e.g. loop3).
+holds_device() { # pid dev
+	want=$(cat /sys/block/$2/dev)
+	for f in /proc/$1/fd/*; do
+		[ -b "$f" ] || continue
+		[ "$(printf '%d:%d' "0x$(stat -L -c %t "$f")" "0x$(stat -L -c %T "$f")")" = "$want" ] && return 0
+	done
+	return 1
+}
+
+# (1) A file through blkhotplug's autoclear loop device, served by blkbackd;
+# blkbackd-handoff: the same with the supervisor's --handoff-dir, so that
+# blkhotplug hands the fd it created to the serve process over a socket.
+file_scenario() { # scenario want-path
+	s=$1
 	have_project $s || return
 	start_supervisor || { fail_bb $s; return; }
 	img=$DISKS/file.img
@@ -397,6 +422,9 @@ sc_blkbackd_file() {
 	ac=""
 	[ -n "$l" ] && ac=$(cat /sys/block/$l/loop/autoclear)
 	p=$(serve_pids "$d")
+	path=$(device_path "$d")
+	held=no
+	[ -n "$l" ] && [ -n "$p" ] && holds_device "${p%% *}" "$l" && held=yes
 	if ! wait_gone e2e-file $((400 + 6 * PERF_SECONDS)); then
 		REASON="guest did not finish"
 		dump_guest e2e-file
@@ -404,20 +432,33 @@ sc_blkbackd_file() {
 		fail_bb $s
 		return
 	fi
-	selected perf && collect_perf e2e-file blkbackd && perf_costs "$d" blkbackd
+	[ $s = blkbackd-file ] && selected perf && collect_perf e2e-file blkbackd && perf_costs "$d" blkbackd
 	if [ -z "$l" ]; then
 		REASON="no loop device bound to $img while the guest ran"
 	elif [ "$ac" != 1 ]; then
 		REASON="loop device $l has autoclear=$ac"
 	elif [ -z "$p" ]; then
 		REASON="no blkbackd serve process for domain $d while the guest ran"
+	elif [ "$path" != "$2" ]; then
+		REASON="the backend got its device by $path, not $2"
+	elif [ $held != yes ]; then
+		REASON="serve process $p held no fd on $l"
 	elif check_data e2e-file xvda $img && check_no_leaks "$d" $img; then
-		result "PASS $s"
+		result "PASS $s (device: $path)"
 		rm -f $img
 		return
 	fi
 	fail_bb $s
 	rm -f $img
+}
+sc_blkbackd_file() { file_scenario blkbackd-file opened; }
+sc_blkbackd_handoff() {
+	old_args=$SUP_ARGS
+	stop_supervisor
+	SUP_ARGS="$SUP_ARGS --handoff-dir /run/blkbackd-handoff"
+	file_scenario blkbackd-handoff "fd handoff"
+	stop_supervisor
+	SUP_ARGS=$old_args
 }
 
 # (2) Everything blkfront negotiates: multi-page ring, 2 queues, indirect
@@ -899,7 +940,7 @@ run_scenario() { # name
 	rm -f $DISKS/*
 }
 PERF_DONE="" PERF_FAIL=""
-for s in blkbackd-file blkbackd-features blkbackd-lifecycle blkbackd-sigkill blkhotplug-dm diskseq-mismatch \
+for s in blkbackd-file blkbackd-handoff blkbackd-features blkbackd-lifecycle blkbackd-sigkill blkhotplug-dm diskseq-mismatch \
 	blkbackd-nopersist blkbackd-attach; do
 	want=0
 	selected $s && want=1
