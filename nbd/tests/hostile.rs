@@ -596,3 +596,47 @@ fn server_errors_keep_the_connection() {
     client.disconnect().unwrap();
     server.result().unwrap();
 }
+
+#[test]
+fn connect_through_uris_to_an_abstract_socket_and_to_nothing() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+
+    let name = format!("nbd-test-{}", std::process::id());
+    let listener =
+        UnixListener::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+    let server = thread::spawn(move || -> io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        serve_go(&mut s)?;
+        let request = read_request(&mut s)?;
+        simple_reply(&mut s, None, request.cookie)?;
+        s.write_all(&[9; 512])?;
+        drain(&mut s)
+    });
+    let uri: nbd::Uri = format!("nbd+unix:///disk?socket=%00{name}")
+        .parse()
+        .unwrap();
+    let mut client = Client::connect_timeout(&uri, TIMEOUT).unwrap();
+    let mut buf = [0; 512];
+    client.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [9; 512]);
+    client.disconnect().unwrap();
+    server.join().unwrap().unwrap();
+
+    // Nothing listens: a connection error that names where, at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for uri in [
+        format!("nbd://127.0.0.1:{port}/"),
+        format!("nbd+unix:///?socket=%00{name}"),
+        "nbd+unix:///?socket=/nonexistent/nbd.sock".to_owned(),
+    ] {
+        let e = Client::connect_timeout(&uri.parse().unwrap(), TIMEOUT).unwrap_err();
+        println!("{e}");
+        assert!(matches!(e, ClientError::Connect { .. }), "{uri}: {e:?}");
+    }
+}
