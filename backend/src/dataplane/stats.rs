@@ -77,8 +77,10 @@ macro_rules! counters {
 }
 
 counters! {
-    sum oo_req: "`oo_req`: times a request had to wait for backend resources (a free bounce \
-        region for a large indirect request) before it could be issued.",
+    sum oo_req: "`oo_req`: requests that had to wait for backend resources before they could \
+        be issued, as Linux counts requests that found no free `pending_req`: in copy mode a \
+        free bounce region for a large indirect request, in map mode room for new mappings \
+        while too many retired ones wait out their grace.",
     sum rd_req: "`rd_req`: read requests issued (direct and indirect).",
     sum wr_req: "`wr_req`: write requests issued (including flushes and barriers that carry \
         data).",
