@@ -318,13 +318,14 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let s = blkbackd::replay::replay_file(&args.trace, &opts)
         .with_context(|| format!("replaying {}", args.trace.display()))?;
     println!(
-        "{}: replayed {} events, {} slots, {} responses as recorded ({} read checksums{}), {} queue start(s)",
+        "{}: replayed {} events, {} slots, {} responses as recorded ({} reads compared byte for byte, {} by checksum{}), {} queue start(s)",
         args.trace.display(),
         s.events,
         s.slots,
         s.responses,
+        s.reads_compared,
         s.checksums,
-        if s.checksums_skipped { ", skipped: unknown initial disk content, give --image" } else { "" },
+        if s.reads_skipped { "; data not compared: unknown initial disk content, give --image" } else { "" },
         s.queues_started
     );
     Ok(())

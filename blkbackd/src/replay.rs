@@ -60,12 +60,14 @@ pub struct Summary {
     pub slots: usize,
     /// Responses checked.
     pub responses: usize,
-    /// Read checksums compared.
+    /// Reads whose data was compared, byte for byte.
+    pub reads_compared: usize,
+    /// Reads whose data was compared by checksum (`sum`).
     pub checksums: usize,
     /// Queues started (reconnects included).
     pub queues_started: usize,
-    /// Whether read checksums were skipped (unknown initial disk content, no image given).
-    pub checksums_skipped: bool,
+    /// Whether the data read was not compared (unknown initial disk content, no image given).
+    pub reads_skipped: bool,
 }
 
 /// Why a replay failed.
@@ -136,7 +138,31 @@ pub fn replay_text(text: &str, opts: &ReplayOptions) -> Result<Summary, ReplayEr
 #[derive(Debug)]
 struct Got {
     rsp: RawResponse,
-    sum: Option<String>,
+    /// For a successful read: what it put in the guest's pages.
+    read: Option<ReadBack>,
+}
+
+/// The data a read put in the guest's pages, and the request, to name it in a difference.
+#[derive(Debug)]
+struct ReadBack {
+    sector: u64,
+    /// Each segment: its grant ref, offset in the page and length, in bytes.
+    segs: Vec<(u32, usize, usize)>,
+    data: Vec<u8>,
+}
+
+impl ReadBack {
+    /// Where byte `at` of the data lies: "segment k (gref g) byte b".
+    fn locate(&self, at: usize) -> String {
+        let mut start = 0;
+        for (k, &(gref, off, len)) in self.segs.iter().enumerate() {
+            if at < start + len {
+                return format!("segment {k} (gref {gref}) byte {}", off + at - start);
+            }
+            start += len;
+        }
+        "past the data".to_owned()
+    }
 }
 
 /// The negotiation of one queue, as the trace gave it.
@@ -177,7 +203,7 @@ struct Replay<'a> {
     /// Refs granted now, with their access.
     granted: HashMap<u32, GrantAccess>,
     next_frame: u32,
-    check_sums: bool,
+    compare_reads: bool,
     line: usize,
     summary: Summary,
 }
@@ -225,7 +251,7 @@ impl<'a> Replay<'a> {
             frames: HashMap::new(),
             granted: HashMap::new(),
             next_frame: 1,
-            check_sums: true,
+            compare_reads: true,
             line: 0,
             summary: Summary::default(),
         })
@@ -342,8 +368,9 @@ impl<'a> Replay<'a> {
                 id,
                 op,
                 status,
+                data,
                 sum,
-            } => self.expect_response(*q, *id, *op, *status, sum.as_deref())?,
+            } => self.expect_response(*q, *id, *op, *status, data.as_deref(), sum.as_deref())?,
             Event::Quiet { ms } => {
                 let end = Instant::now() + Duration::from_millis(*ms);
                 while Instant::now() < end {
@@ -378,8 +405,8 @@ impl<'a> Replay<'a> {
         if let Some(src) = &self.opts.image {
             std::fs::copy(src, &path).map_err(setup("copying the image"))?;
         } else {
-            self.check_sums = initial == Initial::Zero;
-            self.summary.checksums_skipped = !self.check_sums;
+            self.compare_reads = initial == Initial::Zero;
+            self.summary.reads_skipped = !self.compare_reads;
         }
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -626,20 +653,20 @@ impl<'a> Replay<'a> {
                     }
                 };
                 let req = fq.sent.get_mut(&rsp.id).and_then(VecDeque::pop_front);
-                let sum = match req {
-                    Some(raw) if rsp.status() == Some(Status::Okay) => self.read_sum(&raw),
+                let read = match req {
+                    Some(raw) if rsp.status() == Some(Status::Okay) => self.read_back(&raw),
                     _ => None,
                 };
                 if let Some(fq) = self.queues.get_mut(&q) {
-                    fq.received.push(Got { rsp, sum });
+                    fq.received.push(Got { rsp, read });
                 }
             }
         }
         Ok(())
     }
 
-    /// The checksum of what a successful read put in the guest's pages.
-    fn read_sum(&self, raw: &RawRequest) -> Option<String> {
+    /// What a successful read put in the guest's pages.
+    fn read_back(&self, raw: &RawRequest) -> Option<ReadBack> {
         let limits = DeviceLimits {
             sectors: u64::MAX,
             logical_block_size: 512,
@@ -662,15 +689,20 @@ impl<'a> Replay<'a> {
             }
         };
         let Op::Read(t) = &req.op else { return None };
-        let mut sum = Fnv::default();
-        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut back = ReadBack {
+            sector: t.sector.0,
+            segs: Vec::new(),
+            data: Vec::new(),
+        };
         for s in t.segs.as_slice() {
             let (off, len) = (s.offset_bytes() as usize, s.len_bytes() as usize);
             let page = self.dom.page(*self.frames.get(&s.gref)?).ok()?;
-            page.read_into(off, &mut buf[..len]).ok()?;
-            sum.update(&buf[..len]);
+            let at = back.data.len();
+            back.data.resize(at + len, 0);
+            page.read_into(off, &mut back.data[at..]).ok()?;
+            back.segs.push((s.gref, off, len));
         }
-        Some(sum.hex())
+        Some(back)
     }
 
     fn expect_response(
@@ -679,6 +711,7 @@ impl<'a> Replay<'a> {
         id: u64,
         op: u8,
         status: i16,
+        data: Option<&str>,
         sum: Option<&str>,
     ) -> Result<(), ReplayError> {
         let deadline = Instant::now() + self.opts.timeout;
@@ -715,16 +748,48 @@ impl<'a> Replay<'a> {
                 status_name(r.status)
             )));
         }
-        if let (Some(want), true) = (sum, self.check_sums) {
+        if !self.compare_reads || (data.is_none() && sum.is_none()) {
+            return Ok(());
+        }
+        let Some(back) = &got.read else {
+            return Err(self.differs(format!(
+                "queue {q} request {id}: recorded as a read with data, answered as no read"
+            )));
+        };
+        if let Some(want) = sum {
             self.summary.checksums += 1;
-            match got.sum.as_deref() {
-                Some(s) if s == want => {}
-                other => {
-                    return Err(self.differs(format!(
-                        "queue {q} request {id}: data read back has checksum {}, recorded {want}",
-                        other.unwrap_or("(none: not a parsable read)")
-                    )))
-                }
+            let mut f = Fnv::default();
+            f.update(&back.data);
+            if f.hex() != want {
+                return Err(self.differs(format!(
+                    "queue {q} request {id} (read of {} bytes at sector {}): data read back has checksum {}, recorded {want}",
+                    back.data.len(),
+                    back.sector,
+                    f.hex()
+                )));
+            }
+        }
+        if let Some(want) = data {
+            self.summary.reads_compared += 1;
+            let want = from_hex(want).map_err(|e| self.invalid(format!("data: {e}")))?;
+            if want.len() > back.data.len() {
+                return Err(self.differs(format!(
+                    "queue {q} request {id} (read at sector {}): {} bytes read, the recording has {}",
+                    back.sector,
+                    back.data.len(),
+                    want.len()
+                )));
+            }
+            let recorded = |i: usize| want.get(i).copied().unwrap_or(0);
+            if let Some(i) = (0..back.data.len()).find(|&i| back.data[i] != recorded(i)) {
+                return Err(self.differs(format!(
+                    "queue {q} request {id} (read of {} bytes at sector {}): first difference at byte {i} ({}): read {:#04x}, recorded {:#04x}",
+                    back.data.len(),
+                    back.sector,
+                    back.locate(i),
+                    back.data[i],
+                    recorded(i)
+                )));
             }
         }
         Ok(())

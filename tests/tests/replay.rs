@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use backend::replay::format::{from_hex, to_hex, VERSION};
 use blkbackd::replay::{replay_file, replay_text, ReplayError, ReplayOptions};
 
 fn traces() -> Vec<PathBuf> {
@@ -39,7 +40,8 @@ fn every_hostile_trace_says_what_the_backend_must_do() {
         let text = std::fs::read_to_string(&t).unwrap();
         let first = text.lines().next().unwrap_or_default();
         assert!(
-            first.starts_with(r#"{"t":"trace","version":1,"about":""#) && first.len() > 60,
+            first.starts_with(&format!(r#"{{"t":"trace","version":{VERSION},"about":""#))
+                && first.len() > 60,
             "{}: no description in its header",
             t.display()
         );
@@ -99,9 +101,39 @@ fn a_wrong_status_is_reported_at_its_line() {
     );
 }
 
+/// `text` with byte `at` of the first recorded read's data flipped.
+fn flip_read_byte(text: &str, at: usize) -> (String, usize) {
+    edit(text, r#""data":""#, |l| {
+        let start = l.find(r#""data":""#).unwrap() + 8;
+        let end = start + l[start..].find('"').unwrap();
+        let mut data = from_hex(&l[start..end]).unwrap();
+        if data.len() <= at {
+            data.resize(at + 1, 0);
+        }
+        data[at] ^= 0xff;
+        format!("{}{}{}", &l[..start], to_hex(&data), &l[end..])
+    })
+}
+
+#[test]
+fn a_wrong_byte_is_reported_at_its_line_with_its_request() {
+    // The first read of the trace is one sector.
+    for at in [0, 511] {
+        let (text, line) = flip_read_byte(&corpus_text("boot.trace"), at);
+        let (got, msg) = differs(&text);
+        assert_eq!(got, line);
+        assert!(
+            msg.contains(&format!("first difference at byte {at} (segment 0 (gref "))
+                && msg.contains("): read 0x")
+                && msg.contains("at sector "),
+            "{msg}"
+        );
+    }
+}
+
 #[test]
 fn a_wrong_checksum_is_reported_at_its_line() {
-    let (text, line) = edit(&corpus_text("boot.trace"), r#""sum":""#, |l| {
+    let (text, line) = edit(&corpus_text("indirect.trace"), r#""sum":""#, |l| {
         let i = l.find(r#""sum":""#).unwrap() + 7;
         format!("{}0000000000000000{}", &l[..i], &l[i + 16..])
     });
@@ -207,7 +239,7 @@ fn a_live_session_recorded_by_blkbackd_replays() {
         r#""t":"disk""#,
         r#""t":"queue","q":1"#,
         r#""t":"slot""#,
-        r#""sum":""#,
+        r#""data":""#,
         r#""t":"exit""#,
     ] {
         assert!(text.contains(kind), "the recording has no {kind}");

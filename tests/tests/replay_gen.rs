@@ -6,10 +6,12 @@
 //! documents them) and from a model of the disk, never from running the backend: the replay
 //! test then checks the backend against them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use backend::replay::format::{page_hex, Event, ExitKind, Fnv, GrantAccess, Initial, Mode};
+use backend::replay::format::{
+    page_hex, Event, ExitKind, Fnv, GrantAccess, Initial, Mode, VERSION,
+};
 use ring::{
     Abi, FrontRequest, Segment, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
     OP_WRITE_BARRIER,
@@ -27,7 +29,8 @@ struct Pending {
     id: u64,
     op: u8,
     status: i16,
-    sum: Option<String>,
+    /// For a successful read: the data it must return.
+    data: Option<Vec<u8>>,
 }
 
 /// Queue settings.
@@ -60,13 +63,19 @@ struct Gen {
     next_seed: u64,
     /// The disk's content (the model).
     disk: Vec<u8>,
+    /// The checksum of each read's data, by the index of its `rsp` event.
+    sums: HashMap<usize, String>,
 }
+
+/// A trace whose exact read data would weigh more than this gives checksums instead (the
+/// large reads of pattern data in `indirect`, `sequential-map`, ... would make megabytes).
+const EXACT_DATA_LIMIT: usize = 256 << 10;
 
 impl Gen {
     fn new(about: &str, sectors: u64, sector_size: u32) -> Self {
         let ev = vec![
             Event::Trace {
-                version: 1,
+                version: VERSION,
                 about: about.to_owned(),
             },
             Event::Disk {
@@ -83,6 +92,7 @@ impl Gen {
             next_id: 1,
             next_seed: 1,
             disk: vec![0; sectors as usize * 512],
+            sums: HashMap::new(),
         }
     }
 
@@ -162,12 +172,18 @@ impl Gen {
 
     fn expect(&mut self, p: &[Pending]) {
         for p in p {
+            if let Some(d) = &p.data {
+                let mut f = Fnv::default();
+                f.update(d);
+                self.sums.insert(self.ev.len(), f.hex());
+            }
             self.ev.push(Event::Rsp {
                 q: p.q,
                 id: p.id,
                 op: p.op,
                 status: p.status,
-                sum: p.sum.clone(),
+                data: p.data.as_deref().map(page_hex),
+                sum: None,
             });
         }
     }
@@ -241,7 +257,7 @@ impl Gen {
             id,
             op,
             status: OKAY,
-            sum: None,
+            data: None,
         }
     }
 
@@ -251,14 +267,12 @@ impl Gen {
         let (segs, _) = self.segments(nsect, false);
         let op = self.rw_slot(q, id, OP_READ, sector, &segs);
         let at = sector as usize * 512;
-        let mut f = Fnv::default();
-        f.update(&self.disk[at..at + nsect as usize * 512]);
         Pending {
             q,
             id,
             op,
             status: OKAY,
-            sum: Some(f.hex()),
+            data: Some(self.disk[at..at + nsect as usize * 512].to_vec()),
         }
     }
 
@@ -284,8 +298,33 @@ impl Gen {
         ok(q, id, OP_DISCARD)
     }
 
+    /// The trace: reads with their exact data, or with checksums past `EXACT_DATA_LIMIT`.
     fn text(&self) -> String {
-        self.ev.iter().map(|e| e.to_line() + "\n").collect()
+        let exact: String = self.ev.iter().map(|e| e.to_line() + "\n").collect();
+        if exact.len() <= EXACT_DATA_LIMIT {
+            return exact;
+        }
+        let summed = |(i, e): (usize, &Event)| match (e, self.sums.get(&i)) {
+            (
+                Event::Rsp {
+                    q, id, op, status, ..
+                },
+                Some(sum),
+            ) => Event::Rsp {
+                q: *q,
+                id: *id,
+                op: *op,
+                status: *status,
+                data: None,
+                sum: Some(sum.clone()),
+            },
+            _ => e.clone(),
+        };
+        self.ev
+            .iter()
+            .enumerate()
+            .map(|ie| summed(ie).to_line() + "\n")
+            .collect()
     }
 }
 
@@ -303,13 +342,13 @@ fn ok(q: u32, id: u64, op: u8) -> Pending {
         id,
         op,
         status: OKAY,
-        sum: None,
+        data: None,
     }
 }
 
 fn with_status(mut p: Pending, status: i16) -> Pending {
     p.status = status;
-    p.sum = None;
+    p.data = None;
     p
 }
 
@@ -876,27 +915,23 @@ fn duplicate_ids() -> Gen {
     for i in 0..4u64 {
         let (segs, _) = g.segments(8, false);
         g.direct(0, OP_READ, 42, i * 8, &segs);
-        let mut f = Fnv::default();
-        f.update(&[0u8; 4096]);
         p.push(Pending {
             q: 0,
             id: 42,
             op: OP_READ,
             status: OKAY,
-            sum: Some(f.hex()),
+            data: Some(vec![0; 4096]),
         });
     }
     g.expect(&p);
     let (segs, _) = g.segments(8, false);
     g.direct(0, OP_READ, u64::MAX, 0, &segs);
-    let mut f = Fnv::default();
-    f.update(&[0u8; 4096]);
     g.expect(&[Pending {
         q: 0,
         id: u64::MAX,
         op: OP_READ,
         status: OKAY,
-        sum: Some(f.hex()),
+        data: Some(vec![0; 4096]),
     }]);
     g
 }

@@ -21,11 +21,11 @@ pub enum GrantAccess {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Initial {
-    /// All zeros (a fresh sparse image): read checksums are checked.
+    /// All zeros (a fresh sparse image): data read is compared.
     #[default]
     Zero,
-    /// Not known to the recorder (a live disk): read checksums are only checked when the
-    /// replay is given the same image.
+    /// Not known to the recorder (a live disk): data read is only compared when the replay
+    /// is given the same image.
     Unknown,
 }
 
@@ -192,7 +192,14 @@ pub enum Event {
         op: u8,
         /// Status (0 okay, -1 error, -2 not supported).
         status: i16,
-        /// For successful reads: FNV-1a 64 of the data read, segment by segment, in hex.
+        /// For successful reads: the data read, segment by segment, in hex with its trailing
+        /// zeros left out (`page_hex`; the replay pads it to the read's length), compared
+        /// byte for byte. What the recorder writes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        /// For successful reads, instead of `data`: FNV-1a 64 of the data read, segment by
+        /// segment, in hex (generated traces whose large reads of pattern data would
+        /// otherwise weigh megabytes).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sum: Option<String>,
     },
@@ -280,7 +287,8 @@ pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-/// Hex of a page with its trailing zeros left out (the format pads with zeros).
+/// Hex of bytes (a page, data read) with their trailing zeros left out (the format pads
+/// with zeros).
 pub fn page_hex(page: &[u8]) -> String {
     let end = page.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     to_hex(&page[..end])
@@ -334,6 +342,7 @@ mod tests {
                 id: 7,
                 op: 0,
                 status: -1,
+                data: Some("00ff".into()),
                 sum: None,
             },
             Event::Exit {
@@ -363,6 +372,7 @@ mod tests {
         assert_eq!(from_hex(&to_hex(&[0, 1, 0xab])).unwrap(), vec![0, 1, 0xab]);
         assert!(from_hex("abc").is_err() && from_hex("zz").is_err());
         assert_eq!(page_hex(&[1, 0, 2, 0, 0]), "010002");
+        assert_eq!(page_hex(&[0; 8]), "");
         // FNV-1a 64 of "a" (published test vector).
         let mut f = Fnv::default();
         f.update(b"a");

@@ -19,7 +19,7 @@ use ring::{DeviceLimits, IndirectPage, Op, Parsed, RawRequest, Request, Response
 use shmem::PAGE_SIZE;
 use xen::{CopyOp, DomId, GrantAddr, GrantStatus, Platform};
 
-use super::format::{page_hex, to_hex, Event, ExitKind, Fnv, GrantAccess, Initial, Mode, VERSION};
+use super::format::{page_hex, to_hex, Event, ExitKind, GrantAccess, Initial, Mode, VERSION};
 use crate::dataplane::{GrantMode, Observer, QueueExit, QueueObserver, QueueParams};
 
 /// A trace being written, shared by the queues of one backend.
@@ -112,7 +112,7 @@ impl Recorder {
             platform: Arc::clone(&p.platform),
             frontend: p.frontend,
             seen: HashSet::new(),
-            pending_sum: None,
+            pending_read: None,
             page: vec![0; PAGE_SIZE],
         }
     }
@@ -133,8 +133,8 @@ pub struct QueueRecorder {
     frontend: DomId,
     /// Refs already written as granted (for read pages, whose content does not matter).
     seen: HashSet<u32>,
-    /// The checksum of the read about to be answered: (id, sum).
-    pending_sum: Option<(u64, String)>,
+    /// The data of the read about to be answered: (id, hex).
+    pending_read: Option<(u64, String)>,
     page: Vec<u8>,
 }
 
@@ -217,28 +217,28 @@ impl QueueObserver for QueueRecorder {
         });
     }
 
-    /// Request `req` is about to be answered with `status`: for a successful read, the
-    /// checksum of the data now in the guest's pages.
+    /// Request `req` is about to be answered with `status`: for a successful read, the data
+    /// now in the guest's pages.
     fn finishing(&mut self, req: &Request, status: Status) {
         let Op::Read(t) = &req.op else { return };
         if status != Status::Okay {
             return;
         }
-        let mut sum = Fnv::default();
+        let mut data = Vec::new();
         for s in t.segs.as_slice() {
             let (off, len) = (s.offset_bytes() as usize, s.len_bytes() as usize);
             if !self.read_grant(s.gref, off, len) {
                 return;
             }
-            sum.update(&self.page[..len]);
+            data.extend_from_slice(&self.page[..len]);
         }
-        self.pending_sum = Some((req.id, sum.hex()));
+        self.pending_read = Some((req.id, page_hex(&data)));
     }
 
     /// The backend wrote response `rsp`.
     fn response(&mut self, rsp: &Response) {
-        let sum = match self.pending_sum.take() {
-            Some((id, sum)) if id == rsp.id => Some(sum),
+        let data = match self.pending_read.take() {
+            Some((id, data)) if id == rsp.id => Some(data),
             _ => None,
         };
         self.rec.write(&Event::Rsp {
@@ -246,7 +246,8 @@ impl QueueObserver for QueueRecorder {
             id: rsp.id,
             op: rsp.operation,
             status: rsp.status.code(),
-            sum,
+            data,
+            sum: None,
         });
     }
 
