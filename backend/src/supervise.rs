@@ -47,6 +47,9 @@ pub struct SuperviseConfig {
     /// When set, each backend listens for its device from blkhotplug on
     /// `<dir>/vbd-<frontend-domid>-<devid>.sock` (`serve --handoff-socket`).
     pub handoff_dir: Option<PathBuf>,
+    /// When set, each backend records a ring trace to
+    /// `<dir>/vbd-<frontend-domid>-<devid>.trace` (`serve --record`).
+    pub record_dir: Option<PathBuf>,
 }
 
 /// Why supervising failed.
@@ -181,6 +184,11 @@ fn spawn(config: &SuperviseConfig, path: &BackendPath) -> std::io::Result<Child>
         std::fs::create_dir_all(dir)?;
         cmd.arg("--handoff-socket")
             .arg(dir.join(format!("{}.sock", path.file_stem())));
+    }
+    if let Some(dir) = &config.record_dir {
+        std::fs::create_dir_all(dir)?;
+        cmd.arg("--record")
+            .arg(dir.join(format!("{}.trace", path.file_stem())));
     }
     cmd.spawn()
 }

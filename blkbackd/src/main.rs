@@ -31,7 +31,8 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     /// `serve` and `demo`: record a ring trace of every queue to FILE (see
-    /// docs/trace-format.md; replay it with `blkbackd replay`).
+    /// docs/trace-format.md; replay it with `blkbackd replay`). `supervise`: a directory;
+    /// each backend it starts records to `<dir>/vbd-<frontend-domid>-<devid>.trace`.
     #[arg(long, global = true, value_name = "FILE", env = "BLKBACKD_RECORD")]
     record: Option<PathBuf>,
     /// What the disk held before the recording: `unknown` (a live disk) or `zero`.
@@ -254,7 +255,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(cli.command, cli.verbose, recorder) {
+    match run(cli.command, cli.verbose, recorder, cli.record) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blkbackd: {e:#}");
@@ -304,7 +305,9 @@ fn setup_recording(cli: &Cli) -> anyhow::Result<Option<Arc<dyn Observer>>> {
                 std::env::set_var("BLKBACKD_RECORD_INITIAL", "zero");
             }
         }
-        _ => bail!("--record applies to serve and demo only"),
+        // `run_supervise` hands each backend a file of its own.
+        Command::Supervise(_) => {}
+        _ => bail!("--record applies to serve, demo and supervise only"),
     }
     Ok(None)
 }
@@ -331,10 +334,15 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(command: Command, verbose: u8, recorder: Option<Arc<dyn Observer>>) -> anyhow::Result<()> {
+fn run(
+    command: Command,
+    verbose: u8,
+    recorder: Option<Arc<dyn Observer>>,
+    record: Option<PathBuf>,
+) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => run_serve(args, recorder),
-        Command::Supervise(args) => run_supervise(args),
+        Command::Supervise(args) => run_supervise(args, record),
         Command::Demo(args) => demo::run(&args, verbose, &mut std::io::stdout().lock()),
         Command::Stats(args) => run_stats(&args),
         Command::Replay(args) => run_replay(&args),
@@ -461,11 +469,15 @@ fn inherited_fd(fd: i32) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn run_supervise(args: SuperviseArgs) -> anyhow::Result<()> {
+fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result<()> {
     let platform_config = parse_platform(&args.platform)?;
     if let Some(dir) = &args.handoff_dir {
         xen::abspath::check(dir, xen::abspath::PATH_MAX)
             .with_context(|| format!("--handoff-dir {}", dir.display()))?;
+    }
+    if let Some(dir) = &record {
+        xen::abspath::check(dir, xen::abspath::PATH_MAX)
+            .with_context(|| format!("--record {}", dir.display()))?;
     }
     let platform = sim::open_platform(&platform_config)
         .with_context(|| format!("opening the {} platform", args.platform.platform))?;
@@ -503,6 +515,7 @@ fn run_supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         xenstore_path: platform.xenstore_path(),
         domid: platform.domid(),
         handoff_dir: args.handoff_dir.clone(),
+        record_dir: record,
     };
     let stop = stop_flag()?;
     supervise::supervise(&config, &stop).context("supervising")?;

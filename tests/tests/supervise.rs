@@ -121,6 +121,7 @@ fn a_backend_that_cannot_start_is_reported() {
         xenstore_path: sim::xenstore_socket(sim.dir(), 0),
         domid: 0,
         handoff_dir: None,
+        record_dir: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let runner = {
@@ -135,4 +136,50 @@ fn a_backend_that_cannot_start_is_reported() {
     assert!(err.starts_with("2 starting blkbackd: "), "{err}");
     stop.store(true, Ordering::Relaxed);
     runner.join().unwrap().unwrap();
+}
+
+/// `supervise --record DIR`: each backend records its own trace, which replays as recorded.
+#[test]
+fn each_supervised_backend_records_a_trace_that_replays() {
+    let sim = Sim::new("supervise-record");
+    let traces = sim.tmp().join("traces");
+    let mut sup = Supervisor(
+        Command::new(blkbackd())
+            .args(["supervise", "--open-params", "--platform"])
+            .arg(sim.platform_arg())
+            .arg("--record")
+            .arg(&traces)
+            .env("BLKBACKD_RECORD_INITIAL", "zero")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let img = sim.image("disk.img", 8);
+    let spec = VbdSpec::disk(0, GUEST, 51712, img.to_str().unwrap());
+    sim.create_vbd(&spec);
+    let mut front = SimFront::new(sim.dir(), GUEST, 51712, FrontOptions::default()).unwrap();
+    let info = front.connect().unwrap();
+    let mut model = DiskModel::zeroed(info.sectors / 8, true);
+    exercise(&mut front, &mut model);
+    sim::toolstack::request_removal(&sim.dom0, &spec).unwrap();
+    assert!(front.close().unwrap().is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !children(sup.0.id()).is_empty() {
+        assert!(Instant::now() < deadline, "the backend did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let trace = traces.join(format!("vbd-{GUEST}-51712.trace"));
+    let out = Command::new(blkbackd())
+        .arg("replay")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!said.contains(" 0 reads compared"), "{said}");
+    let _ = sup.0.kill();
 }
