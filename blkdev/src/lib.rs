@@ -16,6 +16,3 @@ pub mod block;
 pub mod dm;
 mod ioctl;
 pub mod loopdev;
-mod skip;
-
-pub use skip::{report_skip, root_or_skip};

@@ -222,7 +222,7 @@ fn remove_leaves_a_reused_loop_device_alone() {
         return;
     }
     if !Path::new("/usr/sbin/losetup").exists() && !Path::new("/sbin/losetup").exists() {
-        blkdev::report_skip("needs losetup to rebind a chosen loop device");
+        sim::skip::report_skip("needs losetup to rebind a chosen loop device");
         return;
     }
     let env = Env::new("reuse");

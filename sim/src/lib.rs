@@ -34,6 +34,7 @@ pub mod front;
 pub mod gnttab;
 mod scratch;
 mod shm;
+pub mod skip;
 pub mod toolstack;
 pub mod workload;
 pub mod xenstored;

@@ -3,7 +3,6 @@
 //! `/dev/xen/gntalloc` exist, on real Xen (dom0 granting to itself); then simulation-only
 //! checks of Xen's exact statuses, revocation, unmap notify and domain destruction.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 
@@ -293,14 +292,7 @@ fn suite_on_simulation() {
 #[test]
 fn suite_on_real_device() {
     if !Path::new(GNTDEV_PATH).exists() || !Path::new(gntalloc::PATH).exists() {
-        // Straight to stderr in one write: libtest captures `eprintln!` of passing tests.
-        let _ = std::io::stderr().write_all(
-            format!(
-                "SKIPPED (needs Xen: {GNTDEV_PATH} and {}): suite_on_real_device\n",
-                gntalloc::PATH
-            )
-            .as_bytes(),
-        );
+        sim::skip::report_skip(&format!("needs Xen: {GNTDEV_PATH} and {}", gntalloc::PATH));
         return;
     }
     let gntdev = xen::Gntdev::open().expect("open gntdev");

@@ -305,7 +305,7 @@ pub fn is_root() -> bool {
 
 /// Whether the tests run as root; when not, says `SKIPPED (needs root: <why>): <test>` on
 /// stderr, so that a test that returns early is visibly skipped.
-pub use blkdev::root_or_skip;
+pub use sim::skip::root_or_skip;
 
 /// A simulated platform and a loop device over a fresh `mib` MiB image in it; `None` (with a
 /// note that the test is skipped) when not root, as loop devices need.

@@ -17,11 +17,11 @@ use xen::xenstore::{XenStore, XsOps};
 
 /// Whether loop devices can be made here; prints why not (the test then passes as skipped).
 pub fn can_run() -> bool {
-    if !blkdev::root_or_skip("loop devices; CI and developers' machines run as root") {
+    if !sim::skip::root_or_skip("loop devices; CI and developers' machines run as root") {
         return false;
     }
     if !Path::new("/dev/loop-control").exists() {
-        blkdev::report_skip("needs /dev/loop-control");
+        sim::skip::report_skip("needs /dev/loop-control");
         return false;
     }
     true

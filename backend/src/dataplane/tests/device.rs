@@ -19,7 +19,7 @@ fn device_error_fails_one_request_only() {
         .unwrap();
     assert_eq!(f.rw(OP_READ, 1, 1536, 0, 8), Some(Status::Error));
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
@@ -143,13 +143,12 @@ fn block_device_with_4096_byte_sectors() {
         "discard reached the backing file: {before} -> {}",
         blocks()
     );
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
 fn enospc_fails_one_request_only() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+    if !sim::skip::root_or_skip("mounting a small tmpfs") {
         return;
     }
     let dir = TempDir::new("enospc");
@@ -204,7 +203,7 @@ fn enospc_fails_one_request_only() {
     // The queue still serves requests.
     assert_eq!(f.rw(OP_READ, 100, 0, 20, 88), Some(Status::Okay));
     assert_eq!(page_bytes(&f, 20), page_bytes(&f, 0));
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
@@ -262,8 +261,8 @@ fn two_queues_share_a_device() {
     };
     assert_eq!((r.id, r.status()), (9, Some(Status::Okay)));
     assert_eq!(page_bytes(&f0, 3), page_bytes(&f0, 0));
-    assert_eq!(q0.stop(), QueueExit::Stopped);
-    assert_eq!(q1.stop(), QueueExit::Stopped);
+    assert_stopped(q0);
+    assert_stopped(q1);
     // One set of counters for the device: both queues added to it.
     let s = stats.snapshot();
     assert_eq!((s.rd_req, s.wr_req, s.in_flight), (1, 1, 0));

@@ -115,7 +115,7 @@ fn stop_answers_requests_in_flight_and_releases_everything() {
         }
         f.push();
         // Stop while they are being served: whatever was taken off the ring is answered.
-        assert_eq!(q.stop(), QueueExit::Stopped);
+        assert_stopped(q);
         let mem = f
             .dom
             .mem()
@@ -284,7 +284,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
             Some(Status::Okay),
             "{mode:?}: still serving"
         );
-        assert_eq!(q.stop(), QueueExit::Stopped);
+        assert_stopped(q);
         for g in f.shared.grefs.iter().chain(&f.data_refs).chain([&ro]) {
             assert!(!f.dom.grant_in_use(*g), "{mode:?}: grant {g} leaked");
         }

@@ -60,7 +60,7 @@ fn indirect_pages_are_persistent_grants_in_map_mode() {
             "page {i}"
         );
     }
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     assert!(
         !f.dom.grant_in_use(ind_ref) && !f.dom.grant_in_use(ro_ref),
         "leaked"
@@ -149,7 +149,7 @@ fn persistent_grants_are_capped_and_released() {
         in_use(&f) as u64,
         "what stays mapped is exactly the cache"
     );
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     assert_eq!(in_use(&f), 0, "no grant leaked after stop");
     assert!(
         f.shared.grefs.iter().all(|g| !f.dom.grant_in_use(*g)),
@@ -188,7 +188,7 @@ fn retired_mappings_are_bounded() {
         "the request past the bound did not wait"
     );
     assert_eq!(stats.snapshot().oo_req, 1);
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     assert!(!f.dom.grant_in_use(f.page(0).1), "leaked after stop");
 }
 
@@ -222,7 +222,7 @@ fn a_full_persistent_cache_is_purged_only_after_an_overflow() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
@@ -271,7 +271,7 @@ fn read_only_grants_serve_writes_and_fail_reads() {
             "{mode:?}: a read must not write a read-only grant"
         );
         assert_eq!(f.rw(OP_READ, 3, 0, 0, 8), Some(Status::Okay));
-        assert_eq!(q.stop(), QueueExit::Stopped);
+        assert_stopped(q);
         assert!(!f.dom.grant_in_use(ro));
     }
 }

@@ -214,12 +214,14 @@ fn page_bytes(f: &Front, i: usize) -> Vec<u8> {
     v
 }
 
-fn open(path: &Path) -> Arc<Device> {
-    Arc::new(Device::open(path, &DeviceOptions::default()).unwrap())
+/// Stops `q` and checks that it ended only because it was asked to.
+fn assert_stopped(q: QueueHandle) {
+    let exit = q.stop();
+    assert!(matches!(exit, QueueExit::Stopped), "{exit:?}");
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
+fn open(path: &Path) -> Arc<Device> {
+    Arc::new(Device::open(path, &DeviceOptions::default()).unwrap())
 }
 
 /// A loop device over a file, detached on drop (set up with losetup: tests need root).
@@ -229,8 +231,7 @@ impl LoopDev {
     /// `None` (the test is skipped, and says so) only when not root: as root, a loop device
     /// that cannot be set up fails the test.
     fn attach(file: &Path, sector_size: u32) -> Option<Self> {
-        if !is_root() {
-            eprintln!("skipped: loop devices need root");
+        if !sim::skip::root_or_skip("loop devices") {
             return None;
         }
         let out = std::process::Command::new("losetup")

@@ -67,7 +67,7 @@ fn round_trip(mode: GrantMode, persistent: bool, abi: Abi, ring_pages: usize) {
     } else {
         assert!(s.map_calls == 0 && s.copy_segs > 0, "{s:?}");
     }
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     for g in f.shared.grefs.iter().chain(&f.data_refs) {
         assert!(!f.dom.grant_in_use(*g), "grant {g} still mapped after stop");
     }
@@ -170,7 +170,7 @@ fn indirect(mode: GrantMode) {
         page_grefs: &[ind_ref],
     });
     assert_eq!(st, Some(Status::Error));
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
