@@ -72,6 +72,16 @@ fn fd_readable(xs: &XenStore) -> bool {
     poll(&mut fds, Some(&zero)).unwrap() == 1
 }
 
+/// The next two watch events, in token order (they may arrive in either).
+fn next_two_events(xs: &XenStore) -> Vec<WatchEvent> {
+    let mut got = vec![
+        xs.wait_watch_event(WAIT).unwrap().unwrap(),
+        xs.wait_watch_event(WAIT).unwrap().unwrap(),
+    ];
+    got.sort_by(|a, b| a.token.cmp(&b.token));
+    got
+}
+
 fn no_more_events(xs: &XenStore) {
     assert_eq!(
         xs.wait_watch_event(Some(Duration::from_millis(100)))
@@ -336,13 +346,8 @@ fn watches_fire_on_registration_create_change_delete_and_subtree() {
         Some(ev("/be/vbd/1/51712/state", "state"))
     );
     xs.rm("/be/vbd/1").unwrap();
-    let mut got = vec![
-        xs.wait_watch_event(WAIT).unwrap().unwrap(),
-        xs.wait_watch_event(WAIT).unwrap().unwrap(),
-    ];
-    got.sort_by(|a, b| a.token.cmp(&b.token));
     assert_eq!(
-        got,
+        next_two_events(xs),
         vec![ev("/be/vbd/1/51712/state", "state"), ev("/be/vbd/1", "tok")]
     );
     no_more_events(xs);
@@ -405,13 +410,8 @@ fn watches_see_only_what_the_domain_may_read_and_relative_paths() {
         .unwrap();
     s.xs.write("/local/domain/5/hidden", "y").unwrap();
     for _ in 0..3 {
-        let mut got = vec![
-            d5.wait_watch_event(WAIT).unwrap().unwrap(),
-            d5.wait_watch_event(WAIT).unwrap().unwrap(),
-        ];
-        got.sort_by(|a, b| a.token.cmp(&b.token));
         assert_eq!(
-            got,
+            next_two_events(&d5),
             vec![ev("hidden", "hidden"), ev("/local/domain/5/hidden", "root")]
         );
     }
@@ -420,13 +420,8 @@ fn watches_see_only_what_the_domain_may_read_and_relative_paths() {
     // dom0 writes into the domain's area: the domain sees it, relative to its home for
     // the relative watch.
     s.xs.write("/local/domain/5/device/vbd", "").unwrap();
-    let mut got = vec![
-        d5.wait_watch_event(WAIT).unwrap().unwrap(),
-        d5.wait_watch_event(WAIT).unwrap().unwrap(),
-    ];
-    got.sort_by(|a, b| a.token.cmp(&b.token));
     assert_eq!(
-        got,
+        next_two_events(&d5),
         vec![
             ev("device/vbd", "rel"),
             ev("/local/domain/5/device/vbd", "root")
