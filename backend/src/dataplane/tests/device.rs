@@ -4,11 +4,8 @@ use super::*;
 
 #[test]
 fn device_error_fails_one_request_only() {
-    let dir = TempDir::new("eio");
-    let img = image(&dir.0, 2048);
-    let dev = open(&img);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
+    let (_dir, img, mut f, p) = setup("eio", 2048, GrantMode::Copy);
+    let q = spawn_queue(p).unwrap();
     // Shrink the file under the backend (which still believes in 2048 sectors): a read past
     // the new end is short, which is a device error for that request only.
     std::fs::OpenOptions::new()
@@ -26,15 +23,12 @@ fn device_error_fails_one_request_only() {
 fn read_only_refuses_writes() {
     let dir = TempDir::new("ro");
     let img = image(&dir.0, 1024);
-    let dev = Arc::new(
-        Device::open(
-            &img,
-            &DeviceOptions {
-                read_only: true,
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap(),
+    let dev = open_with(
+        &img,
+        DeviceOptions {
+            read_only: true,
+            ..DeviceOptions::default()
+        },
     );
     let mut f = Front::new(&dir.0, Abi::X86_64, 1);
     let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
@@ -47,15 +41,12 @@ fn read_only_refuses_writes() {
 fn logical_block_size_4096() {
     let dir = TempDir::new("4k");
     let img = image(&dir.0, 1024);
-    let dev = Arc::new(
-        Device::open(
-            &img,
-            &DeviceOptions {
-                logical_block_size: Some(4096),
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap(),
+    let dev = open_with(
+        &img,
+        DeviceOptions {
+            logical_block_size: Some(4096),
+            ..DeviceOptions::default()
+        },
     );
     assert_eq!(dev.logical_block_size(), 4096);
     let mut f = Front::new(&dir.0, Abi::X86_64, 1);
@@ -131,13 +122,7 @@ fn block_device_with_4096_byte_sectors() {
     // Discard through the block layer: the loop driver punches the backing file.
     let blocks = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&backing).unwrap());
     let before = blocks();
-    let st = f.one(&FrontRequest::Discard {
-        id: 5,
-        sector: 0,
-        nr_sectors: 8192,
-        secure: false,
-    });
-    assert_eq!(st, Some(Status::Okay));
+    assert_eq!(f.discard(5, 0, 8192, false), Some(Status::Okay));
     assert!(
         blocks() < before / 2,
         "discard reached the backing file: {before} -> {}",
@@ -270,11 +255,9 @@ fn two_queues_share_a_device() {
 
 #[test]
 fn resize_is_seen_by_running_queues() {
-    let dir = TempDir::new("resize");
-    let img = image(&dir.0, 1024);
-    let dev = open(&img);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, Arc::clone(&dev))).unwrap();
+    let (_dir, img, mut f, p) = setup("resize", 1024, GrantMode::Copy);
+    let dev = Arc::clone(&p.device);
+    let q = spawn_queue(p).unwrap();
     assert_eq!(
         f.rw(OP_READ, 1, 1024, 0, 8),
         Some(Status::Error),

@@ -5,13 +5,7 @@ use super::*;
 /// A one-page x86_64 ring on a 4 KiB-sector image, with queue parameters for map mode with
 /// persistent grants (what every test here starts from).
 fn map_mode(tag: &str) -> (TempDir, PathBuf, Front, QueueParams) {
-    let dir = TempDir::new(tag);
-    let img = image(&dir.0, 4096);
-    let f = Front::new(&dir.0, Abi::X86_64, 1);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = GrantMode::Map;
-    p.persistent_grants = true;
-    (dir, img, f, p)
+    setup(tag, 4096, GrantMode::Map)
 }
 
 #[test]
@@ -25,11 +19,9 @@ fn indirect_pages_are_persistent_grants_in_map_mode() {
     let ro_ref = f.dom.grant(0, ro_frame, Access::ReadOnly).unwrap();
     let ind_ref = f.page(0).1;
     for i in 0..16usize {
-        let mut e = [0u8; 8];
-        e[..4].copy_from_slice(&f.page(1 + i).1.to_le_bytes());
-        e[5] = 7;
-        f.page(0).0.write_from(i * 8, &e).unwrap();
-        f.dom.page(ro_frame).unwrap().write_from(i * 8, &e).unwrap();
+        let gref = f.page(1 + i).1;
+        indirect_entry(&f.page(0).0, i, gref, 0, 7);
+        indirect_entry(&f.dom.page(ro_frame).unwrap(), i, gref, 0, 7);
     }
     fill(&f, 1, 16, 3);
     for (n, page_ref) in (0..20u64).zip([ind_ref, ro_ref].into_iter().cycle()) {
@@ -228,12 +220,7 @@ fn a_full_persistent_cache_is_purged_only_after_an_overflow() {
 #[test]
 fn read_only_grants_serve_writes_and_fail_reads() {
     for mode in [GrantMode::Copy, GrantMode::Map] {
-        let dir = TempDir::new("rogrant");
-        let img = image(&dir.0, 1024);
-        let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-        let mut p = f.params(&dir.0, open(&img));
-        p.grant_mode = mode;
-        p.persistent_grants = mode == GrantMode::Map;
+        let (_dir, img, mut f, p) = setup("rogrant", 1024, mode);
         let q = spawn_queue(p).unwrap();
         let frame = DATA0 + 500;
         let ro = f.dom.grant(0, frame, Access::ReadOnly).unwrap();
