@@ -307,16 +307,24 @@ pub fn is_root() -> bool {
 /// stderr, so that a test that returns early is visibly skipped.
 pub use sim::skip::root_or_skip;
 
-/// A simulated platform and a loop device over a fresh `mib` MiB image in it; `None` (with a
-/// note that the test is skipped) when not root, as loop devices need.
+/// A simulated platform and a loop device over a fresh sparse `mib` MiB image in it; `None`
+/// (with a note that the test is skipped) when not root, as loop devices need.
 pub fn loop_disk(tag: &str, mib: u64) -> Option<(Sim, Loop)> {
+    loop_disk_with(tag, mib, None).map(|(sim, _, lo)| (sim, lo))
+}
+
+/// As [`loop_disk`], the image first filled with `fill` where given; also returns the image.
+pub fn loop_disk_with(tag: &str, mib: u64, fill: Option<u8>) -> Option<(Sim, PathBuf, Loop)> {
     if !root_or_skip("loop devices") {
         return None;
     }
     let sim = Sim::new(tag);
     let file = sim.image("backing.img", mib);
+    if let Some(byte) = fill {
+        std::fs::write(&file, vec![byte; (mib << 20) as usize]).expect("filling the image");
+    }
     let lo = Loop::attach(&file);
-    Some((sim, lo))
+    Some((sim, file, lo))
 }
 
 /// A loop device over a file, detached on drop (`losetup`, util-linux).
@@ -332,18 +340,9 @@ impl Loop {
     /// # Panics
     /// When `losetup` fails.
     pub fn attach(file: &Path) -> Self {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .expect("running losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        Self { device }
+        Self {
+            device: sim::losetup::attach(file, &[]),
+        }
     }
 
     /// The device's major and minor numbers.
@@ -368,7 +367,7 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        sim::losetup::detach(&self.device);
     }
 }
 
@@ -397,6 +396,29 @@ pub fn hand_over(lo: &Loop, sock: &Path, diskseq: u64) -> xen::handoff::Reply {
     };
     handoff::send_device(&conn, std::os::fd::AsFd::as_fd(&fd), &info).expect("sending");
     handoff::recv_reply(&conn).expect("reply")
+}
+
+/// What blkhotplug does for a disk whose backend listens on `sock`: writes the disk's
+/// `physical-device` node (`diskseq@major:minor`) for loop device `lo`, then hands the device
+/// over ([`hand_over`]); returns the backend's reply.
+///
+/// # Panics
+/// As [`hand_over`], or when the node cannot be written.
+pub fn hotplug_hands_over(
+    sim: &Sim,
+    spec: &VbdSpec,
+    lo: &Loop,
+    sock: &Path,
+) -> xen::handoff::Reply {
+    let (major, minor) = lo.numbers();
+    let seq = lo.diskseq();
+    sim.dom0
+        .write(
+            &format!("{}/physical-device", spec.backend_path()),
+            format!("{seq:x}@{major:x}:{minor:x}"),
+        )
+        .expect("writing physical-device");
+    hand_over(lo, sock, seq)
 }
 
 /// Reads a backend node under `spec`'s directory.

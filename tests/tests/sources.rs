@@ -7,10 +7,10 @@ use sim::front::FrontOptions;
 use sim::toolstack::VbdSpec;
 use sim::workload::DiskModel;
 use tests::{
-    backend_node, exercise, hand_over, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST,
+    backend_node, exercise, hand_over, hotplug_hands_over, loop_disk, remove, Backend, Loop, Sim,
+    DEVID, GUEST,
 };
 use xen::handoff::Reply;
-use xen::xenstore::XsOps;
 
 #[test]
 fn inherited_fd_is_served() {
@@ -52,16 +52,7 @@ fn handed_over_fd_is_served() {
     let Some((sim, lo, spec, mut backend, sock)) = handoff_setup("handoff") else {
         return;
     };
-    let (major, minor) = lo.numbers();
-    let seq = lo.diskseq();
-    // The hotplug tool writes the nodes, then hands the fd over.
-    sim.dom0
-        .write(
-            &format!("{}/physical-device", spec.backend_path()),
-            format!("{seq:x}@{major:x}:{minor:x}"),
-        )
-        .unwrap();
-    assert_eq!(hand_over(&lo, &sock, seq), Reply::Accepted);
+    assert_eq!(hotplug_hands_over(&sim, &spec, &lo, &sock), Reply::Accepted);
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
     let mut front = sim.front(FrontOptions::default());
     let info = front.connect().unwrap();

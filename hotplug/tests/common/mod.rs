@@ -118,6 +118,17 @@ impl Env {
             .expect("run blkhotplug")
     }
 
+    /// [`Env::run`], which must succeed (its stderr is in the message when it does not).
+    pub fn run_ok(&self, action: &str, backend: &str, timeout_s: &str) -> Output {
+        let out = self.run(action, backend, timeout_s);
+        assert!(
+            out.status.success(),
+            "{action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     pub fn spawn(&self, action: &str, backend: &str) -> Child {
         self.command(action, backend)
             .stdout(Stdio::null())
