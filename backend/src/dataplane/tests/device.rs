@@ -63,14 +63,7 @@ fn logical_block_size_4096() {
         first_sect: 1,
         last_sect: 7,
     }];
-    let st = f.one(&FrontRequest::Direct {
-        operation: OP_READ,
-        id: 5,
-        sector: 8,
-        handle: 0,
-        segs: &seg,
-    });
-    assert_eq!(st, Some(Status::Error));
+    assert_eq!(f.direct(OP_READ, 5, 8, &seg), Some(Status::Error));
     q.stop();
 }
 
@@ -109,14 +102,10 @@ fn block_device_with_4096_byte_sectors() {
         Some(Status::Error),
         "misaligned for 4096"
     );
-    let flush = FrontRequest::Direct {
-        operation: ring::OP_FLUSH_DISKCACHE,
-        id: 4,
-        sector: 0,
-        handle: 0,
-        segs: &[],
-    };
-    assert_eq!(f.one(&flush), Some(Status::Okay));
+    assert_eq!(
+        f.direct(ring::OP_FLUSH_DISKCACHE, 4, 0, &[]),
+        Some(Status::Okay)
+    );
     let on_disk = std::fs::read(&backing).unwrap();
     assert_eq!(&on_disk[64 * 512..][..PAGE_SIZE], &page_bytes(&f, 0)[..]);
     // Discard through the block layer: the loop driver punches the backing file.

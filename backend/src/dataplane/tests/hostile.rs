@@ -12,14 +12,7 @@ fn grant_failure_fails_the_request_in_copy_mode() {
         last_sect: 7,
     }];
     for op in [OP_READ, OP_WRITE] {
-        let st = f.one(&FrontRequest::Direct {
-            operation: op,
-            id: 3,
-            sector: 0,
-            handle: 0,
-            segs: &bad,
-        });
-        assert_eq!(st, Some(Status::Error));
+        assert_eq!(f.direct(op, 3, 0, &bad), Some(Status::Error));
     }
     assert_eq!(f.rw(OP_READ, 4, 0, 0, 8), Some(Status::Okay));
     q.stop();

@@ -128,14 +128,7 @@ fn persistent_grants_are_capped_and_released() {
             last_sect: 7,
         },
     ];
-    let st = f.one(&FrontRequest::Direct {
-        operation: OP_READ,
-        id: 3,
-        sector: 0,
-        handle: 0,
-        segs: &bad,
-    });
-    assert_eq!(st, Some(Status::Error));
+    assert_eq!(f.direct(OP_READ, 3, 0, &bad), Some(Status::Error));
     assert_eq!(
         stats.snapshot().persistent_grants,
         in_use(&f) as u64,
@@ -230,30 +223,16 @@ fn read_only_grants_serve_writes_and_fail_reads() {
             first_sect: 0,
             last_sect: 7,
         }];
-        let w = FrontRequest::Direct {
-            operation: OP_WRITE,
-            id: 1,
-            sector: 0,
-            handle: 0,
-            segs: &seg,
-        };
         assert_eq!(
-            f.one(&w),
+            f.direct(OP_WRITE, 1, 0, &seg),
             Some(Status::Okay),
             "{mode:?}: a write only reads the page"
         );
         assert!(std::fs::read(&img).unwrap()[..PAGE_SIZE]
             .iter()
             .all(|&b| b == 0x77));
-        let r = FrontRequest::Direct {
-            operation: OP_READ,
-            id: 2,
-            sector: 0,
-            handle: 0,
-            segs: &seg,
-        };
         assert_eq!(
-            f.one(&r),
+            f.direct(OP_READ, 2, 0, &seg),
             Some(Status::Error),
             "{mode:?}: a read must not write a read-only grant"
         );

@@ -188,16 +188,21 @@ impl Front {
         })
     }
 
-    /// Reads `nsect` sectors at `sector` into data pages from `first` on (8 sectors a page).
-    fn rw(&mut self, op: u8, id: u64, sector: u64, first: usize, nsect: usize) -> Option<Status> {
-        let segs = segs_for(self, first, nsect);
+    /// One direct request (`op`: read, write, ...) of `segs` at `sector`.
+    fn direct(&mut self, op: u8, id: u64, sector: u64, segs: &[Segment]) -> Option<Status> {
         self.one(&FrontRequest::Direct {
             operation: op,
             id,
             sector,
             handle: 0,
-            segs: &segs,
+            segs,
         })
+    }
+
+    /// Reads `nsect` sectors at `sector` into data pages from `first` on (8 sectors a page).
+    fn rw(&mut self, op: u8, id: u64, sector: u64, first: usize, nsect: usize) -> Option<Status> {
+        let segs = segs_for(self, first, nsect);
+        self.direct(op, id, sector, &segs)
     }
 }
 

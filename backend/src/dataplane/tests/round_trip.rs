@@ -172,14 +172,8 @@ fn flush_and_barrier() {
     let (dir, img, mut f, p) = setup("flush", 1024, GrantMode::Copy);
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
-    let flush = |id| FrontRequest::Direct {
-        operation: ring::OP_FLUSH_DISKCACHE,
-        id,
-        sector: 0,
-        handle: 0,
-        segs: &[],
-    };
-    assert_eq!(f.one(&flush(1)), Some(Status::Okay));
+    let flush = |f: &mut Front, id| f.direct(ring::OP_FLUSH_DISKCACHE, id, 0, &[]);
+    assert_eq!(flush(&mut f, 1), Some(Status::Okay));
     // A barrier carrying data, queued behind reads: drained, written, flushed.
     fill(&f, 0, 1, 1);
     let seg = [Segment {
@@ -225,7 +219,7 @@ fn flush_and_barrier() {
     let mut p = f.params(&dir.0, open(&img));
     p.features.flush = false;
     let q = spawn_queue(p).unwrap();
-    assert_eq!(f.one(&flush(3)), Some(Status::NotSupported));
+    assert_eq!(flush(&mut f, 3), Some(Status::NotSupported));
     q.stop();
 }
 
