@@ -475,6 +475,47 @@ pub fn exercise(front: &mut SimFront, model: &mut sim::workload::DiskModel) {
     .expect("random reads");
 }
 
+/// Writes the first `blocks` blocks in order, `per_request` blocks a request with `depth` in
+/// flight, then reads them back, checked against `model`.
+///
+/// # Panics
+/// On any failed request or data mismatch.
+pub fn write_then_read(
+    front: &mut SimFront,
+    model: &mut sim::workload::DiskModel,
+    blocks: u64,
+    per_request: u64,
+    depth: usize,
+) {
+    use sim::workload;
+    for write in [true, false] {
+        let plan = workload::sequential(blocks, per_request, write);
+        workload::run(front, model, &plan, depth).expect("sequential I/O");
+    }
+}
+
+/// Once the backend holds the disk (`opened` is `1`): a default frontend connects, runs
+/// verified I/O over a zeroed model of the disk ([`exercise`]; `discard_zeroes` as in
+/// [`DiskModel::zeroed`](sim::workload::DiskModel::zeroed)), and the disk is removed
+/// ([`remove`]). Returns what the frontend was told about the disk.
+///
+/// # Panics
+/// As [`exercise`] and [`remove`].
+pub fn exercise_opened_disk(
+    sim: &Sim,
+    spec: &VbdSpec,
+    backend: &mut Backend,
+    discard_zeroes: bool,
+) -> sim::front::DiskInfo {
+    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
+    let mut front = sim.front(FrontOptions::default());
+    let info = front.connect().expect("connecting");
+    let mut model = sim::workload::DiskModel::zeroed(info.sectors / 8, discard_zeroes);
+    exercise(&mut front, &mut model);
+    remove(sim, spec, backend, &mut front);
+    info
+}
+
 /// Closes the frontend, asks for removal as libxl does, and checks the backend exits 0.
 ///
 /// # Panics

@@ -14,7 +14,7 @@ use std::process::Command;
 use ring::Status;
 use sim::front::{FrontOptions, IoOp};
 use sim::toolstack::VbdSpec;
-use sim::workload::{self, DiskModel};
+use sim::workload::DiskModel;
 use tests::{remove, Backend, Sim, DEVID, GUEST};
 
 #[test]
@@ -48,20 +48,7 @@ fn eio_on_one_sector_fails_that_request_only() {
         assert_eq!(c.data, Some(vec![0x3c; 4096]));
     }
     let mut model = DiskModel::zeroed(256, false);
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(256, 16, true),
-        8,
-    )
-    .unwrap();
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(256, 16, false),
-        8,
-    )
-    .unwrap();
+    tests::write_then_read(&mut front, &mut model, 256, 16, 8);
     remove(&sim, &spec, &mut backend, &mut front);
     let c = backend.stats().unwrap().counters;
     assert!(c.rd_req >= 4);

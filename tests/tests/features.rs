@@ -170,20 +170,7 @@ fn indirect_requests_of_256_segments() {
     assert_eq!(front.max_sectors_per_request(), 256 * 8);
     let mut model = DiskModel::zeroed(front.info().unwrap().sectors / 8, true);
     // 1 MiB requests: 256 segments each, in one indirect page.
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(1024, 256, true),
-        4,
-    )
-    .unwrap();
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(1024, 256, false),
-        4,
-    )
-    .unwrap();
+    tests::write_then_read(&mut front, &mut model, 1024, 256, 4);
     // One segment too many is refused by the backend, and only that request.
     let abi = front.info().unwrap().abi;
     let raw = ring::FrontRequest::Indirect {

@@ -7,7 +7,10 @@ use std::time::Duration;
 use sim::front::FrontOptions;
 use sim::toolstack::VbdSpec;
 use sim::workload::DiskModel;
-use tests::{backend_node, exercise, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST};
+use tests::{
+    backend_node, exercise, exercise_opened_disk, loop_disk, remove, Backend, Loop, Sim, DEVID,
+    GUEST,
+};
 use xen::xenstore::XsOps;
 
 fn disk(sim: &Sim, args: &[&str]) -> (VbdSpec, Backend) {
@@ -217,13 +220,8 @@ fn matching_diskseq_serves_the_loop_device() {
     let seq = lo.diskseq();
     let (spec, mut backend) =
         physical_disk(&sim, &lo, format!("{seq:x}@{major:x}:{minor:x}"), None);
-    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
-    let mut front = sim.front(FrontOptions::default());
-    let info = front.connect().unwrap();
+    let info = exercise_opened_disk(&sim, &spec, &mut backend, false);
     assert_eq!(info.sectors, 16 * 2048);
-    let mut model = DiskModel::zeroed(info.sectors / 8, false);
-    exercise(&mut front, &mut model);
-    remove(&sim, &spec, &mut backend, &mut front);
 }
 
 #[test]

@@ -341,11 +341,7 @@ fn with_user_the_backend_serves_as_that_user() {
     if !tests::root_or_skip("switching users") {
         return;
     }
-    let sim = Sim::new("sandbox-user");
-    let image = sim.image("disk.img", 16);
-    let spec =
-        sim::toolstack::VbdSpec::disk(0, tests::GUEST, tests::DEVID, image.to_str().unwrap());
-    sim.create_vbd(&spec);
+    let (sim, spec) = Sim::with_disk("sandbox-user", 16);
     open_to_all(sim.tmp());
     let mut backend =
         tests::Backend::serve(&sim, &spec, &["--open-params", "--user", "65534:65534"]);

@@ -3,12 +3,10 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use sim::front::FrontOptions;
 use sim::toolstack::VbdSpec;
-use sim::workload::DiskModel;
 use tests::{
-    backend_node, exercise, hand_over, hotplug_hands_over, loop_disk, remove, Backend, Loop, Sim,
-    DEVID, GUEST,
+    backend_node, exercise_opened_disk, hand_over, hotplug_hands_over, loop_disk, Backend, Loop,
+    Sim, DEVID, GUEST,
 };
 use xen::handoff::Reply;
 
@@ -24,13 +22,8 @@ fn inherited_fd_is_served() {
     let n = fd.as_raw_fd().to_string();
     let mut backend = Backend::serve(&sim, &spec, &["--device-fd", &n]);
     drop(fd);
-    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
-    let mut front = sim.front(FrontOptions::default());
-    let info = front.connect().unwrap();
+    let info = exercise_opened_disk(&sim, &spec, &mut backend, true);
     assert_eq!(info.sectors, 8 * 2048);
-    let mut model = DiskModel::zeroed(info.sectors / 8, true);
-    exercise(&mut front, &mut model);
-    remove(&sim, &spec, &mut backend, &mut front);
 }
 
 fn handoff_setup(tag: &str) -> Option<(Sim, Loop, VbdSpec, Backend, std::path::PathBuf)> {
@@ -53,12 +46,7 @@ fn handed_over_fd_is_served() {
         return;
     };
     assert_eq!(hotplug_hands_over(&sim, &spec, &lo, &sock), Reply::Accepted);
-    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
-    let mut front = sim.front(FrontOptions::default());
-    let info = front.connect().unwrap();
-    let mut model = DiskModel::zeroed(info.sectors / 8, false);
-    exercise(&mut front, &mut model);
-    remove(&sim, &spec, &mut backend, &mut front);
+    exercise_opened_disk(&sim, &spec, &mut backend, false);
     assert!(!sock.exists(), "the socket is removed at exit");
 }
 
