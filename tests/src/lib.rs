@@ -475,6 +475,17 @@ pub fn exercise(front: &mut SimFront, model: &mut sim::workload::DiskModel) {
     .expect("random reads");
 }
 
+/// Waits until the backend has refused the disk (state Closing) without ever holding it
+/// (`opened` stays `0`), and returns the error it wrote.
+///
+/// # Panics
+/// When that does not happen in time, `opened` is not `0`, or no error was written.
+pub fn refused_error(sim: &Sim, spec: &VbdSpec) -> String {
+    sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
+    assert_eq!(backend_node(sim, spec, "opened").as_deref(), Some("0"));
+    sim.error_node(spec).expect("the backend's error node")
+}
+
 /// Writes the first `blocks` blocks in order, `per_request` blocks a request with `depth` in
 /// flight, then reads them back, checked against `model`.
 ///
