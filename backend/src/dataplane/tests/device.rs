@@ -21,17 +21,12 @@ fn device_error_fails_one_request_only() {
 
 #[test]
 fn read_only_refuses_writes() {
-    let dir = TempDir::new("ro");
-    let img = image(&dir.0, 1024);
-    let dev = open_with(
-        &img,
-        DeviceOptions {
-            read_only: true,
-            ..DeviceOptions::default()
-        },
-    );
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
+    let options = DeviceOptions {
+        read_only: true,
+        ..DeviceOptions::default()
+    };
+    let (_dir, _, mut f, p) = setup_device("ro", 1024, options, Abi::X86_64, 1);
+    let q = spawn_queue(p).unwrap();
     assert_eq!(f.rw(OP_WRITE, 1, 0, 0, 8), Some(Status::Error));
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
     q.stop();
@@ -39,18 +34,13 @@ fn read_only_refuses_writes() {
 
 #[test]
 fn logical_block_size_4096() {
-    let dir = TempDir::new("4k");
-    let img = image(&dir.0, 1024);
-    let dev = open_with(
-        &img,
-        DeviceOptions {
-            logical_block_size: Some(4096),
-            ..DeviceOptions::default()
-        },
-    );
-    assert_eq!(dev.logical_block_size(), 4096);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
+    let options = DeviceOptions {
+        logical_block_size: Some(4096),
+        ..DeviceOptions::default()
+    };
+    let (_dir, _, mut f, p) = setup_device("4k", 1024, options, Abi::X86_64, 1);
+    assert_eq!(p.device.logical_block_size(), 4096);
+    let q = spawn_queue(p).unwrap();
     fill(&f, 0, 2, 7);
     assert_eq!(f.rw(OP_WRITE, 1, 8, 0, 16), Some(Status::Okay));
     assert_eq!(f.rw(OP_READ, 2, 8, 5, 16), Some(Status::Okay));

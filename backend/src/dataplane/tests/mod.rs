@@ -77,12 +77,26 @@ fn setup_ring(
     abi: Abi,
     ring_pages: usize,
 ) -> (TempDir, PathBuf, Front, QueueParams) {
+    let (dir, img, f, mut p) =
+        setup_device(tag, sectors, DeviceOptions::default(), abi, ring_pages);
+    p.grant_mode = mode;
+    p.persistent_grants = mode == GrantMode::Map;
+    (dir, img, f, p)
+}
+
+/// The scratch directory, image and frontend of [`setup_ring`], the image opened with
+/// `options`, and default (grant copy) queue parameters.
+fn setup_device(
+    tag: &str,
+    sectors: u64,
+    options: DeviceOptions,
+    abi: Abi,
+    ring_pages: usize,
+) -> (TempDir, PathBuf, Front, QueueParams) {
     let dir = TempDir::new(tag);
     let img = image(&dir.0, sectors);
     let f = Front::new(&dir.0, abi, ring_pages);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = mode;
-    p.persistent_grants = mode == GrantMode::Map;
+    let p = f.params(&dir.0, open_with(&img, options));
     (dir, img, f, p)
 }
 
