@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use rustix::io::Errno;
 use rustix::ioctl::{opcode, Opcode};
 
-use crate::ioctl::call;
+use ioctl::call;
 
 /// `BLKROGET` = `_IO(0x12, 94)`: writes an `int`, non-zero when the device is read-only.
 pub const BLKROGET: Opcode = opcode::none(0x12, 94);

@@ -7,7 +7,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::ioctl::{opcode, Opcode};
 
-use crate::ioctl::call as ioctl;
+use ::ioctl::call as ioctl;
 
 /// Size of `struct dm_ioctl`.
 pub const DM_IOCTL_SIZE: usize = 312;

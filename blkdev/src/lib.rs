@@ -4,7 +4,7 @@
 //! allow-list names the very numbers its calls use.
 //!
 //! The only `unsafe` of either binary's block-device handling is here: one ioctl call
-//! (`ioctl::call`) and one fd ownership transfer (in [`dm::call_with_fd`]), each call site
+//! (through the `ioctl` crate's `call`, shared with `xen`) and one fd ownership transfer (in [`dm::call_with_fd`]), each call site
 //! with a `// SAFETY:` comment naming the kernel structure its argument mirrors (layouts
 //! checked by tests against `include/uapi/linux/{fs,loop,dm-ioctl}.h`).
 //!
@@ -14,8 +14,4 @@
 
 pub mod block;
 pub mod dm;
-mod ioctl;
 pub mod loopdev;
-mod skip;
-
-pub use skip::{report_skip, root_or_skip};

@@ -7,7 +7,7 @@ use std::os::fd::BorrowedFd;
 use rustix::io::Errno;
 use rustix::ioctl::Opcode;
 
-use crate::ioctl::call;
+use ioctl::call;
 
 /// The loop driver's major number.
 pub const LOOP_MAJOR: u32 = 7;

@@ -222,7 +222,7 @@ mod tests {
     #[test]
     fn sysfs_diskseq_matches_the_ioctl() {
         let Ok((fd, major, minor)) = open_node(Path::new("/dev/loop0"), false) else {
-            ::blkdev::report_skip("needs root: /dev/loop0 cannot be opened here");
+            sim::skip::report_skip("needs root: /dev/loop0 cannot be opened here");
             return;
         };
         let by_ioctl = diskseq(fd.as_fd(), Path::new("/dev/loop0")).expect("BLKGETDISKSEQ");

@@ -156,13 +156,8 @@ fn sigkill_during_add_never_leaks_a_loop_device() {
             Some(&backend.path),
         );
         let t = Instant::now();
-        let out = env.run("add", &be, "5");
+        env.run_ok("add", &be, "5");
         shortest = shortest.min(t.elapsed());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
     // Before: nothing of ours attached (the backend let go of the three above).
     assert_eq!(wait_unbound(&env.dir, Duration::from_secs(10)), vec![]);
@@ -222,7 +217,7 @@ fn remove_leaves_a_reused_loop_device_alone() {
         return;
     }
     if !Path::new("/usr/sbin/losetup").exists() && !Path::new("/sbin/losetup").exists() {
-        blkdev::report_skip("needs losetup to rebind a chosen loop device");
+        sim::skip::report_skip("needs losetup to rebind a chosen loop device");
         return;
     }
     let env = Env::new("reuse");
@@ -230,12 +225,7 @@ fn remove_leaves_a_reused_loop_device_alone() {
     let b = env.file("b.img", MIB);
     // No `opened`, no socket: an upstream backend, so no autoclear and `remove` tears down.
     let be = env.backend(1, &a.to_string_lossy(), "w", false, None);
-    let out = env.run("add", &be, "5");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.run_ok("add", &be, "5");
     let dev = env
         .read(&format!("{be}/physical-device-path"))
         .expect("path");
@@ -246,25 +236,10 @@ fn remove_leaves_a_reused_loop_device_alone() {
         "plain major:minor for a backend without `opened`"
     );
     // Someone else detaches it and binds another file to the same device.
-    let run = |args: &[&str]| {
-        let o = std::process::Command::new("losetup")
-            .args(args)
-            .output()
-            .expect("losetup");
-        assert!(
-            o.status.success(),
-            "losetup {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
+    let run = |args: &[&str]| drop(sim::losetup::losetup(args));
     run(&["-d", &dev]);
     run(&[&dev, &b.to_string_lossy()]);
-    let out = env.run("remove", &be, "5");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.run_ok("remove", &be, "5");
     let name = dev.trim_start_matches("/dev/").to_owned();
     assert!(
         bound_under(&env.dir).contains(&(name, b.clone())),
@@ -286,12 +261,7 @@ fn remove_tears_down_what_add_made() {
     let be = env.backend(1, &a.to_string_lossy(), "r", false, None);
     // libxl passes XENBUS_PATH relative to dom0's home path; xenstored resolves it.
     let relative = be.strip_prefix("/local/domain/0/").expect("a dom0 backend");
-    let out = env.run("add", relative, "5");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.run_ok("add", relative, "5");
     assert_eq!(bound_under(&env.dir).len(), 1);
     let dev = env
         .read(&format!("{be}/physical-device-path"))
@@ -325,12 +295,7 @@ fn remove_tears_down_what_add_made() {
         sys("queue/logical_block_size"),
         align.unwrap_or(512).to_string()
     );
-    let out = env.run("remove", relative, "5");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.run_ok("remove", relative, "5");
     assert_eq!(wait_unbound(&env.dir, Duration::from_secs(5)), vec![]);
     assert_eq!(env.read(&format!("{be}/blkhotplug-created")), None);
     assert!(env.run("remove", &be, "5").status.success());
@@ -523,12 +488,7 @@ fn bad_inputs_fail_cleanly() {
         .is_some_and(|e| e.contains("params is missing")));
     // The read-only file is fine read-only.
     let be = env.backend(200, &ro.to_string_lossy(), "r", false, None);
-    let out = env.run("add", &be, "2");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.run_ok("add", &be, "2");
     assert!(env.run("remove", &be, "2").status.success());
     assert_eq!(wait_unbound(&env.dir, Duration::from_secs(5)), vec![]);
 }

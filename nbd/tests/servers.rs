@@ -53,7 +53,7 @@ fn installed(program: &str) -> bool {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
     if !found {
-        blkdev::report_skip(&format!("{program} is not installed"));
+        sim::skip::report_skip(&format!("{program} is not installed"));
     }
     found
 }

@@ -12,7 +12,9 @@ use crate::abi::{Abi, RESPONSE_ID_OFFSET, RESPONSE_OPERATION_OFFSET, RESPONSE_ST
 use crate::error::{ProtocolViolation, RingError};
 use crate::raw::RawRequest;
 use crate::request::Response;
-use crate::sring::{check_geometry, slot_offset, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD};
+use crate::sring::{
+    check_geometry, push_and_check_notify, slot_offset, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD,
+};
 
 /// The backend's view of a shared ring (`struct *_back_ring`).
 #[derive(Debug, Clone)]
@@ -206,16 +208,9 @@ impl BackRing {
     /// # Errors
     /// [`RingError::Memory`] if `mem` is smaller than the ring.
     pub fn push_responses(&mut self, mem: &SharedMem<'_>) -> Result<bool, RingError> {
-        let old = self.rsp_prod_pushed;
-        let new = self.rsp_prod_pvt;
-        // xen_wmb(): the frontend must see the responses before the new producer index.
-        fence(Ordering::Release);
-        mem.store_u32(RSP_PROD, new, Ordering::Relaxed)?;
+        let (old, new) = (self.rsp_prod_pushed, self.rsp_prod_pvt);
+        let notify = push_and_check_notify(mem, RSP_PROD, RSP_EVENT, old, new)?;
         self.rsp_prod_pushed = new;
-        // xen_mb(): the new rsp_prod must be visible before rsp_event is read, or a frontend
-        // that just set rsp_event and checked rsp_prod would sleep without an event.
-        fence(Ordering::SeqCst);
-        let event = mem.load_u32(RSP_EVENT, Ordering::Relaxed)?;
-        Ok(new.wrapping_sub(event) < new.wrapping_sub(old))
+        Ok(notify)
     }
 }

@@ -18,7 +18,9 @@ use crate::request::{
     Segment, Status, DISCARD_SECURE, MAX_INDIRECT_PAGES, MAX_SEGMENTS_PER_REQUEST, OP_DISCARD,
     OP_INDIRECT,
 };
-use crate::sring::{check_geometry, slot_offset, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD};
+use crate::sring::{
+    check_geometry, push_and_check_notify, slot_offset, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD,
+};
 
 /// A request as a frontend builds it. Nothing is validated beyond what fits in a slot, so
 /// hostile frontends can send any field values.
@@ -374,16 +376,10 @@ impl FrontRing {
     /// # Errors
     /// [`RingError::Memory`].
     pub fn push_requests(&mut self, mem: &SharedMem<'_>) -> Result<bool, RingError> {
-        let old = self.req_prod_pushed;
-        let new = self.req_prod_pvt;
-        // xen_wmb(): the backend must see the requests before the new producer index.
-        fence(Ordering::Release);
-        mem.store_u32(REQ_PROD, new, Ordering::Relaxed)?;
+        let (old, new) = (self.req_prod_pushed, self.req_prod_pvt);
+        let notify = push_and_check_notify(mem, REQ_PROD, REQ_EVENT, old, new)?;
         self.req_prod_pushed = new;
-        // xen_mb(): req_prod must be visible before req_event is read.
-        fence(Ordering::SeqCst);
-        let event = mem.load_u32(REQ_EVENT, Ordering::Relaxed)?;
-        Ok(new.wrapping_sub(event) < new.wrapping_sub(old))
+        Ok(notify)
     }
 
     fn refresh(&mut self, mem: &SharedMem<'_>) -> Result<(), RingError> {

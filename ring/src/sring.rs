@@ -1,6 +1,8 @@
 //! The shared ring's geometry: header offsets and ring sizes, as Xen's `io/ring.h` defines
 //! them (`struct *_sring`, `__RING_SIZE`).
 
+use std::sync::atomic::{fence, Ordering};
+
 use shmem::PAGE_SIZE;
 
 use crate::abi::Abi;
@@ -55,6 +57,27 @@ pub(crate) fn check_geometry(
     }
     mem.subregion(0, pages * PAGE_SIZE)?;
     Ok(ring_size(abi, pages))
+}
+
+/// `RING_PUSH_{REQUESTS,RESPONSES}_AND_CHECK_NOTIFY`: publishes the producer index `new` at
+/// offset `prod` (its slots written before; `old` is the value published last) and says
+/// whether the other end asked, at offset `event`, for an event among the new entries.
+pub(crate) fn push_and_check_notify(
+    mem: &shmem::SharedMem<'_>,
+    prod: usize,
+    event: usize,
+    old: u32,
+    new: u32,
+) -> Result<bool, crate::RingError> {
+    // xen_wmb(): the other end must see the slots before the new producer index.
+    fence(Ordering::Release);
+    mem.store_u32(prod, new, Ordering::Relaxed)?;
+    // xen_mb(): the new producer index must be visible before the event index is read, or an
+    // end that just set its event index and checked the producer index would sleep without
+    // an event.
+    fence(Ordering::SeqCst);
+    let event = mem.load_u32(event, Ordering::Relaxed)?;
+    Ok(new.wrapping_sub(event) < new.wrapping_sub(old))
 }
 
 /// Offset of the slot for index `idx` in a ring of `size` slots (a power of two).

@@ -29,7 +29,7 @@ use std::time::Duration;
 use shmem::{SharedMem, PAGE_SIZE};
 
 use crate::shm::{unmap_raw, MappedFile, Reservation};
-use crate::{domain_file, SimError};
+use crate::{domain_file, open_mem, SimError};
 use xen::{check_copy_batch, check_map_refs};
 use xen::{
     Access, CopyOp, DomId, GrantCopier, GrantError, GrantMapper, GrantMapping, GrantRef,
@@ -373,22 +373,8 @@ struct ForeignDomain {
 impl ForeignDomain {
     fn open(dir: &Path, domid: DomId) -> Result<Self, SimError> {
         let gnttab = GrantTable::open(&domain_file(dir, "gnttab", domid))?;
-        let path = domain_file(dir, "mem", domid);
-        let mem_file = File::options()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(SimError::io("open", &path))?;
         let len = gnttab.frames as usize * PAGE_SIZE;
-        if mem_file
-            .metadata()
-            .map_err(SimError::io("stat", &path))?
-            .len()
-            < len as u64
-        {
-            return Err(SimError::Corrupt(path));
-        }
-        let mem = MappedFile::map(mem_file.as_fd(), len).map_err(SimError::io("map", &path))?;
+        let (mem_file, mem) = open_mem(&domain_file(dir, "mem", domid), len)?;
         Ok(Self {
             gnttab,
             mem_file,

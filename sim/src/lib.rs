@@ -27,13 +27,18 @@
 //! (the real kernel would release them when the device fds close); grant table v2,
 //! transitive and sub-page grants.
 //!
+//! Beside the simulation, the little that tests share and production never needs: visible
+//! skips ([`skip`]) and loop devices ([`losetup`]).
+//!
 //! The mmap `unsafe` of the simulation is confined to [`shm`](crate::shm).
 
 pub mod evtchn;
 pub mod front;
 pub mod gnttab;
+pub mod losetup;
 mod scratch;
 mod shm;
+pub mod skip;
 pub mod toolstack;
 pub mod workload;
 pub mod xenstored;
@@ -165,6 +170,22 @@ fn create_file(
     made
 }
 
+/// Opens a domain's memory file read-write and maps its first `len` bytes (the file must be
+/// at least that long).
+fn open_mem(path: &Path, len: usize) -> Result<(File, MappedFile), SimError> {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(SimError::io("open", path))?;
+    if file.metadata().map_err(SimError::io("stat", path))?.len() < len as u64 {
+        return Err(SimError::Corrupt(path.to_owned()));
+    }
+    let mem =
+        MappedFile::map(std::os::fd::AsFd::as_fd(&file), len).map_err(SimError::io("map", path))?;
+    Ok((file, mem))
+}
+
 fn check_domid(domid: DomId) -> Result<(), SimError> {
     if domid >= DOMID_FIRST_RESERVED {
         return Err(SimError::Invalid("domid is reserved"));
@@ -251,19 +272,8 @@ impl SimDomain {
         if !gnttab.alive() {
             return Err(SimError::NoDomain(domid));
         }
-        let mpath = domain_file(dir, "mem", domid);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(&mpath)
-            .map_err(SimError::io("open", &mpath))?;
         let pages = gnttab.frames() as usize;
-        let len = pages * PAGE_SIZE;
-        if file.metadata().map_err(SimError::io("stat", &mpath))?.len() < len as u64 {
-            return Err(SimError::Corrupt(mpath));
-        }
-        let mem = MappedFile::map(std::os::fd::AsFd::as_fd(&file), len)
-            .map_err(SimError::io("map", &mpath))?;
+        let (_, mem) = open_mem(&domain_file(dir, "mem", domid), pages * PAGE_SIZE)?;
         Ok(Self {
             dir: dir.to_owned(),
             domid,

@@ -2,7 +2,6 @@
 //! and, where `/dev/xen/evtchn` exists, on the real device (dom0 to itself); then
 //! simulation-only checks (ring overflow, destroyed domains).
 
-use std::io::Write as _;
 use std::path::Path;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -186,10 +185,7 @@ fn suite_on_simulation() {
 #[test]
 fn suite_on_real_device() {
     if !Path::new(EVTCHN_PATH).exists() {
-        // Straight to stderr in one write: libtest captures `eprintln!` of passing tests.
-        let _ = std::io::stderr().write_all(
-            format!("SKIPPED (needs Xen: {EVTCHN_PATH}): suite_on_real_device\n").as_bytes(),
-        );
+        sim::skip::report_skip(&format!("needs Xen: {EVTCHN_PATH}"));
         return;
     }
     for (name, test) in SUITE {

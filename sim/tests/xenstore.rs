@@ -72,6 +72,22 @@ fn fd_readable(xs: &XenStore) -> bool {
     poll(&mut fds, Some(&zero)).unwrap() == 1
 }
 
+/// Waits for the next watch event, which must be `token`'s on `path`.
+#[track_caller]
+fn expect_event(xs: &XenStore, path: &str, token: &str) {
+    assert_eq!(xs.wait_watch_event(WAIT).unwrap(), Some(ev(path, token)));
+}
+
+/// The next two watch events, in token order (they may arrive in either).
+fn next_two_events(xs: &XenStore) -> Vec<WatchEvent> {
+    let mut got = vec![
+        xs.wait_watch_event(WAIT).unwrap().unwrap(),
+        xs.wait_watch_event(WAIT).unwrap().unwrap(),
+    ];
+    got.sort_by(|a, b| a.token.cmp(&b.token));
+    got
+}
+
 fn no_more_events(xs: &XenStore) {
     assert_eq!(
         xs.wait_watch_event(Some(Duration::from_millis(100)))
@@ -292,38 +308,20 @@ fn watches_fire_on_registration_create_change_delete_and_subtree() {
     let s = setup();
     let xs = &s.xs;
     xs.watch("/be/vbd", "tok").unwrap();
-    assert_eq!(
-        xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/be/vbd", "tok"))
-    );
+    expect_event(xs, "/be/vbd", "tok");
     no_more_events(xs);
 
     xs.write("/be/vbd", "").unwrap();
-    assert_eq!(
-        xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/be/vbd", "tok"))
-    );
+    expect_event(xs, "/be/vbd", "tok");
     xs.write("/be/vbd/1/51712/state", "2").unwrap();
-    assert_eq!(
-        xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/be/vbd/1/51712/state", "tok"))
-    );
+    expect_event(xs, "/be/vbd/1/51712/state", "tok");
     xs.write("/be/vbd/1/51712/state", "4").unwrap();
-    assert_eq!(
-        xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/be/vbd/1/51712/state", "tok"))
-    );
+    expect_event(xs, "/be/vbd/1/51712/state", "tok");
     xs.mkdir("/be/vbd/2").unwrap();
-    assert_eq!(
-        xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/be/vbd/2", "tok"))
-    );
+    expect_event(xs, "/be/vbd/2", "tok");
     xs.set_perms("/be/vbd/2", &[Perm::new(0, PermAccess::Read)])
         .unwrap();
-    assert_eq!(
-        xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/be/vbd/2", "tok"))
-    );
+    expect_event(xs, "/be/vbd/2", "tok");
     // Changes elsewhere, or to a sibling sharing a prefix, do not fire.
     xs.write("/be/vbdx", "1").unwrap();
     xs.write("/be", "1").unwrap();
@@ -331,18 +329,10 @@ fn watches_fire_on_registration_create_change_delete_and_subtree() {
 
     // Removing a parent fires the watch on it and, exactly, watches on removed nodes.
     xs.watch("/be/vbd/1/51712/state", "state").unwrap();
-    assert_eq!(
-        xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/be/vbd/1/51712/state", "state"))
-    );
+    expect_event(xs, "/be/vbd/1/51712/state", "state");
     xs.rm("/be/vbd/1").unwrap();
-    let mut got = vec![
-        xs.wait_watch_event(WAIT).unwrap().unwrap(),
-        xs.wait_watch_event(WAIT).unwrap().unwrap(),
-    ];
-    got.sort_by(|a, b| a.token.cmp(&b.token));
     assert_eq!(
-        got,
+        next_two_events(xs),
         vec![ev("/be/vbd/1/51712/state", "state"), ev("/be/vbd/1", "tok")]
     );
     no_more_events(xs);
@@ -384,10 +374,7 @@ fn watches_see_only_what_the_domain_may_read_and_relative_paths() {
     let s = setup();
     let d5 = s.domain(5);
     d5.watch("device", "rel").unwrap();
-    assert_eq!(
-        d5.wait_watch_event(WAIT).unwrap(),
-        Some(ev("device", "rel"))
-    );
+    expect_event(&d5, "device", "rel");
     d5.watch("/", "root").unwrap();
     assert_eq!(d5.wait_watch_event(WAIT).unwrap(), Some(ev("/", "root")));
     // A change to a node the domain cannot read is not reported.
@@ -396,22 +383,14 @@ fn watches_see_only_what_the_domain_may_read_and_relative_paths() {
     // A node the domain cannot read, under a parent it can: reported (`watch_permitted`
     // falls back to the parent), including the permission change that hid it.
     d5.watch("hidden", "hidden").unwrap();
-    assert_eq!(
-        d5.wait_watch_event(WAIT).unwrap(),
-        Some(ev("hidden", "hidden"))
-    );
+    expect_event(&d5, "hidden", "hidden");
     s.xs.write("/local/domain/5/hidden", "x").unwrap();
     s.xs.set_perms("/local/domain/5/hidden", &[Perm::new(0, PermAccess::None)])
         .unwrap();
     s.xs.write("/local/domain/5/hidden", "y").unwrap();
     for _ in 0..3 {
-        let mut got = vec![
-            d5.wait_watch_event(WAIT).unwrap().unwrap(),
-            d5.wait_watch_event(WAIT).unwrap().unwrap(),
-        ];
-        got.sort_by(|a, b| a.token.cmp(&b.token));
         assert_eq!(
-            got,
+            next_two_events(&d5),
             vec![ev("hidden", "hidden"), ev("/local/domain/5/hidden", "root")]
         );
     }
@@ -420,13 +399,8 @@ fn watches_see_only_what_the_domain_may_read_and_relative_paths() {
     // dom0 writes into the domain's area: the domain sees it, relative to its home for
     // the relative watch.
     s.xs.write("/local/domain/5/device/vbd", "").unwrap();
-    let mut got = vec![
-        d5.wait_watch_event(WAIT).unwrap().unwrap(),
-        d5.wait_watch_event(WAIT).unwrap().unwrap(),
-    ];
-    got.sort_by(|a, b| a.token.cmp(&b.token));
     assert_eq!(
-        got,
+        next_two_events(&d5),
         vec![
             ev("device/vbd", "rel"),
             ev("/local/domain/5/device/vbd", "root")
@@ -453,19 +427,13 @@ fn special_watches_on_domain_introduction_and_release() {
     );
 
     let path = s.sim.introduce_domain(3).unwrap();
-    assert_eq!(
-        s.xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("@introduceDomain", "intro"))
-    );
+    expect_event(&s.xs, "@introduceDomain", "intro");
     let d3 = XenStore::open_at(&path).unwrap();
     assert_eq!(d3.get_domain_path(3).unwrap(), "/local/domain/3");
     // Unprivileged domains may not watch special nodes unless their permissions allow it.
     d3.watch("@releaseDomain", "r").unwrap();
     s.sim.release_domain(3).unwrap();
-    assert_eq!(
-        s.xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("@releaseDomain", "release"))
-    );
+    expect_event(&s.xs, "@releaseDomain", "release");
     // The released domain's connection is closed and its socket gone.
     assert!(matches!(d3.read("/x"), Err(XsError::Closed)));
     assert!(matches!(
@@ -620,18 +588,12 @@ fn transaction_watches_fire_at_commit_only() {
     let s = setup();
     let watcher = XenStore::open_at(s.sim.socket_path()).unwrap();
     watcher.watch("/fe", "fe").unwrap();
-    assert_eq!(
-        watcher.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/fe", "fe"))
-    );
+    expect_event(&watcher, "/fe", "fe");
     let tx = s.xs.transaction_start().unwrap();
     tx.write("/fe/state", "3").unwrap();
     no_more_events(&watcher);
     tx.commit().unwrap();
-    assert_eq!(
-        watcher.wait_watch_event(WAIT).unwrap(),
-        Some(ev("/fe/state", "fe"))
-    );
+    expect_event(&watcher, "/fe/state", "fe");
     // An aborted transaction fires nothing.
     let tx = s.xs.transaction_start().unwrap();
     tx.write("/fe/state", "4").unwrap();
@@ -728,10 +690,7 @@ fn toolstack_introduces_and_releases_domains_over_the_socket() {
     );
     s.xs.request(MsgType::Introduce, b"4\x0012345\x007\0")
         .unwrap();
-    assert_eq!(
-        s.xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("@introduceDomain", "intro"))
-    );
+    expect_event(&s.xs, "@introduceDomain", "intro");
     assert_eq!(
         s.xs.request(MsgType::IsDomainIntroduced, b"4\0").unwrap(),
         b"T\0"
@@ -756,10 +715,7 @@ fn toolstack_introduces_and_releases_domains_over_the_socket() {
         Err(XsError::NotFound)
     ));
     s.xs.request(MsgType::Release, b"4\0").unwrap();
-    assert_eq!(
-        s.xs.wait_watch_event(WAIT).unwrap(),
-        Some(ev("@releaseDomain", "release"))
-    );
+    expect_event(&s.xs, "@releaseDomain", "release");
     assert!(matches!(d4.read("x"), Err(XsError::Closed)));
 }
 
@@ -878,16 +834,10 @@ fn special_node_permissions_decide_which_domains_see_special_events() {
     .unwrap();
     for d in [&d5, &d7] {
         d.watch("@releaseDomain", "rel").unwrap();
-        assert_eq!(
-            d.wait_watch_event(WAIT).unwrap(),
-            Some(ev("@releaseDomain", "rel"))
-        );
+        expect_event(d, "@releaseDomain", "rel");
     }
     s.sim.release_domain(6).unwrap();
-    assert_eq!(
-        d5.wait_watch_event(WAIT).unwrap(),
-        Some(ev("@releaseDomain", "rel"))
-    );
+    expect_event(&d5, "@releaseDomain", "rel");
     no_more_events(&d7);
     // Special nodes are not part of the tree.
     assert!(!s

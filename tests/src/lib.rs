@@ -323,18 +323,26 @@ pub fn is_root() -> bool {
 
 /// Whether the tests run as root; when not, says `SKIPPED (needs root: <why>): <test>` on
 /// stderr, so that a test that returns early is visibly skipped.
-pub use blkdev::root_or_skip;
+pub use sim::skip::root_or_skip;
 
-/// A simulated platform and a loop device over a fresh `mib` MiB image in it; `None` (with a
-/// note that the test is skipped) when not root, as loop devices need.
+/// A simulated platform and a loop device over a fresh sparse `mib` MiB image in it; `None`
+/// (with a note that the test is skipped) when not root, as loop devices need.
 pub fn loop_disk(tag: &str, mib: u64) -> Option<(Sim, Loop)> {
+    loop_disk_with(tag, mib, None).map(|(sim, _, lo)| (sim, lo))
+}
+
+/// As [`loop_disk`], the image first filled with `fill` where given; also returns the image.
+pub fn loop_disk_with(tag: &str, mib: u64, fill: Option<u8>) -> Option<(Sim, PathBuf, Loop)> {
     if !root_or_skip("loop devices") {
         return None;
     }
     let sim = Sim::new(tag);
     let file = sim.image("backing.img", mib);
+    if let Some(byte) = fill {
+        std::fs::write(&file, vec![byte; (mib << 20) as usize]).expect("filling the image");
+    }
     let lo = Loop::attach(&file);
-    Some((sim, lo))
+    Some((sim, file, lo))
 }
 
 /// A loop device over a file, detached on drop (`losetup`, util-linux).
@@ -350,18 +358,9 @@ impl Loop {
     /// # Panics
     /// When `losetup` fails.
     pub fn attach(file: &Path) -> Self {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .expect("running losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        Self { device }
+        Self {
+            device: sim::losetup::attach(file, &[]),
+        }
     }
 
     /// The device's major and minor numbers.
@@ -386,7 +385,7 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        sim::losetup::detach(&self.device);
     }
 }
 
@@ -415,6 +414,29 @@ pub fn hand_over(lo: &Loop, sock: &Path, diskseq: u64) -> xen::handoff::Reply {
     };
     handoff::send_device(&conn, std::os::fd::AsFd::as_fd(&fd), &info).expect("sending");
     handoff::recv_reply(&conn).expect("reply")
+}
+
+/// What blkhotplug does for a disk whose backend listens on `sock`: writes the disk's
+/// `physical-device` node (`diskseq@major:minor`) for loop device `lo`, then hands the device
+/// over ([`hand_over`]); returns the backend's reply.
+///
+/// # Panics
+/// As [`hand_over`], or when the node cannot be written.
+pub fn hotplug_hands_over(
+    sim: &Sim,
+    spec: &VbdSpec,
+    lo: &Loop,
+    sock: &Path,
+) -> xen::handoff::Reply {
+    let (major, minor) = lo.numbers();
+    let seq = lo.diskseq();
+    sim.dom0
+        .write(
+            &format!("{}/physical-device", spec.backend_path()),
+            format!("{seq:x}@{major:x}:{minor:x}"),
+        )
+        .expect("writing physical-device");
+    hand_over(lo, sock, seq)
 }
 
 /// Reads a backend node under `spec`'s directory.
@@ -469,6 +491,58 @@ pub fn exercise(front: &mut SimFront, model: &mut sim::workload::DiskModel) {
         32,
     )
     .expect("random reads");
+}
+
+/// Waits until the backend has refused the disk (state Closing) without ever holding it
+/// (`opened` stays `0`), and returns the error it wrote.
+///
+/// # Panics
+/// When that does not happen in time, `opened` is not `0`, or no error was written.
+pub fn refused_error(sim: &Sim, spec: &VbdSpec) -> String {
+    sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
+    assert_eq!(backend_node(sim, spec, "opened").as_deref(), Some("0"));
+    sim.error_node(spec).expect("the backend's error node")
+}
+
+/// Writes the first `blocks` blocks in order, `per_request` blocks a request with `depth` in
+/// flight, then reads them back, checked against `model`.
+///
+/// # Panics
+/// On any failed request or data mismatch.
+pub fn write_then_read(
+    front: &mut SimFront,
+    model: &mut sim::workload::DiskModel,
+    blocks: u64,
+    per_request: u64,
+    depth: usize,
+) {
+    use sim::workload;
+    for write in [true, false] {
+        let plan = workload::sequential(blocks, per_request, write);
+        workload::run(front, model, &plan, depth).expect("sequential I/O");
+    }
+}
+
+/// Once the backend holds the disk (`opened` is `1`): a default frontend connects, runs
+/// verified I/O over a zeroed model of the disk ([`exercise`]; `discard_zeroes` as in
+/// [`DiskModel::zeroed`](sim::workload::DiskModel::zeroed)), and the disk is removed
+/// ([`remove`]). Returns what the frontend was told about the disk.
+///
+/// # Panics
+/// As [`exercise`] and [`remove`].
+pub fn exercise_opened_disk(
+    sim: &Sim,
+    spec: &VbdSpec,
+    backend: &mut Backend,
+    discard_zeroes: bool,
+) -> sim::front::DiskInfo {
+    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
+    let mut front = sim.front(FrontOptions::default());
+    let info = front.connect().expect("connecting");
+    let mut model = sim::workload::DiskModel::zeroed(info.sectors / 8, discard_zeroes);
+    exercise(&mut front, &mut model);
+    remove(sim, spec, backend, &mut front);
+    info
 }
 
 /// Closes the frontend, asks for removal as libxl does, and checks the backend exits 0.

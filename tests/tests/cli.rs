@@ -26,9 +26,12 @@ fn demo_runs_and_verifies() {
     );
 }
 
-fn one_line_error(args: &[&str], needle: &str) {
+/// Runs `blkbackd` with `command_line` (split at white space) and checks that it fails with
+/// one line on stderr that names `needle`.
+fn one_line_error(command_line: &str, needle: &str) {
+    let args: Vec<&str> = command_line.split_whitespace().collect();
     let out = Command::new(blkbackd())
-        .args(args)
+        .args(&args)
         .env_remove("BLKBACK_PLATFORM")
         .output()
         .unwrap();
@@ -42,43 +45,27 @@ fn one_line_error(args: &[&str], needle: &str) {
 #[test]
 fn bad_arguments_get_one_clear_line() {
     one_line_error(
-        &["serve", "--backend-path", "/local/domain/0/backend/vif/1/0"],
+        "serve --backend-path /local/domain/0/backend/vif/1/0",
         "is not /local/domain/",
     );
     one_line_error(
-        &[
-            "serve",
-            "--domid",
-            "1",
-            "--devid",
-            "51712",
-            "--platform",
-            "bogus",
-        ],
+        "serve --domid 1 --devid 51712 --platform bogus",
         "bad --platform",
     );
     one_line_error(
-        &[
-            "serve",
-            "--domid",
-            "1",
-            "--devid",
-            "51712",
-            "--max-ring-page-order",
-            "5",
-        ],
+        "serve --domid 1 --devid 51712 --max-ring-page-order 5",
         "max-ring-page-order",
     );
-    one_line_error(&["serve", "--domid", "1"], "devid");
+    one_line_error("serve --domid 1", "devid");
     one_line_error(
-        &["serve", "--domid", "1", "--devid", "2", "--device-fd", "99"],
+        "serve --domid 1 --devid 2 --device-fd 99",
         "not an open file descriptor",
     );
     one_line_error(
-        &["stats", "--stats-file", "/nonexistent/x.stats"],
+        "stats --stats-file /nonexistent/x.stats",
         "reading /nonexistent/x.stats",
     );
-    one_line_error(&["frobnicate"], "frobnicate");
+    one_line_error("frobnicate", "frobnicate");
 }
 
 #[test]

@@ -157,7 +157,7 @@ fn acknowledged_writes_and_flushes_survive_a_killed_backend() {
     // As root, a loop device (flushes counted by the block layer); else the file itself.
     let lo = is_root().then(|| Loop::attach(&image));
     if lo.is_none() {
-        blkdev::report_skip(
+        sim::skip::report_skip(
             "in part: the device-flush count needs root (a loop device); serving the image file",
         );
     }

@@ -14,18 +14,14 @@ use std::process::Command;
 use ring::Status;
 use sim::front::{FrontOptions, IoOp};
 use sim::toolstack::VbdSpec;
-use sim::workload::{self, DiskModel};
-use tests::{remove, Backend, Loop, Sim, DEVID, GUEST};
+use sim::workload::DiskModel;
+use tests::{remove, Backend, Sim, DEVID, GUEST};
 
 #[test]
 fn eio_on_one_sector_fails_that_request_only() {
-    if !tests::root_or_skip("loop devices") {
+    let Some((sim, file, lo)) = tests::loop_disk_with("eio", 8, Some(0x3c)) else {
         return;
-    }
-    let sim = Sim::new("eio");
-    let file = sim.image("backing.img", 8);
-    std::fs::write(&file, vec![0x3cu8; 8 << 20]).unwrap();
-    let lo = Loop::attach(&file);
+    };
     // Cut the last 4 KiB off the backing file: the loop device still says 8 MiB.
     std::fs::OpenOptions::new()
         .write(true)
@@ -41,47 +37,18 @@ fn eio_on_one_sector_fails_that_request_only() {
     assert_eq!(info.sectors, 8 * 2048);
     let last = info.sectors - 8;
     for _ in 0..2 {
-        let c = front
-            .execute(
-                0,
-                IoOp::Read {
-                    sector: last,
-                    sectors: 8,
-                },
-            )
-            .unwrap();
+        let c = front.read(0, last, 8).unwrap();
         assert_eq!(
             c.status(),
             Some(Status::Error),
             "reading past the backing file"
         );
         // The sector before is fine, and so is everything else.
-        let c = front
-            .execute(
-                1,
-                IoOp::Read {
-                    sector: last - 8,
-                    sectors: 8,
-                },
-            )
-            .unwrap();
+        let c = front.read(1, last - 8, 8).unwrap();
         assert_eq!(c.data, Some(vec![0x3c; 4096]));
     }
     let mut model = DiskModel::zeroed(256, false);
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(256, 16, true),
-        8,
-    )
-    .unwrap();
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(256, 16, false),
-        8,
-    )
-    .unwrap();
+    tests::write_then_read(&mut front, &mut model, 256, 16, 8);
     remove(&sim, &spec, &mut backend, &mut front);
     let c = backend.stats().unwrap().counters;
     assert!(c.rd_req >= 4);
@@ -124,15 +91,7 @@ fn enospc_fails_the_write_and_the_backend_carries_on() {
     let data = vec![0x99u8; 65536];
     let mut failed = None;
     for i in 0..64u64 {
-        let c = front
-            .execute(
-                0,
-                IoOp::Write {
-                    sector: i * 128,
-                    data: &data,
-                },
-            )
-            .unwrap();
+        let c = front.write(0, i * 128, &data).unwrap();
         if !c.is_ok() {
             assert_eq!(c.status(), Some(Status::Error));
             failed = Some(i);
@@ -142,15 +101,7 @@ fn enospc_fails_the_write_and_the_backend_carries_on() {
     let failed = failed.expect("a 1 MiB tmpfs cannot hold 4 MiB");
     assert!(failed > 0);
     // What was written before is intact, and the backend still answers.
-    let c = front
-        .execute(
-            1,
-            IoOp::Read {
-                sector: 0,
-                sectors: 128,
-            },
-        )
-        .unwrap();
+    let c = front.read(1, 0, 128).unwrap();
     assert_eq!(c.data, Some(data));
     assert!(front.execute(0, IoOp::Flush).unwrap().status().is_some());
     remove(&sim, &spec, &mut backend, &mut front);

@@ -11,6 +11,7 @@
 //! gntdev closes), so "no grant in use after the backend exited" shows that the backend
 //! itself unmapped everything before it ended.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -291,15 +292,11 @@ fn sigkill_of_the_backend_leaves_no_autoclear_loop_device_attached() {
 
 #[test]
 fn a_device_whose_media_vanishes_fails_requests_without_hanging() {
-    if !tests::root_or_skip("loop devices") {
-        return;
-    }
     // The nearest thing to a disk disappearing here: its loop device's capacity drops to 0
     // (backing file truncated, `losetup -c`), as a disk whose media is gone.
-    let sim = Sim::new("fault-vanish");
-    let file = sim.image("backing.img", 8);
-    std::fs::write(&file, vec![0x3cu8; 8 << 20]).unwrap();
-    let lo = tests::Loop::attach(&file);
+    let Some((sim, file, lo)) = tests::loop_disk_with("fault-vanish", 8, Some(0x3c)) else {
+        return;
+    };
     let spec = VbdSpec::disk(0, GUEST, DEVID, lo.device.to_str().unwrap());
     sim.create_vbd(&spec);
     let mut backend = Backend::serve(&sim, &spec, &["--open-params"]);
@@ -307,15 +304,7 @@ fn a_device_whose_media_vanishes_fails_requests_without_hanging() {
     front.connect().unwrap();
     front.set_timeout(Duration::from_secs(10));
     let data = vec![0x77u8; 4096];
-    let ok = front
-        .execute(
-            0,
-            IoOp::Write {
-                sector: 8,
-                data: &data,
-            },
-        )
-        .unwrap();
+    let ok = front.write(0, 8, &data).unwrap();
     assert!(ok.is_ok());
     std::fs::File::options()
         .write(true)
@@ -323,12 +312,7 @@ fn a_device_whose_media_vanishes_fails_requests_without_hanging() {
         .unwrap()
         .set_len(0)
         .unwrap();
-    let status = Command::new("losetup")
-        .arg("-c")
-        .arg(&lo.device)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sim::losetup::losetup([OsStr::new("-c"), lo.device.as_os_str()]);
     // Every request is answered (with an error), none hangs, the backend stays up.
     let mut failed = 0;
     for i in 0..32u64 {

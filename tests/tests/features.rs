@@ -170,20 +170,7 @@ fn indirect_requests_of_256_segments() {
     assert_eq!(front.max_sectors_per_request(), 256 * 8);
     let mut model = DiskModel::zeroed(front.info().unwrap().sectors / 8, true);
     // 1 MiB requests: 256 segments each, in one indirect page.
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(1024, 256, true),
-        4,
-    )
-    .unwrap();
-    workload::run(
-        &mut front,
-        &mut model,
-        &workload::sequential(1024, 256, false),
-        4,
-    )
-    .unwrap();
+    tests::write_then_read(&mut front, &mut model, 1024, 256, 4);
     // One segment too many is refused by the backend, and only that request.
     let abi = front.info().unwrap().abi;
     let raw = ring::FrontRequest::Indirect {
@@ -243,15 +230,7 @@ fn flush_barrier_and_discard() {
         )
         .unwrap()
         .is_ok());
-    let back = front
-        .execute(
-            0,
-            IoOp::Read {
-                sector: 4096,
-                sectors: 16,
-            },
-        )
-        .unwrap();
+    let back = front.read(0, 4096, 16).unwrap();
     assert_eq!(back.data.as_deref(), Some(&data[..]));
     // Discard: a file's punched hole reads back as zeros.
     workload::run(
@@ -318,15 +297,7 @@ fn sectors_of_4096_bytes() {
     let mut model = DiskModel::zeroed(info.sectors / 8, true);
     exercise(&mut front, &mut model);
     // A request not aligned to the logical block size is refused.
-    let c = front
-        .execute(
-            0,
-            IoOp::Read {
-                sector: 1,
-                sectors: 8,
-            },
-        )
-        .unwrap();
+    let c = front.read(0, 1, 8).unwrap();
     assert_eq!(c.status(), Some(Status::Error));
     remove(&sim, &spec, &mut backend, &mut front);
 }
@@ -353,36 +324,12 @@ fn special_disk(
 fn read_only_disk_refuses_writes() {
     let (sim, spec, mut backend, mut front) = special_disk("ro", "r", "disk");
     assert_eq!(front.info().unwrap().info & 4, 4, "VDISK_READONLY");
-    let c = front
-        .execute(
-            0,
-            IoOp::Read {
-                sector: 0,
-                sectors: 8,
-            },
-        )
-        .unwrap();
+    let c = front.read(0, 0, 8).unwrap();
     assert_eq!(c.data, Some(vec![0x42; 4096]));
     let data = vec![0u8; 4096];
-    let c = front
-        .execute(
-            0,
-            IoOp::Write {
-                sector: 0,
-                data: &data,
-            },
-        )
-        .unwrap();
+    let c = front.write(0, 0, &data).unwrap();
     assert_eq!(c.status(), Some(Status::Error));
-    let c = front
-        .execute(
-            0,
-            IoOp::Read {
-                sector: 0,
-                sectors: 8,
-            },
-        )
-        .unwrap();
+    let c = front.read(0, 0, 8).unwrap();
     assert_eq!(
         c.data,
         Some(vec![0x42; 4096]),
@@ -399,15 +346,7 @@ fn cdrom_is_reported_in_info() {
         1 | 4,
         "VDISK_CDROM | VDISK_READONLY"
     );
-    let c = front
-        .execute(
-            0,
-            IoOp::Read {
-                sector: 8,
-                sectors: 8,
-            },
-        )
-        .unwrap();
+    let c = front.read(0, 8, 8).unwrap();
     assert_eq!(c.data, Some(vec![0x42; 4096]));
     remove(&sim, &spec, &mut backend, &mut front);
 }
@@ -419,15 +358,7 @@ fn online_resize_rewrites_sectors_and_state() {
     let old = front.info().unwrap().sectors;
     assert_eq!(old, 8 * 2048);
     // Beyond the end: refused.
-    let c = front
-        .execute(
-            0,
-            IoOp::Read {
-                sector: old,
-                sectors: 8,
-            },
-        )
-        .unwrap();
+    let c = front.read(0, old, 8).unwrap();
     assert_eq!(c.status(), Some(Status::Error));
     // The guest watches the backend's state, as blkfront does.
     let state_path = format!("{}/state", spec.backend_path());
@@ -458,25 +389,8 @@ fn online_resize_rewrites_sectors_and_state() {
     assert_eq!(ev.map(|e| e.path), Some(state_path));
     assert_eq!(front.refresh_sectors().unwrap(), 16 * 2048);
     let data = vec![0x77u8; 4096];
-    assert!(front
-        .execute(
-            0,
-            IoOp::Write {
-                sector: old,
-                data: &data
-            }
-        )
-        .unwrap()
-        .is_ok());
-    let c = front
-        .execute(
-            1,
-            IoOp::Read {
-                sector: old,
-                sectors: 8,
-            },
-        )
-        .unwrap();
+    assert!(front.write(0, old, &data).unwrap().is_ok());
+    let c = front.read(1, old, 8).unwrap();
     assert_eq!(c.data, Some(data));
     remove(&sim, &spec, &mut backend, &mut front);
 }

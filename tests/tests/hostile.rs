@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sim::front::{FrontOptions, IoOp, SimFront, SimFrontError};
+use sim::front::{FrontOptions, SimFront, SimFrontError};
 use sim::toolstack::VbdSpec;
 use sim::workload::Rng;
 use sim::SimDomain;
@@ -624,27 +624,9 @@ impl Fuzz {
     fn finish(mut self) -> Tally {
         // A clean write and read-back still work.
         let data = vec![0xa5u8; 8192];
-        let w = self
-            .front
-            .execute(
-                0,
-                IoOp::Write {
-                    sector: 64,
-                    data: &data,
-                },
-            )
-            .expect("a clean write");
+        let w = self.front.write(0, 64, &data).expect("a clean write");
         assert!(w.is_ok());
-        let r = self
-            .front
-            .execute(
-                0,
-                IoOp::Read {
-                    sector: 64,
-                    sectors: 16,
-                },
-            )
-            .expect("a clean read");
+        let r = self.front.read(0, 64, 16).expect("a clean read");
         assert_eq!(r.data.as_deref(), Some(&data[..]));
         // The last disconnect's checks, then removal: the backend exits 0.
         self.cycle(false);

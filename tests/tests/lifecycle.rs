@@ -183,15 +183,7 @@ fn bogus_req_prod_halts_that_ring_only() {
     // The device stays connected and queue 1 keeps serving.
     assert!(backend.running());
     assert_eq!(backend_node(&sim, &spec, "state").as_deref(), Some("4"));
-    let c = front
-        .execute(
-            1,
-            IoOp::Read {
-                sector: 0,
-                sectors: 8,
-            },
-        )
-        .unwrap();
+    let c = front.read(1, 0, 8).unwrap();
     assert!(c.is_ok());
     // The halted ring was unmapped: closing ends every grant.
     remove(&sim, &spec, &mut backend, &mut front);

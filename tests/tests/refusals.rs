@@ -7,7 +7,10 @@ use std::time::Duration;
 use sim::front::FrontOptions;
 use sim::toolstack::VbdSpec;
 use sim::workload::DiskModel;
-use tests::{backend_node, exercise, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST};
+use tests::{
+    backend_node, exercise, exercise_opened_disk, loop_disk, refused_error, remove, Backend, Loop,
+    Sim, DEVID, GUEST,
+};
 use xen::xenstore::XsOps;
 
 fn disk(sim: &Sim, args: &[&str]) -> (VbdSpec, Backend) {
@@ -178,13 +181,10 @@ fn diskseq_mismatch_is_refused() {
         format!("{:x}@{major:x}:{minor:x}", seq + 1),
         None,
     );
-    sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
-    let err = sim.error_node(&spec).unwrap();
     assert_eq!(
-        err,
+        refused_error(&sim, &spec),
         format!("19 creating vbd structure: device {major:x}:{minor:x} has diskseq 0x{seq:x}, expected 0x{:x}", seq + 1)
     );
-    assert_eq!(backend_node(&sim, &spec, "opened").as_deref(), Some("0"));
 }
 
 #[test]
@@ -200,12 +200,7 @@ fn diskseq_node_mismatch_is_refused() {
         format!("{major:x}:{minor:x}"),
         Some(format!("{:x}", seq + 7)),
     );
-    sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
-    assert!(sim
-        .error_node(&spec)
-        .unwrap()
-        .starts_with("19 creating vbd structure"));
-    assert_eq!(backend_node(&sim, &spec, "opened").as_deref(), Some("0"));
+    assert!(refused_error(&sim, &spec).starts_with("19 creating vbd structure"));
 }
 
 #[test]
@@ -217,13 +212,8 @@ fn matching_diskseq_serves_the_loop_device() {
     let seq = lo.diskseq();
     let (spec, mut backend) =
         physical_disk(&sim, &lo, format!("{seq:x}@{major:x}:{minor:x}"), None);
-    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
-    let mut front = sim.front(FrontOptions::default());
-    let info = front.connect().unwrap();
+    let info = exercise_opened_disk(&sim, &spec, &mut backend, false);
     assert_eq!(info.sectors, 16 * 2048);
-    let mut model = DiskModel::zeroed(info.sectors / 8, false);
-    exercise(&mut front, &mut model);
-    remove(&sim, &spec, &mut backend, &mut front);
 }
 
 #[test]

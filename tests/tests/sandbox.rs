@@ -18,7 +18,6 @@ use sim::toolstack::VbdSpec;
 use sim::workload::DiskModel;
 use tests::{connected, exercise, remove, Backend, Sim, TempDir, DEVID, GUEST};
 use xen::handoff::Reply;
-use xen::xenstore::XsOps;
 
 const CHILD: &str = "BLKBACKD_SANDBOX_CHILD";
 const SIGSYS: i32 = 31;
@@ -208,6 +207,8 @@ fn a_confined_process_cannot_open_a_new_file() {
 fn a_forbidden_system_call_kills_the_process() {
     if let Some(what) = std::env::var_os(CHILD) {
         confine_child();
+        let dgram_socket =
+            |family| rustix::net::socket(family, rustix::net::SocketType::DGRAM, None);
         if what == "allowed" {
             // An allowed call returns normally.
             let _ = rustix::thread::gettid();
@@ -215,12 +216,7 @@ fn a_forbidden_system_call_kills_the_process() {
         }
         if what == "unix" {
             // Unix sockets stay possible (the simulated platform's event channels).
-            let ok = rustix::net::socket(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::DGRAM,
-                None,
-            )
-            .is_ok();
+            let ok = dgram_socket(rustix::net::AddressFamily::UNIX).is_ok();
             child_exit(ok, "a unix socket was refused");
         }
         if what == "ioctl-allowed" || what == "ioctl-forbidden" {
@@ -244,11 +240,7 @@ fn a_forbidden_system_call_kills_the_process() {
         }
         if what == "inet" {
             // A network socket is not: killed here.
-            let _ = rustix::net::socket(
-                rustix::net::AddressFamily::INET,
-                rustix::net::SocketType::DGRAM,
-                None,
-            );
+            let _ = dgram_socket(rustix::net::AddressFamily::INET);
             child_exit(false, "socket(AF_INET) returned");
         }
         // getppid is not in the allow-list: the kernel kills the process here.
@@ -349,11 +341,7 @@ fn with_user_the_backend_serves_as_that_user() {
     if !tests::root_or_skip("switching users") {
         return;
     }
-    let sim = Sim::new("sandbox-user");
-    let image = sim.image("disk.img", 16);
-    let spec =
-        sim::toolstack::VbdSpec::disk(0, tests::GUEST, tests::DEVID, image.to_str().unwrap());
-    sim.create_vbd(&spec);
+    let (sim, spec) = Sim::with_disk("sandbox-user", 16);
     open_to_all(sim.tmp());
     let mut backend =
         tests::Backend::serve(&sim, &spec, &["--open-params", "--user", "65534:65534"]);
@@ -500,15 +488,10 @@ fn the_xenstore_reader_is_restarted_under_the_confinement() {
     let caps = status_field(&old.status, "CapEff").unwrap();
     assert!(has_cap(&caps, 6) && has_cap(&caps, 7), "CapEff {caps}");
     // The hotplug tool hands the device over: blkbackd holds it and confines itself.
-    let (major, minor) = lo.numbers();
-    let seq = lo.diskseq();
-    sim.dom0
-        .write(
-            &format!("{}/physical-device", spec.backend_path()),
-            format!("{seq:x}@{major:x}:{minor:x}"),
-        )
-        .unwrap();
-    assert_eq!(tests::hand_over(&lo, &sock, seq), Reply::Accepted);
+    assert_eq!(
+        tests::hotplug_hands_over(&sim, &spec, &lo, &sock),
+        Reply::Accepted
+    );
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
     // It still talks to XenStore and serves through the new reader.
     let mut front = sim.front(FrontOptions::default());

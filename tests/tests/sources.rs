@@ -3,14 +3,12 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use sim::front::FrontOptions;
 use sim::toolstack::VbdSpec;
-use sim::workload::DiskModel;
 use tests::{
-    backend_node, exercise, hand_over, loop_disk, remove, Backend, Loop, Sim, DEVID, GUEST,
+    exercise_opened_disk, hand_over, hotplug_hands_over, loop_disk, refused_error, Backend, Loop,
+    Sim, DEVID, GUEST,
 };
 use xen::handoff::Reply;
-use xen::xenstore::XsOps;
 
 #[test]
 fn inherited_fd_is_served() {
@@ -24,13 +22,8 @@ fn inherited_fd_is_served() {
     let n = fd.as_raw_fd().to_string();
     let mut backend = Backend::serve(&sim, &spec, &["--device-fd", &n]);
     drop(fd);
-    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
-    let mut front = sim.front(FrontOptions::default());
-    let info = front.connect().unwrap();
+    let info = exercise_opened_disk(&sim, &spec, &mut backend, true);
     assert_eq!(info.sectors, 8 * 2048);
-    let mut model = DiskModel::zeroed(info.sectors / 8, true);
-    exercise(&mut front, &mut model);
-    remove(&sim, &spec, &mut backend, &mut front);
 }
 
 fn handoff_setup(tag: &str) -> Option<(Sim, Loop, VbdSpec, Backend, std::path::PathBuf)> {
@@ -52,22 +45,8 @@ fn handed_over_fd_is_served() {
     let Some((sim, lo, spec, mut backend, sock)) = handoff_setup("handoff") else {
         return;
     };
-    let (major, minor) = lo.numbers();
-    let seq = lo.diskseq();
-    // The hotplug tool writes the nodes, then hands the fd over.
-    sim.dom0
-        .write(
-            &format!("{}/physical-device", spec.backend_path()),
-            format!("{seq:x}@{major:x}:{minor:x}"),
-        )
-        .unwrap();
-    assert_eq!(hand_over(&lo, &sock, seq), Reply::Accepted);
-    sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
-    let mut front = sim.front(FrontOptions::default());
-    let info = front.connect().unwrap();
-    let mut model = DiskModel::zeroed(info.sectors / 8, false);
-    exercise(&mut front, &mut model);
-    remove(&sim, &spec, &mut backend, &mut front);
+    assert_eq!(hotplug_hands_over(&sim, &spec, &lo, &sock), Reply::Accepted);
+    exercise_opened_disk(&sim, &spec, &mut backend, false);
     assert!(!sock.exists(), "the socket is removed at exit");
 }
 
@@ -79,10 +58,5 @@ fn handed_over_fd_with_the_wrong_diskseq_is_refused() {
     let seq = lo.diskseq();
     let reply = hand_over(&lo, &sock, seq + 1);
     assert_eq!(reply, Reply::Rejected(rustix::io::Errno::NODEV));
-    sim.wait_for(&format!("{}/state", spec.backend_path()), "5");
-    assert!(sim
-        .error_node(&spec)
-        .unwrap()
-        .starts_with("19 creating vbd structure"));
-    assert_eq!(backend_node(&sim, &spec, "opened").as_deref(), Some("0"));
+    assert!(refused_error(&sim, &spec).starts_with("19 creating vbd structure"));
 }

@@ -18,8 +18,8 @@
 //! reported by `pending`, stays masked until `unmask`, so notifications coalesce; the event
 //! fd polls readable exactly while something is pending.
 //!
-//! The ioctl and mmap `unsafe` is confined to one module per device (`gntdev`, `evtchn`, with
-//! the shared ioctl call in `ioctl`).
+//! The ioctl and mmap `unsafe` is confined to one module per device (`gntdev`, `evtchn`), the
+//! ioctl call itself from the `ioctl` crate, which `blkdev` shares.
 #![deny(missing_docs)]
 
 mod platform;

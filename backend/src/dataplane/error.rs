@@ -6,10 +6,10 @@ use std::io;
 use ring::RingError;
 use xen::EvtchnError;
 
-/// A local failure of a running queue; it ends as [`super::QueueExit::Failed`] with this
-/// error's text.
+/// A local failure of a running queue; it ends as [`super::QueueExit::Failed`] carrying this
+/// error.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum QueueError {
+pub enum QueueError {
     /// An SQE the loop depends on (a poll, a timer) could not be queued.
     #[error("arming the {what}: {source}")]
     Arm {

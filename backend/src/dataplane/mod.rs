@@ -99,6 +99,7 @@ use xen::{DomId, GrantRef, Platform, Port};
 
 use crate::device::Device;
 
+pub use error::QueueError;
 pub use observer::{Observer, QueueObserver};
 pub use persistent::{DEFAULT_MAX_PERSISTENT_GRANTS, DEFAULT_PERSISTENT_GRANT_TIMEOUT};
 pub use stats::{Stats, StatsSnapshot};
@@ -267,7 +268,7 @@ pub enum DataplaneError {
 }
 
 /// Why a queue's thread ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum QueueExit {
     /// [`QueueHandle::stop`] asked it to.
     Stopped,
@@ -275,7 +276,7 @@ pub enum QueueExit {
     /// processing"). Requests in flight were still answered.
     Protocol(ProtocolViolation),
     /// A local failure (io_uring, event channel device) the queue cannot continue after.
-    Failed(String),
+    Failed(QueueError),
     /// The thread panicked (a bug).
     Panicked,
 }
@@ -359,10 +360,10 @@ pub fn spawn_queue(params: QueueParams) -> Result<QueueHandle, DataplaneError> {
                 queue.run(&fin)
             }
             Err(e) => {
-                let msg = e.to_string();
                 let _ = tx.send(Err(e));
                 fin.store(true, Ordering::Release);
-                QueueExit::Failed(msg)
+                // Never seen: spawn_queue joins this thread and returns the setup error.
+                QueueExit::Stopped
             }
         })
         .map_err(DataplaneError::Thread)?;

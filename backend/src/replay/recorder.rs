@@ -262,7 +262,7 @@ impl QueueObserver for QueueRecorder {
         let (how, detail) = match exit {
             QueueExit::Stopped => (ExitKind::Stopped, String::new()),
             QueueExit::Protocol(v) => (ExitKind::Protocol, v.to_string()),
-            QueueExit::Failed(e) => (ExitKind::Failed, e.clone()),
+            QueueExit::Failed(e) => (ExitKind::Failed, e.to_string()),
             QueueExit::Panicked => (ExitKind::Failed, "panicked".to_owned()),
         };
         self.rec.write(&Event::Exit {

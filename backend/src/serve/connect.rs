@@ -185,7 +185,7 @@ impl Backend {
                         tracing::debug!(backend = %self.be, "frontend broke the ring protocol ({v}); ring halted");
                     }
                 }
-                QueueExit::Failed(why) => failure = Some(why),
+                QueueExit::Failed(why) => failure = Some(why.to_string()),
                 QueueExit::Panicked => failure = Some("the queue thread panicked".to_owned()),
             }
         }

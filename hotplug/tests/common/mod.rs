@@ -17,11 +17,11 @@ use xen::xenstore::{XenStore, XsOps};
 
 /// Whether loop devices can be made here; prints why not (the test then passes as skipped).
 pub fn can_run() -> bool {
-    if !blkdev::root_or_skip("loop devices; CI and developers' machines run as root") {
+    if !sim::skip::root_or_skip("loop devices; CI and developers' machines run as root") {
         return false;
     }
     if !Path::new("/dev/loop-control").exists() {
-        blkdev::report_skip("needs /dev/loop-control");
+        sim::skip::report_skip("needs /dev/loop-control");
         return false;
     }
     true
@@ -116,6 +116,17 @@ impl Env {
             .args(["--timeout", timeout_s])
             .output()
             .expect("run blkhotplug")
+    }
+
+    /// [`Env::run`], which must succeed (its stderr is in the message when it does not).
+    pub fn run_ok(&self, action: &str, backend: &str, timeout_s: &str) -> Output {
+        let out = self.run(action, backend, timeout_s);
+        assert!(
+            out.status.success(),
+            "{action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     }
 
     pub fn spawn(&self, action: &str, backend: &str) -> Child {

@@ -464,6 +464,32 @@ impl SimFront {
         }
     }
 
+    /// [`execute`](Self::execute)s a read of `sectors` sectors at `sector` on `queue`.
+    ///
+    /// # Errors
+    /// As [`SimFront::execute`].
+    pub fn read(
+        &mut self,
+        queue: usize,
+        sector: u64,
+        sectors: u32,
+    ) -> Result<Completion, SimFrontError> {
+        self.execute(queue, IoOp::Read { sector, sectors })
+    }
+
+    /// [`execute`](Self::execute)s a write of `data` at `sector` on `queue`.
+    ///
+    /// # Errors
+    /// As [`SimFront::execute`].
+    pub fn write(
+        &mut self,
+        queue: usize,
+        sector: u64,
+        data: &[u8],
+    ) -> Result<Completion, SimFrontError> {
+        self.execute(queue, IoOp::Write { sector, data })
+    }
+
     /// Overwrites `queue`'s shared `req_prod` with `value` and sends an event: a hostile guest
     /// claiming requests it never wrote (CVE-2010-4247, XSA-155).
     ///

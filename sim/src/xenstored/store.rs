@@ -289,7 +289,12 @@ impl<'a> View<'a> {
     }
 
     /// Fires now, or at commit inside a transaction (`queue_watches`).
-    fn fired(&mut self, out: &mut Vec<Fire>, fire: Fire) {
+    fn fired(&mut self, out: &mut Vec<Fire>, path: &str, exact: bool, perms: Vec<Vec<Perm>>) {
+        let fire = Fire {
+            path: path.to_owned(),
+            exact,
+            perms,
+        };
         match self.tx.as_deref_mut() {
             Some(tx) => tx.fires.push(fire),
             None => out.push(fire),
@@ -413,12 +418,7 @@ impl<'a> View<'a> {
             Err(XsError::NotFound) => self.create(name, value)?,
             Err(e) => return Err(e),
         };
-        let fire = Fire {
-            path: name.to_owned(),
-            exact: false,
-            perms: vec![node.perms],
-        };
-        self.fired(fires, fire);
+        self.fired(fires, name, false, vec![node.perms]);
         Ok(())
     }
 
@@ -428,12 +428,7 @@ impl<'a> View<'a> {
             Ok(_) => Ok(()),
             Err(XsError::NotFound) => {
                 let node = self.create(name, b"")?;
-                let fire = Fire {
-                    path: name.to_owned(),
-                    exact: false,
-                    perms: vec![node.perms],
-                };
-                self.fired(fires, fire);
+                self.fired(fires, name, false, vec![node.perms]);
                 Ok(())
             }
             Err(e) => Err(e),
@@ -525,12 +520,7 @@ impl<'a> View<'a> {
         for child in &node.children {
             self.remove_subtree(root, &child_path(name, child), fires);
         }
-        let fire = Fire {
-            path: name.to_owned(),
-            exact: name != root,
-            perms: vec![node.perms],
-        };
-        self.fired(fires, fire);
+        self.fired(fires, name, name != root, vec![node.perms]);
         self.remove(name);
     }
 
@@ -554,12 +544,7 @@ impl<'a> View<'a> {
         }
         let old = std::mem::replace(&mut node.perms, perms.clone());
         self.put(name, node);
-        let fire = Fire {
-            path: name.to_owned(),
-            exact: false,
-            perms: vec![perms, old],
-        };
-        self.fired(fires, fire);
+        self.fired(fires, name, false, vec![perms, old]);
         Ok(())
     }
 }

@@ -208,6 +208,18 @@ fn hex_digit(b: u8, upper_case_ok: bool) -> Option<u8> {
 pub(super) mod tests {
     use super::*;
 
+    /// Each input is refused with its error.
+    fn assert_refused(cases: &[(&[u8], ParseError)]) {
+        for (input, want) in cases {
+            assert_eq!(
+                PhysicalDevice::parse(input).as_ref(),
+                Err(want),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
     pub(in crate::handoff) fn pd(major: u32, minor: u32, diskseq: Option<u64>) -> PhysicalDevice {
         PhysicalDevice {
             major,
@@ -299,14 +311,7 @@ pub(super) mod tests {
                 },
             ),
         ];
-        for (input, want) in cases {
-            assert_eq!(
-                PhysicalDevice::parse(input).as_ref(),
-                Err(want),
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
+        assert_refused(cases);
     }
 
     #[test]
@@ -344,14 +349,7 @@ pub(super) mod tests {
             (b"1@08:0", LeadingZero { field: "major" }),
             (b"1@8:00", LeadingZero { field: "minor" }),
         ];
-        for (input, want) in cases {
-            assert_eq!(
-                PhysicalDevice::parse(input).as_ref(),
-                Err(want),
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
+        assert_refused(cases);
     }
 
     #[test]

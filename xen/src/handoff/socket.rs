@@ -27,19 +27,12 @@ pub fn parse_socket_path(value: &[u8]) -> Result<PathBuf, HandoffError> {
 /// # Errors
 /// [`HandoffError::Io`] naming the step that failed.
 pub fn listen(path: &Path, backlog: i32) -> Result<OwnedFd, HandoffError> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let sock = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(io("socket"))?;
+    let sock = seqpacket_socket()?;
     match rustix::fs::unlink(path) {
         Ok(()) | Err(Errno::NOENT) => {}
         Err(e) => return Err(io("removing a stale socket")(e)),
     }
-    let addr = SocketAddrUnix::new(path).map_err(io("socket address"))?;
+    let addr = rustix::net::SocketAddrUnix::new(path).map_err(io("socket address"))?;
     rustix::net::bind(&sock, &addr).map_err(io("bind"))?;
     rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o600)).map_err(io("chmod"))?;
     rustix::net::listen(&sock, backlog).map_err(io("listen"))?;
@@ -55,20 +48,13 @@ pub fn listen(path: &Path, backlog: i32) -> Result<OwnedFd, HandoffError> {
 /// [`HandoffError::Io`] or [`HandoffError::UntrustedPeer`].
 pub fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, HandoffError> {
     use rustix::net::sockopt::Timeout;
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let sock = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(io("socket"))?;
+    let sock = seqpacket_socket()?;
     let timeout = Some(timeout.max(Duration::from_millis(1)));
     rustix::net::sockopt::set_socket_timeout(&sock, Timeout::Send, timeout)
         .map_err(io("SO_SNDTIMEO"))?;
     rustix::net::sockopt::set_socket_timeout(&sock, Timeout::Recv, timeout)
         .map_err(io("SO_RCVTIMEO"))?;
-    let addr = SocketAddrUnix::new(path).map_err(io("socket address"))?;
+    let addr = rustix::net::SocketAddrUnix::new(path).map_err(io("socket address"))?;
     rustix::net::connect(&sock, &addr).map_err(io("connect"))?;
     let cred = rustix::net::sockopt::socket_peercred(&sock).map_err(io("SO_PEERCRED"))?;
     let peer = cred.uid.as_raw();
@@ -76,6 +62,18 @@ pub fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, HandoffError> 
         return Err(HandoffError::UntrustedPeer(peer));
     }
     Ok(sock)
+}
+
+/// A unix `SOCK_SEQPACKET` socket, close-on-exec and blocking: either end of the handoff.
+fn seqpacket_socket() -> Result<OwnedFd, HandoffError> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(io("socket"))
 }
 
 #[cfg(test)]

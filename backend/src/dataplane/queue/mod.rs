@@ -156,7 +156,7 @@ impl Queue {
                 Some(v) => QueueExit::Protocol(v),
                 None => QueueExit::Stopped,
             },
-            Err(e) => QueueExit::Failed(e.to_string()),
+            Err(e) => QueueExit::Failed(e),
         };
         if let Some(o) = self.observer.as_mut() {
             o.exit(&exit);

@@ -4,11 +4,8 @@ use super::*;
 
 #[test]
 fn device_error_fails_one_request_only() {
-    let dir = TempDir::new("eio");
-    let img = image(&dir.0, 2048);
-    let dev = open(&img);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
+    let (_dir, img, mut f, p) = setup("eio", 2048, GrantMode::Copy);
+    let q = spawn_queue(p).unwrap();
     // Shrink the file under the backend (which still believes in 2048 sectors): a read past
     // the new end is short, which is a device error for that request only.
     std::fs::OpenOptions::new()
@@ -19,25 +16,17 @@ fn device_error_fails_one_request_only() {
         .unwrap();
     assert_eq!(f.rw(OP_READ, 1, 1536, 0, 8), Some(Status::Error));
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
 fn read_only_refuses_writes() {
-    let dir = TempDir::new("ro");
-    let img = image(&dir.0, 1024);
-    let dev = Arc::new(
-        Device::open(
-            &img,
-            &DeviceOptions {
-                read_only: true,
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
+    let options = DeviceOptions {
+        read_only: true,
+        ..DeviceOptions::default()
+    };
+    let (_dir, _, mut f, p) = setup_device("ro", 1024, options, Abi::X86_64, 1);
+    let q = spawn_queue(p).unwrap();
     assert_eq!(f.rw(OP_WRITE, 1, 0, 0, 8), Some(Status::Error));
     assert_eq!(f.rw(OP_READ, 2, 0, 0, 8), Some(Status::Okay));
     q.stop();
@@ -45,21 +34,13 @@ fn read_only_refuses_writes() {
 
 #[test]
 fn logical_block_size_4096() {
-    let dir = TempDir::new("4k");
-    let img = image(&dir.0, 1024);
-    let dev = Arc::new(
-        Device::open(
-            &img,
-            &DeviceOptions {
-                logical_block_size: Some(4096),
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    assert_eq!(dev.logical_block_size(), 4096);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, dev)).unwrap();
+    let options = DeviceOptions {
+        logical_block_size: Some(4096),
+        ..DeviceOptions::default()
+    };
+    let (_dir, _, mut f, p) = setup_device("4k", 1024, options, Abi::X86_64, 1);
+    assert_eq!(p.device.logical_block_size(), 4096);
+    let q = spawn_queue(p).unwrap();
     fill(&f, 0, 2, 7);
     assert_eq!(f.rw(OP_WRITE, 1, 8, 0, 16), Some(Status::Okay));
     assert_eq!(f.rw(OP_READ, 2, 8, 5, 16), Some(Status::Okay));
@@ -72,14 +53,7 @@ fn logical_block_size_4096() {
         first_sect: 1,
         last_sect: 7,
     }];
-    let st = f.one(&FrontRequest::Direct {
-        operation: OP_READ,
-        id: 5,
-        sector: 8,
-        handle: 0,
-        segs: &seg,
-    });
-    assert_eq!(st, Some(Status::Error));
+    assert_eq!(f.direct(OP_READ, 5, 8, &seg), Some(Status::Error));
     q.stop();
 }
 
@@ -118,38 +92,27 @@ fn block_device_with_4096_byte_sectors() {
         Some(Status::Error),
         "misaligned for 4096"
     );
-    let flush = FrontRequest::Direct {
-        operation: ring::OP_FLUSH_DISKCACHE,
-        id: 4,
-        sector: 0,
-        handle: 0,
-        segs: &[],
-    };
-    assert_eq!(f.one(&flush), Some(Status::Okay));
+    assert_eq!(
+        f.direct(ring::OP_FLUSH_DISKCACHE, 4, 0, &[]),
+        Some(Status::Okay)
+    );
     let on_disk = std::fs::read(&backing).unwrap();
     assert_eq!(&on_disk[64 * 512..][..PAGE_SIZE], &page_bytes(&f, 0)[..]);
     // Discard through the block layer: the loop driver punches the backing file.
     let blocks = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&backing).unwrap());
     let before = blocks();
-    let st = f.one(&FrontRequest::Discard {
-        id: 5,
-        sector: 0,
-        nr_sectors: 8192,
-        secure: false,
-    });
-    assert_eq!(st, Some(Status::Okay));
+    assert_eq!(f.discard(5, 0, 8192, false), Some(Status::Okay));
     assert!(
         blocks() < before / 2,
         "discard reached the backing file: {before} -> {}",
         blocks()
     );
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
 fn enospc_fails_one_request_only() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+    if !sim::skip::root_or_skip("mounting a small tmpfs") {
         return;
     }
     let dir = TempDir::new("enospc");
@@ -204,7 +167,7 @@ fn enospc_fails_one_request_only() {
     // The queue still serves requests.
     assert_eq!(f.rw(OP_READ, 100, 0, 20, 88), Some(Status::Okay));
     assert_eq!(page_bytes(&f, 20), page_bytes(&f, 0));
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
@@ -262,8 +225,8 @@ fn two_queues_share_a_device() {
     };
     assert_eq!((r.id, r.status()), (9, Some(Status::Okay)));
     assert_eq!(page_bytes(&f0, 3), page_bytes(&f0, 0));
-    assert_eq!(q0.stop(), QueueExit::Stopped);
-    assert_eq!(q1.stop(), QueueExit::Stopped);
+    assert_stopped(q0);
+    assert_stopped(q1);
     // One set of counters for the device: both queues added to it.
     let s = stats.snapshot();
     assert_eq!((s.rd_req, s.wr_req, s.in_flight), (1, 1, 0));
@@ -271,11 +234,9 @@ fn two_queues_share_a_device() {
 
 #[test]
 fn resize_is_seen_by_running_queues() {
-    let dir = TempDir::new("resize");
-    let img = image(&dir.0, 1024);
-    let dev = open(&img);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, Arc::clone(&dev))).unwrap();
+    let (_dir, img, mut f, p) = setup("resize", 1024, GrantMode::Copy);
+    let dev = Arc::clone(&p.device);
+    let q = spawn_queue(p).unwrap();
     assert_eq!(
         f.rw(OP_READ, 1, 1024, 0, 8),
         Some(Status::Error),

@@ -4,24 +4,15 @@ use super::*;
 
 #[test]
 fn grant_failure_fails_the_request_in_copy_mode() {
-    let dir = TempDir::new("gfail");
-    let img = image(&dir.0, 1024);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let q = spawn_queue(f.params(&dir.0, open(&img))).unwrap();
+    let (_dir, _, mut f, p) = setup("gfail", 1024, GrantMode::Copy);
+    let q = spawn_queue(p).unwrap();
     let bad = [Segment {
         gref: 0xdead,
         first_sect: 0,
         last_sect: 7,
     }];
     for op in [OP_READ, OP_WRITE] {
-        let st = f.one(&FrontRequest::Direct {
-            operation: op,
-            id: 3,
-            sector: 0,
-            handle: 0,
-            segs: &bad,
-        });
-        assert_eq!(st, Some(Status::Error));
+        assert_eq!(f.direct(op, 3, 0, &bad), Some(Status::Error));
     }
     assert_eq!(f.rw(OP_READ, 4, 0, 0, 8), Some(Status::Okay));
     q.stop();
@@ -29,11 +20,8 @@ fn grant_failure_fails_the_request_in_copy_mode() {
 
 #[test]
 fn bogus_producer_halts_the_queue() {
-    let dir = TempDir::new("bogus");
-    let img = image(&dir.0, 1024);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
+    let (dir, _, mut f, mut p) = setup("bogus", 1024, GrantMode::Copy);
     let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut p = f.params(&dir.0, open(&img));
     let e2 = Arc::clone(&exited);
     // When told, the ring is already unmapped.
     let dom2 = SimDomain::open(&dir.0.join("sim"), FRONT).unwrap();
@@ -59,10 +47,7 @@ fn bogus_producer_halts_the_queue() {
 
 #[test]
 fn event_storm_is_throttled() {
-    let dir = TempDir::new("storm");
-    let img = image(&dir.0, 1024);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let p = f.params(&dir.0, open(&img));
+    let (_dir, _, mut f, p) = setup("storm", 1024, GrantMode::Copy);
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
     assert_eq!(f.rw(OP_READ, 1, 0, 0, 8), Some(Status::Okay));
@@ -88,11 +73,7 @@ fn event_storm_is_throttled() {
 #[test]
 fn stop_answers_requests_in_flight_and_releases_everything() {
     for mode in [GrantMode::Copy, GrantMode::Map] {
-        let dir = TempDir::new("stop");
-        let img = image(&dir.0, 65536);
-        let mut f = Front::new(&dir.0, Abi::X86_64, 4);
-        let mut p = f.params(&dir.0, open(&img));
-        p.grant_mode = mode;
+        let (_dir, _, mut f, mut p) = setup_ring("stop", 65536, mode, Abi::X86_64, 4);
         p.persistent_grants = true;
         let q = spawn_queue(p).unwrap();
         let n = f.shared.ring.size() as usize;
@@ -115,12 +96,8 @@ fn stop_answers_requests_in_flight_and_releases_everything() {
         }
         f.push();
         // Stop while they are being served: whatever was taken off the ring is answered.
-        assert_eq!(q.stop(), QueueExit::Stopped);
-        let mem = f
-            .dom
-            .mem()
-            .subregion(0, f.shared.frames.len() * PAGE_SIZE)
-            .unwrap();
+        assert_stopped(q);
+        let mem = ring_mem(&f.dom, &f.shared);
         let mut answered = 0;
         while let Some(r) = f.shared.ring.next_response(&mem).unwrap() {
             assert_eq!(r.status(), Some(Status::Okay));
@@ -142,12 +119,7 @@ fn stop_answers_requests_in_flight_and_releases_everything() {
 
 #[test]
 fn frontend_domain_dying_under_the_queue() {
-    let dir = TempDir::new("die");
-    let img = image(&dir.0, 1024);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = GrantMode::Map;
-    p.persistent_grants = true;
+    let (_dir, _, mut f, p) = setup("die", 1024, GrantMode::Map);
     let q = spawn_queue(p).unwrap();
     assert_eq!(f.rw(OP_READ, 1, 0, 0, 8), Some(Status::Okay));
     // Requests pushed, then the domain is destroyed (its port closes, grants go bad).
@@ -180,11 +152,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
         (GrantMode::Map, true, Abi::X86_32),
         (GrantMode::Map, false, Abi::X86_64),
     ] {
-        let dir = TempDir::new("hostile");
-        let img = image(&dir.0, 4096);
-        let mut f = Front::new(&dir.0, abi, 2);
-        let mut p = f.params(&dir.0, open(&img));
-        p.grant_mode = mode;
+        let (_dir, _, mut f, mut p) = setup_ring("hostile", 4096, mode, abi, 2);
         p.persistent_grants = persistent;
         p.max_persistent_grants = 16;
         let q = spawn_queue(p).unwrap();
@@ -243,11 +211,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
                         } else {
                             first + (rnd() % u64::from(8 - first)) as u8
                         };
-                        let mut e = [0u8; 8];
-                        e[..4].copy_from_slice(&gref.to_le_bytes());
-                        e[4] = first;
-                        e[5] = last;
-                        list.write_from(i * 8, &e).unwrap();
+                        indirect_entry(&list, i, gref, first, last);
                     }
                     let (nseg_at, grefs_at) = if abi == Abi::X86_64 { (2, 28) } else { (2, 24) };
                     b[1] = (rnd() % 2) as u8;
@@ -255,11 +219,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
                     b[nseg_at..nseg_at + 2].copy_from_slice(&nseg.to_le_bytes());
                     b[grefs_at..grefs_at + 4].copy_from_slice(&list_ref.to_le_bytes());
                 }
-                let mem = f
-                    .dom
-                    .mem()
-                    .subregion(0, f.shared.frames.len() * PAGE_SIZE)
-                    .unwrap();
+                let mem = ring_mem(&f.dom, &f.shared);
                 f.shared.ring.queue_raw(&mem, &b).unwrap();
                 sent += 1;
             }
@@ -284,7 +244,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
             Some(Status::Okay),
             "{mode:?}: still serving"
         );
-        assert_eq!(q.stop(), QueueExit::Stopped);
+        assert_stopped(q);
         for g in f.shared.grefs.iter().chain(&f.data_refs).chain([&ro]) {
             assert!(!f.dom.grant_in_use(*g), "{mode:?}: grant {g} leaked");
         }
@@ -293,10 +253,7 @@ fn hostile_slots_are_all_answered_and_nothing_leaks() {
 
 #[test]
 fn large_requests_wait_for_bounce_regions() {
-    let dir = TempDir::new("oo");
-    let img = image(&dir.0, 65536);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let p = f.params(&dir.0, open(&img));
+    let (_dir, _, mut f, p) = setup("oo", 65536, GrantMode::Copy);
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
     // 20 indirect reads of 64 full pages each (256 KiB, more than a direct region), at once:
@@ -304,10 +261,7 @@ fn large_requests_wait_for_bounce_regions() {
     for k in 0..20usize {
         let (list, list_ref) = f.page(k);
         for i in 0..64usize {
-            let mut e = [0u8; 8];
-            e[..4].copy_from_slice(&f.page(100 + i).1.to_le_bytes());
-            e[5] = 7;
-            list.write_from(i * 8, &e).unwrap();
+            indirect_entry(&list, i, f.page(100 + i).1, 0, 7);
         }
         f.queue(&FrontRequest::Indirect {
             indirect_op: OP_READ,

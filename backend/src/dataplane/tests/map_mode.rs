@@ -5,13 +5,7 @@ use super::*;
 /// A one-page x86_64 ring on a 4 KiB-sector image, with queue parameters for map mode with
 /// persistent grants (what every test here starts from).
 fn map_mode(tag: &str) -> (TempDir, PathBuf, Front, QueueParams) {
-    let dir = TempDir::new(tag);
-    let img = image(&dir.0, 4096);
-    let f = Front::new(&dir.0, Abi::X86_64, 1);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = GrantMode::Map;
-    p.persistent_grants = true;
-    (dir, img, f, p)
+    setup(tag, 4096, GrantMode::Map)
 }
 
 #[test]
@@ -25,11 +19,9 @@ fn indirect_pages_are_persistent_grants_in_map_mode() {
     let ro_ref = f.dom.grant(0, ro_frame, Access::ReadOnly).unwrap();
     let ind_ref = f.page(0).1;
     for i in 0..16usize {
-        let mut e = [0u8; 8];
-        e[..4].copy_from_slice(&f.page(1 + i).1.to_le_bytes());
-        e[5] = 7;
-        f.page(0).0.write_from(i * 8, &e).unwrap();
-        f.dom.page(ro_frame).unwrap().write_from(i * 8, &e).unwrap();
+        let gref = f.page(1 + i).1;
+        indirect_entry(&f.page(0).0, i, gref, 0, 7);
+        indirect_entry(&f.dom.page(ro_frame).unwrap(), i, gref, 0, 7);
     }
     fill(&f, 1, 16, 3);
     for (n, page_ref) in (0..20u64).zip([ind_ref, ro_ref].into_iter().cycle()) {
@@ -60,7 +52,7 @@ fn indirect_pages_are_persistent_grants_in_map_mode() {
             "page {i}"
         );
     }
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     assert!(
         !f.dom.grant_in_use(ind_ref) && !f.dom.grant_in_use(ro_ref),
         "leaked"
@@ -136,20 +128,13 @@ fn persistent_grants_are_capped_and_released() {
             last_sect: 7,
         },
     ];
-    let st = f.one(&FrontRequest::Direct {
-        operation: OP_READ,
-        id: 3,
-        sector: 0,
-        handle: 0,
-        segs: &bad,
-    });
-    assert_eq!(st, Some(Status::Error));
+    assert_eq!(f.direct(OP_READ, 3, 0, &bad), Some(Status::Error));
     assert_eq!(
         stats.snapshot().persistent_grants,
         in_use(&f) as u64,
         "what stays mapped is exactly the cache"
     );
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     assert_eq!(in_use(&f), 0, "no grant leaked after stop");
     assert!(
         f.shared.grefs.iter().all(|g| !f.dom.grant_in_use(*g)),
@@ -188,7 +173,7 @@ fn retired_mappings_are_bounded() {
         "the request past the bound did not wait"
     );
     assert_eq!(stats.snapshot().oo_req, 1);
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     assert!(!f.dom.grant_in_use(f.page(0).1), "leaked after stop");
 }
 
@@ -222,18 +207,13 @@ fn a_full_persistent_cache_is_purged_only_after_an_overflow() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
 fn read_only_grants_serve_writes_and_fail_reads() {
     for mode in [GrantMode::Copy, GrantMode::Map] {
-        let dir = TempDir::new("rogrant");
-        let img = image(&dir.0, 1024);
-        let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-        let mut p = f.params(&dir.0, open(&img));
-        p.grant_mode = mode;
-        p.persistent_grants = mode == GrantMode::Map;
+        let (_dir, img, mut f, p) = setup("rogrant", 1024, mode);
         let q = spawn_queue(p).unwrap();
         let frame = DATA0 + 500;
         let ro = f.dom.grant(0, frame, Access::ReadOnly).unwrap();
@@ -243,35 +223,21 @@ fn read_only_grants_serve_writes_and_fail_reads() {
             first_sect: 0,
             last_sect: 7,
         }];
-        let w = FrontRequest::Direct {
-            operation: OP_WRITE,
-            id: 1,
-            sector: 0,
-            handle: 0,
-            segs: &seg,
-        };
         assert_eq!(
-            f.one(&w),
+            f.direct(OP_WRITE, 1, 0, &seg),
             Some(Status::Okay),
             "{mode:?}: a write only reads the page"
         );
         assert!(std::fs::read(&img).unwrap()[..PAGE_SIZE]
             .iter()
             .all(|&b| b == 0x77));
-        let r = FrontRequest::Direct {
-            operation: OP_READ,
-            id: 2,
-            sector: 0,
-            handle: 0,
-            segs: &seg,
-        };
         assert_eq!(
-            f.one(&r),
+            f.direct(OP_READ, 2, 0, &seg),
             Some(Status::Error),
             "{mode:?}: a read must not write a read-only grant"
         );
         assert_eq!(f.rw(OP_READ, 3, 0, 0, 8), Some(Status::Okay));
-        assert_eq!(q.stop(), QueueExit::Stopped);
+        assert_stopped(q);
         assert!(!f.dom.grant_in_use(ro));
     }
 }

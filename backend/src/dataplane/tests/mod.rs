@@ -62,6 +62,44 @@ fn image(dir: &Path, sectors: u64) -> PathBuf {
     p
 }
 
+/// Where most tests start: a scratch directory, an image of `sectors` sectors in it, a
+/// frontend with a one-page x86_64 ring, and queue parameters for the image in `mode` (map
+/// mode with persistent grants, as Linux's blkfront negotiates it).
+fn setup(tag: &str, sectors: u64, mode: GrantMode) -> (TempDir, PathBuf, Front, QueueParams) {
+    setup_ring(tag, sectors, mode, Abi::X86_64, 1)
+}
+
+/// [`setup`] with another ring ABI and size.
+fn setup_ring(
+    tag: &str,
+    sectors: u64,
+    mode: GrantMode,
+    abi: Abi,
+    ring_pages: usize,
+) -> (TempDir, PathBuf, Front, QueueParams) {
+    let (dir, img, f, mut p) =
+        setup_device(tag, sectors, DeviceOptions::default(), abi, ring_pages);
+    p.grant_mode = mode;
+    p.persistent_grants = mode == GrantMode::Map;
+    (dir, img, f, p)
+}
+
+/// The scratch directory, image and frontend of [`setup_ring`], the image opened with
+/// `options`, and default (grant copy) queue parameters.
+fn setup_device(
+    tag: &str,
+    sectors: u64,
+    options: DeviceOptions,
+    abi: Abi,
+    ring_pages: usize,
+) -> (TempDir, PathBuf, Front, QueueParams) {
+    let dir = TempDir::new(tag);
+    let img = image(&dir.0, sectors);
+    let f = Front::new(&dir.0, abi, ring_pages);
+    let p = f.params(&dir.0, open_with(&img, options));
+    (dir, img, f, p)
+}
+
 /// The frontend side of one queue.
 struct Front {
     dom: SimDomain,
@@ -113,20 +151,12 @@ impl Front {
     }
 
     fn queue(&mut self, req: &FrontRequest<'_>) {
-        let mem = self
-            .dom
-            .mem()
-            .subregion(0, self.shared.frames.len() * PAGE_SIZE)
-            .unwrap();
+        let mem = ring_mem(&self.dom, &self.shared);
         self.shared.ring.queue_request(&mem, req).unwrap();
     }
 
     fn push(&mut self) {
-        let mem = self
-            .dom
-            .mem()
-            .subregion(0, self.shared.frames.len() * PAGE_SIZE)
-            .unwrap();
+        let mem = ring_mem(&self.dom, &self.shared);
         if self.shared.ring.push_requests(&mem).unwrap() {
             self.evt.notify(self.shared.port).unwrap();
         }
@@ -134,11 +164,7 @@ impl Front {
 
     /// Waits for `n` responses.
     fn responses(&mut self, n: usize) -> Vec<RawResponse> {
-        let mem = self
-            .dom
-            .mem()
-            .subregion(0, self.shared.frames.len() * PAGE_SIZE)
-            .unwrap();
+        let mem = ring_mem(&self.dom, &self.shared);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         while out.len() < n {
@@ -167,17 +193,38 @@ impl Front {
         r[0].status()
     }
 
-    /// Reads `nsect` sectors at `sector` into data pages from `first` on (8 sectors a page).
-    fn rw(&mut self, op: u8, id: u64, sector: u64, first: usize, nsect: usize) -> Option<Status> {
-        let segs = segs_for(self, first, nsect);
+    fn discard(&mut self, id: u64, sector: u64, nr_sectors: u64, secure: bool) -> Option<Status> {
+        self.one(&FrontRequest::Discard {
+            id,
+            sector,
+            nr_sectors,
+            secure,
+        })
+    }
+
+    /// One direct request (`op`: read, write, ...) of `segs` at `sector`.
+    fn direct(&mut self, op: u8, id: u64, sector: u64, segs: &[Segment]) -> Option<Status> {
         self.one(&FrontRequest::Direct {
             operation: op,
             id,
             sector,
             handle: 0,
-            segs: &segs,
+            segs,
         })
     }
+
+    /// Reads `nsect` sectors at `sector` into data pages from `first` on (8 sectors a page).
+    fn rw(&mut self, op: u8, id: u64, sector: u64, first: usize, nsect: usize) -> Option<Status> {
+        let segs = segs_for(self, first, nsect);
+        self.direct(op, id, sector, &segs)
+    }
+}
+
+/// The pages of `dom` that hold `ring`.
+fn ring_mem<'a>(dom: &'a SimDomain, ring: &GuestRing) -> shmem::SharedMem<'a> {
+    dom.mem()
+        .subregion(0, ring.frames.len() * PAGE_SIZE)
+        .unwrap()
 }
 
 fn segs_for(f: &Front, first: usize, nsect: usize) -> Vec<Segment> {
@@ -191,6 +238,15 @@ fn segs_for(f: &Front, first: usize, nsect: usize) -> Vec<Segment> {
             }
         })
         .collect()
+}
+
+/// Writes entry `i` of an indirect segment list in `page`: `gref`, sectors `first..=last`.
+fn indirect_entry(page: &shmem::SharedMem<'_>, i: usize, gref: GrantRef, first: u8, last: u8) {
+    let mut e = [0u8; 8];
+    e[..4].copy_from_slice(&gref.to_le_bytes());
+    e[4] = first;
+    e[5] = last;
+    page.write_from(i * 8, &e).unwrap();
 }
 
 fn fill(f: &Front, first: usize, pages: usize, seed: u8) {
@@ -214,12 +270,18 @@ fn page_bytes(f: &Front, i: usize) -> Vec<u8> {
     v
 }
 
-fn open(path: &Path) -> Arc<Device> {
-    Arc::new(Device::open(path, &DeviceOptions::default()).unwrap())
+/// Stops `q` and checks that it ended only because it was asked to.
+fn assert_stopped(q: QueueHandle) {
+    let exit = q.stop();
+    assert!(matches!(exit, QueueExit::Stopped), "{exit:?}");
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
+fn open(path: &Path) -> Arc<Device> {
+    open_with(path, DeviceOptions::default())
+}
+
+fn open_with(path: &Path, options: DeviceOptions) -> Arc<Device> {
+    Arc::new(Device::open(path, &options).unwrap())
 }
 
 /// A loop device over a file, detached on drop (set up with losetup: tests need root).
@@ -229,38 +291,18 @@ impl LoopDev {
     /// `None` (the test is skipped, and says so) only when not root: as root, a loop device
     /// that cannot be set up fails the test.
     fn attach(file: &Path, sector_size: u32) -> Option<Self> {
-        if !is_root() {
-            eprintln!("skipped: loop devices need root");
+        if !sim::skip::root_or_skip("loop devices") {
             return None;
         }
-        let out = std::process::Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "--direct-io=on",
-                "--sector-size",
-                &sector_size.to_string(),
-            ])
-            .arg(file)
-            .output()
-            .expect("running losetup");
-        assert!(
-            out.status.success(),
-            "losetup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(Self(PathBuf::from(
-            String::from_utf8_lossy(&out.stdout).trim(),
-        )))
+        let size = sector_size.to_string();
+        let options = ["--direct-io=on", "--sector-size", &size];
+        Some(Self(sim::losetup::attach(file, &options)))
     }
 }
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
+        sim::losetup::detach(&self.0);
     }
 }
 

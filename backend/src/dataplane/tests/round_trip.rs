@@ -3,12 +3,7 @@
 use super::*;
 
 fn round_trip(mode: GrantMode, persistent: bool, abi: Abi, ring_pages: usize) {
-    let dir = TempDir::new("rt");
-    let img = image(&dir.0, 8192);
-    let dev = open(&img);
-    let mut f = Front::new(&dir.0, abi, ring_pages);
-    let mut p = f.params(&dir.0, Arc::clone(&dev));
-    p.grant_mode = mode;
+    let (_dir, img, mut f, mut p) = setup_ring("rt", 8192, mode, abi, ring_pages);
     p.persistent_grants = persistent;
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
@@ -67,7 +62,7 @@ fn round_trip(mode: GrantMode, persistent: bool, abi: Abi, ring_pages: usize) {
     } else {
         assert!(s.map_calls == 0 && s.copy_segs > 0, "{s:?}");
     }
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
     for g in f.shared.grefs.iter().chain(&f.data_refs) {
         assert!(!f.dom.grant_in_use(*g), "grant {g} still mapped after stop");
     }
@@ -94,25 +89,14 @@ fn round_trip_grant_copy_order4_ring() {
 }
 
 fn indirect(mode: GrantMode) {
-    let dir = TempDir::new("ind");
-    let img = image(&dir.0, 8192);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let mut p = f.params(&dir.0, open(&img));
-    p.grant_mode = mode;
-    p.persistent_grants = mode == GrantMode::Map;
+    let (_dir, img, mut f, p) = setup("ind", 8192, mode);
     let q = spawn_queue(p).unwrap();
     // 256 segments of one sector each, from data pages 1..=256; the segment list lives in
     // data page 0 (an indirect page).
     let ind_ref = f.page(0).1;
-    let write_entry = |f: &Front, i: usize, gref: GrantRef, sect: u8| {
-        let mut e = [0u8; 8];
-        e[..4].copy_from_slice(&gref.to_le_bytes());
-        e[4] = sect;
-        e[5] = sect;
-        f.page(0).0.write_from(i * 8, &e).unwrap();
-    };
     for i in 0..256usize {
-        write_entry(&f, i, f.page(1 + i).1, (i % 8) as u8);
+        let sect = (i % 8) as u8;
+        indirect_entry(&f.page(0).0, i, f.page(1 + i).1, sect, sect);
     }
     fill(&f, 1, 256, 9);
     let st = f.one(&FrontRequest::Indirect {
@@ -132,7 +116,7 @@ fn indirect(mode: GrantMode) {
     }
     // Read it back into pages 300.. through the same kind of list.
     for i in 0..256usize {
-        write_entry(&f, i, f.page(300 + i).1, 0);
+        indirect_entry(&f.page(0).0, i, f.page(300 + i).1, 0, 0);
     }
     let st = f.one(&FrontRequest::Indirect {
         indirect_op: OP_READ,
@@ -170,7 +154,7 @@ fn indirect(mode: GrantMode) {
         page_grefs: &[ind_ref],
     });
     assert_eq!(st, Some(Status::Error));
-    assert_eq!(q.stop(), QueueExit::Stopped);
+    assert_stopped(q);
 }
 
 #[test]
@@ -185,20 +169,11 @@ fn indirect_256_segments_grant_map() {
 
 #[test]
 fn flush_and_barrier() {
-    let dir = TempDir::new("flush");
-    let img = image(&dir.0, 1024);
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let p = f.params(&dir.0, open(&img));
+    let (dir, img, mut f, p) = setup("flush", 1024, GrantMode::Copy);
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
-    let flush = |id| FrontRequest::Direct {
-        operation: ring::OP_FLUSH_DISKCACHE,
-        id,
-        sector: 0,
-        handle: 0,
-        segs: &[],
-    };
-    assert_eq!(f.one(&flush(1)), Some(Status::Okay));
+    let flush = |f: &mut Front, id| f.direct(ring::OP_FLUSH_DISKCACHE, id, 0, &[]);
+    assert_eq!(flush(&mut f, 1), Some(Status::Okay));
     // A barrier carrying data, queued behind reads: drained, written, flushed.
     fill(&f, 0, 1, 1);
     let seg = [Segment {
@@ -244,18 +219,14 @@ fn flush_and_barrier() {
     let mut p = f.params(&dir.0, open(&img));
     p.features.flush = false;
     let q = spawn_queue(p).unwrap();
-    assert_eq!(f.one(&flush(3)), Some(Status::NotSupported));
+    assert_eq!(flush(&mut f, 3), Some(Status::NotSupported));
     q.stop();
 }
 
 #[test]
 fn discard_punches_a_hole() {
-    let dir = TempDir::new("discard");
-    let img = image(&dir.0, 4096);
-    let dev = open(&img);
-    assert!(dev.discard(), "this file system punches holes");
-    let mut f = Front::new(&dir.0, Abi::X86_64, 1);
-    let p = f.params(&dir.0, Arc::clone(&dev));
+    let (_dir, img, mut f, p) = setup("discard", 4096, GrantMode::Copy);
+    assert!(p.device.discard(), "this file system punches holes");
     let stats = Arc::clone(&p.stats);
     let q = spawn_queue(p).unwrap();
     fill(&f, 0, 11, 5);
@@ -265,33 +236,15 @@ fn discard_punches_a_hole() {
     let blocks = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap());
     let before = blocks(&img);
     assert!(before >= 8 * 88, "data written: {before} blocks");
-    let st = f.one(&FrontRequest::Discard {
-        id: 9,
-        sector: 0,
-        nr_sectors: 4096,
-        secure: false,
-    });
-    assert_eq!(st, Some(Status::Okay));
+    assert_eq!(f.discard(9, 0, 4096, false), Some(Status::Okay));
     let after = blocks(&img);
     assert!(after < before / 2, "blocks {before} -> {after}");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
     // Secure discard is not offered for a file: the flag is ignored, as Linux does
     // (`discard_secure && flag`), and a plain discard is done.
-    let st = f.one(&FrontRequest::Discard {
-        id: 10,
-        sector: 0,
-        nr_sectors: 8,
-        secure: true,
-    });
-    assert_eq!(st, Some(Status::Okay));
+    assert_eq!(f.discard(10, 0, 8, true), Some(Status::Okay));
     // Past the end: refused.
-    let st = f.one(&FrontRequest::Discard {
-        id: 11,
-        sector: 4090,
-        nr_sectors: 8,
-        secure: false,
-    });
-    assert_eq!(st, Some(Status::Error));
+    assert_eq!(f.discard(11, 4090, 8, false), Some(Status::Error));
     assert_eq!(stats.snapshot().ds_req, 2);
     q.stop();
 }

@@ -38,6 +38,21 @@ swap places every other repeat); the tables give the medians and the min-max spr
 per-repeat ratios. Default: RAM target, configurations copy, map+persistent and their
 50 us polling variants, all workloads, 3 repeats of 3 s (about 10 minutes).";
 
+/// The comma-separated names in `list`, each one of `known` (the option's error names a
+/// `what` it does not know, and lists them).
+fn known_names(
+    option: &str,
+    what: &str,
+    list: &str,
+    known: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = list.split(',').map(str::to_owned).collect();
+    if let Some(n) = names.iter().find(|n| !known.contains(&n.as_str())) {
+        bail!("{option}: no {what} {n:?} (known: {})", known.join(", "));
+    }
+    Ok(names)
+}
+
 pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     let mut tiny = false;
     let mut seconds = None;
@@ -77,30 +92,13 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
             "--baseline" => baseline_only = true,
             "--configs" => {
                 let list = args.next().context("--configs NAME,...")?;
-                let names: Vec<String> = list.split(',').map(str::to_owned).collect();
-                if let Some(n) = names.iter().find(|n| !CONFIGS.iter().any(|c| c.name == *n)) {
-                    let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
-                    bail!(
-                        "--configs: no configuration {n:?} (known: {})",
-                        known.join(", ")
-                    );
-                }
-                configs = Some(names);
+                let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
+                configs = Some(known_names("--configs", "configuration", &list, &known)?);
             }
             "--workloads" => {
                 let list = args.next().context("--workloads NAME,...")?;
-                let names: Vec<String> = list.split(',').map(str::to_owned).collect();
-                if let Some(n) = names
-                    .iter()
-                    .find(|n| !WORKLOADS.iter().any(|w| w.name == *n))
-                {
-                    let known: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
-                    bail!(
-                        "--workloads: no workload {n:?} (known: {})",
-                        known.join(", ")
-                    );
-                }
-                workloads = Some(names);
+                let known: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+                workloads = Some(known_names("--workloads", "workload", &list, &known)?);
             }
             "--scaling" => {
                 let list = args.next().context("--scaling 1,2,4,8")?;

@@ -1,5 +1,10 @@
-//! The one ioctl shape used here: a request number and a pointer (or nothing), with the
-//! return value out. One `rustix::ioctl::Ioctl` implementation for every request.
+//! The one ioctl shape the device crates use: a request number and a pointer to an argument
+//! (or nothing), with the ioctl's return value out. One `rustix::ioctl::Ioctl` implementation
+//! serves every request, so that the Xen device nodes (`xen`) and the block, loop and
+//! device-mapper requests (`blkdev`) share one call path without either knowing the other.
+//! Each call site carries the `// SAFETY:` comment that names the kernel structure its
+//! argument mirrors.
+#![deny(missing_docs)]
 
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
@@ -31,13 +36,17 @@ unsafe impl Ioctl for Call {
     }
 }
 
-/// Issues `opcode` on `fd` with the pointer `arg` (null for requests without an argument).
+/// Issues `opcode` on `fd` with the pointer `arg` (null for requests without an argument),
+/// returning the ioctl's return value (a port for `IOCTL_EVTCHN_BIND_INTERDOMAIN`, a loop
+/// device number for `LOOP_CTL_GET_FREE`).
 ///
 /// # Safety
 /// `opcode` must be a request of the device behind `fd`, `arg` must point to an argument
 /// with exactly the layout that request expects (or be null if it takes none, or be a pointer
-/// the kernel only validates), valid and not otherwise accessed during the call.
-pub(crate) unsafe fn call<T>(
+/// the kernel only validates), valid and not otherwise accessed during the call, and every
+/// pointer inside the argument must be valid for what the kernel does with it during the
+/// call.
+pub unsafe fn call<T>(
     fd: BorrowedFd<'_>,
     opcode: Opcode,
     arg: *mut T,

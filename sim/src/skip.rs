@@ -1,5 +1,6 @@
-//! Tests that need root (loop devices, device-mapper, switching users) return early without
-//! it; [`root_or_skip`] and [`report_skip`] make such a skip visible in the test output.
+//! Tests that need root (loop devices, device-mapper, switching users) or real Xen return
+//! early without it; [`root_or_skip`] and [`report_skip`] make such a skip visible in the test
+//! output. Test support only: no production crate uses them.
 
 use std::io::Write as _;
 
@@ -21,7 +22,7 @@ pub fn report_skip(reason: &str) {
 ///
 /// ```
 /// fn some_test() {
-///     if !blkdev::root_or_skip("loop devices") {
+///     if !sim::skip::root_or_skip("loop devices") {
 ///         return;
 ///     }
 ///     // ... attach a loop device ...
