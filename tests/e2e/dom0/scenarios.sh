@@ -711,6 +711,19 @@ sc_blkhotplug_dm() {
 	rm -f $img
 }
 
+# A hotplug script that lies: the right major:minor with a diskseq that is not the device's.
+bad_diskseq_script() {
+	cat >/e2e/bad-diskseq-script <<'EOF'
+#!/bin/sh
+[ "$1" = add ] || exit 0
+dev=$(xenstore-read "$XENBUS_PATH/params")
+seq=$(cat /sys/block/$(basename "$dev")/diskseq)
+xenstore-write "$XENBUS_PATH/physical-device" "$(printf '%x@%s' $((seq + 4096)) "$(stat -L -c '%t:%T' "$dev")")" \
+	"$XENBUS_PATH/hotplug-status" connected
+EOF
+	chmod 755 /e2e/bad-diskseq-script
+}
+
 # (6) A physical-device whose diskseq does not match is refused, visibly in XenStore.
 sc_diskseq_mismatch() {
 	s=diskseq-mismatch
@@ -719,16 +732,7 @@ sc_diskseq_mismatch() {
 	img=$DISKS/seq.img
 	make_disk $img 64
 	l=$($LOSETUP --show -f $img)
-	cat >/e2e/bad-diskseq-script <<'EOF'
-#!/bin/sh
-# Hotplug script that lies: the right major:minor with a diskseq that is not the device's.
-[ "$1" = add ] || exit 0
-dev=$(xenstore-read "$XENBUS_PATH/params")
-seq=$(cat /sys/block/$(basename "$dev")/diskseq)
-xenstore-write "$XENBUS_PATH/physical-device" "$(printf '%x@%s' $((seq + 4096)) "$(stat -L -c '%t:%T' "$dev")")" \
-	"$XENBUS_PATH/hotplug-status" connected
-EOF
-	chmod 755 /e2e/bad-diskseq-script
+	bad_diskseq_script
 	write_cfg e2e-seq probe 1 "format=raw, vdev=xvda, access=rw, backendtype=phy, script=/e2e/bad-diskseq-script, target=$l"
 	if ! guest_create e2e-seq; then
 		# xl may give up on a device its backend refused; the XenStore error is what counts.
@@ -979,6 +983,134 @@ sc_kernel_blkback() {
 	if selected $s; then result "FAIL $s: $REASON"; else progress "kernel-blkback (for perf) failed: $REASON"; fi
 }
 
+# ------------------------------------------------------------------ (9) kernel-patched
+# dom0 runs the 6.12 kernel built with kernel-patches/ (tests/e2e/run builds it; xen-blkback,
+# loop and device-mapper built in), so the guest's disks are served by the series' blkback
+# through blkhotplug: blkhotplug sees `opened` (written by blkback at probe), writes
+# `physical-device` as diskseq@major:minor and waits for `opened` = 1; blkback opens the
+# device, checks the diskseq and says so. (a) a file (an autoclear loop device), (b) a
+# `linear:` device-mapper device over a loop device (DM_FILE_DESCRIPTOR_FLAG with deferred
+# remove), both gone once the guest is; (c) a hotplug script that writes a wrong diskseq is
+# refused: an error in XenStore, the kernel's warning in dom0's log, no disk in the guest.
+
+# The sysfs name of the block device that physical-device's diskseq@major:minor names, when
+# the device's diskseq is that one.
+pd_device() { # physical-device
+	case "$1" in *@*:*) ;; *) return 1 ;; esac
+	seq=${1%@*} mm=${1#*@}
+	want="$((0x${mm%:*})):$((0x${mm#*:}))"
+	for b in /sys/block/*; do
+		[ "$(cat "$b/dev")" = "$want" ] || continue
+		[ "$(printf %x "$(cat "$b/diskseq")")" = "$seq" ] || return 1
+		basename "$b"
+		return 0
+	done
+	return 1
+}
+
+# One guest with a data check on a disk blkhotplug makes from $2; KP_INFO says what was seen.
+kp_guest() { # name target
+	write_cfg "$1" data 1 "$(hotplug_disk xvda "$2")"
+	guest_create "$1" || return 1
+	KP_DOMID=$LAST_DOMID
+	be=/local/domain/0/backend/vbd/$KP_DOMID/$DEVID
+	wait_domu "$1" boot 60
+	pd=$(xenstore-read $be/physical-device 2>/dev/null)
+	opened=$(xenstore-read $be/opened 2>/dev/null)
+	KP_DEV=$(pd_device "$pd")
+	KP_INFO="physical-device $pd ($KP_DEV), opened=$opened"
+	progress "kernel-patched: $1: $KP_INFO"
+	REASON=""
+	if ! wait_gone "$1" 400; then
+		[ -n "$REASON" ] || REASON="$1: guest did not finish"
+		dump_guest "$1"
+		xl destroy "$1"
+		return 1
+	fi
+	if [ -z "$KP_DEV" ]; then
+		REASON="$1: physical-device '$pd' is not diskseq@major:minor of a device with that diskseq"
+	elif [ "$opened" != 1 ]; then
+		REASON="$1: blkback wrote opened='$opened', not 1"
+	else
+		return 0
+	fi
+	dump_guest "$1"
+	return 1
+}
+
+sc_kernel_patched() {
+	s=kernel-patched
+	[ -x "$BLKHOTPLUG" ] || { result "SKIP $s: blkhotplug not built"; return; }
+	[ -e /e2e/kernel-builtin ] || { result "FAIL $s: dom0 does not run the patched kernel"; return; }
+	progress "kernel-patched: dom0 kernel $(uname -r)"
+	# (a) a file: blkhotplug's autoclear loop device, gone with the guest.
+	img=$DISKS/kp.img
+	make_disk $img 128
+	if ! kp_guest e2e-kp $img; then result "FAIL $s: file: $REASON"; return; fi
+	case $KP_DEV in loop*) ;; *) result "FAIL $s: file: served from $KP_DEV, not a loop device"; return ;; esac
+	check_data e2e-kp xvda $img || { result "FAIL $s: file: $REASON"; return; }
+	check_no_leaks "$KP_DOMID" $img || { result "FAIL $s: file: $REASON"; return; }
+	file_info=$KP_INFO
+	rm -f $img
+	# (b) linear: over a loop device: a device-mapper device, gone with the guest.
+	img=$DISKS/kpdm.img
+	make_disk $img 128
+	l=$($LOSETUP --show -f $img) || { result "FAIL $s: losetup failed"; return; }
+	ndm_before=$(ls -d /sys/block/dm-* 2>/dev/null | wc -l)
+	if ! kp_guest e2e-kpdm "linear:$l"; then
+		$LOSETUP -d "$l"
+		result "FAIL $s: dm: $REASON"
+		return
+	fi
+	REASON=""
+	case $KP_DEV in dm-*) ;; *) REASON="dm: served from $KP_DEV, not a device-mapper device" ;; esac
+	if [ -z "$REASON" ] && check_data e2e-kpdm xvda $img && check_no_leaks "$KP_DOMID"; then
+		end=$(deadline 10)
+		while [ -e "/sys/block/$KP_DEV" ] && before "$end"; do sleep 0.5; done
+		[ -e "/sys/block/$KP_DEV" ] && REASON="dm: $KP_DEV ($(cat /sys/block/$KP_DEV/dm/name)) left after the guest"
+		[ "$(ls -d /sys/block/dm-* 2>/dev/null | wc -l)" -eq "$ndm_before" ] ||
+			REASON="$REASON dm: device-mapper devices left: $(ls -d /sys/block/dm-* | tr '\n' ' ')"
+	else
+		REASON="dm: $REASON"
+	fi
+	$LOSETUP -d "$l"
+	[ -z "$REASON" ] || { result "FAIL $s: $REASON"; return; }
+	dm_info=$KP_INFO
+	rm -f $img
+	# (c) a wrong diskseq: refused by blkback.
+	img=$DISKS/kpseq.img
+	make_disk $img 64
+	l=$($LOSETUP --show -f $img)
+	bad_diskseq_script
+	write_cfg e2e-kpseq probe 1 "format=raw, vdev=xvda, access=rw, backendtype=phy, script=/e2e/bad-diskseq-script, target=$l"
+	guest_create e2e-kpseq || progress "kernel-patched: mismatch: $REASON"
+	d=$(domid_of e2e-kpseq)
+	wait_domu e2e-kpseq probe 60
+	err=""
+	end=$(deadline 20)
+	while [ -z "$err" ] && before "$end"; do
+		err=$(xenstore-read /local/domain/0/error/backend/vbd/$d/$DEVID/error 2>/dev/null)
+		sleep 0.5
+	done
+	warn=$(dmesg | tail -n +$((KLOG_START + 1)) | grep -m1 'has diskseq .*, expected' | sed 's/^\[[^]]*\] *//')
+	opened=$(xenstore-read /local/domain/0/backend/vbd/$d/$DEVID/opened 2>/dev/null)
+	probe=$(domu e2e-kpseq probe)
+	xl destroy e2e-kpseq 2>/dev/null
+	$LOSETUP -d $l
+	REASON=""
+	[ -n "$err" ] || REASON="mismatch: no error in XenStore;"
+	[ -n "$warn" ] || REASON="$REASON mismatch: no diskseq warning in dom0's kernel log;"
+	[ "$opened" != 1 ] || REASON="$REASON mismatch: blkback wrote opened=1;"
+	case "$probe" in *read-ok*) REASON="$REASON mismatch: the guest could read the refused disk;" ;; esac
+	if [ -z "$REASON" ] && check_no_leaks "$d" $img; then
+		result "PASS $s (file: $file_info; dm: $dm_info; wrong diskseq refused: XenStore error '$err', dom0 kernel: '$warn'; guest: $probe)"
+	else
+		dmesg | tail -n 20 | sed 's/^/dom0 kernel: /'
+		result "FAIL $s: $REASON"
+	fi
+	rm -f $img
+}
+
 # ------------------------------------------------------------------ main
 # One scenario with its kernel-log mark and trace, then whatever it left behind removed.
 run_scenario() { # name
@@ -1041,6 +1173,8 @@ for s in kernel-nopersist kernel-attach; do
 	selected $s || continue
 	run_scenario $s
 done
+# Alone in its boot (tests/e2e/run): dom0's kernel is the series' one.
+selected kernel-patched && run_scenario kernel-patched
 rmmod xen-blkback 2>/dev/null
 if selected perf; then
 	case "$PERF_DONE" in *kernel*qdisk* | *qdisk*kernel*) ;; *) PERF_FAIL="$PERF_FAIL no figures from kernel blkback and qdisk;" ;; esac
