@@ -724,6 +724,16 @@ EOF
 	chmod 755 /e2e/bad-diskseq-script
 }
 
+# The error a backend of domain $1 wrote where xenbus_dev_fatal writes it, waited for up to
+# 20 s; empty if none came.
+wait_error_node() { # domid
+	end=$(deadline 20)
+	while before "$end"; do
+		xenstore-read /local/domain/0/error/backend/vbd/$1/$DEVID/error 2>/dev/null && return
+		sleep 0.5
+	done
+}
+
 # (6) A physical-device whose diskseq does not match is refused, visibly in XenStore.
 sc_diskseq_mismatch() {
 	s=diskseq-mismatch
@@ -740,12 +750,7 @@ sc_diskseq_mismatch() {
 	fi
 	d=$(domid_of e2e-seq)
 	wait_domu e2e-seq probe 60
-	err=""
-	end=$(deadline 20)
-	while [ -z "$err" ] && before "$end"; do
-		err=$(xenstore-read /local/domain/0/error/backend/vbd/$d/$DEVID/error 2>/dev/null)
-		sleep 0.5
-	done
+	err=$(wait_error_node "$d")
 	state=$(xenstore-read /local/domain/0/backend/vbd/$d/$DEVID/state 2>/dev/null)
 	probe=$(domu e2e-seq probe)
 	xl destroy e2e-seq 2>/dev/null
@@ -1086,12 +1091,7 @@ sc_kernel_patched() {
 	guest_create e2e-kpseq || progress "kernel-patched: mismatch: $REASON"
 	d=$(domid_of e2e-kpseq)
 	wait_domu e2e-kpseq probe 60
-	err=""
-	end=$(deadline 20)
-	while [ -z "$err" ] && before "$end"; do
-		err=$(xenstore-read /local/domain/0/error/backend/vbd/$d/$DEVID/error 2>/dev/null)
-		sleep 0.5
-	done
+	err=$(wait_error_node "$d")
 	warn=$(dmesg | tail -n +$((KLOG_START + 1)) | grep -m1 'has diskseq .*, expected' | sed 's/^\[[^]]*\] *//')
 	opened=$(xenstore-read /local/domain/0/backend/vbd/$d/$DEVID/opened 2>/dev/null)
 	probe=$(domu e2e-kpseq probe)
