@@ -316,7 +316,7 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let opts = blkbackd::replay::ReplayOptions {
         image: args.image.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
-        work_dir: None,
+        ..Default::default()
     };
     let s = blkbackd::replay::replay_file(&args.trace, &opts)
         .with_context(|| format!("replaying {}", args.trace.display()))?;

@@ -39,6 +39,8 @@ pub struct ReplayOptions {
     pub timeout: Duration,
     /// Where to put the simulation and the image (default: the system's temporary directory).
     pub work_dir: Option<PathBuf>,
+    /// Where to copy the disk as the replay left it (for the trace that follows it).
+    pub final_image: Option<PathBuf>,
 }
 
 impl Default for ReplayOptions {
@@ -47,6 +49,7 @@ impl Default for ReplayOptions {
             image: None,
             timeout: Duration::from_secs(5),
             work_dir: None,
+            final_image: None,
         }
     }
 }
@@ -101,35 +104,124 @@ pub enum ReplayError {
         /// What differs.
         msg: String,
     },
+    /// The trace this one follows (its disk's `after`) failed.
+    #[error("replaying {}, which this trace follows: {source}", trace.display())]
+    Before {
+        /// The earlier trace.
+        trace: PathBuf,
+        /// How it failed.
+        source: Box<ReplayError>,
+    },
 }
+
+/// The replayed disk's file in the work directory.
+const DISK_FILE: &str = "disk.img";
+
+/// The most traces a chain of `after` may hold: a longer one (a cycle) is refused.
+const MAX_CHAIN: usize = 16;
 
 /// Replays the trace in file `path`.
 ///
 /// # Errors
 /// [`ReplayError`]; a difference is [`ReplayError::Differs`].
+///
+/// A trace whose disk starts `after` another (a guest's next boot) is replayed on the disk
+/// that one left, which is replayed first from the same directory, unless `opts.image` gives
+/// the disk to start from.
 pub fn replay_file(path: &Path, opts: &ReplayOptions) -> Result<Summary, ReplayError> {
+    replay_chain(path, opts, MAX_CHAIN)
+}
+
+fn replay_chain(path: &Path, opts: &ReplayOptions, room: usize) -> Result<Summary, ReplayError> {
     let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Read {
         path: path.to_owned(),
         source,
     })?;
-    replay_text(&text, opts)
+    let events = parse(&text)?;
+    let Some((line, name)) = after_of(&events)? else {
+        return replay_events(&events, opts);
+    };
+    if opts.image.is_some() {
+        return replay_events(&events, opts);
+    }
+    if room == 0 {
+        return Err(ReplayError::Invalid {
+            line,
+            msg: format!("more than {MAX_CHAIN} traces follow each other (a cycle?)"),
+        });
+    }
+    let work = sim::ScratchDir::new_in(opts.work_dir.as_deref(), "blkbackd-replay-chain")
+        .map_err(|e| ReplayError::Setup(e.to_string()))?;
+    let image = work.path().join("before.img");
+    let before = path.with_file_name(name);
+    let first = ReplayOptions {
+        image: None,
+        final_image: Some(image.clone()),
+        ..opts.clone()
+    };
+    replay_chain(&before, &first, room - 1).map_err(|e| ReplayError::Before {
+        trace: before,
+        source: Box::new(e),
+    })?;
+    replay_events(
+        &events,
+        &ReplayOptions {
+            image: Some(image),
+            ..opts.clone()
+        },
+    )
 }
 
-/// Replays a trace given as text.
+/// The trace a trace's disk follows, with the disk's line: a plain `.trace` file name.
+fn after_of(events: &[(usize, Event)]) -> Result<Option<(usize, &str)>, ReplayError> {
+    let Some((line, after)) = events.iter().find_map(|(line, ev)| match ev {
+        Event::Disk { after, .. } => Some((*line, after.as_deref())),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    match after {
+        None => Ok(None),
+        Some(name)
+            if name.ends_with(".trace")
+                && !name.starts_with('.')
+                && !name.contains(['/', '\\']) =>
+        {
+            Ok(Some((line, name)))
+        }
+        Some(name) => Err(ReplayError::Invalid {
+            line,
+            msg: format!("after {name:?} is not a trace's file name (NAME.trace)"),
+        }),
+    }
+}
+
+fn parse(text: &str) -> Result<Vec<(usize, Event)>, ReplayError> {
+    format::parse(text).map_err(|(line, msg)| ReplayError::Invalid { line, msg })
+}
+
+/// Replays a trace given as text (one that starts `after` another needs `opts.image`).
 ///
 /// # Errors
 /// As [`replay_file`].
 pub fn replay_text(text: &str, opts: &ReplayOptions) -> Result<Summary, ReplayError> {
-    let events = format::parse(text).map_err(|(line, msg)| ReplayError::Invalid { line, msg })?;
+    replay_events(&parse(text)?, opts)
+}
+
+fn replay_events(events: &[(usize, Event)], opts: &ReplayOptions) -> Result<Summary, ReplayError> {
     let work = sim::ScratchDir::new_in(opts.work_dir.as_deref(), "blkbackd-replay")
         .map_err(|e| ReplayError::Setup(e.to_string()))?;
-    let mut r = Replay::new(work.path(), &events, opts)?;
-    for (line, ev) in &events {
+    let mut r = Replay::new(work.path(), events, opts)?;
+    for (line, ev) in events {
         r.line = *line;
         r.step(ev)?;
     }
     r.line = 0;
     r.finish()?;
+    if let Some(to) = &opts.final_image {
+        std::fs::copy(work.path().join(DISK_FILE), to)
+            .map_err(|e| ReplayError::Setup(format!("copying the final image: {e}")))?;
+    }
     r.summary.events = events.len();
     Ok(r.summary)
 }
@@ -288,7 +380,13 @@ impl<'a> Replay<'a> {
                 sector_size,
                 read_only,
                 initial,
-            } => self.disk(*sectors, *sector_size, *read_only, *initial)?,
+                after,
+            } => {
+                if (*initial == Initial::After) != after.is_some() {
+                    return Err(self.invalid("initial \"after\" and an `after` go together"));
+                }
+                self.disk(*sectors, *sector_size, *read_only, *initial)?;
+            }
             Event::Queue {
                 q,
                 abi,
@@ -401,9 +499,14 @@ impl<'a> Replay<'a> {
         if self.device.is_some() {
             return Err(self.invalid("a second disk"));
         }
-        let path = self.dir.join("disk.img");
+        let path = self.dir.join(DISK_FILE);
         if let Some(src) = &self.opts.image {
             std::fs::copy(src, &path).map_err(setup("copying the image"))?;
+        } else if initial == Initial::After {
+            return Err(self.invalid(
+                "the disk starts after another trace: replay the file (the one before is \
+                 replayed first) or give the image it left",
+            ));
         } else {
             self.compare_reads = initial == Initial::Zero;
             self.summary.reads_skipped = !self.compare_reads;

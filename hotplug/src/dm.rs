@@ -242,6 +242,12 @@ fn finish_linear(
         });
     }
     let diskseq = blkdev::diskseq(fd.as_fd(), &path)?;
+    let [major, minor, _] = ctl.version();
+    if ctl.has_fd_interface() {
+        tracing::info!("{name}: {} from DM_TABLE_LOAD's fd (device-mapper interface {major}.{minor}), removed with its last opener", path.display());
+    } else {
+        tracing::info!("{name}: {} opened by path and checked by uuid (device-mapper interface {major}.{minor} returns no fd)", path.display());
+    }
     Ok(DmDevice {
         fd,
         path,

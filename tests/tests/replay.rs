@@ -270,3 +270,74 @@ fn a_live_session_recorded_by_blkbackd_replays() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("line {line}: difference")), "{err}");
 }
+
+/// The corpus's trace of a real guest's second boot starts from the disk its first boot left.
+const SECOND_BOOT: &str = "real-linux-2q-boot2.trace";
+
+#[test]
+fn a_next_boot_replays_on_the_disk_the_boot_before_left() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("traces")
+        .join(SECOND_BOOT);
+    let s = replay_file(&path, &ReplayOptions::default()).unwrap();
+    assert!(s.reads_compared >= 32 && !s.reads_skipped, "{s:?}");
+    // Without the first boot's disk: refused as text, and a zeroed disk reads differently.
+    let text = corpus_text(SECOND_BOOT);
+    match replay_text(&text, &ReplayOptions::default()) {
+        Err(ReplayError::Invalid { line: 2, msg }) => {
+            assert!(msg.contains("starts after another trace"), "{msg}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let dir = tests::TempDir::new("replay-chain");
+    let zero = dir.path().join("zero.img");
+    std::fs::File::create(&zero)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let opts = ReplayOptions {
+        image: Some(zero),
+        ..Default::default()
+    };
+    match replay_text(&text, &opts) {
+        Err(ReplayError::Differs { msg, .. }) => {
+            assert!(msg.contains("first difference at byte"), "{msg}")
+        }
+        other => panic!("expected a difference on a zeroed disk, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_chain_of_boots_that_loops_or_breaks_is_refused() {
+    let dir = tests::TempDir::new("replay-loop");
+    let text = corpus_text(SECOND_BOOT);
+    let (looped, _) = edit(&text, r#""t":"disk""#, |l| {
+        l.replace("real-linux-2q-boot1.trace", "self.trace")
+    });
+    std::fs::write(dir.path().join("self.trace"), &looped).unwrap();
+    match replay_file(&dir.path().join("self.trace"), &ReplayOptions::default()) {
+        Err(e) => assert!(e.to_string().contains("more than 16 traces"), "{e}"),
+        Ok(s) => panic!("a trace after itself replayed: {s:?}"),
+    }
+    let (broken, _) = edit(&text, r#""t":"disk""#, |l| {
+        l.replace("real-linux-2q-boot1.trace", "missing.trace")
+    });
+    std::fs::write(dir.path().join("broken.trace"), &broken).unwrap();
+    match replay_file(&dir.path().join("broken.trace"), &ReplayOptions::default()) {
+        Err(ReplayError::Before { trace, source }) => {
+            assert!(trace.ends_with("missing.trace"));
+            assert!(matches!(*source, ReplayError::Read { .. }), "{source}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let (escaping, _) = edit(&text, r#""t":"disk""#, |l| {
+        l.replace("real-linux-2q-boot1.trace", "../etc/x.trace")
+    });
+    std::fs::write(dir.path().join("escaping.trace"), &escaping).unwrap();
+    match replay_file(&dir.path().join("escaping.trace"), &ReplayOptions::default()) {
+        Err(ReplayError::Invalid { line: 2, msg }) => {
+            assert!(msg.contains("not a trace's file name"), "{msg}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -83,6 +83,7 @@ impl Gen {
                 sector_size,
                 read_only: false,
                 initial: Initial::Zero,
+                after: None,
             },
         ];
         Self {

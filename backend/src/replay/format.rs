@@ -27,6 +27,9 @@ pub enum Initial {
     /// Not known to the recorder (a live disk): data read is only compared when the replay
     /// is given the same image.
     Unknown,
+    /// What the trace named by the disk's `after` (a file in the same directory) left: the
+    /// guest's next boot, a new domain on the same disk. Data read is compared.
+    After,
 }
 
 /// How the queue ended.
@@ -98,6 +101,9 @@ pub enum Event {
         /// What it held before.
         #[serde(default)]
         initial: Initial,
+        /// With `initial: after`: the file name of the trace this one follows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
     /// A queue connects: the negotiated ring and features.
     Queue {

@@ -88,6 +88,7 @@ impl Recorder {
                 sector_size: p.device.logical_block_size(),
                 read_only: p.features.read_only || p.device.read_only(),
                 initial: self.initial,
+                after: None,
             });
         }
         let q = self.next_queue.fetch_add(1, Ordering::Relaxed);

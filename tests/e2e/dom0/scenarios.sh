@@ -774,9 +774,14 @@ export_file() { # name path
 }
 
 # A real Linux blkfront recorded for the replay corpus: blkbackd supervise --record DIR (here
-# through BLKBACKD_RECORD) has the guest's serve process record a ring trace of a guest that makes an ext4 file system, checks it, writes random
-# blocks and reads them back, and discards; the trace comes out as work/files/record.trace
+# through BLKBACKD_RECORD) has each serve process record a ring trace. The guest (2 vCPUs,
+# 2 queues) makes an ext4 file system, checks it, runs a random mix of writes and reads,
+# discards, and reboots itself; its next boot (a new domain, a new serve process, a second
+# trace) checks the file system and reads the first boot's blocks back. The traces come out
+# as work/files/$REC-boot1.trace and $REC-boot2.trace, the second marked as starting from
+# the disk the first left (`"initial":"after"`), so that its reads are compared too
 # (tests/traces/real-linux-*.trace are such recordings).
+REC=real-linux-2q
 sc_blkbackd_record() {
 	s=blkbackd-record
 	have_project $s || return
@@ -788,33 +793,41 @@ sc_blkbackd_record() {
 	start_supervisor || { BLKBACKD_ENV=$old_env; fail_bb $s; return; }
 	BLKBACKD_ENV=$old_env
 	img=$DISKS/record.img
-	make_disk $img 8
+	make_disk $img 16
 	# Two vCPUs: blkfront asks for two queues.
-	write_cfg e2e-record record 2 "$(hotplug_disk xvda $img)"
+	ON_REBOOT=restart write_cfg e2e-record record 2 "$(hotplug_disk xvda $img)"
 	REASON=""
 	guest_create e2e-record || { fail_bb $s; return; }
-	d=$(domid_of e2e-record)
-	trace=$traces/vbd-$d-$DEVID.trace
-	if wait_gone e2e-record 300; then
+	d1=$(domid_of e2e-record)
+	# Only the second boot says "record ok"; either says "record failed".
+	if wait_domu e2e-record "record [of]" 600 && wait_gone e2e-record 60; then
 		rec=$(domu e2e-record record)
 		[ "$rec" = ok ] || REASON="guest: record $rec"
 	else
-		REASON="guest did not finish"
+		REASON="guest did not finish ($(domu e2e-record record))"
 		dump_guest e2e-record
 		xl destroy e2e-record
 	fi
-	# The serve process writes the end of the trace as it exits.
+	# Each serve process writes the end of its trace as it exits.
 	end=$(deadline 20)
 	while [ -n "$(pgrep -f 'blkbackd serve')" ] && before "$end"; do sleep 0.2; done
 	stop_supervisor
-	if [ -z "$REASON" ] && ! grep -q '"t":"exit"' $trace 2>/dev/null; then
-		REASON="no whole trace in $trace"
+	first=$traces/vbd-$d1-$DEVID.trace
+	# shellcheck disable=SC2012 # names made here
+	second=$(ls $traces/vbd-*-$DEVID.trace 2>/dev/null | grep -v "/vbd-$d1-")
+	if [ -z "$REASON" ]; then
+		for t in $first $second; do
+			grep -q '"t":"exit"' "$t" 2>/dev/null || REASON="$REASON no whole trace in $t;"
+		done
+		[ "$(echo "$second" | wc -w)" = 1 ] || REASON="$REASON not one second-boot trace: $second;"
 	fi
 	if [ -n "$REASON" ]; then
 		fail_bb $s
 	else
-		export_file record.trace $trace
-		result "PASS $s (trace of $(grep -c '"t":"rsp"' $trace) responses, $(wc -c <$trace) bytes)"
+		sed -i "s/\"initial\":\"zero\"/\"initial\":\"after\",\"after\":\"$REC-boot1.trace\"/" "$second"
+		export_file $REC-boot1.trace $first
+		export_file $REC-boot2.trace $second
+		result "PASS $s (traces of $(grep -c '"t":"rsp"' $first) and $(grep -c '"t":"rsp"' $second) responses, $(cat $first $second | wc -c) bytes)"
 	fi
 	rm -rf $img $traces
 }
@@ -1069,6 +1082,13 @@ sc_kernel_patched() {
 	fi
 	REASON=""
 	case $KP_DEV in dm-*) ;; *) REASON="dm: served from $KP_DEV, not a device-mapper device" ;; esac
+	# blkhotplug says which way it made the device (its stderr is xl's).
+	dm_path=$(cat /e2e/e2e-kpdm.xl.log /var/log/xen/xl-e2e-kpdm.log 2>/dev/null |
+		grep -o -m1 -e "from DM_TABLE_LOAD's fd ([^)]*)" -e "opened by path and checked by uuid ([^)]*)")
+	case $dm_path in
+	*"DM_TABLE_LOAD's fd"*) KP_INFO="$KP_INFO, $dm_path" ;;
+	*) REASON="$REASON dm: blkhotplug did not take the fd-returning path: ${dm_path:-it said nothing}" ;;
+	esac
 	if [ -z "$REASON" ] && check_data e2e-kpdm xvda $img && check_no_leaks "$KP_DOMID"; then
 		end=$(deadline 10)
 		while [ -e "/sys/block/$KP_DEV" ] && before "$end"; do sleep 0.5; done

@@ -2,10 +2,13 @@
  * blkverify: write random blocks of a region with O_DIRECT and read them back,
  * verifying every byte, for the e2e guest (and, on the backing file, for dom0).
  *
- * usage: blkverify TARGET write|check SEED NBLOCKS REGION_MIB_OFFSET REGION_MIB PASSES QD
+ * usage: blkverify TARGET write|mix|check SEED NBLOCKS REGION_MIB_OFFSET REGION_MIB PASSES QD
  *   write: writes NBLOCKS distinct 4 KiB blocks chosen by SEED inside the region,
  *          each with contents derived from SEED and its block number, then reads
  *          them all back PASSES times;
+ *   mix:   the same writes with a read of a block already written (chosen by SEED)
+ *          between every two of them, reads and writes in flight together, like
+ *          fio's randrw; then the PASSES read passes;
  *   check: only the PASSES read passes (a region written earlier).
  * I/O is Linux native AIO at queue depth QD. TARGET is opened with O_DIRECT, or
  * without it where the file system refuses it (tmpfs in dom0).
@@ -54,11 +57,12 @@ static double now(void)
 int main(int argc, char **argv)
 {
 	if (argc != 9) {
-		fprintf(stderr, "usage: %s TARGET write|check SEED NBLOCKS REGION_MIB_OFFSET REGION_MIB PASSES QD\n", argv[0]);
+		fprintf(stderr, "usage: %s TARGET write|mix|check SEED NBLOCKS REGION_MIB_OFFSET REGION_MIB PASSES QD\n", argv[0]);
 		return 2;
 	}
 	const char *target = argv[1], *mode = argv[2];
-	int writing = !strcmp(mode, "write");
+	int mixing = !strcmp(mode, "mix");
+	int writing = mixing || !strcmp(mode, "write");
 	if (!writing && strcmp(mode, "check")) {
 		fprintf(stderr, "blkverify: unknown mode %s\n", mode);
 		return 2;
@@ -96,8 +100,12 @@ int main(int argc, char **argv)
 	struct io_event *events = calloc(qd, sizeof(*events));
 	unsigned char **bufs = calloc(qd, sizeof(*bufs));
 	long *which = calloc(qd, sizeof(*which));
+	char *reading = calloc(qd, 1);
+	/* The blocks whose write has completed: what a mixed read may choose. */
+	long *written = calloc(nblocks, sizeof(*written)), nwritten = 0;
+	unsigned long long ops = 0;
 	unsigned char *expect = malloc(BS);
-	if (!cbs || !ptrs || !events || !bufs || !which || !expect)
+	if (!cbs || !ptrs || !events || !bufs || !which || !reading || !written || !expect)
 		return 1;
 	for (long i = 0; i < qd; i++)
 		if (posix_memalign((void **)&bufs[i], 4096, BS))
@@ -114,20 +122,25 @@ int main(int argc, char **argv)
 			for (long i = 0; i < qd && next < nblocks; i++) {
 				if (busy[i])
 					continue;
-				uint64_t blk = (a * (uint64_t)next + b) & (region_blocks - 1);
+				int rd = !wr || (mixing && (ops++ & 1) && nwritten > 0);
+				uint64_t blk;
+				if (wr && rd)
+					blk = (uint64_t)written[mix(seed ^ ops) % (uint64_t)nwritten];
+				else
+					blk = (a * (uint64_t)next++ + b) & (region_blocks - 1);
 				memset(&cbs[i], 0, sizeof(cbs[i]));
 				cbs[i].aio_fildes = fd;
-				cbs[i].aio_lio_opcode = wr ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+				cbs[i].aio_lio_opcode = rd ? IOCB_CMD_PREAD : IOCB_CMD_PWRITE;
 				cbs[i].aio_buf = (uintptr_t)bufs[i];
 				cbs[i].aio_nbytes = BS;
 				cbs[i].aio_offset = region_off + blk * BS;
 				cbs[i].aio_data = i;
 				which[i] = (long)blk;
-				if (wr)
+				reading[i] = rd;
+				if (!rd)
 					pattern(seed, blk, bufs[i]);
 				busy[i] = 1;
 				ptrs[n++] = &cbs[i];
-				next++;
 			}
 			if (aio_submit_all(ctx, ptrs, n, "blkverify"))
 				return 1;
@@ -142,9 +155,11 @@ int main(int argc, char **argv)
 				if (events[e].res != BS) {
 					if (errors < 5)
 						fprintf(stderr, "blkverify: %s of block %ld returned %lld\n",
-							wr ? "write" : "read", which[i], (long long)events[e].res);
+							reading[i] ? "read" : "write", which[i], (long long)events[e].res);
 					errors++;
-				} else if (!wr) {
+				} else if (!reading[i]) {
+					written[nwritten++] = which[i];
+				} else {
 					pattern(seed, which[i], expect);
 					if (memcmp(expect, bufs[i], BS)) {
 						if (mismatches < 5)
