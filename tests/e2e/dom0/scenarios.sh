@@ -832,6 +832,68 @@ sc_blkbackd_record() {
 	rm -rf $img $traces
 }
 
+# ------------------------------------------------------------------ NBD (issue 16)
+# A guest's disk on the network: qemu-storage-daemon in dom0 serves a qcow2 image over a
+# Unix socket, xl's target is nbd+unix:///disk0?socket=PATH through blkhotplug, which
+# connects and hands the socket to the serve process (supervise --handoff-dir); the guest's
+# data check passes and dom0 reads the image back through qemu-img (after `qemu-img check`).
+sc_blkbackd_nbd() {
+	s=blkbackd-nbd
+	have_project $s || return
+	command -v qemu-storage-daemon >/dev/null || { result "FAIL $s: no qemu-storage-daemon in dom0"; return; }
+	img=$DISKS/nbd.qcow2 raw=$DISKS/nbd.raw sock=/run/qsd-e2e.sock
+	rm -f $img $raw $sock
+	qemu-img create -q -f qcow2 $img 64M >/tmp/qsd.log 2>&1 || { result "FAIL $s: qemu-img create: $(cat /tmp/qsd.log)"; return; }
+	qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$img \
+		--blockdev driver=qcow2,node-name=disk0,file=file0 \
+		--nbd-server addr.type=unix,addr.path=$sock \
+		--export type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on >/tmp/qsd.log 2>&1 &
+	qsd=$!
+	end=$(deadline 20)
+	while [ ! -S $sock ] && kill -0 $qsd 2>/dev/null && before "$end"; do sleep 0.2; done
+	[ -S $sock ] || { result "FAIL $s: qemu-storage-daemon did not listen: $(tail -n 3 /tmp/qsd.log | tr '\n' ' ')"; kill $qsd 2>/dev/null; return; }
+	old_args=$SUP_ARGS
+	stop_supervisor
+	SUP_ARGS="$SUP_ARGS --handoff-dir /run/blkbackd-handoff"
+	REASON=""
+	if start_supervisor; then
+		write_cfg e2e-nbd data 1 "$(hotplug_disk xvda "nbd+unix:///disk0?socket=$sock")"
+		if guest_create e2e-nbd; then
+			d=$(domid_of e2e-nbd)
+			wait_domu e2e-nbd boot 60
+			path=$(device_path "$d")
+			[ "$path" = "fd handoff" ] || REASON="the backend took the '$path' path, not the fd handoff;"
+			if ! wait_gone e2e-nbd 300; then
+				REASON="$REASON guest did not finish;"
+				dump_guest e2e-nbd
+				xl destroy e2e-nbd
+			fi
+			r=$REASON
+			check_no_leaks "$d" || r="$r $REASON"
+			REASON=$r
+		fi
+	fi
+	stop_supervisor
+	SUP_ARGS=$old_args
+	kill $qsd 2>/dev/null
+	wait $qsd 2>/dev/null
+	if [ -z "$REASON" ]; then
+		if ! qemu-img check -q $img >/tmp/qsd.log 2>&1; then
+			REASON="qemu-img check: $(tail -n 3 /tmp/qsd.log | tr '\n' ' ')"
+		elif ! qemu-img convert -O raw $img $raw >/tmp/qsd.log 2>&1; then
+			REASON="qemu-img convert: $(tail -n 3 /tmp/qsd.log | tr '\n' ' ')"
+		else
+			check_data e2e-nbd xvda $raw
+		fi
+	fi
+	if [ -z "$REASON" ]; then
+		result "PASS $s (qcow2 through qemu-storage-daemon, $path; image $(du -k $img | cut -f1) KiB, read back through qemu-img)"
+	else
+		fail_bb $s
+	fi
+	rm -f $img $raw $sock
+}
+
 # ------------------------------------------------------------------ (8) issue 21
 # A disk for backend $1 (blkbackd: through blkhotplug; kernel: xen-blkback on a loop
 # device made here, KLOOP, released by release_disk).
@@ -1146,7 +1208,7 @@ run_scenario() { # name
 }
 PERF_DONE="" PERF_FAIL=""
 for s in blkbackd-file blkbackd-handoff blkbackd-record blkbackd-features blkbackd-lifecycle blkbackd-sigkill blkhotplug-dm diskseq-mismatch \
-	blkbackd-nopersist blkbackd-attach; do
+	blkbackd-nopersist blkbackd-attach blkbackd-nbd; do
 	want=0
 	selected $s && want=1
 	[ $s = blkbackd-file ] && selected perf && [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ] && want=1
