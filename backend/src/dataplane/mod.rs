@@ -62,6 +62,13 @@
 //!   a row, the port is unmasked only after a delay that doubles from 1 ms up to 1 s, as
 //!   Linux's late-EOI handling does, so a guest hammering the event channel costs at most a
 //!   few wake-ups per second.
+//! - An NBD export ([`crate::device::DeviceKind::Nbd`]): the same requests become NBD commands
+//!   on the export's socket, sent and received on the queue's io_uring (`uring`'s NBD
+//!   connection: one send in flight, one receive state machine, cookies naming ring slots); a
+//!   flushing write is `NBD_CMD_FLUSH` then the write with FUA where the server offers FUA (else
+//!   the write then the flush), a discard is `NBD_CMD_TRIM` (`NBD_CMD_WRITE_ZEROES` where the
+//!   server has no trim); a server error answers that request with `BLKIF_RSP_ERROR`, a broken
+//!   connection every request from then on. One queue per export (one connection).
 //! - Flush and barrier are served only where [`Features`] says they were advertised (else
 //!   `BLKIF_RSP_EOPNOTSUPP`, as a backend without them answers).
 //! - CD-ROM and other read-only vbds: set [`Features::read_only`]; every non-read is refused
@@ -137,8 +144,8 @@ impl Features {
     /// Everything the device supports, read-write unless the device is read-only.
     pub fn from_device(device: &Device) -> Self {
         Self {
-            flush: true,
-            barrier: true,
+            flush: device.flush(),
+            barrier: device.flush(),
             discard: device.discard(),
             secure_discard: device.secure_discard(),
             read_only: device.read_only(),

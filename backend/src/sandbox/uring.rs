@@ -4,7 +4,7 @@
 //! The ring is created disabled ([`builder`]); its owner registers its buffers, then
 //! [`restrict`] registers the files it may use, installs the restrictions and enables the ring.
 //! From then on:
-//! - only [`OPCODES`] can be submitted (no `OPENAT`, `SOCKET`, `CONNECT`, `SEND`, ...);
+//! - only [`OPCODES`] can be submitted (no `OPENAT`, `SOCKET`, `CONNECT`, `ACCEPT`, ...);
 //! - every SQE must carry `IOSQE_FIXED_FILE`: it can only name a registered file, so the ring
 //!   cannot reach any other fd of the process;
 //! - no further `io_uring_register` operation is allowed (no new files or buffers).
@@ -16,8 +16,10 @@ use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, IoUring};
 
 /// The operations a queue submits: reads and writes (bounce buffers or grant mappings),
-/// `fdatasync`, discard (block `URING_CMD` or `fallocate`), the event-channel poll and timers.
-pub const OPCODES: [u8; 9] = [
+/// `fdatasync`, discard (block `URING_CMD` or `fallocate`), the event-channel poll and timers;
+/// for an NBD export, sends and receives on its socket, connected before confinement, and its
+/// shutdown (a ring can name no other socket, and none can connect).
+pub const OPCODES: [u8; 13] = [
     opcode::ReadFixed::CODE,
     opcode::WriteFixed::CODE,
     opcode::Readv::CODE,
@@ -27,6 +29,10 @@ pub const OPCODES: [u8; 9] = [
     opcode::UringCmd16::CODE,
     opcode::PollAdd::CODE,
     opcode::Timeout::CODE,
+    opcode::SendMsg::CODE,
+    opcode::Recv::CODE,
+    opcode::RecvMsg::CODE,
+    opcode::Shutdown::CODE,
 ];
 
 /// A builder for a ring that starts disabled (`IORING_SETUP_R_DISABLED`), so that

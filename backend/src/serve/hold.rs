@@ -11,7 +11,7 @@ use xen::handoff::{self, Reply};
 use super::{Backend, Outcome, ServeError};
 use crate::acquire::{self, DeviceNodes, DeviceSource};
 use crate::dev_error::{errno, DevError};
-use crate::device::{Device, DeviceOptions};
+use crate::device::{Device, DeviceKind, DeviceOptions};
 use xen::xenbus::XenbusState;
 
 impl Backend {
@@ -62,6 +62,12 @@ impl Backend {
                     direct = device.direct(),
                     "holding the device"
                 );
+                if device.kind() == DeviceKind::Nbd && self.features.max_queues > 1 {
+                    // One connection, one queue (`params` was written after the probe): a
+                    // frontend that already asked for more is refused at connect.
+                    self.features.max_queues = 1;
+                    self.write_node("multi-queue-max-queues", "1")?;
+                }
                 self.device = Some(Arc::new(device));
                 // The handoff socket has done its job: close it (and remove its name) while
                 // that is still allowed, so nothing is accepted once confined.

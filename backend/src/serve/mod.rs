@@ -315,6 +315,14 @@ impl Backend {
 
     /// Linux `xen_blkbk_probe`, plus the RFC's `opened` = 0 and the handoff socket.
     fn probe(&mut self) -> Result<(), ServeError> {
+        // An NBD export is served by one queue over one connection: say so before the frontend
+        // reads the probe nodes.
+        if matches!(self.source, DeviceSource::Params) {
+            let params = self.read_opt(&self.be.node(handoff::PARAMS))?;
+            if params.as_deref().is_some_and(crate::acquire::is_nbd_params) {
+                self.features.max_queues = 1;
+            }
+        }
         for (name, value) in self.features.probe_nodes() {
             self.write_node(name, &value)?;
         }

@@ -119,7 +119,13 @@ impl Queue {
         let wake = Wake::new(evtchn, local_port, p.poll);
         let (grants, bounce) = grant_access(&p, size, max_segs, max_indirect)?;
         let files = [p.device.fd(), wake.evtchn().as_fd(), stop_fd.as_fd()];
-        let uring = Uring::new(size, max_segs, bounce, &files).map_err(DataplaneError::Uring)?;
+        let mut uring =
+            Uring::new(size, max_segs, bounce, &files).map_err(DataplaneError::Uring)?;
+        if let Some(export) = p.device.nbd_export() {
+            uring
+                .attach_nbd(p.device.fd(), *export)
+                .map_err(DataplaneError::Uring)?;
+        }
         Ok(Self {
             uring,
             grants,

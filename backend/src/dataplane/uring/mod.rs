@@ -9,7 +9,10 @@
 //!   the iovecs pointing into them are built from those clones by [`Uring::map_segment`], so a
 //!   pointer into a mapping never outlives the guard that keeps the mapping alive;
 //! - the iovec array itself lives in the entry and is not touched while the entry is busy;
-//! - timer timespecs live in this struct (the kernel copies them at submission).
+//! - timer timespecs live in this struct (the kernel copies them at submission);
+//! - for an NBD export, the request and reply headers, `msghdr`s and iovec arrays of the
+//!   socket's sends and receives live in the connection (`nbd`), which completes a slot only
+//!   when no operation on the socket points at its data.
 //!
 //! All SQEs go through [`Uring::push`], the one `unsafe { sq.push() }` call site. Dropping a
 //! [`Uring`] with operations in flight first waits for them, so no memory is freed under the
@@ -25,7 +28,10 @@ use xen::GrantMapping;
 
 use super::bounce::{BounceMem, Region};
 
+mod nbd;
 mod ops;
+
+pub(super) use nbd::{NbdRequest, NbdSubmitError};
 
 /// Tag bit of operations that belong to no request slot.
 const CONTROL: u64 = 1 << 63;
@@ -93,6 +99,11 @@ struct Flight {
 // Send + Sync; they are only dereferenced by the kernel.
 unsafe impl Send for Flight {}
 
+// SAFETY: the raw pointers in the NBD connection's iovecs and msghdrs point into memory the
+// connection itself (request and reply headers, the iovec arrays) or a slot's `Flight` owns;
+// they are only dereferenced by the kernel.
+unsafe impl Send for nbd::NbdConn {}
+
 /// A slot whose operations have all completed.
 #[derive(Debug)]
 pub(super) struct Completion {
@@ -129,6 +140,8 @@ pub(super) struct Uring {
     cqes: Vec<(u64, i32)>,
     /// The registered files (the ring is restricted to them: `crate::sandbox::uring`).
     files: Vec<RawFd>,
+    /// The NBD connection, when the device is an NBD export.
+    nbd: Option<nbd::NbdConn>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -194,6 +207,7 @@ impl Uring {
             tick_ts: Box::new(types::Timespec::new()),
             cqes: Vec::with_capacity(entries as usize * 2),
             files,
+            nbd: None,
         })
     }
 
@@ -261,8 +275,16 @@ impl Uring {
         for i in 0..self.cqes.len() {
             let (tag, res) = self.cqes[i];
             if tag & CONTROL != 0 {
-                if let Some(c) = Control::from_tag(tag) {
-                    out.push(Reaped::Control(c));
+                match tag {
+                    nbd::SEND => self.nbd_sent(res, out),
+                    nbd::RECV => self.nbd_received(res, out),
+                    // Its outcome shows on the socket's other operations.
+                    nbd::SHUTDOWN => {}
+                    _ => {
+                        if let Some(c) = Control::from_tag(tag) {
+                            out.push(Reaped::Control(c));
+                        }
+                    }
                 }
                 continue;
             }
@@ -288,6 +310,7 @@ impl Uring {
                 }));
             }
         }
+        self.nbd_settle(out);
     }
 
     /// Operations of request slots still in flight.
@@ -300,7 +323,9 @@ impl Uring {
     /// # Errors
     /// When waiting fails (other than `EINTR`); what is still in flight stays owned.
     pub(super) fn drain(&mut self, out: &mut Vec<Reaped>) -> io::Result<()> {
-        while self.slots_in_flight() > 0 {
+        // An NBD socket always has a receive in flight: shut it down so that it ends.
+        self.nbd_close();
+        while self.slots_in_flight() > 0 || self.nbd_busy() {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(Errno::INTR.raw_os_error()) {
                     return Err(e);
