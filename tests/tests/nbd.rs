@@ -382,3 +382,138 @@ fn read_only_export() {
     server.stop();
     assert!(fs::read(&image).unwrap().iter().all(|&b| b == 0x42));
 }
+
+/// What a fake server does once the handshake is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Misbehaviour {
+    /// Fails every request with `NBD_EIO` (the connection stays usable).
+    FailEverything,
+    /// Answers the first request with a reply whose magic is wrong.
+    WrongMagic,
+    /// Answers the first request with a structured reply, never negotiated.
+    StructuredReply,
+    /// Answers the first request with a cookie that names nothing.
+    UnknownCookie,
+    /// Answers the first read with half its data, then closes the connection.
+    ShortRead,
+}
+
+/// A fake NBD server on a Unix socket: a correct handshake (a 4 MiB export, flush offered),
+/// then `how`. It serves one connection and ends when the backend closes it.
+fn fake_server(socket: &Path, how: Misbehaviour) -> thread::JoinHandle<()> {
+    use nbd::handshake::{
+        FLAG_FIXED_NEWSTYLE, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK,
+        REP_INFO,
+    };
+    use nbd::wire::{Request, SimpleReply, REQUEST_LEN, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_MAGIC};
+    use nbd::{NbdError, TransmissionFlags as F};
+    use std::io::{Read, Write};
+
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b8 = [0u8; 8];
+        let mut b4 = [0u8; 4];
+        s.write_all(&NBDMAGIC.to_be_bytes()).unwrap();
+        s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+        s.write_all(&FLAG_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+        s.read_exact(&mut b4).unwrap();
+        // NBD_OPT_GO: its header, then its data, ignored.
+        s.read_exact(&mut b8).unwrap();
+        s.read_exact(&mut b4).unwrap();
+        assert_eq!(u32::from_be_bytes(b4), OPT_GO);
+        s.read_exact(&mut b4).unwrap();
+        let mut data = vec![0; u32::from_be_bytes(b4) as usize];
+        s.read_exact(&mut data).unwrap();
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&(4 * MIB).to_be_bytes());
+        info.extend_from_slice(&(F::HAS_FLAGS | F::SEND_FLUSH).to_be_bytes());
+        for (kind, payload) in [(REP_INFO, &info[..]), (REP_ACK, &[][..])] {
+            s.write_all(&OPTION_REPLY_MAGIC.to_be_bytes()).unwrap();
+            s.write_all(&OPT_GO.to_be_bytes()).unwrap();
+            s.write_all(&kind.to_be_bytes()).unwrap();
+            s.write_all(&(payload.len() as u32).to_be_bytes()).unwrap();
+            s.write_all(payload).unwrap();
+        }
+        let mut header = [0u8; REQUEST_LEN];
+        while s.read_exact(&mut header).is_ok() {
+            let req = Request::decode(&header).unwrap();
+            if req.command == nbd::Command::Write {
+                let mut sink = vec![0; req.length as usize];
+                s.read_exact(&mut sink).unwrap();
+            }
+            let ok = SimpleReply {
+                error: None,
+                cookie: req.cookie,
+            }
+            .encode();
+            let reply = match how {
+                Misbehaviour::FailEverything => SimpleReply {
+                    error: Some(NbdError::Io),
+                    cookie: req.cookie,
+                }
+                .encode()
+                .to_vec(),
+                Misbehaviour::WrongMagic => {
+                    let mut r = ok;
+                    r[0] ^= 0xff;
+                    r.to_vec()
+                }
+                Misbehaviour::StructuredReply => {
+                    let mut r = ok;
+                    r[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                    r.to_vec()
+                }
+                Misbehaviour::UnknownCookie => SimpleReply {
+                    error: None,
+                    cookie: req.cookie ^ 0x1234_5678_0000_0000,
+                }
+                .encode()
+                .to_vec(),
+                Misbehaviour::ShortRead => {
+                    let mut r = ok.to_vec();
+                    r.resize(SIMPLE_REPLY_LEN + req.length as usize / 2, 0xee);
+                    s.write_all(&r).unwrap();
+                    return;
+                }
+            };
+            if s.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// A server that breaks the protocol (or fails requests): every guest request is answered
+/// (with `BLKIF_RSP_ERROR`), in bounded time, the backend neither crashes nor hangs, and the
+/// disk is removed cleanly. A server error fails that request only; a broken protocol fails
+/// every request from then on.
+#[test]
+fn hostile_servers_give_errors_not_crashes() {
+    for how in [
+        Misbehaviour::FailEverything,
+        Misbehaviour::WrongMagic,
+        Misbehaviour::StructuredReply,
+        Misbehaviour::UnknownCookie,
+        Misbehaviour::ShortRead,
+    ] {
+        let sim = Sim::new(&format!("nbd-hostile-{how:?}"));
+        let socket = sim.tmp().join("fake.sock");
+        let server = fake_server(&socket, how);
+        let uri = format!("nbd+unix:///?socket={}", path(&socket));
+        let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
+        let mut front = connect(&sim, &spec);
+        let start = Instant::now();
+        for _ in 0..3 {
+            let c = front.read(0, 0, 8).expect("an answer");
+            assert_eq!(c.status(), Some(Status::Error), "{how:?}");
+            let c = front.write(0, 8, &[1u8; 4096]).expect("an answer");
+            assert_eq!(c.status(), Some(Status::Error), "{how:?}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{how:?}");
+        assert!(backend.running(), "{how:?}: the backend is still there");
+        remove(&sim, &spec, &mut backend, &mut front);
+        server.join().expect("the fake server");
+    }
+}
