@@ -213,6 +213,39 @@ pub fn open_nbd(params: &str, options: &DeviceOptions) -> Result<Device, DevErro
         .map_err(|e| DevError::new(errno::EINVAL, format!("reading params: {e}")))?;
     let client = nbd::Client::connect_timeout(&uri, NBD_CONNECT_TIMEOUT)
         .map_err(|e| DevError::new(errno::ENOENT, format!("creating vbd structure: {e}")))?;
+    nbd_device(client, options)
+}
+
+/// Negotiates the NBD export `params` names on `socket`, a connection to its server that
+/// blkhotplug made and handed over ([`DeviceSource::Handoff`]); as [`open_nbd`] otherwise.
+///
+/// # Errors
+/// `EINVAL` when `params` is not an NBD URI or is malformed, `ENOENT` when the handshake
+/// fails; as [`open_nbd`].
+pub fn negotiate_nbd(
+    socket: OwnedFd,
+    params: Option<&str>,
+    options: &DeviceOptions,
+) -> Result<Device, DevError> {
+    let params = params.filter(|p| is_nbd_params(p)).ok_or_else(|| {
+        DevError::new(
+            errno::EINVAL,
+            "creating vbd structure: a socket was handed over, but params is not an NBD URI",
+        )
+    })?;
+    let uri: nbd::Uri = params
+        .parse()
+        .map_err(|e| DevError::new(errno::EINVAL, format!("reading params: {e}")))?;
+    let stream = match uri.transport() {
+        nbd::Transport::Tcp { .. } => nbd::Stream::Tcp(std::net::TcpStream::from(socket)),
+        nbd::Transport::Unix(_) => nbd::Stream::Unix(std::os::unix::net::UnixStream::from(socket)),
+    };
+    let client = nbd::Client::handshake(stream, uri.export(), NBD_CONNECT_TIMEOUT)
+        .map_err(|e| DevError::new(errno::ENOENT, format!("creating vbd structure: {e}")))?;
+    nbd_device(client, options)
+}
+
+fn nbd_device(client: nbd::Client, options: &DeviceOptions) -> Result<Device, DevError> {
     let (stream, export) = client.into_parts();
     Device::nbd(stream, export, options).map_err(|e| match e {
         DeviceError::ReadOnly => DevError::new(

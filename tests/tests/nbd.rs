@@ -517,3 +517,77 @@ fn hostile_servers_give_errors_not_crashes() {
         server.join().expect("the fake server");
     }
 }
+
+/// As a toolstack runs the binaries: `blkbackd supervise --handoff-dir` starts a backend for
+/// the disk, `blkhotplug add` (the disk's script) connects to the NBD server `params` names
+/// and hands the socket over, the backend negotiates the export on it, the guest's verified
+/// workload passes, and `blkhotplug remove` has nothing to undo.
+#[test]
+fn blkhotplug_hands_an_nbd_connection_to_supervise() {
+    if !installed(&["nbdkit"]) {
+        return;
+    }
+    let sim = Sim::new("nbd-hotplug");
+    let image = sim.tmp().join("disk.raw");
+    let socket = sim.tmp().join("nbdkit.sock");
+    fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
+    let server = nbdkit_file(&image, false, &socket);
+    let sockets = sim.tmp().join("handoff");
+    let supervisor = Command::new(tests::blkbackd())
+        .args(["supervise", "--platform"])
+        .arg(sim.platform_arg())
+        .arg("--handoff-dir")
+        .arg(&sockets)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting blkbackd supervise");
+    let mut supervisor = Server {
+        child: supervisor,
+        log: PathBuf::new(),
+    };
+    let uri = format!("nbd+unix:///?socket={}", path(&socket));
+    let spec = VbdSpec::disk(0, GUEST, DEVID, &uri);
+    sim.create_vbd(&spec);
+    let be = spec.backend_path();
+    let deadline = Instant::now() + READY;
+    while backend_node(&sim, &spec, "handoff-socket").is_none() {
+        assert!(Instant::now() < deadline, "no handoff-socket");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let blkhotplug = |action: &str| {
+        let out = Command::new(tests::blkhotplug())
+            .arg(action)
+            .env("XENBUS_PATH", &be)
+            .env("XENSTORED_PATH", sim::xenstore_socket(sim.dir(), 0))
+            .stdin(Stdio::null())
+            .output()
+            .expect("running blkhotplug");
+        assert!(
+            out.status.success(),
+            "blkhotplug {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    blkhotplug("add");
+    assert_eq!(
+        backend_node(&sim, &spec, "hotplug-status").as_deref(),
+        Some("connected")
+    );
+    assert_eq!(backend_node(&sim, &spec, "physical-device"), None);
+    let mut front = connect(&sim, &spec);
+    let info = *front.info().unwrap();
+    assert_eq!(info.sectors, 8 * 2048);
+    let mut model = DiskModel::zeroed(info.sectors / 8, true);
+    exercise(&mut front, &mut model);
+    sim::toolstack::request_removal(&sim.dom0, &spec).expect("removal request");
+    let lost = front.close().expect("closing the frontend");
+    assert!(lost.is_empty(), "requests never answered: {lost:?}");
+    let deadline = Instant::now() + READY;
+    while backend_node(&sim, &spec, "handoff-socket").is_some_and(|s| Path::new(&s).exists()) {
+        assert!(Instant::now() < deadline, "the backend did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
+    blkhotplug("remove");
+    supervisor.kill();
+    server.stop();
+}

@@ -159,9 +159,13 @@ impl Backend {
                 read_only: options.read_only || info.read_only,
                 ..options
             };
-            let device = Device::from_fd(fd, &options).map_err(|e| {
-                DevError::new(errno::ENODEV, format!("creating vbd structure: {e}"))
-            })?;
+            let device = if info.is_nbd_socket() {
+                acquire::negotiate_nbd(fd, nodes.params.as_deref(), &options)?
+            } else {
+                Device::from_fd(fd, &options).map_err(|e| {
+                    DevError::new(errno::ENODEV, format!("creating vbd structure: {e}"))
+                })?
+            };
             acquire::check_device(&device, nodes.expected()?.as_ref(), info.device.diskseq)?;
             Ok(device)
         });

@@ -317,7 +317,7 @@ impl Backend {
     fn probe(&mut self) -> Result<(), ServeError> {
         // An NBD export is served by one queue over one connection: say so before the frontend
         // reads the probe nodes.
-        if matches!(self.source, DeviceSource::Params) {
+        if matches!(self.source, DeviceSource::Params | DeviceSource::Handoff(_)) {
             let params = self.read_opt(&self.be.node(handoff::PARAMS))?;
             if params.as_deref().is_some_and(crate::acquire::is_nbd_params) {
                 self.features.max_queues = 1;
