@@ -396,6 +396,8 @@ enum Misbehaviour {
     UnknownCookie,
     /// Answers the first read with half its data, then closes the connection.
     ShortRead,
+    /// Reads requests and never answers.
+    Silent,
 }
 
 /// A fake NBD server on a Unix socket: a correct handshake (a 4 MiB export, flush offered),
@@ -471,6 +473,7 @@ fn fake_server(socket: &Path, how: Misbehaviour) -> thread::JoinHandle<()> {
                 }
                 .encode()
                 .to_vec(),
+                Misbehaviour::Silent => continue,
                 Misbehaviour::ShortRead => {
                     let mut r = ok.to_vec();
                     r.resize(SIMPLE_REPLY_LEN + req.length as usize / 2, 0xee);
@@ -485,10 +488,10 @@ fn fake_server(socket: &Path, how: Misbehaviour) -> thread::JoinHandle<()> {
     })
 }
 
-/// A server that breaks the protocol (or fails requests): every guest request is answered
-/// (with `BLKIF_RSP_ERROR`), in bounded time, the backend neither crashes nor hangs, and the
-/// disk is removed cleanly. A server error fails that request only; a broken protocol fails
-/// every request from then on.
+/// A server that breaks the protocol, fails requests or never answers: every guest request is
+/// answered (with `BLKIF_RSP_ERROR`), in bounded time (`--nbd-timeout 2` for the silent one),
+/// the backend neither crashes nor hangs, and the disk is removed cleanly. A server error
+/// fails that request only; a broken protocol or a silence fails every request from then on.
 #[test]
 fn hostile_servers_give_errors_not_crashes() {
     for how in [
@@ -497,12 +500,13 @@ fn hostile_servers_give_errors_not_crashes() {
         Misbehaviour::StructuredReply,
         Misbehaviour::UnknownCookie,
         Misbehaviour::ShortRead,
+        Misbehaviour::Silent,
     ] {
         let sim = Sim::new(&format!("nbd-hostile-{how:?}"));
         let socket = sim.tmp().join("fake.sock");
         let server = fake_server(&socket, how);
         let uri = format!("nbd+unix:///?socket={}", path(&socket));
-        let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
+        let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &["--nbd-timeout", "2"]);
         let mut front = connect(&sim, &spec);
         let start = Instant::now();
         for _ in 0..3 {

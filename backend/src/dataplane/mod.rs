@@ -68,7 +68,8 @@
 //!   flushing write is `NBD_CMD_FLUSH` then the write with FUA where the server offers FUA (else
 //!   the write then the flush), a discard is `NBD_CMD_TRIM` (`NBD_CMD_WRITE_ZEROES` where the
 //!   server has no trim); a server error answers that request with `BLKIF_RSP_ERROR`, a broken
-//!   connection every request from then on. One queue per export (one connection).
+//!   connection every request from then on, and so does a server that lets requests wait
+//!   [`QueueParams::nbd_timeout`] without a reply. One queue per export (one connection).
 //! - Flush and barrier are served only where [`Features`] says they were advertised (else
 //!   `BLKIF_RSP_EOPNOTSUPP`, as a backend without them answers).
 //! - CD-ROM and other read-only vbds: set [`Features::read_only`]; every non-read is refused
@@ -196,7 +197,13 @@ pub struct QueueParams {
     /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
     /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
     pub poll: Duration,
+    /// For an NBD export: when requests have waited this long with no reply arriving, the
+    /// connection is given up and every request fails ([`DEFAULT_NBD_TIMEOUT`]).
+    pub nbd_timeout: Duration,
 }
+
+/// The default [`QueueParams::nbd_timeout`].
+pub const DEFAULT_NBD_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for QueueParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,6 +254,7 @@ impl QueueParams {
             on_exit: None,
             observer: None,
             poll: Duration::ZERO,
+            nbd_timeout: DEFAULT_NBD_TIMEOUT,
         }
     }
 }

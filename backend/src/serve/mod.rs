@@ -74,6 +74,9 @@ pub struct ServeConfig {
     pub grant_mode: GrantMode,
     /// How long each queue busy-polls before sleeping (zero: never).
     pub poll: Duration,
+    /// For an NBD export: how long requests may go without any reply before the connection
+    /// is given up ([`crate::dataplane::QueueParams::nbd_timeout`]).
+    pub nbd_timeout: Duration,
     /// Where to keep the statistics, if anywhere.
     pub stats_file: Option<PathBuf>,
     /// Who watches the queues (`--record`), if anyone.
@@ -146,6 +149,7 @@ struct Backend {
     features: Features,
     grant_mode: GrantMode,
     poll: Duration,
+    nbd_timeout: Duration,
     observer: Option<Arc<dyn Observer>>,
     device_options: DeviceOptions,
     source: DeviceSource,
@@ -229,6 +233,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         features: config.features,
         grant_mode: config.grant_mode,
         poll: config.poll,
+        nbd_timeout: config.nbd_timeout,
         observer: config.observer,
         device_options: config.device_options,
         source: config.source,

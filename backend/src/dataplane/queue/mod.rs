@@ -123,7 +123,7 @@ impl Queue {
             Uring::new(size, max_segs, bounce, &files).map_err(DataplaneError::Uring)?;
         if let Some(export) = p.device.nbd_export() {
             uring
-                .attach_nbd(p.device.fd(), *export)
+                .attach_nbd(p.device.fd(), *export, p.nbd_timeout)
                 .map_err(DataplaneError::Uring)?;
         }
         Ok(Self {

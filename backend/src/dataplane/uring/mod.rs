@@ -280,6 +280,7 @@ impl Uring {
                     nbd::RECV => self.nbd_received(res, out),
                     // Its outcome shows on the socket's other operations.
                     nbd::SHUTDOWN => {}
+                    nbd::WATCHDOG => self.nbd_watchdog(),
                     _ => {
                         if let Some(c) = Control::from_tag(tag) {
                             out.push(Reaped::Control(c));

@@ -38,8 +38,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 use nbd::wire::{Command, Request, SimpleReply, FLAG_FUA, REQUEST_LEN, SIMPLE_REPLY_LEN};
 use nbd::{Export, NbdError, RequestError};
 use rustix::io::Errno;
@@ -53,6 +54,11 @@ pub(super) const SEND: u64 = CONTROL | 5;
 pub(super) const RECV: u64 = CONTROL | 6;
 /// Tag of the shutdown of a broken connection.
 pub(super) const SHUTDOWN: u64 = CONTROL | 7;
+/// Tag of the watchdog's timer.
+pub(super) const WATCHDOG: u64 = CONTROL | 8;
+
+/// How often the watchdog looks for requests waiting too long.
+const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
 
 /// The longest piece of a discard: 4 GiB less 1 MiB (a whole number of any block size).
 const MAX_DISCARD_PIECE: u64 = (u32::MAX as u64 + 1) - (1 << 20);
@@ -180,6 +186,13 @@ pub(super) struct NbdConn {
     broken: Option<String>,
     /// The shutdown of the socket was submitted.
     shut_down: bool,
+    /// Requests waiting this long with nothing arriving break the connection.
+    timeout: Duration,
+    /// When the socket last moved bytes, or last had no command waiting.
+    progress: Instant,
+    /// The watchdog's timer is armed.
+    watching: bool,
+    watchdog_ts: Box<types::Timespec>,
 }
 
 impl std::fmt::Debug for NbdConn {
@@ -245,6 +258,7 @@ impl Uring {
         &mut self,
         fd: BorrowedFd<'_>,
         export: Export,
+        timeout: Duration,
     ) -> io::Result<()> {
         let fd = self.fixed(fd)?;
         let slots = self.flights.len();
@@ -264,6 +278,14 @@ impl Uring {
             recv_msg: empty_msghdr(),
             broken: None,
             shut_down: false,
+            timeout,
+            progress: Instant::now(),
+            watching: false,
+            watchdog_ts: Box::new(
+                types::Timespec::new()
+                    .sec(WATCHDOG_PERIOD.as_secs())
+                    .nsec(WATCHDOG_PERIOD.subsec_nanos()),
+            ),
         });
         Ok(())
     }
@@ -453,6 +475,49 @@ impl Uring {
         if self.nbd.as_ref().is_some_and(|c| !c.receiving) {
             self.nbd_recv();
         }
+        if self.nbd.as_ref().is_some_and(|c| !c.watching) {
+            self.nbd_watch();
+        }
+    }
+
+    /// Arms the watchdog's timer.
+    fn nbd_watch(&mut self) {
+        let Some(conn) = self.nbd.as_mut() else {
+            return;
+        };
+        // The restriction requires IOSQE_FIXED_FILE on every SQE; a timeout has no file and
+        // the kernel ignores the flag there.
+        let e = opcode::Timeout::new(&*conn.watchdog_ts)
+            .build()
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(WATCHDOG);
+        conn.watching = true;
+        if let Err(e) = self.push(&[e]) {
+            if let Some(conn) = self.nbd.as_mut() {
+                conn.watching = false;
+            }
+            tracing::error!("cannot arm the NBD watchdog: {e}");
+        }
+    }
+
+    /// The watchdog's timer expired: gives the connection up when commands have waited
+    /// [`NbdConn::timeout`] with nothing arriving; re-arms while the connection lives.
+    pub(super) fn nbd_watchdog(&mut self) {
+        let Some(conn) = self.nbd.as_mut() else {
+            return;
+        };
+        conn.watching = false;
+        if conn.broken.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        if conn.slots.iter().all(|s| s.current.is_none()) {
+            conn.progress = now;
+        } else if now.duration_since(conn.progress) >= conn.timeout {
+            let waited = conn.timeout;
+            return self.nbd_break(format!("no reply from the server for {waited:?}"));
+        }
+        self.nbd_watch();
     }
 
     /// Submits the send of what is left of the current send.
@@ -538,6 +603,9 @@ impl Uring {
                 _ => 0,
             };
         let done = done + usize::try_from(res).unwrap_or(0);
+        if res > 0 {
+            conn.progress = Instant::now();
+        }
         if res > 0 && done < total && conn.broken.is_none() {
             conn.sending = Some((slot, done));
             self.nbd_send();
@@ -576,7 +644,10 @@ impl Uring {
             Ok(0) => {
                 return self.nbd_break_during(rx, "the server closed the connection".into(), out)
             }
-            Ok(n) => n,
+            Ok(n) => {
+                conn.progress = Instant::now();
+                n
+            }
             Err(_) => {
                 let e = Errno::from_raw_os_error(-res);
                 return self.nbd_break_during(rx, format!("receiving a reply: {e}"), out);
