@@ -1,9 +1,10 @@
 //! Disks on NBD exports (issue 16): `blkbackd serve --open-params` with `params` an NBD URI,
 //! against real servers each test starts: qemu-storage-daemon on a qcow2 image, nbdkit on a
-//! raw file, read-only exports from both. A simulated guest runs a verified workload (random
-//! reads and writes at queue depth 16 and 32, flushes, discards, barriers) and the data is
-//! checked where it landed once the server is gone (the qcow2 image through qemu-img, the raw
-//! file directly).
+//! raw file (grant-map mode), qemu-nbd over TCP, a read-only export; `blkhotplug` handing a
+//! connection to `blkbackd supervise --handoff-dir`; fake servers that break the protocol or
+//! fall silent. A simulated guest runs a verified workload (random reads and writes at queue
+//! depth 16 and 32, flushes, discards, barriers) and the data is checked where it landed (the
+//! qcow2 image through qemu-img once the server is gone, the raw files directly).
 //!
 //! A test whose server program is not installed says so (`SKIPPED (...)` on stderr) and
 //! passes, as the NBD client's tests do; CI installs them (`.ci/run`'s `need`, which fails
@@ -66,6 +67,13 @@ struct Server {
 impl Server {
     /// Starts `program` and waits until `socket` accepts connections.
     fn start(program: &str, args: &[&str], socket: &Path, dir: &Path) -> Self {
+        Self::start_until(program, args, dir, || {
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        })
+    }
+
+    /// Starts `program` and waits until `listening` says it listens.
+    fn start_until(program: &str, args: &[&str], dir: &Path, listening: impl Fn() -> bool) -> Self {
         let log = dir.join(format!("{program}.log"));
         let out = fs::File::create(&log).unwrap();
         let child = Command::new(program)
@@ -77,7 +85,7 @@ impl Server {
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
         let mut server = Self { child, log };
         let deadline = Instant::now() + READY;
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        while !listening() {
             if let Some(status) = server.child.try_wait().unwrap() {
                 panic!(
                     "{program} exited ({status}) before listening:\n{}",
@@ -594,4 +602,49 @@ fn blkhotplug_hands_an_nbd_connection_to_supervise() {
     blkhotplug("remove");
     supervisor.kill();
     server.stop();
+}
+
+/// `nbd://` over TCP: qemu-nbd serving a raw file on 127.0.0.1; the guest's verified workload
+/// passes and the data is in the file.
+#[test]
+fn raw_file_through_qemu_nbd_over_tcp() {
+    if !installed(&["qemu-nbd"]) {
+        return;
+    }
+    let sim = Sim::new("nbd-tcp");
+    let image = sim.tmp().join("disk.raw");
+    fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
+    // A port nobody listens on now (qemu-nbd is told to bind it a moment later).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port_arg = port.to_string();
+    let server = Server::start_until(
+        "qemu-nbd",
+        &[
+            "--persistent",
+            "--format=raw",
+            "--bind=127.0.0.1",
+            "--port",
+            &port_arg,
+            "--export-name=disk0",
+            path(&image),
+        ],
+        sim.tmp(),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
+    let mut front = connect(&sim, &spec);
+    let info = *front.info().unwrap();
+    assert_eq!(info.sectors, 8 * 2048);
+    assert!(info.flush && info.discard);
+    let mut model = DiskModel::zeroed(info.sectors / 8, true);
+    exercise(&mut front, &mut model);
+    let seen = read_all(&mut front, model.blocks());
+    remove(&sim, &spec, &mut backend, &mut front);
+    server.stop();
+    verify_raw(&image, &seen);
 }
