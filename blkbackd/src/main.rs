@@ -62,6 +62,14 @@ enum Command {
     /// Replay a ring trace against the real data plane on the simulated platform and check
     /// every response; exits 1 with the first difference.
     Replay(ReplayArgs),
+    /// (Started by `serve` for a disk on an NBD export.) Make a new connection to the export
+    /// for each request on standard input, a socket from `serve`, which cannot connect once
+    /// confined; exits when `serve` closes it.
+    #[command(hide = true)]
+    NbdConnect {
+        /// The export's URI (the disk's `params`).
+        uri: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -351,6 +359,11 @@ fn run(
         Command::Demo(args) => demo::run(&args, verbose, &mut std::io::stdout().lock()),
         Command::Stats(args) => run_stats(&args),
         Command::Replay(args) => run_replay(&args),
+        Command::NbdConnect { uri } => {
+            let stdin = std::io::stdin();
+            backend::nbd_connector::run_connector(std::os::fd::AsFd::as_fd(&stdin), &uri)
+                .context("nbd-connect")
+        }
     }
 }
 
@@ -450,6 +463,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         grant_mode: args.tuning.grant_mode(),
         poll: Duration::from_micros(args.tuning.poll_us.into()),
         nbd_timeout: Duration::from_secs(args.tuning.nbd_timeout.into()),
+        nbd_connector: Some(std::env::current_exe().context("finding this program's path")?),
         stats_file: Some(stats_file),
         observer: recorder,
     };

@@ -1,8 +1,9 @@
 //! Disks on NBD exports (issue 16): `blkbackd serve --open-params` with `params` an NBD URI,
 //! against real servers each test starts: qemu-storage-daemon on a qcow2 image, nbdkit on a
 //! raw file (grant-map mode), qemu-nbd over TCP, a read-only export; `blkhotplug` handing a
-//! connection to `blkbackd supervise --handoff-dir`; fake servers that break the protocol or
-//! fall silent. A simulated guest runs a verified workload (random reads and writes at queue
+//! connection to `blkbackd supervise --handoff-dir`; nbdkit killed and restarted in the middle
+//! of the workload (the backend reconnects); fake servers that break the protocol or fall
+//! silent. A simulated guest runs a verified workload (random reads and writes at queue
 //! depth 16 and 32, flushes, discards, barriers) and the data is checked where it landed (the
 //! qcow2 image through qemu-img once the server is gone, the raw files directly).
 //!
@@ -148,6 +149,7 @@ fn qemu_storage_daemon(image: &Path, format: &str, writable: bool, socket: &Path
 /// nbdkit's file plugin serving `image` on `socket` (`-r`: read-only).
 fn nbdkit_file(image: &Path, read_only: bool, socket: &Path) -> Server {
     let file = format!("file={}", path(image));
+    // nbdkit ends with the thread that started it (--exit-with-parent follows the thread).
     let mut args = vec!["--exit-with-parent", "-f", "-U", path(socket)];
     if read_only {
         args.push("-r");
@@ -646,5 +648,71 @@ fn raw_file_through_qemu_nbd_over_tcp() {
     let seen = read_all(&mut front, model.blocks());
     remove(&sim, &spec, &mut backend, &mut front);
     server.stop();
+    verify_raw(&image, &seen);
+}
+
+/// The server is killed (SIGKILL) while the guest's verified workload runs and started again a
+/// second later: the backend reconnects (through its connector, as it is confined) and sends
+/// again what had no reply; the guest sees a delay, no error, and every block it wrote reads
+/// back, through the backend and in the file.
+#[test]
+fn server_killed_and_restarted_mid_workload() {
+    if !installed(&["nbdkit"]) {
+        return;
+    }
+    let sim = Sim::new("nbd-restart");
+    let image = sim.tmp().join("disk.raw");
+    let socket = sim.tmp().join("nbdkit.sock");
+    fs::File::create(&image).unwrap().set_len(16 * MIB).unwrap();
+    let mut server = nbdkit_file(&image, false, &socket);
+    let uri = format!("nbd+unix:///?socket={}", path(&socket));
+    let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &["--nbd-timeout", "30"]);
+    let mut front = connect(&sim, &spec);
+    let info = *front.info().unwrap();
+    let mut model = DiskModel::zeroed(info.sectors / 8, true);
+    let blocks = model.blocks().min(2048);
+    // The restarted server lives in the thread that starts it (nbdkit ends with its thread)
+    // until the test says it is done.
+    let restarted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, wait_done) = std::sync::mpsc::channel::<()>();
+    let restart = {
+        let (image, socket) = (image.clone(), socket.clone());
+        let restarted = std::sync::Arc::clone(&restarted);
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            server.kill();
+            let _ = fs::remove_file(&socket);
+            thread::sleep(Duration::from_secs(1));
+            let server = nbdkit_file(&image, false, &socket);
+            restarted.store(true, std::sync::atomic::Ordering::Release);
+            let _ = wait_done.recv();
+            server.stop();
+        })
+    };
+    let mut rng = Rng::new(11);
+    let start = Instant::now();
+    let mut after_restart = 0;
+    while after_restart < 2 {
+        if restarted.load(std::sync::atomic::Ordering::Acquire) {
+            after_restart += 1;
+        }
+        for write in [true, false] {
+            let plan = workload::random_blocks(&mut rng, blocks, 128, write);
+            workload::run(&mut front, &mut model, &plan, 16)
+                .expect("I/O across the restart: a delay, not an error");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+    }
+    workload::run(
+        &mut front,
+        &mut model,
+        &workload::sequential(blocks, 16, false),
+        16,
+    )
+    .expect("everything written reads back");
+    let seen = read_all(&mut front, blocks);
+    remove(&sim, &spec, &mut backend, &mut front);
+    let _ = done.send(());
+    restart.join().expect("the restart");
     verify_raw(&image, &seen);
 }

@@ -67,9 +67,12 @@
 //!   connection: one send in flight, one receive state machine, cookies naming ring slots); a
 //!   flushing write is `NBD_CMD_FLUSH` then the write with FUA where the server offers FUA (else
 //!   the write then the flush), a discard is `NBD_CMD_TRIM` (`NBD_CMD_WRITE_ZEROES` where the
-//!   server has no trim); a server error answers that request with `BLKIF_RSP_ERROR`, a broken
-//!   connection every request from then on, and so does a server that lets requests wait
-//!   [`QueueParams::nbd_timeout`] without a reply. One queue per export (one connection).
+//!   server has no trim); a server error answers that request with `BLKIF_RSP_ERROR`. A lost
+//!   connection (closed, broken protocol, or requests waiting [`QueueParams::nbd_timeout`]
+//!   without a reply) is replaced through [`QueueParams::nbd_connector`] and what had no
+//!   reply is sent again, the guest waiting meanwhile; without a connector, or with none
+//!   connected within the timeout, every request fails from then on. One queue per export
+//!   (one connection).
 //! - Flush and barrier are served only where [`Features`] says they were advertised (else
 //!   `BLKIF_RSP_EOPNOTSUPP`, as a backend without them answers).
 //! - CD-ROM and other read-only vbds: set [`Features::read_only`]; every non-read is refused
@@ -200,6 +203,10 @@ pub struct QueueParams {
     /// For an NBD export: when requests have waited this long with no reply arriving, the
     /// connection is given up and every request fails ([`DEFAULT_NBD_TIMEOUT`]).
     pub nbd_timeout: Duration,
+    /// For an NBD export: who makes a new connection when the server goes away (requests
+    /// then wait up to [`QueueParams::nbd_timeout`] for it); `None`: a lost connection fails
+    /// every request.
+    pub nbd_connector: Option<Arc<crate::nbd_connector::Connector>>,
 }
 
 /// The default [`QueueParams::nbd_timeout`].
@@ -255,6 +262,7 @@ impl QueueParams {
             observer: None,
             poll: Duration::ZERO,
             nbd_timeout: DEFAULT_NBD_TIMEOUT,
+            nbd_connector: None,
         }
     }
 }

@@ -7,7 +7,10 @@
 //! - only [`OPCODES`] can be submitted (no `OPENAT`, `SOCKET`, `CONNECT`, `ACCEPT`, ...);
 //! - every SQE must carry `IOSQE_FIXED_FILE`: it can only name a registered file, so the ring
 //!   cannot reach any other fd of the process;
-//! - no further `io_uring_register` operation is allowed (no new files or buffers).
+//! - no further `io_uring_register` operation is allowed (no new files or buffers), except,
+//!   for a disk on an NBD export, `IORING_REGISTER_FILES_UPDATE`: the replacement of its
+//!   socket by a reconnection's (which the confined process cannot make itself; see
+//!   `crate::nbd_connector`).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -43,15 +46,21 @@ pub fn builder() -> io_uring::Builder {
     b
 }
 
+/// `IORING_REGISTER_FILES_UPDATE` (include/uapi/linux/io_uring.h).
+const REGISTER_FILES_UPDATE: u8 = 6;
+
 /// Registers `files` (their indices are their positions), restricts the ring as the module
-/// says, and enables it.
+/// says (`replace_files`: allowing registered files to be replaced), and enables it.
 ///
 /// # Errors
 /// When the kernel refuses a registration; the ring is then unusable (still disabled).
-pub fn restrict(ring: &IoUring, files: &[RawFd]) -> io::Result<()> {
+pub fn restrict(ring: &IoUring, files: &[RawFd], replace_files: bool) -> io::Result<()> {
     let sub = ring.submitter();
     sub.register_files(files)?;
     let mut res: Vec<Restriction> = OPCODES.iter().map(|&op| Restriction::sqe_op(op)).collect();
+    if replace_files {
+        res.push(Restriction::register_op(REGISTER_FILES_UPDATE));
+    }
     res.push(Restriction::sqe_flags_allowed(
         squeue::Flags::IO_LINK.bits(),
     ));

@@ -105,6 +105,7 @@ impl Backend {
             params.grant_mode = self.grant_mode;
             params.poll = self.poll;
             params.nbd_timeout = self.nbd_timeout;
+            params.nbd_connector = self.nbd_connector.clone();
             params.observer = self.observer.clone();
             params.persistent_grants = config.persistent_grants;
             params.max_indirect_segments = u16::try_from(

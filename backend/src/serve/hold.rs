@@ -12,6 +12,7 @@ use super::{Backend, Outcome, ServeError};
 use crate::acquire::{self, DeviceNodes, DeviceSource};
 use crate::dev_error::{errno, DevError};
 use crate::device::{Device, DeviceKind, DeviceOptions};
+use crate::nbd_connector::Connector;
 use xen::xenbus::XenbusState;
 
 impl Backend {
@@ -62,6 +63,9 @@ impl Backend {
                     direct = device.direct(),
                     "holding the device"
                 );
+                if device.kind() == DeviceKind::Nbd {
+                    self.start_nbd_connector()?;
+                }
                 if device.kind() == DeviceKind::Nbd && self.features.max_queues > 1 {
                     // One connection, one queue (`params` was written after the probe): a
                     // frontend that already asked for more is refused at connect.
@@ -82,6 +86,25 @@ impl Backend {
             }
             Err(e) => self.fatal(&e),
         }
+    }
+
+    /// Starts the NBD connector (before confinement, which forbids connecting), so that a
+    /// lost connection can be replaced; without one a loss is for good (logged).
+    fn start_nbd_connector(&mut self) -> Result<(), ServeError> {
+        let (Some(program), Some(uri)) = (
+            self.nbd_program.clone(),
+            self.read_opt(&self.be.node(handoff::PARAMS))?,
+        ) else {
+            return Ok(());
+        };
+        match Connector::start(&program, &uri) {
+            Ok(c) => self.nbd_connector = Some(Arc::new(c)),
+            Err(e) => tracing::warn!(
+                backend = %self.be,
+                "{e}: a lost NBD connection will not be replaced"
+            ),
+        }
+        Ok(())
     }
 
     /// Linux `backend_changed`, plus removal of the directory (`xenbus_dev_changed`).

@@ -43,6 +43,7 @@ use crate::dataplane::{GrantMode, Observer, QueueHandle, Stats};
 use crate::dev_error::DevError;
 use crate::device::{Device, DeviceOptions};
 use crate::frontend_config::FrontendConfig;
+use crate::nbd_connector::Connector;
 use crate::stats_file::StatsFile;
 
 mod connect;
@@ -77,6 +78,10 @@ pub struct ServeConfig {
     /// For an NBD export: how long requests may go without any reply before the connection
     /// is given up ([`crate::dataplane::QueueParams::nbd_timeout`]).
     pub nbd_timeout: Duration,
+    /// For an NBD export: the program to start as its connector (`PROGRAM nbd-connect URI`,
+    /// [`crate::nbd_connector`]), so that a lost connection can be replaced once confined;
+    /// `None`: a lost connection is given up.
+    pub nbd_connector: Option<PathBuf>,
     /// Where to keep the statistics, if anywhere.
     pub stats_file: Option<PathBuf>,
     /// Who watches the queues (`--record`), if anyone.
@@ -150,6 +155,8 @@ struct Backend {
     grant_mode: GrantMode,
     poll: Duration,
     nbd_timeout: Duration,
+    nbd_program: Option<PathBuf>,
+    nbd_connector: Option<Arc<Connector>>,
     observer: Option<Arc<dyn Observer>>,
     device_options: DeviceOptions,
     source: DeviceSource,
@@ -234,6 +241,8 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         grant_mode: config.grant_mode,
         poll: config.poll,
         nbd_timeout: config.nbd_timeout,
+        nbd_program: config.nbd_connector,
+        nbd_connector: None,
         observer: config.observer,
         device_options: config.device_options,
         source: config.source,

@@ -164,12 +164,14 @@ pub(super) enum Data {
 impl Uring {
     /// A ring for `slots` request slots of up to `max_segs` segments, with `bounce` registered
     /// as its fixed buffer (copy mode), restricted to the operations the queue submits on
-    /// `files` (see `crate::sandbox::uring`).
+    /// `files` (see `crate::sandbox::uring`); `replace_files` allows replacing a registered
+    /// file (an NBD connection re-established).
     pub(super) fn new(
         slots: usize,
         max_segs: usize,
         bounce: Option<Arc<BounceMem>>,
         files: &[BorrowedFd<'_>],
+        replace_files: bool,
     ) -> io::Result<Self> {
         let entries = u32::try_from((slots * 2 + 8).next_power_of_two())
             .unwrap_or(4096)
@@ -191,7 +193,7 @@ impl Uring {
             unsafe { ring.submitter().register_buffers(iovs) }?;
         }
         let files: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-        crate::sandbox::uring::restrict(&ring, &files)?;
+        crate::sandbox::uring::restrict(&ring, &files, replace_files)?;
         let owned = (0..slots)
             .map(|_| Flight {
                 guards: Vec::with_capacity(max_segs + 1),
@@ -279,8 +281,8 @@ impl Uring {
                     nbd::SEND => self.nbd_sent(res, out),
                     nbd::RECV => self.nbd_received(res, out),
                     // Its outcome shows on the socket's other operations.
-                    nbd::SHUTDOWN => {}
-                    nbd::WATCHDOG => self.nbd_watchdog(),
+                    nbd::SHUTDOWN => self.nbd_shutdown_done(),
+                    nbd::WATCHDOG => self.nbd_watchdog(out),
                     _ => {
                         if let Some(c) = Control::from_tag(tag) {
                             out.push(Reaped::Control(c));
@@ -326,6 +328,8 @@ impl Uring {
     pub(super) fn drain(&mut self, out: &mut Vec<Reaped>) -> io::Result<()> {
         // An NBD socket always has a receive in flight: shut it down so that it ends.
         self.nbd_close();
+        // Requests waiting for a reconnection fail now.
+        self.nbd_settle(out);
         while self.slots_in_flight() > 0 || self.nbd_busy() {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(Errno::INTR.raw_os_error()) {
@@ -368,7 +372,7 @@ mod tests {
         let mut other = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
         let r = other.small(0).unwrap();
         let (_, back) = u
             .submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 512), false)
@@ -382,7 +386,7 @@ mod tests {
         let mut pool = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/zero").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
         let r = pool.small(0).unwrap();
         u.submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 4096), false)
             .unwrap();

@@ -23,8 +23,14 @@
 //! its cookie looked up, then, for a successful read, the payload straight into that slot's
 //! buffer (its bounce region, or the guest's mapped pages). A header that is not a simple
 //! reply, a cookie that names no command awaiting its reply, end of file or a socket error
-//! breaks the connection: it is shut down, every command without a reply fails with `EIO`,
-//! and so does every later request. Nothing from the server is trusted for a length: the only
+//! loses the connection: it is shut down. With a [`Connector`] (`blkbackd serve` always has
+//! one) a new connection is asked for, at once and then with a back-off doubling from 1 s to
+//! 5 s; requests wait (the guest sees delay); on the new connection every command without its
+//! reply is sent again, in slot order (a write sent twice writes the same data; nothing was
+//! acknowledged to the guest before its reply). If no connection comes within the
+//! connection's timeout, or the server now offers another export, or there is no connector,
+//! the connection is given up: every command without a reply fails with `EIO`, and so does
+//! every later request. Nothing from the server is trusted for a length: the only
 //! data it sends is a read's payload, of the length the request asked for.
 //!
 //! # Ownership
@@ -37,7 +43,8 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
@@ -47,6 +54,7 @@ use rustix::io::Errno;
 
 use super::{Completion, Data, Iovec, Reaped, Uring, CONTROL};
 use crate::dataplane::bounce::Region;
+use crate::nbd_connector::{same_export, Connector};
 
 /// Tag of the connection's send.
 pub(super) const SEND: u64 = CONTROL | 5;
@@ -57,8 +65,22 @@ pub(super) const SHUTDOWN: u64 = CONTROL | 7;
 /// Tag of the watchdog's timer.
 pub(super) const WATCHDOG: u64 = CONTROL | 8;
 
-/// How often the watchdog looks for requests waiting too long.
+/// How often the watchdog looks for requests waiting too long (and, while reconnecting,
+/// whether to try again).
 const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
+/// The longest wait between two reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A lost connection being replaced.
+#[derive(Debug, Clone, Copy)]
+struct Reconnect {
+    /// When it was lost.
+    since: Instant,
+    /// No attempt before then.
+    next: Instant,
+    /// The wait after the last failed attempt (doubling up to [`MAX_BACKOFF`]).
+    delay: Duration,
+}
 
 /// The longest piece of a discard: 4 GiB less 1 MiB (a whole number of any block size).
 const MAX_DISCARD_PIECE: u64 = (u32::MAX as u64 + 1) - (1 << 20);
@@ -186,6 +208,14 @@ pub(super) struct NbdConn {
     broken: Option<String>,
     /// The shutdown of the socket was submitted.
     shut_down: bool,
+    /// That shutdown has not completed yet.
+    shutdown_pending: bool,
+    /// Asks for a new connection when this one is lost; `None`: a loss is for good.
+    connector: Option<Arc<Connector>>,
+    /// The connection's socket when it is a reconnection (the first is the device's fd).
+    socket: Option<OwnedFd>,
+    /// Set while a lost connection is being replaced.
+    reconnecting: Option<Reconnect>,
     /// Requests waiting this long with nothing arriving break the connection.
     timeout: Duration,
     /// When the socket last moved bytes, or last had no command waiting.
@@ -259,6 +289,7 @@ impl Uring {
         fd: BorrowedFd<'_>,
         export: Export,
         timeout: Duration,
+        connector: Option<Arc<Connector>>,
     ) -> io::Result<()> {
         let fd = self.fixed(fd)?;
         let slots = self.flights.len();
@@ -278,6 +309,10 @@ impl Uring {
             recv_msg: empty_msghdr(),
             broken: None,
             shut_down: false,
+            shutdown_pending: false,
+            connector,
+            socket: None,
+            reconnecting: None,
             timeout,
             progress: Instant::now(),
             watching: false,
@@ -460,7 +495,7 @@ impl Uring {
         let Some(conn) = self.nbd.as_mut() else {
             return;
         };
-        if conn.broken.is_some() {
+        if conn.broken.is_some() || conn.reconnecting.is_some() {
             return;
         }
         if conn.sending.is_none() {
@@ -502,7 +537,7 @@ impl Uring {
 
     /// The watchdog's timer expired: gives the connection up when commands have waited
     /// [`NbdConn::timeout`] with nothing arriving; re-arms while the connection lives.
-    pub(super) fn nbd_watchdog(&mut self) {
+    pub(super) fn nbd_watchdog(&mut self, out: &mut Vec<Reaped>) {
         let Some(conn) = self.nbd.as_mut() else {
             return;
         };
@@ -511,13 +546,100 @@ impl Uring {
             return;
         }
         let now = Instant::now();
-        if conn.slots.iter().all(|s| s.current.is_none()) {
+        if let Some(r) = conn.reconnecting {
+            if now.duration_since(r.since) >= conn.timeout {
+                let waited = conn.timeout;
+                return self.nbd_give_up(format!("not reconnected within {waited:?}"));
+            }
+            let idle = !conn.receiving && conn.sending.is_none() && !conn.shutdown_pending;
+            if now >= r.next && idle {
+                self.nbd_reconnect(now, out);
+            }
+        } else if conn.slots.iter().all(|s| s.current.is_none()) {
             conn.progress = now;
         } else if now.duration_since(conn.progress) >= conn.timeout {
             let waited = conn.timeout;
-            return self.nbd_break(format!("no reply from the server for {waited:?}"));
+            self.nbd_break(format!("no reply from the server for {waited:?}"));
         }
-        self.nbd_watch();
+        if self.nbd.as_ref().is_some_and(|c| c.broken.is_none()) {
+            self.nbd_watch();
+        }
+    }
+
+    /// Asks the connector for a new connection (blocking, bounded by the connector's
+    /// timeout); on success re-sends every command without its reply, else waits longer
+    /// before the next attempt.
+    fn nbd_reconnect(&mut self, now: Instant, out: &mut Vec<Reaped>) {
+        let Some(conn) = self.nbd.as_mut() else {
+            return;
+        };
+        let (Some(connector), Some(r)) = (conn.connector.clone(), conn.reconnecting) else {
+            return;
+        };
+        let (socket, export) = match connector.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = (r.delay * 2).clamp(WATCHDOG_PERIOD, MAX_BACKOFF);
+                tracing::debug!("NBD reconnection failed, next attempt in {delay:?}: {e}");
+                conn.reconnecting = Some(Reconnect {
+                    next: now + delay,
+                    delay,
+                    ..r
+                });
+                return;
+            }
+        };
+        if !same_export(&conn.export, &export) {
+            let why = format!(
+                "the server now offers another export ({export:?}, was {:?})",
+                conn.export
+            );
+            return self.nbd_give_up(why);
+        }
+        let index = conn.fd.0;
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_files_update(index, &[socket.as_raw_fd()])
+        {
+            return self.nbd_give_up(format!("cannot use the new connection: {e}"));
+        }
+        let Some(conn) = self.nbd.as_mut() else {
+            return;
+        };
+        // The previous reconnection's socket, if any, is no longer registered: it closes here.
+        conn.socket = Some(socket);
+        conn.reconnecting = None;
+        conn.shut_down = false;
+        conn.rx = Rx::Header { got: 0 };
+        conn.sending = None;
+        conn.progress = Instant::now();
+        // Every command without its reply goes again; one whose reply came while its send
+        // was cut short is done.
+        let mut answered = Vec::new();
+        conn.send_queue.clear();
+        for (slot, s) in conn.slots.iter_mut().enumerate() {
+            if s.current.is_none() {
+                continue;
+            }
+            if s.replied {
+                s.sent = true;
+                answered.push(slot);
+            } else {
+                s.send_started = false;
+                s.sent = false;
+                conn.send_queue.push_back(slot);
+            }
+        }
+        tracing::info!(
+            "NBD connection re-established after {:?}; re-sending {} requests",
+            r.since.elapsed(),
+            conn.send_queue.len()
+        );
+        for slot in answered {
+            self.nbd_advance(slot, out);
+        }
+        self.nbd_kick();
     }
 
     /// Submits the send of what is left of the current send.
@@ -602,6 +724,11 @@ impl Uring {
                     .map_or(0, |o| o.iov.iter().map(|v| v.len).sum()),
                 _ => 0,
             };
+        if conn.reconnecting.is_some() {
+            // The command goes again on the next connection.
+            conn.sending = None;
+            return;
+        }
         let done = done + usize::try_from(res).unwrap_or(0);
         if res > 0 {
             conn.progress = Instant::now();
@@ -632,6 +759,10 @@ impl Uring {
         };
         conn.receiving = false;
         let rx = conn.rx;
+        if conn.reconnecting.is_some() {
+            // Whatever was half received is asked for again on the next connection.
+            return;
+        }
         if conn.broken.is_some() {
             // Only the receive's own end is awaited: the slot it was reading into completes.
             if let Rx::Payload { slot, .. } = rx {
@@ -789,6 +920,9 @@ impl Uring {
     /// others, once the caller settles them: [`Uring::nbd_settle`]).
     fn nbd_break_during(&mut self, rx: Rx, why: String, out: &mut Vec<Reaped>) {
         self.nbd_break(why);
+        if self.nbd.as_ref().is_some_and(|c| c.reconnecting.is_some()) {
+            return;
+        }
         if let Rx::Payload { slot, .. } = rx {
             if let Some(conn) = self.nbd.as_mut() {
                 conn.rx = Rx::Header { got: 0 };
@@ -816,9 +950,36 @@ impl Uring {
         self.nbd_advance(slot, out);
     }
 
-    /// Breaks the connection (once, logged once): shuts the socket down so that whatever is
-    /// in flight on it ends, and fails every command that was waiting to be sent.
+    /// The connection is lost: with a connector, replaces it (requests wait; see
+    /// [`Uring::nbd_watchdog`]), else gives it up ([`Uring::nbd_give_up`]). Either way the
+    /// socket is shut down so that whatever is in flight on it ends.
     fn nbd_break(&mut self, why: String) {
+        let Some(conn) = self.nbd.as_mut() else {
+            return;
+        };
+        if conn.broken.is_some() || conn.reconnecting.is_some() {
+            return;
+        }
+        if conn.connector.is_none() {
+            return self.nbd_give_up(why);
+        }
+        tracing::warn!(
+            "NBD connection lost: {why}; reconnecting, requests wait up to {:?}",
+            conn.timeout
+        );
+        let now = Instant::now();
+        conn.reconnecting = Some(Reconnect {
+            since: now,
+            next: now,
+            delay: Duration::ZERO,
+        });
+        self.nbd_shutdown();
+    }
+
+    /// Gives the connection up for good (once, logged once): shuts the socket down so that
+    /// whatever is in flight on it ends, and fails every command (those waiting for a reply
+    /// through [`Uring::nbd_settle`]).
+    fn nbd_give_up(&mut self, why: String) {
         let Some(conn) = self.nbd.as_mut() else {
             return;
         };
@@ -827,6 +988,7 @@ impl Uring {
         }
         tracing::error!("NBD connection broken: {why}; every request fails from now on");
         conn.broken = Some(why);
+        conn.reconnecting = None;
         // Commands never sent: their send is over before it began.
         for slot in std::mem::take(&mut conn.send_queue) {
             if let Some(s) = conn.slots.get_mut(slot) {
@@ -846,11 +1008,29 @@ impl Uring {
             return;
         }
         conn.shut_down = true;
+        conn.shutdown_pending = true;
         let e = opcode::Shutdown::new(conn.fd, libc::SHUT_RDWR)
             .build()
             .user_data(SHUTDOWN);
         if let Err(e) = self.push(&[e]) {
+            if let Some(conn) = self.nbd.as_mut() {
+                conn.shutdown_pending = false;
+            }
             tracing::error!("cannot queue the NBD socket's shutdown: {e}");
+        }
+    }
+
+    /// The socket's shutdown completed.
+    pub(super) fn nbd_shutdown_done(&mut self) {
+        if let Some(conn) = self.nbd.as_mut() {
+            conn.shutdown_pending = false;
+        }
+    }
+
+    /// The queue is stopping: requests waiting for a reconnection fail now.
+    pub(in crate::dataplane) fn nbd_stop_waiting(&mut self) {
+        if self.nbd.as_ref().is_some_and(|c| c.reconnecting.is_some()) {
+            self.nbd_give_up("the queue is stopping while reconnecting".into());
         }
     }
 
@@ -876,14 +1056,14 @@ impl Uring {
     /// For teardown: shuts the socket down so the receive in flight ends (quietly: the
     /// connection is not broken, the queue is done with it).
     pub(super) fn nbd_close(&mut self) {
-        if !self.nbd_busy() {
-            return;
-        }
         if let Some(conn) = self.nbd.as_mut() {
+            conn.reconnecting = None;
             conn.broken
                 .get_or_insert_with(|| "the queue stopped".into());
         }
-        self.nbd_shutdown();
+        if self.nbd_busy() {
+            self.nbd_shutdown();
+        }
     }
 }
 
