@@ -231,6 +231,9 @@ pub fn run_connector(sock: BorrowedFd<'_>, uri: &str) -> Result<(), ConnectorErr
         let answer = match nbd::Client::connect_timeout(&uri, CONNECT_TIMEOUT) {
             Ok(client) => {
                 let (stream, export) = client.into_parts();
+                // The backend's io_uring waits for the socket itself: no timeouts left over
+                // from the handshake (as `Device::nbd` does for the first connection).
+                let _ = stream.set_timeout(None);
                 let fd: OwnedFd = match stream {
                     nbd::Stream::Tcp(s) => s.into(),
                     nbd::Stream::Unix(s) => s.into(),
