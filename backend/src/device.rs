@@ -38,6 +38,9 @@ use rustix::io::Errno;
 /// block size.
 pub const SECTOR_SIZE: u64 = 512;
 
+/// The smallest maximum payload an NBD export must accept: a blkif request's 11 pages.
+pub const NBD_MIN_PAYLOAD: usize = ring::MAX_SEGMENTS_PER_REQUEST * 4096;
+
 /// Why a device could not be opened or queried.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -252,8 +255,9 @@ impl Device {
     /// size is the export's, rounded down to whole logical blocks.
     ///
     /// # Errors
-    /// [`DeviceError::Nbd`] for a block size outside 512..=4096, an export smaller than one
-    /// block or whose size is not a multiple of 512; [`DeviceError::ReadOnly`] for a read-only
+    /// [`DeviceError::Nbd`] for a block size outside 512..=4096, a maximum payload below
+    /// [`NBD_MIN_PAYLOAD`], an export smaller than one block or whose size is not a multiple
+    /// of 512; [`DeviceError::ReadOnly`] for a read-only
     /// export when `options.read_only` is false; [`DeviceError::Query`] when the socket cannot
     /// be switched to blocking without timeouts.
     pub fn nbd(
@@ -281,6 +285,14 @@ impl Device {
             return Err(DeviceError::Nbd(format!(
                 "size {} bytes (not a whole number of 512-byte sectors, or less than a block)",
                 export.size
+            )));
+        }
+        // A blkif request without indirect segments carries up to 11 pages; the data plane
+        // sends each request as one command, so the server must take that much at once.
+        if (bs.maximum as usize) < NBD_MIN_PAYLOAD {
+            return Err(DeviceError::Nbd(format!(
+                "maximum payload {} bytes, less than a blkif request's {NBD_MIN_PAYLOAD}",
+                bs.maximum
             )));
         }
         let pbs = bs.preferred.clamp(lbs, 64 * 1024);

@@ -245,10 +245,10 @@ fn verify_raw(image: &Path, expected: &[u8]) {
     }
 }
 
-/// Reads the first `blocks` blocks through the guest, 32 at a time.
+/// Reads the first `blocks` blocks through the guest, up to 32 at a time.
 fn read_all(front: &mut SimFront, blocks: u64) -> Vec<u8> {
     let mut all = Vec::with_capacity((blocks * BLOCK) as usize);
-    let per = 32u64;
+    let per = u64::from(front.max_sectors_per_request() / 8).clamp(1, 32);
     let mut block = 0;
     while block < blocks {
         let n = per.min(blocks - block);
@@ -715,4 +715,88 @@ fn server_killed_and_restarted_mid_workload() {
     let _ = done.send(());
     restart.join().expect("the restart");
     verify_raw(&image, &seen);
+}
+
+/// The server's block size constraints: nbdkit asks for 4 KiB blocks and at most 64 KiB a
+/// command (blocksize-policy filter). The guest is told 4 KiB sectors and 16 indirect segments
+/// (64 KiB requests), and its verified workload passes.
+#[test]
+fn block_size_constraints() {
+    if !installed(&["nbdkit"]) {
+        return;
+    }
+    let sim = Sim::new("nbd-blocksize");
+    let image = sim.tmp().join("disk.raw");
+    let socket = sim.tmp().join("nbdkit.sock");
+    fs::File::create(&image).unwrap().set_len(16 * MIB).unwrap();
+    let file = format!("file={}", path(&image));
+    let server = Server::start(
+        "nbdkit",
+        &[
+            "--exit-with-parent",
+            "-f",
+            "-U",
+            path(&socket),
+            "--filter=blocksize-policy",
+            "file",
+            &file,
+            "blocksize-minimum=4096",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=65536",
+        ],
+        &socket,
+        sim.tmp(),
+    );
+    let uri = format!("nbd+unix:///?socket={}", path(&socket));
+    let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
+    let mut front = connect(&sim, &spec);
+    let info = *front.info().unwrap();
+    assert_eq!(info.sector_size, 4096);
+    assert_eq!(info.max_indirect_segments, 16);
+    assert!(info.flush && info.barrier);
+    let mut model = DiskModel::zeroed(info.sectors / 8, true);
+    workload(&mut front, &mut model);
+    // Not a whole 4 KiB block: refused before anything is sent.
+    let c = front.read(0, 1, 1).unwrap();
+    assert_eq!(c.status(), Some(Status::Error));
+    let seen = read_all(&mut front, model.blocks().min(2048));
+    remove(&sim, &spec, &mut backend, &mut front);
+    server.stop();
+    verify_raw(&image, &seen);
+}
+
+/// An export whose server takes less than a blkif request (11 pages) in one command is
+/// refused before anything is published.
+#[test]
+fn export_with_a_too_small_maximum_payload_is_refused() {
+    if !installed(&["nbdkit"]) {
+        return;
+    }
+    let sim = Sim::new("nbd-small-max");
+    let socket = sim.tmp().join("nbdkit.sock");
+    let server = Server::start(
+        "nbdkit",
+        &[
+            "--exit-with-parent",
+            "-f",
+            "-U",
+            path(&socket),
+            "--filter=blocksize-policy",
+            "memory",
+            "size=4M",
+            "blocksize-maximum=16384",
+        ],
+        &socket,
+        sim.tmp(),
+    );
+    let uri = format!("nbd+unix:///?socket={}", path(&socket));
+    let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
+    let error = refused_error(&sim, &spec);
+    assert!(
+        error.starts_with("19 creating vbd structure") && error.contains("maximum payload"),
+        "{error}"
+    );
+    backend.terminate();
+    backend.wait_exit(Duration::from_secs(10));
+    server.stop();
 }

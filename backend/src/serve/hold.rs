@@ -66,6 +66,20 @@ impl Backend {
                 if device.kind() == DeviceKind::Nbd {
                     self.start_nbd_connector()?;
                 }
+                // Indirect requests no larger than the server takes in one command.
+                let max_segments = device
+                    .nbd_export()
+                    .map(|e| e.block_size.maximum / 4096)
+                    .filter(|&m| m < self.features.max_indirect_segments);
+                if let Some(m) = max_segments {
+                    let m = if (m as usize) > ring::MAX_SEGMENTS_PER_REQUEST {
+                        m
+                    } else {
+                        0
+                    };
+                    self.features.max_indirect_segments = m;
+                    self.write_node("feature-max-indirect-segments", &m.to_string())?;
+                }
                 if device.kind() == DeviceKind::Nbd && self.features.max_queues > 1 {
                     // One connection, one queue (`params` was written after the probe): a
                     // frontend that already asked for more is refused at connect.
