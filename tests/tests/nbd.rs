@@ -396,6 +396,8 @@ fn read_only_export() {
 /// What a fake server does once the handshake is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Misbehaviour {
+    /// Nothing wrong: every request succeeds (reads return zeros).
+    Behaves,
     /// Fails every request with `NBD_EIO` (the connection stays usable).
     FailEverything,
     /// Answers the first request with a reply whose magic is wrong.
@@ -410,15 +412,24 @@ enum Misbehaviour {
     Silent,
 }
 
-/// A fake NBD server on a Unix socket: a correct handshake (a 4 MiB export, flush offered),
-/// then `how`. It serves one connection and ends when the backend closes it.
-fn fake_server(socket: &Path, how: Misbehaviour) -> thread::JoinHandle<()> {
+/// The commands a fake server received, with their flags.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(nbd::Command, u16)>>>;
+
+/// A fake NBD server on a Unix socket: a correct handshake (a 4 MiB export with transmission
+/// `flags`), then `how`, recording each command in `received`. It serves one connection and
+/// ends when the backend closes it.
+fn fake_server(
+    socket: &Path,
+    how: Misbehaviour,
+    flags: u16,
+    received: Received,
+) -> thread::JoinHandle<()> {
     use nbd::handshake::{
         FLAG_FIXED_NEWSTYLE, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK,
         REP_INFO,
     };
     use nbd::wire::{Request, SimpleReply, REQUEST_LEN, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_MAGIC};
-    use nbd::{NbdError, TransmissionFlags as F};
+    use nbd::NbdError;
     use std::io::{Read, Write};
 
     let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
@@ -440,7 +451,7 @@ fn fake_server(socket: &Path, how: Misbehaviour) -> thread::JoinHandle<()> {
         s.read_exact(&mut data).unwrap();
         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
         info.extend_from_slice(&(4 * MIB).to_be_bytes());
-        info.extend_from_slice(&(F::HAS_FLAGS | F::SEND_FLUSH).to_be_bytes());
+        info.extend_from_slice(&flags.to_be_bytes());
         for (kind, payload) in [(REP_INFO, &info[..]), (REP_ACK, &[][..])] {
             s.write_all(&OPTION_REPLY_MAGIC.to_be_bytes()).unwrap();
             s.write_all(&OPT_GO.to_be_bytes()).unwrap();
@@ -451,6 +462,7 @@ fn fake_server(socket: &Path, how: Misbehaviour) -> thread::JoinHandle<()> {
         let mut header = [0u8; REQUEST_LEN];
         while s.read_exact(&mut header).is_ok() {
             let req = Request::decode(&header).unwrap();
+            received.lock().unwrap().push((req.command, req.flags));
             if req.command == nbd::Command::Write {
                 let mut sink = vec![0; req.length as usize];
                 s.read_exact(&mut sink).unwrap();
@@ -461,6 +473,13 @@ fn fake_server(socket: &Path, how: Misbehaviour) -> thread::JoinHandle<()> {
             }
             .encode();
             let reply = match how {
+                Misbehaviour::Behaves => {
+                    let mut r = ok.to_vec();
+                    if req.command == nbd::Command::Read {
+                        r.resize(SIMPLE_REPLY_LEN + req.length as usize, 0);
+                    }
+                    r
+                }
                 Misbehaviour::FailEverything => SimpleReply {
                     error: Some(NbdError::Io),
                     cookie: req.cookie,
@@ -514,7 +533,8 @@ fn hostile_servers_give_errors_not_crashes() {
     ] {
         let sim = Sim::new(&format!("nbd-hostile-{how:?}"));
         let socket = sim.tmp().join("fake.sock");
-        let server = fake_server(&socket, how);
+        let flags = nbd::TransmissionFlags::HAS_FLAGS | nbd::TransmissionFlags::SEND_FLUSH;
+        let server = fake_server(&socket, how, flags, Received::default());
         let uri = format!("nbd+unix:///?socket={}", path(&socket));
         let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &["--nbd-timeout", "2"]);
         let mut front = connect(&sim, &spec);
@@ -799,4 +819,44 @@ fn export_with_a_too_small_maximum_payload_is_refused() {
     backend.terminate();
     backend.wait_exit(Duration::from_secs(10));
     server.stop();
+}
+
+/// A write that flushes (a barrier with data), on a server with FUA: `NBD_CMD_FLUSH`, then the
+/// write with `NBD_FLAG_FUA`; without FUA: the write, then `NBD_CMD_FLUSH`. Each sent only
+/// once the one before was answered (the fake server sees them in that order).
+#[test]
+fn flushing_writes_flush_then_write_fua_or_write_then_flush() {
+    use nbd::wire::FLAG_FUA;
+    use nbd::{Command as C, TransmissionFlags as F};
+    for fua in [true, false] {
+        let sim = Sim::new(&format!("nbd-fua-{fua}"));
+        let socket = sim.tmp().join("fake.sock");
+        let flags = F::HAS_FLAGS | F::SEND_FLUSH | if fua { F::SEND_FUA } else { 0 };
+        let received = Received::default();
+        let server = fake_server(&socket, Misbehaviour::Behaves, flags, received.clone());
+        let uri = format!("nbd+unix:///?socket={}", path(&socket));
+        let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
+        let mut front = connect(&sim, &spec);
+        let data = vec![7u8; 4096];
+        let c = front
+            .execute(
+                0,
+                IoOp::Barrier {
+                    sector: 8,
+                    data: &data,
+                },
+            )
+            .unwrap();
+        assert_eq!(c.status(), Some(Status::Okay));
+        let c = front.execute(0, IoOp::Flush).unwrap();
+        assert_eq!(c.status(), Some(Status::Okay));
+        let expected = if fua {
+            vec![(C::Flush, 0), (C::Write, FLAG_FUA), (C::Flush, 0)]
+        } else {
+            vec![(C::Write, 0), (C::Flush, 0), (C::Flush, 0)]
+        };
+        assert_eq!(*received.lock().unwrap(), expected, "FUA offered: {fua}");
+        remove(&sim, &spec, &mut backend, &mut front);
+        server.join().expect("the fake server");
+    }
 }
