@@ -62,6 +62,8 @@ pub enum ConnectorError {
 #[derive(Debug)]
 pub struct Connector {
     sock: OwnedFd,
+    /// One request and its answer at a time (queues of one disk share the connector).
+    turn: std::sync::Mutex<()>,
 }
 
 impl Connector {
@@ -93,7 +95,10 @@ impl Connector {
             .stdout(Stdio::null())
             .spawn()
             .map_err(ConnectorError::Start)?;
-        Ok(Self { sock: ours })
+        Ok(Self {
+            sock: ours,
+            turn: std::sync::Mutex::new(()),
+        })
     }
 
     /// Asks for a new connection, waiting for it (at most twice [`CONNECT_TIMEOUT`]).
@@ -101,6 +106,10 @@ impl Connector {
     /// # Errors
     /// [`ConnectorError`].
     pub fn connect(&self) -> Result<(OwnedFd, Export), ConnectorError> {
+        let _turn = self
+            .turn
+            .lock()
+            .map_err(|_| ConnectorError::Answer("a queue died while asking"))?;
         let sent =
             rustix::net::send(&self.sock, &[1], SendFlags::NOSIGNAL).map_err(ConnectorError::Io)?;
         if sent != 1 {

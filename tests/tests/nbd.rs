@@ -158,27 +158,32 @@ fn nbdkit_file(image: &Path, read_only: bool, socket: &Path) -> Server {
     Server::start("nbdkit", &args, socket, socket.parent().unwrap())
 }
 
-/// Starts `blkbackd serve` with `extra` arguments for a vbd whose `params` is `uri` (mode
-/// `mode`).
+/// Starts `blkbackd serve` (up to 4 queues) with `extra` arguments for a vbd whose `params`
+/// is `uri` (mode `mode`).
 fn serve_nbd(sim: &Sim, uri: &str, mode: &str, extra: &[&str]) -> (VbdSpec, Backend) {
     let mut spec = VbdSpec::disk(0, GUEST, DEVID, uri);
     spec.mode = mode.to_owned();
     sim.create_vbd(&spec);
-    let mut args = vec!["--open-params"];
+    let mut args = vec!["--open-params", "--max-queues", "4"];
     args.extend_from_slice(extra);
     let backend = Backend::serve(sim, &spec, &args);
     (spec, backend)
 }
 
-fn connect(sim: &Sim, spec: &VbdSpec) -> SimFront {
+/// Once the backend holds the export, a guest (asking for 2 queues) connects; it gets 2 when
+/// the server allows several connections (`multi_conn`: nbdkit's file and memory plugins),
+/// else 1.
+fn connect(sim: &Sim, spec: &VbdSpec, multi_conn: bool) -> SimFront {
     sim.wait_for(&format!("{}/opened", spec.backend_path()), "1");
+    let offered = if multi_conn { "4" } else { "1" };
     assert_eq!(
         backend_node(sim, spec, "multi-queue-max-queues").as_deref(),
-        Some("1"),
-        "one connection, one queue"
+        Some(offered),
+        "one queue per connection"
     );
     let mut front = sim.front(FrontOptions::default());
-    front.connect().expect("connecting");
+    let info = front.connect().expect("connecting");
+    assert_eq!(info.queues, if multi_conn { 2 } else { 1 });
     front
 }
 
@@ -277,7 +282,7 @@ fn qcow2_through_qemu_storage_daemon() {
     let server = qemu_storage_daemon(&image, "qcow2", true, &socket);
     let uri = format!("nbd+unix:///disk0?socket={}", path(&socket));
     let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
-    let mut front = connect(&sim, &spec);
+    let mut front = connect(&sim, &spec, true);
     let info = *front.info().unwrap();
     assert_eq!(info.sectors, 16 * 2048);
     assert_eq!(info.sector_size, 512);
@@ -315,7 +320,7 @@ fn raw_file_through_nbdkit() {
     let server = nbdkit_file(&image, false, &socket);
     let uri = format!("nbd+unix:///?socket={}", path(&socket));
     let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &["--grant-mode", "map"]);
-    let mut front = connect(&sim, &spec);
+    let mut front = connect(&sim, &spec, true);
     let info = *front.info().unwrap();
     assert_eq!(info.sectors, 16 * 2048);
     assert!(info.persistent, "the guest's pages go to the socket mapped");
@@ -363,7 +368,7 @@ fn read_only_export() {
     sim::toolstack::destroy_vbd(&sim.dom0, &spec).unwrap();
 
     let (spec, mut backend) = serve_nbd(&sim, &uri, "r", &[]);
-    let mut front = connect(&sim, &spec);
+    let mut front = connect(&sim, &spec, true);
     let info = *front.info().unwrap();
     assert_eq!(info.info & 4, 4, "VDISK_READONLY");
     assert!(!info.discard, "no discard on a read-only disk");
@@ -537,7 +542,7 @@ fn hostile_servers_give_errors_not_crashes() {
         let server = fake_server(&socket, how, flags, Received::default());
         let uri = format!("nbd+unix:///?socket={}", path(&socket));
         let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &["--nbd-timeout", "2"]);
-        let mut front = connect(&sim, &spec);
+        let mut front = connect(&sim, &spec, false);
         let start = Instant::now();
         for _ in 0..3 {
             let c = front.read(0, 0, 8).expect("an answer");
@@ -568,7 +573,7 @@ fn blkhotplug_hands_an_nbd_connection_to_supervise() {
     let server = nbdkit_file(&image, false, &socket);
     let sockets = sim.tmp().join("handoff");
     let supervisor = Command::new(tests::blkbackd())
-        .args(["supervise", "--platform"])
+        .args(["supervise", "--max-queues", "4", "--platform"])
         .arg(sim.platform_arg())
         .arg("--handoff-dir")
         .arg(&sockets)
@@ -608,7 +613,7 @@ fn blkhotplug_hands_an_nbd_connection_to_supervise() {
         Some("connected")
     );
     assert_eq!(backend_node(&sim, &spec, "physical-device"), None);
-    let mut front = connect(&sim, &spec);
+    let mut front = connect(&sim, &spec, true);
     let info = *front.info().unwrap();
     assert_eq!(info.sectors, 8 * 2048);
     let mut model = DiskModel::zeroed(info.sectors / 8, true);
@@ -659,7 +664,7 @@ fn raw_file_through_qemu_nbd_over_tcp() {
     );
     let uri = format!("nbd://127.0.0.1:{port}/disk0");
     let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
-    let mut front = connect(&sim, &spec);
+    let mut front = connect(&sim, &spec, false);
     let info = *front.info().unwrap();
     assert_eq!(info.sectors, 8 * 2048);
     assert!(info.flush && info.discard);
@@ -687,7 +692,7 @@ fn server_killed_and_restarted_mid_workload() {
     let mut server = nbdkit_file(&image, false, &socket);
     let uri = format!("nbd+unix:///?socket={}", path(&socket));
     let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &["--nbd-timeout", "30"]);
-    let mut front = connect(&sim, &spec);
+    let mut front = connect(&sim, &spec, true);
     let info = *front.info().unwrap();
     let mut model = DiskModel::zeroed(info.sectors / 8, true);
     let blocks = model.blocks().min(2048);
@@ -769,7 +774,7 @@ fn block_size_constraints() {
     );
     let uri = format!("nbd+unix:///?socket={}", path(&socket));
     let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
-    let mut front = connect(&sim, &spec);
+    let mut front = connect(&sim, &spec, true);
     let info = *front.info().unwrap();
     assert_eq!(info.sector_size, 4096);
     assert_eq!(info.max_indirect_segments, 16);
@@ -836,7 +841,7 @@ fn flushing_writes_flush_then_write_fua_or_write_then_flush() {
         let server = fake_server(&socket, Misbehaviour::Behaves, flags, received.clone());
         let uri = format!("nbd+unix:///?socket={}", path(&socket));
         let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &[]);
-        let mut front = connect(&sim, &spec);
+        let mut front = connect(&sim, &spec, false);
         let data = vec![7u8; 4096];
         let c = front
             .execute(

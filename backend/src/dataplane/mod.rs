@@ -72,7 +72,8 @@
 //!   without a reply) is replaced through [`QueueParams::nbd_connector`] and what had no
 //!   reply is sent again, the guest waiting meanwhile; without a connector, or with none
 //!   connected within the timeout, every request fails from then on. One queue per export
-//!   (one connection).
+//!   (one connection), or, where the server allows several (`NBD_FLAG_CAN_MULTI_CONN`), one
+//!   connection per queue ([`QueueParams::nbd_socket`]).
 //! - Flush and barrier are served only where [`Features`] says they were advertised (else
 //!   `BLKIF_RSP_EOPNOTSUPP`, as a backend without them answers).
 //! - CD-ROM and other read-only vbds: set [`Features::read_only`]; every non-read is refused
@@ -207,6 +208,9 @@ pub struct QueueParams {
     /// then wait up to [`QueueParams::nbd_timeout`] for it); `None`: a lost connection fails
     /// every request.
     pub nbd_connector: Option<Arc<crate::nbd_connector::Connector>>,
+    /// For an NBD export whose server allows several connections: this queue's own (else the
+    /// queue uses the device's).
+    pub nbd_socket: Option<OwnedFd>,
 }
 
 /// The default [`QueueParams::nbd_timeout`].
@@ -263,6 +267,7 @@ impl QueueParams {
             poll: Duration::ZERO,
             nbd_timeout: DEFAULT_NBD_TIMEOUT,
             nbd_connector: None,
+            nbd_socket: None,
         }
     }
 }

@@ -80,11 +80,19 @@ impl Backend {
                     self.features.max_indirect_segments = m;
                     self.write_node("feature-max-indirect-segments", &m.to_string())?;
                 }
-                if device.kind() == DeviceKind::Nbd && self.features.max_queues > 1 {
-                    // One connection, one queue (`params` was written after the probe): a
-                    // frontend that already asked for more is refused at connect.
-                    self.features.max_queues = 1;
-                    self.write_node("multi-queue-max-queues", "1")?;
+                if let Some(export) = device.nbd_export() {
+                    // One connection per queue where the server allows several (the connector
+                    // makes the others at connect), else one queue. A frontend that already
+                    // asked for more than that is refused at connect.
+                    let queues = if export.flags.can_multi_conn() && self.nbd_connector.is_some() {
+                        self.max_queues
+                    } else {
+                        1
+                    };
+                    if queues != self.features.max_queues {
+                        self.features.max_queues = queues;
+                        self.write_node("multi-queue-max-queues", &queues.to_string())?;
+                    }
                 }
                 self.device = Some(Arc::new(device));
                 // The handoff socket has done its job: close it (and remove its name) while

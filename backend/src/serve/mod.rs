@@ -79,8 +79,9 @@ pub struct ServeConfig {
     /// is given up ([`crate::dataplane::QueueParams::nbd_timeout`]).
     pub nbd_timeout: Duration,
     /// For an NBD export: the program to start as its connector (`PROGRAM nbd-connect URI`,
-    /// [`crate::nbd_connector`]), so that a lost connection can be replaced once confined;
-    /// `None`: a lost connection is given up.
+    /// [`crate::nbd_connector`]), so that a lost connection can be replaced once confined, and
+    /// queues get connections of their own (multi-conn); `None`: a lost connection is given
+    /// up, and the export is served by one queue.
     pub nbd_connector: Option<PathBuf>,
     /// Where to keep the statistics, if anywhere.
     pub stats_file: Option<PathBuf>,
@@ -157,6 +158,8 @@ struct Backend {
     nbd_timeout: Duration,
     nbd_program: Option<PathBuf>,
     nbd_connector: Option<Arc<Connector>>,
+    /// The queues configured (`features.max_queues` says what is offered now).
+    max_queues: u32,
     observer: Option<Arc<dyn Observer>>,
     device_options: DeviceOptions,
     source: DeviceSource,
@@ -238,6 +241,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         home,
         frontend,
         features: config.features,
+        max_queues: config.features.max_queues,
         grant_mode: config.grant_mode,
         poll: config.poll,
         nbd_timeout: config.nbd_timeout,
@@ -329,8 +333,8 @@ impl Backend {
 
     /// Linux `xen_blkbk_probe`, plus the RFC's `opened` = 0 and the handoff socket.
     fn probe(&mut self) -> Result<(), ServeError> {
-        // An NBD export is served by one queue over one connection: say so before the frontend
-        // reads the probe nodes.
+        // An NBD export is served by one queue over one connection unless the server allows
+        // several (known once connected): say so before the frontend reads the probe nodes.
         if matches!(self.source, DeviceSource::Params | DeviceSource::Handoff(_)) {
             let params = self.read_opt(&self.be.node(handoff::PARAMS))?;
             if params.as_deref().is_some_and(crate::acquire::is_nbd_params) {

@@ -118,7 +118,9 @@ impl Queue {
             .map_err(DataplaneError::EventChannel)?;
         let wake = Wake::new(evtchn, local_port, p.poll);
         let (grants, bounce) = grant_access(&p, size, max_segs, max_indirect)?;
-        let files = [p.device.fd(), wake.evtchn().as_fd(), stop_fd.as_fd()];
+        // An NBD queue with a connection of its own submits on that socket.
+        let io_fd = p.nbd_socket.as_ref().map_or(p.device.fd(), AsFd::as_fd);
+        let files = [io_fd, wake.evtchn().as_fd(), stop_fd.as_fd()];
         let export = p.device.nbd_export().copied();
         let replace_files = export.is_some() && p.nbd_connector.is_some();
         let mut uring = Uring::new(size, max_segs, bounce, &files, replace_files)
@@ -126,8 +128,11 @@ impl Queue {
         if let Some(export) = export {
             let connector = p.nbd_connector.clone();
             uring
-                .attach_nbd(p.device.fd(), export, p.nbd_timeout, connector)
+                .attach_nbd(io_fd, export, p.nbd_timeout, connector)
                 .map_err(DataplaneError::Uring)?;
+        }
+        if let Some(socket) = p.nbd_socket {
+            uring.own_nbd_socket(socket);
         }
         Ok(Self {
             uring,

@@ -1,6 +1,6 @@
 //! NBD on the queue's io_uring: requests go to the server with `SENDMSG` SQEs and replies come
-//! back with `RECV`/`RECVMSG` SQEs on the export's socket, one queue and one connection (no
-//! thread per request, nothing blocking).
+//! back with `RECV`/`RECVMSG` SQEs on the queue's connection to the export (each queue has its
+//! own; no thread per request, nothing blocking but a reconnection).
 //!
 //! # Cookies and slots
 //! A request slot sends one NBD command at a time; its cookie is the slot's index in the low
@@ -563,6 +563,14 @@ impl Uring {
         }
         if self.nbd.as_ref().is_some_and(|c| c.broken.is_none()) {
             self.nbd_watch();
+        }
+    }
+
+    /// Keeps `socket`, the connection's own (the registered file it was attached with), open
+    /// as long as the ring.
+    pub(in crate::dataplane) fn own_nbd_socket(&mut self, socket: OwnedFd) {
+        if let Some(conn) = self.nbd.as_mut() {
+            conn.socket = Some(socket);
         }
     }
 
