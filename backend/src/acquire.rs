@@ -6,7 +6,9 @@
 //! - opening it here: `physical-device` (`major:minor` or `diskseq@major:minor`, hex) names a
 //!   block device, opened as `/dev/block/<major>:<minor>`; or, with `--open-params`, the
 //!   toolstack's `params` path, which may be a regular file (served directly, with `O_DIRECT`
-//!   where the file system allows it).
+//!   where the file system allows it), or an NBD URI (`nbd://host[:port]/export`,
+//!   `nbd+unix:///export?socket=PATH`): the connection and handshake are made here, before the
+//!   process is confined, and the socket is what the backend keeps ([`open_nbd`]).
 //!
 //! Whatever the way, when XenStore names a diskseq (in `physical-device` or in the separate
 //! `diskseq` node of the Qubes not-script) the device's `BLKGETDISKSEQ` must equal it: a
@@ -15,11 +17,12 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use xen::handoff::{parse_diskseq, PhysicalDevice};
 
 use crate::dev_error::{errno, DevError};
-use crate::device::{Device, DeviceKind, DeviceOptions};
+use crate::device::{Device, DeviceError, DeviceKind, DeviceOptions};
 
 /// Where the device comes from.
 #[derive(Debug)]
@@ -141,6 +144,11 @@ pub fn check_device(
                     "a diskseq (0x{want:x}) is named but the device is a regular file"
                 )))
             }
+            (DeviceKind::Nbd, _) => {
+                return Err(mismatch(format!(
+                    "a diskseq (0x{want:x}) is named but the device is an NBD export"
+                )))
+            }
             (DeviceKind::Block { major, minor }, got) if got != Some(want) => {
                 return Err(mismatch(format!(
                     "device {major:x}:{minor:x} has diskseq {}, expected 0x{want:x}",
@@ -183,12 +191,88 @@ fn sysfs_devnode(major: u32, minor: u32) -> Option<PathBuf> {
         .then(|| Path::new("/dev").join(name))
 }
 
-/// Opens the toolstack's `params` path: a regular file is served directly; a block device
-/// is checked against `physical-device`/`diskseq` when they are written.
+/// How long connecting to an NBD server and its handshake may take.
+pub const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether `params` names an NBD export (an `nbd:`, `nbd+unix:` or other `nbd+` URI) rather
+/// than a path.
+pub fn is_nbd_params(params: &str) -> bool {
+    params.starts_with("nbd:") || params.starts_with("nbd+")
+}
+
+/// Connects to the NBD export `params` names and negotiates it ([`nbd::Client`]), within
+/// [`NBD_CONNECT_TIMEOUT`]; a read-only export is accepted only for a read-only vbd.
 ///
 /// # Errors
-/// `ENOENT` when `params` is missing or cannot be opened, `ENODEV` on a mismatch.
+/// `EINVAL` for a malformed URI (TLS included, which is not supported), `ENOENT` when the
+/// server cannot be reached or the handshake fails, `EROFS` for a read-only export behind a
+/// writable vbd, `ENODEV` for an export this backend cannot serve.
+pub fn open_nbd(params: &str, options: &DeviceOptions) -> Result<Device, DevError> {
+    let uri: nbd::Uri = params
+        .parse()
+        .map_err(|e| DevError::new(errno::EINVAL, format!("reading params: {e}")))?;
+    let client = nbd::Client::connect_timeout(&uri, NBD_CONNECT_TIMEOUT)
+        .map_err(|e| DevError::new(errno::ENOENT, format!("creating vbd structure: {e}")))?;
+    nbd_device(client, options)
+}
+
+/// Negotiates the NBD export `params` names on `socket`, a connection to its server that
+/// blkhotplug made and handed over ([`DeviceSource::Handoff`]); as [`open_nbd`] otherwise.
+///
+/// # Errors
+/// `EINVAL` when `params` is not an NBD URI or is malformed, `ENOENT` when the handshake
+/// fails; as [`open_nbd`].
+pub fn negotiate_nbd(
+    socket: OwnedFd,
+    params: Option<&str>,
+    options: &DeviceOptions,
+) -> Result<Device, DevError> {
+    let params = params.filter(|p| is_nbd_params(p)).ok_or_else(|| {
+        DevError::new(
+            errno::EINVAL,
+            "creating vbd structure: a socket was handed over, but params is not an NBD URI",
+        )
+    })?;
+    let uri: nbd::Uri = params
+        .parse()
+        .map_err(|e| DevError::new(errno::EINVAL, format!("reading params: {e}")))?;
+    let stream = match uri.transport() {
+        nbd::Transport::Tcp { .. } => nbd::Stream::Tcp(std::net::TcpStream::from(socket)),
+        nbd::Transport::Unix(_) => nbd::Stream::Unix(std::os::unix::net::UnixStream::from(socket)),
+    };
+    let client = nbd::Client::handshake(stream, uri.export(), NBD_CONNECT_TIMEOUT)
+        .map_err(|e| DevError::new(errno::ENOENT, format!("creating vbd structure: {e}")))?;
+    nbd_device(client, options)
+}
+
+fn nbd_device(client: nbd::Client, options: &DeviceOptions) -> Result<Device, DevError> {
+    let (stream, export) = client.into_parts();
+    Device::nbd(stream, export, options).map_err(|e| match e {
+        DeviceError::ReadOnly => DevError::new(
+            errno::EROFS,
+            "creating vbd structure: the NBD export is read-only but mode is w",
+        ),
+        e => DevError::new(errno::ENODEV, format!("creating vbd structure: {e}")),
+    })
+}
+
+/// Opens the toolstack's `params`: a regular file is served directly; a block device is
+/// checked against `physical-device`/`diskseq` when they are written; an NBD URI is connected
+/// to ([`open_nbd`]; no device number or diskseq can name it).
+///
+/// # Errors
+/// `ENOENT` when `params` is missing or cannot be opened, `ENODEV` on a mismatch; for NBD, as
+/// [`open_nbd`].
 pub fn open_params(nodes: &DeviceNodes, options: &DeviceOptions) -> Result<Device, DevError> {
+    if let Some(uri) = nodes.params.as_deref().filter(|p| is_nbd_params(p)) {
+        if nodes.physical_device.is_some() || nodes.diskseq.is_some() {
+            return Err(DevError::new(
+                errno::ENODEV,
+                "creating vbd structure: params is an NBD URI, but physical-device or diskseq names a block device",
+            ));
+        }
+        return open_nbd(uri, options);
+    }
     let params = nodes
         .params
         .as_deref()

@@ -80,9 +80,9 @@ impl DeviceInfo {
             physical_sector_size: device.physical_block_size(),
             read_only: device.read_only(),
             cdrom,
-            // Every device this backend serves has a way to make data durable (a block
-            // device's cache flush, a file's fdatasync), so flush is always offered.
-            flush: true,
+            // A block device's cache flush, a file's fdatasync; an NBD export only when the
+            // server takes NBD_CMD_FLUSH.
+            flush: device.flush(),
             discard: (discard_enable && device.discard() && !device.read_only()).then(|| Discard {
                 granularity: device.discard_granularity(),
                 alignment: 0,

@@ -55,6 +55,8 @@ pub mod errno {
     pub const ENODEV: i32 = 19;
     /// Invalid argument.
     pub const EINVAL: i32 = 22;
+    /// Read-only file system (a read-only NBD export behind a writable vbd).
+    pub const EROFS: i32 = 30;
     /// Function not implemented (Linux's answer to an unknown protocol or queue count).
     pub const ENOSYS: i32 = 38;
 }

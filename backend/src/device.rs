@@ -16,6 +16,11 @@
 //!   fail with `EINVAL`); else the file is used buffered and flushes still reach the disk
 //!   through `fdatasync`. [`Device::direct`] says which was chosen.
 //!
+//! An NBD export ([`Device::nbd`]) is a connected socket whose handshake is done: its size,
+//! read-only flag, flush and discard support and block size constraints come from what the
+//! server said ([`nbd::Export`]); the data plane speaks the transmission protocol on the socket
+//! (`dataplane::uring`'s NBD connection).
+//!
 //! Discard: a block device supports it when its queue's `discard_max_bytes` is non-zero
 //! (sysfs), secure discard when `BLKSECDISCARD` is implemented (probed without side effects,
 //! see [`blkdev::block::probe_secure_discard`]); a regular file supports it as `FALLOC_FL_PUNCH_HOLE`, probed
@@ -32,6 +37,9 @@ use rustix::io::Errno;
 /// The unit of blkif sector numbers and of the `sectors` XenStore node, whatever the logical
 /// block size.
 pub const SECTOR_SIZE: u64 = 512;
+
+/// The smallest maximum payload an NBD export must accept: a blkif request's 11 pages.
+pub const NBD_MIN_PAYLOAD: usize = ring::MAX_SEGMENTS_PER_REQUEST * 4096;
 
 /// Why a device could not be opened or queried.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +71,9 @@ pub enum DeviceError {
     /// A read-write device was asked for, but the fd or device is read-only.
     #[error("device is read-only")]
     ReadOnly,
+    /// An NBD export this backend cannot serve.
+    #[error("NBD export: {0}")]
+    Nbd(String),
 }
 
 fn query(what: &'static str) -> impl FnOnce(Errno) -> DeviceError {
@@ -96,6 +107,8 @@ pub enum DeviceKind {
     },
     /// A regular file.
     File,
+    /// An NBD export, reached through its connected socket.
+    Nbd,
 }
 
 /// An open block device or regular file, with the properties the frontend is told about.
@@ -112,6 +125,7 @@ pub struct Device {
     secure_discard: bool,
     discard_granularity: u32,
     diskseq: Option<u64>,
+    nbd: Option<nbd::Export>,
 }
 
 impl Device {
@@ -185,6 +199,7 @@ impl Device {
             secure_discard,
             discard_granularity,
             diskseq,
+            nbd: None,
         })
     }
 
@@ -228,10 +243,98 @@ impl Device {
             secure_discard: false,
             discard_granularity: blksize,
             diskseq: None,
+            nbd: None,
         })
     }
 
-    /// The fd I/O is submitted on.
+    /// Takes over a connected NBD socket whose handshake negotiated `export`. The logical
+    /// block size is the export's minimum block size (at least 512; an export needing more
+    /// than 4096 is refused), the physical one its preferred block size (up to 64 KiB); writes
+    /// are refused when the export is read-only, flush is offered when the server takes
+    /// `NBD_CMD_FLUSH`, discard when it takes `NBD_CMD_TRIM` or `NBD_CMD_WRITE_ZEROES`. The
+    /// size is the export's, rounded down to whole logical blocks.
+    ///
+    /// # Errors
+    /// [`DeviceError::Nbd`] for a block size outside 512..=4096, a maximum payload below
+    /// [`NBD_MIN_PAYLOAD`], an export smaller than one block or whose size is not a multiple
+    /// of 512; [`DeviceError::ReadOnly`] for a read-only
+    /// export when `options.read_only` is false; [`DeviceError::Query`] when the socket cannot
+    /// be switched to blocking without timeouts.
+    pub fn nbd(
+        stream: nbd::Stream,
+        export: nbd::Export,
+        options: &DeviceOptions,
+    ) -> Result<Self, DeviceError> {
+        // The data plane's io_uring waits for the socket itself: no timeouts left over from the
+        // handshake.
+        stream
+            .set_timeout(None)
+            .map_err(|source| DeviceError::Query {
+                what: "clearing the NBD socket's timeouts",
+                source,
+            })?;
+        let bs = export.block_size;
+        let lbs = bs.minimum.max(SECTOR_SIZE as u32);
+        check_block_size(lbs).map_err(|_| {
+            DeviceError::Nbd(format!(
+                "minimum block size {} (this backend serves 512 to 4096)",
+                bs.minimum
+            ))
+        })?;
+        if export.size % SECTOR_SIZE != 0 || export.size < u64::from(lbs) {
+            return Err(DeviceError::Nbd(format!(
+                "size {} bytes (not a whole number of 512-byte sectors, or less than a block)",
+                export.size
+            )));
+        }
+        // A blkif request without indirect segments carries up to 11 pages; the data plane
+        // sends each request as one command, so the server must take that much at once.
+        if (bs.maximum as usize) < NBD_MIN_PAYLOAD {
+            return Err(DeviceError::Nbd(format!(
+                "maximum payload {} bytes, less than a blkif request's {NBD_MIN_PAYLOAD}",
+                bs.maximum
+            )));
+        }
+        let pbs = bs.preferred.clamp(lbs, 64 * 1024);
+        let pbs = if pbs.is_power_of_two() { pbs } else { lbs };
+        let flags = export.flags;
+        if flags.read_only() && !options.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        let read_only = flags.read_only() || options.read_only;
+        let bytes = export.size - export.size % u64::from(lbs);
+        let fd = match stream {
+            nbd::Stream::Tcp(s) => OwnedFd::from(s),
+            nbd::Stream::Unix(s) => OwnedFd::from(s),
+        };
+        Ok(Self {
+            fd,
+            kind: DeviceKind::Nbd,
+            sectors: AtomicU64::new(bytes / SECTOR_SIZE),
+            logical_block_size: lbs,
+            physical_block_size: pbs,
+            read_only,
+            direct: true,
+            discard: flags.send_trim() || flags.send_write_zeroes(),
+            secure_discard: false,
+            discard_granularity: pbs,
+            diskseq: None,
+            nbd: Some(export),
+        })
+    }
+
+    /// What the NBD server said about the export ([`DeviceKind::Nbd`] only).
+    pub fn nbd_export(&self) -> Option<&nbd::Export> {
+        self.nbd.as_ref()
+    }
+
+    /// Whether a flush makes written data durable: always for a block device or file
+    /// (`fdatasync`), for an NBD export when the server takes `NBD_CMD_FLUSH`.
+    pub fn flush(&self) -> bool {
+        self.nbd.as_ref().is_none_or(|e| e.flags.send_flush())
+    }
+
+    /// The fd I/O is submitted on (for an NBD export, its socket).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -260,6 +363,8 @@ impl Device {
                 let st = rustix::fs::fstat(&self.fd).map_err(query("fstat"))?;
                 u64::try_from(st.st_size).unwrap_or(0)
             }
+            // The size an NBD server states in its handshake does not change on a connection.
+            DeviceKind::Nbd => return Ok(self.sectors()),
         };
         let sectors = bytes / SECTOR_SIZE;
         self.sectors.store(sectors, Ordering::Release);
@@ -330,6 +435,8 @@ impl Device {
                 )
                 .map_err(Into::into)
             }
+            // The data plane sends an NBD export's discards on the socket.
+            DeviceKind::Nbd => Err(Errno::OPNOTSUPP.into()),
         }
     }
 }

@@ -4,6 +4,7 @@
 //!   [`xenbus_state`] carried out against XenStore), with the device held race-free
 //!   ([`acquire`]) and served by the [`dataplane`];
 //! - [`supervise`]: one `serve` process per disk, started as devices appear;
+//! - [`nbd_connector`]: new connections to an NBD server for a backend already confined;
 //!
 //! The `blkbackd` binary (its own crate) puts these together; the simulated platform and
 //! guest that tests, benches, the demo and replay use are the `sim` crate.
@@ -19,6 +20,7 @@ pub mod dataplane;
 pub mod dev_error;
 pub mod device;
 pub mod frontend_config;
+pub mod nbd_connector;
 pub mod replay;
 pub mod sandbox;
 pub mod serve;

@@ -62,6 +62,14 @@ enum Command {
     /// Replay a ring trace against the real data plane on the simulated platform and check
     /// every response; exits 1 with the first difference.
     Replay(ReplayArgs),
+    /// (Started by `serve` for a disk on an NBD export.) Make a new connection to the export
+    /// for each request on standard input, a socket from `serve`, which cannot connect once
+    /// confined; exits when `serve` closes it.
+    #[command(hide = true)]
+    NbdConnect {
+        /// The export's URI (the disk's `params`).
+        uri: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +173,11 @@ struct Tuning {
     /// whole core per busy queue). For hosts with cores to spare, as vhost-user and SPDK.
     #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=100_000))]
     poll_us: u32,
+    /// For a disk on an NBD export: how long requests may wait for the server without any
+    /// reply arriving before the connection is given up (every request then fails, the guest
+    /// sees I/O errors, the disk can be removed).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    nbd_timeout: u32,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -346,6 +359,11 @@ fn run(
         Command::Demo(args) => demo::run(&args, verbose, &mut std::io::stdout().lock()),
         Command::Stats(args) => run_stats(&args),
         Command::Replay(args) => run_replay(&args),
+        Command::NbdConnect { uri } => {
+            let stdin = std::io::stdin();
+            backend::nbd_connector::run_connector(std::os::fd::AsFd::as_fd(&stdin), &uri)
+                .context("nbd-connect")
+        }
     }
 }
 
@@ -444,6 +462,8 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         features,
         grant_mode: args.tuning.grant_mode(),
         poll: Duration::from_micros(args.tuning.poll_us.into()),
+        nbd_timeout: Duration::from_secs(args.tuning.nbd_timeout.into()),
+        nbd_connector: Some(std::env::current_exe().context("finding this program's path")?),
         stats_file: Some(stats_file),
         observer: recorder,
     };
@@ -502,6 +522,8 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
         .to_owned(),
         "--poll-us".to_owned(),
         t.poll_us.to_string(),
+        "--nbd-timeout".to_owned(),
+        t.nbd_timeout.to_string(),
     ];
     if t.no_persistent {
         serve_args.push("--no-persistent".to_owned());

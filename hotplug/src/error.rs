@@ -108,6 +108,20 @@ pub enum Error {
     /// The fd handoff failed.
     #[error("fd handoff: {0}")]
     Handoff(#[from] HandoffError),
+    /// An NBD URI in `params` that is malformed, or whose server cannot be reached.
+    #[error("NBD export {params:?}: {why}")]
+    Nbd {
+        /// The value given.
+        params: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// An NBD URI for a backend that cannot take a connected socket (only blkbackd's handoff
+    /// socket can).
+    #[error(
+        "params is an NBD URI, but the backend has no handoff socket (only blkbackd serves NBD)"
+    )]
+    NbdNeedsHandoff,
 }
 
 impl Error {

@@ -8,7 +8,12 @@
 //! write `hotplug-status` = `connected`; close our fd. Every wait is bounded. On failure the
 //! device nodes are removed, `hotplug-error` and `hotplug-status` = `busy` written, and what was
 //! created is undone (or vanishes by itself when our fd closes).
-use std::os::fd::AsFd;
+//!
+//! An NBD URI in `params` (`nbd://host[:port]/export`, `nbd+unix:///export?socket=PATH`) is no
+//! device: `add` connects to the server and hands the connected socket to blkbackd, which
+//! negotiates the export on it before it confines itself; no device node is written, and
+//! `remove` has nothing to undo.
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -108,12 +113,14 @@ fn dm_identity(backend: &BackendPath) -> (String, String) {
     )
 }
 
-/// `add`: see the module documentation. On failure the error is also written to the backend
-/// directory (`hotplug-error`, `hotplug-status` = `busy`).
+/// `add`: see the module documentation. Returns the device opened, which the caller keeps
+/// open until it exits, or `None` for an NBD export (the backend holds the only socket). On
+/// failure the error is also written to the backend directory (`hotplug-error`,
+/// `hotplug-status` = `busy`).
 ///
 /// # Errors
 /// What went wrong.
-pub fn add(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, Error> {
+pub fn add(xs: &XenStore, backend: &str, config: Config) -> Result<Option<Attached>, Error> {
     let backend = &parse_backend_path(backend)?;
     add_inner(xs, backend, config).inspect_err(|e| {
         tracing::error!("add {backend}: {e}");
@@ -121,12 +128,33 @@ pub fn add(xs: &XenStore, backend: &str, config: Config) -> Result<Attached, Err
     })
 }
 
-fn add_inner(xs: &XenStore, backend: &BackendPath, config: Config) -> Result<Attached, Error> {
+/// Whether `params` is an NBD URI rather than a path.
+fn is_nbd(params: &[u8]) -> bool {
+    params.starts_with(b"nbd:") || params.starts_with(b"nbd+")
+}
+
+fn add_inner(
+    xs: &XenStore,
+    backend: &BackendPath,
+    config: Config,
+) -> Result<Option<Attached>, Error> {
     let deadline = Instant::now() + config.timeout;
     let params = read_req(xs, &backend.node(handoff::PARAMS))?;
     let mode = Mode::parse(&read_req(xs, &backend.node(handoff::MODE))?)?;
-    let source = Source::parse(&params)?;
     let handover = handover_of(xs, backend)?;
+    if is_nbd(&params) {
+        return add_nbd(
+            xs,
+            backend,
+            &params,
+            mode,
+            &handover,
+            deadline,
+            config.timeout,
+        )
+        .map(|()| None);
+    }
+    let source = Source::parse(&params)?;
     let (dm_name, dm_uuid) = dm_identity(backend);
     let opts = AttachOptions {
         mode,
@@ -138,7 +166,7 @@ fn add_inner(xs: &XenStore, backend: &BackendPath, config: Config) -> Result<Att
     match connect_device(xs, backend, &a, &handover, deadline, config.timeout) {
         Ok(()) => {
             tracing::info!(device = %a.path.display(), diskseq = a.diskseq, ?handover, "{backend}: connected");
-            Ok(a)
+            Ok(Some(a))
         }
         Err(e) => {
             if let Err(undo) = a.abandon() {
@@ -147,6 +175,40 @@ fn add_inner(xs: &XenStore, backend: &BackendPath, config: Config) -> Result<Att
             Err(e)
         }
     }
+}
+
+/// Connects to the NBD server `params` names and hands the socket to the backend;
+/// `connected` once the backend has negotiated the export on it.
+fn add_nbd(
+    xs: &XenStore,
+    backend: &BackendPath,
+    params: &[u8],
+    mode: Mode,
+    handover: &Handover,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let text = String::from_utf8_lossy(params).into_owned();
+    let nbd_error = |why: String| Error::Nbd {
+        params: text.clone(),
+        why,
+    };
+    let Handover::Socket(path) = handover else {
+        return Err(Error::NbdNeedsHandoff);
+    };
+    let uri: nbd::Uri = text.parse().map_err(|e| nbd_error(format!("{e}")))?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let stream = nbd::Stream::connect(&uri, left).map_err(|e| nbd_error(format!("{e}")))?;
+    let socket: OwnedFd = match stream {
+        nbd::Stream::Tcp(s) => s.into(),
+        nbd::Stream::Unix(s) => s.into(),
+    };
+    let info = DeviceInfo::nbd_socket(!mode.writable());
+    hand_fd(path, socket.as_fd(), &info, deadline, timeout)?;
+    tracing::info!(nbd = %text, "{backend}: connected");
+    let status = backend.node(handoff::HOTPLUG_STATUS);
+    xs.write(&status, handoff::STATUS_CONNECTED)
+        .map_err(Error::xs("write", &status))
 }
 
 /// Publishes the opened device and hands it over; `connected` once the backend holds it.
@@ -162,7 +224,13 @@ fn connect_device(
     // series), or the fd handoff (blkbackd parses physical-device with xen::handoff).
     write_device_nodes(xs, backend, a, *handover != Handover::Legacy)?;
     match handover {
-        Handover::Socket(path) => hand_fd(path, a, deadline, timeout)?,
+        Handover::Socket(path) => {
+            let info = DeviceInfo {
+                device: a.physical_device(true),
+                read_only: a.read_only,
+            };
+            hand_fd(path, a.fd.as_fd(), &info, deadline, timeout)?;
+        }
         Handover::Opened => wait_opened(xs, backend, deadline, timeout)?,
         Handover::Legacy => {}
     }
@@ -209,7 +277,8 @@ fn write_device_nodes(
 
 fn hand_fd(
     path: &std::path::Path,
-    a: &Attached,
+    fd: BorrowedFd<'_>,
+    info: &DeviceInfo,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), Error> {
@@ -224,12 +293,7 @@ fn hand_fd(
     };
     let sock = handoff::connect(path, deadline.saturating_duration_since(Instant::now()))
         .map_err(timed_out("a connection to the backend's handoff socket"))?;
-    let info = DeviceInfo {
-        device: a.physical_device(true),
-        read_only: a.read_only,
-    };
-    handoff::send_device(&sock, a.fd.as_fd(), &info)
-        .map_err(timed_out("the handoff to be sent"))?;
+    handoff::send_device(&sock, fd, info).map_err(timed_out("the handoff to be sent"))?;
     match handoff::recv_reply(&sock).map_err(timed_out("the backend's handoff reply"))? {
         Reply::Accepted => Ok(()),
         Reply::Rejected(e) => Err(Error::Rejected(e)),

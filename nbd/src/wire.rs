@@ -1,6 +1,6 @@
 //! The transmission phase's messages, without I/O (proto.md, "Transmission"): a request
 //! header is 28 bytes, a simple reply 16. Whoever owns the socket (the blocking
-//! [`Client`](crate::Client) now, a queue's io_uring later) moves the bytes; this module only
+//! [`Client`](crate::Client), or a backend queue's io_uring) moves the bytes; this module only
 //! turns them into values and back, and checks a request against the [`Export`] before it is
 //! sent ([`Export::check`]).
 //!

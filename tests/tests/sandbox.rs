@@ -286,7 +286,7 @@ fn a_restricted_io_uring_reaches_only_its_registered_files_and_operations() {
     std::fs::write(tmp.path().join("other"), b"secret").unwrap();
     let other = std::fs::File::open(tmp.path().join("other")).unwrap();
     let mut ring = sandbox::uring::builder().build(8).unwrap();
-    sandbox::uring::restrict(&ring, &[given.as_raw_fd()]).unwrap();
+    sandbox::uring::restrict(&ring, &[given.as_raw_fd()], false).unwrap();
     let mut buf = [0u8; 6];
     let eacces = -rustix::io::Errno::ACCESS.raw_os_error();
     // A write to the registered file works.

@@ -249,7 +249,7 @@ mod tests {
 
     fn uring() -> (std::fs::File, Uring) {
         let null = std::fs::File::open("/dev/null").unwrap();
-        let u = Uring::new(4, 16, None, &[null.as_fd()]).unwrap();
+        let u = Uring::new(4, 16, None, &[null.as_fd()], false).unwrap();
         (null, u)
     }
 

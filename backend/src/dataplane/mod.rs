@@ -62,6 +62,18 @@
 //!   a row, the port is unmasked only after a delay that doubles from 1 ms up to 1 s, as
 //!   Linux's late-EOI handling does, so a guest hammering the event channel costs at most a
 //!   few wake-ups per second.
+//! - An NBD export ([`crate::device::DeviceKind::Nbd`]): the same requests become NBD commands
+//!   on the export's socket, sent and received on the queue's io_uring (`uring`'s NBD
+//!   connection: one send in flight, one receive state machine, cookies naming ring slots); a
+//!   flushing write is `NBD_CMD_FLUSH` then the write with FUA where the server offers FUA (else
+//!   the write then the flush), a discard is `NBD_CMD_TRIM` (`NBD_CMD_WRITE_ZEROES` where the
+//!   server has no trim); a server error answers that request with `BLKIF_RSP_ERROR`. A lost
+//!   connection (closed, broken protocol, or requests waiting [`QueueParams::nbd_timeout`]
+//!   without a reply) is replaced through [`QueueParams::nbd_connector`] and what had no
+//!   reply is sent again, the guest waiting meanwhile; without a connector, or with none
+//!   connected within the timeout, every request fails from then on. One queue per export
+//!   (one connection), or, where the server allows several (`NBD_FLAG_CAN_MULTI_CONN`), one
+//!   connection per queue ([`QueueParams::nbd_socket`]).
 //! - Flush and barrier are served only where [`Features`] says they were advertised (else
 //!   `BLKIF_RSP_EOPNOTSUPP`, as a backend without them answers).
 //! - CD-ROM and other read-only vbds: set [`Features::read_only`]; every non-read is refused
@@ -137,8 +149,8 @@ impl Features {
     /// Everything the device supports, read-write unless the device is read-only.
     pub fn from_device(device: &Device) -> Self {
         Self {
-            flush: true,
-            barrier: true,
+            flush: device.flush(),
+            barrier: device.flush(),
             discard: device.discard(),
             secure_discard: device.secure_discard(),
             read_only: device.read_only(),
@@ -189,7 +201,20 @@ pub struct QueueParams {
     /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
     /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
     pub poll: Duration,
+    /// For an NBD export: when requests have waited this long with no reply arriving, the
+    /// connection is given up and every request fails ([`DEFAULT_NBD_TIMEOUT`]).
+    pub nbd_timeout: Duration,
+    /// For an NBD export: who makes a new connection when the server goes away (requests
+    /// then wait up to [`QueueParams::nbd_timeout`] for it); `None`: a lost connection fails
+    /// every request.
+    pub nbd_connector: Option<Arc<crate::nbd_connector::Connector>>,
+    /// For an NBD export whose server allows several connections: this queue's own (else the
+    /// queue uses the device's).
+    pub nbd_socket: Option<OwnedFd>,
 }
+
+/// The default [`QueueParams::nbd_timeout`].
+pub const DEFAULT_NBD_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for QueueParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,6 +265,9 @@ impl QueueParams {
             on_exit: None,
             observer: None,
             poll: Duration::ZERO,
+            nbd_timeout: DEFAULT_NBD_TIMEOUT,
+            nbd_connector: None,
+            nbd_socket: None,
         }
     }
 }

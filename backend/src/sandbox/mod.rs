@@ -38,7 +38,13 @@
 //!      "Every thread").
 //! - Independently of this module's switches, each queue's io_uring is created disabled,
 //!   restricted to the opcodes the data plane submits and to its registered files (the disk,
-//!   the event channel, the stop eventfd), then enabled ([`uring`]): io_uring operations are
+//!   the event channel, the stop eventfd), then enabled ([`uring`]). An NBD export's socket is
+//!   connected and negotiated before confinement and is the disk's registered file: the ring
+//!   sends and receives on it, and neither the ring (no `SOCKET`, `CONNECT`) nor seccomp (no
+//!   `connect`, no `socket` but `AF_UNIX`) lets the process open another. A lost connection is
+//!   replaced by the connector `serve` starts before confinement (`crate::nbd_connector`: a
+//!   child process that can connect only to the disk's URI and passes the socket back), and
+//!   that ring alone may replace its registered socket (`IORING_REGISTER_FILES_UPDATE`). io_uring operations are
 //!   not seen by seccomp, so the ring gets its own allow-list. Each queue's event-channel
 //!   handle is restricted to the frontend's domain (`IOCTL_EVTCHN_RESTRICT_DOMID`).
 //!

@@ -4,10 +4,13 @@
 //! The ring is created disabled ([`builder`]); its owner registers its buffers, then
 //! [`restrict`] registers the files it may use, installs the restrictions and enables the ring.
 //! From then on:
-//! - only [`OPCODES`] can be submitted (no `OPENAT`, `SOCKET`, `CONNECT`, `SEND`, ...);
+//! - only [`OPCODES`] can be submitted (no `OPENAT`, `SOCKET`, `CONNECT`, `ACCEPT`, ...);
 //! - every SQE must carry `IOSQE_FIXED_FILE`: it can only name a registered file, so the ring
 //!   cannot reach any other fd of the process;
-//! - no further `io_uring_register` operation is allowed (no new files or buffers).
+//! - no further `io_uring_register` operation is allowed (no new files or buffers), except,
+//!   for a disk on an NBD export, `IORING_REGISTER_FILES_UPDATE`: the replacement of its
+//!   socket by a reconnection's (which the confined process cannot make itself; see
+//!   `crate::nbd_connector`).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -16,8 +19,10 @@ use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, IoUring};
 
 /// The operations a queue submits: reads and writes (bounce buffers or grant mappings),
-/// `fdatasync`, discard (block `URING_CMD` or `fallocate`), the event-channel poll and timers.
-pub const OPCODES: [u8; 9] = [
+/// `fdatasync`, discard (block `URING_CMD` or `fallocate`), the event-channel poll and timers;
+/// for an NBD export, sends and receives on its socket, connected before confinement, and its
+/// shutdown (a ring can name no other socket, and none can connect).
+pub const OPCODES: [u8; 13] = [
     opcode::ReadFixed::CODE,
     opcode::WriteFixed::CODE,
     opcode::Readv::CODE,
@@ -27,6 +32,10 @@ pub const OPCODES: [u8; 9] = [
     opcode::UringCmd16::CODE,
     opcode::PollAdd::CODE,
     opcode::Timeout::CODE,
+    opcode::SendMsg::CODE,
+    opcode::Recv::CODE,
+    opcode::RecvMsg::CODE,
+    opcode::Shutdown::CODE,
 ];
 
 /// A builder for a ring that starts disabled (`IORING_SETUP_R_DISABLED`), so that
@@ -37,15 +46,21 @@ pub fn builder() -> io_uring::Builder {
     b
 }
 
+/// `IORING_REGISTER_FILES_UPDATE` (include/uapi/linux/io_uring.h).
+const REGISTER_FILES_UPDATE: u8 = 6;
+
 /// Registers `files` (their indices are their positions), restricts the ring as the module
-/// says, and enables it.
+/// says (`replace_files`: allowing registered files to be replaced), and enables it.
 ///
 /// # Errors
 /// When the kernel refuses a registration; the ring is then unusable (still disabled).
-pub fn restrict(ring: &IoUring, files: &[RawFd]) -> io::Result<()> {
+pub fn restrict(ring: &IoUring, files: &[RawFd], replace_files: bool) -> io::Result<()> {
     let sub = ring.submitter();
     sub.register_files(files)?;
     let mut res: Vec<Restriction> = OPCODES.iter().map(|&op| Restriction::sqe_op(op)).collect();
+    if replace_files {
+        res.push(Restriction::register_op(REGISTER_FILES_UPDATE));
+    }
     res.push(Restriction::sqe_flags_allowed(
         squeue::Flags::IO_LINK.bits(),
     ));

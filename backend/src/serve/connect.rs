@@ -104,6 +104,22 @@ impl Backend {
             );
             params.grant_mode = self.grant_mode;
             params.poll = self.poll;
+            params.nbd_timeout = self.nbd_timeout;
+            params.nbd_connector = self.nbd_connector.clone();
+            if index > 0 && device.nbd_export().is_some() {
+                // Multi-conn: every queue but the first has a connection of its own.
+                match self.queue_connection(device) {
+                    Ok(socket) => params.nbd_socket = Some(socket),
+                    Err(e) => {
+                        Connection { queues }.stop();
+                        let err = DevError::new(
+                            errno::EIO,
+                            format!("connecting queue {index} to the NBD export: {e}"),
+                        );
+                        return self.fatal(&err);
+                    }
+                }
+            }
             params.observer = self.observer.clone();
             params.persistent_grants = config.persistent_grants;
             params.max_indirect_segments = u16::try_from(
@@ -159,6 +175,19 @@ impl Backend {
         if let Some(c) = self.connection.take() {
             c.stop();
             tracing::debug!(backend = %self.be, "disconnected");
+        }
+    }
+
+    /// A new connection to the device's NBD export, for a queue of its own (multi-conn).
+    fn queue_connection(
+        &self,
+        device: &crate::device::Device,
+    ) -> Result<std::os::fd::OwnedFd, String> {
+        let connector = self.nbd_connector.as_ref().ok_or("no NBD connector")?;
+        let (socket, export) = connector.connect().map_err(|e| e.to_string())?;
+        match device.nbd_export() {
+            Some(first) if crate::nbd_connector::same_export(first, &export) => Ok(socket),
+            _ => Err(format!("the server offers another export now ({export:?})")),
         }
     }
 

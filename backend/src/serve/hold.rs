@@ -11,7 +11,8 @@ use xen::handoff::{self, Reply};
 use super::{Backend, Outcome, ServeError};
 use crate::acquire::{self, DeviceNodes, DeviceSource};
 use crate::dev_error::{errno, DevError};
-use crate::device::{Device, DeviceOptions};
+use crate::device::{Device, DeviceKind, DeviceOptions};
+use crate::nbd_connector::Connector;
 use xen::xenbus::XenbusState;
 
 impl Backend {
@@ -62,6 +63,37 @@ impl Backend {
                     direct = device.direct(),
                     "holding the device"
                 );
+                if device.kind() == DeviceKind::Nbd {
+                    self.start_nbd_connector()?;
+                }
+                // Indirect requests no larger than the server takes in one command.
+                let max_segments = device
+                    .nbd_export()
+                    .map(|e| e.block_size.maximum / 4096)
+                    .filter(|&m| m < self.features.max_indirect_segments);
+                if let Some(m) = max_segments {
+                    let m = if (m as usize) > ring::MAX_SEGMENTS_PER_REQUEST {
+                        m
+                    } else {
+                        0
+                    };
+                    self.features.max_indirect_segments = m;
+                    self.write_node("feature-max-indirect-segments", &m.to_string())?;
+                }
+                if let Some(export) = device.nbd_export() {
+                    // One connection per queue where the server allows several (the connector
+                    // makes the others at connect), else one queue. A frontend that already
+                    // asked for more than that is refused at connect.
+                    let queues = if export.flags.can_multi_conn() && self.nbd_connector.is_some() {
+                        self.max_queues
+                    } else {
+                        1
+                    };
+                    if queues != self.features.max_queues {
+                        self.features.max_queues = queues;
+                        self.write_node("multi-queue-max-queues", &queues.to_string())?;
+                    }
+                }
                 self.device = Some(Arc::new(device));
                 // The handoff socket has done its job: close it (and remove its name) while
                 // that is still allowed, so nothing is accepted once confined.
@@ -76,6 +108,25 @@ impl Backend {
             }
             Err(e) => self.fatal(&e),
         }
+    }
+
+    /// Starts the NBD connector (before confinement, which forbids connecting), so that a
+    /// lost connection can be replaced; without one a loss is for good (logged).
+    fn start_nbd_connector(&mut self) -> Result<(), ServeError> {
+        let (Some(program), Some(uri)) = (
+            self.nbd_program.clone(),
+            self.read_opt(&self.be.node(handoff::PARAMS))?,
+        ) else {
+            return Ok(());
+        };
+        match Connector::start(&program, &uri) {
+            Ok(c) => self.nbd_connector = Some(Arc::new(c)),
+            Err(e) => tracing::warn!(
+                backend = %self.be,
+                "{e}: a lost NBD connection will not be replaced"
+            ),
+        }
+        Ok(())
     }
 
     /// Linux `backend_changed`, plus removal of the directory (`xenbus_dev_changed`).
@@ -153,9 +204,13 @@ impl Backend {
                 read_only: options.read_only || info.read_only,
                 ..options
             };
-            let device = Device::from_fd(fd, &options).map_err(|e| {
-                DevError::new(errno::ENODEV, format!("creating vbd structure: {e}"))
-            })?;
+            let device = if info.is_nbd_socket() {
+                acquire::negotiate_nbd(fd, nodes.params.as_deref(), &options)?
+            } else {
+                Device::from_fd(fd, &options).map_err(|e| {
+                    DevError::new(errno::ENODEV, format!("creating vbd structure: {e}"))
+                })?
+            };
             acquire::check_device(&device, nodes.expected()?.as_ref(), info.device.diskseq)?;
             Ok(device)
         });

@@ -43,6 +43,7 @@ use crate::dataplane::{GrantMode, Observer, QueueHandle, Stats};
 use crate::dev_error::DevError;
 use crate::device::{Device, DeviceOptions};
 use crate::frontend_config::FrontendConfig;
+use crate::nbd_connector::Connector;
 use crate::stats_file::StatsFile;
 
 mod connect;
@@ -74,6 +75,14 @@ pub struct ServeConfig {
     pub grant_mode: GrantMode,
     /// How long each queue busy-polls before sleeping (zero: never).
     pub poll: Duration,
+    /// For an NBD export: how long requests may go without any reply before the connection
+    /// is given up ([`crate::dataplane::QueueParams::nbd_timeout`]).
+    pub nbd_timeout: Duration,
+    /// For an NBD export: the program to start as its connector (`PROGRAM nbd-connect URI`,
+    /// [`crate::nbd_connector`]), so that a lost connection can be replaced once confined, and
+    /// queues get connections of their own (multi-conn); `None`: a lost connection is given
+    /// up, and the export is served by one queue.
+    pub nbd_connector: Option<PathBuf>,
     /// Where to keep the statistics, if anywhere.
     pub stats_file: Option<PathBuf>,
     /// Who watches the queues (`--record`), if anyone.
@@ -146,6 +155,11 @@ struct Backend {
     features: Features,
     grant_mode: GrantMode,
     poll: Duration,
+    nbd_timeout: Duration,
+    nbd_program: Option<PathBuf>,
+    nbd_connector: Option<Arc<Connector>>,
+    /// The queues configured (`features.max_queues` says what is offered now).
+    max_queues: u32,
     observer: Option<Arc<dyn Observer>>,
     device_options: DeviceOptions,
     source: DeviceSource,
@@ -227,8 +241,12 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         home,
         frontend,
         features: config.features,
+        max_queues: config.features.max_queues,
         grant_mode: config.grant_mode,
         poll: config.poll,
+        nbd_timeout: config.nbd_timeout,
+        nbd_program: config.nbd_connector,
+        nbd_connector: None,
         observer: config.observer,
         device_options: config.device_options,
         source: config.source,
@@ -315,6 +333,14 @@ impl Backend {
 
     /// Linux `xen_blkbk_probe`, plus the RFC's `opened` = 0 and the handoff socket.
     fn probe(&mut self) -> Result<(), ServeError> {
+        // An NBD export is served by one queue over one connection unless the server allows
+        // several (known once connected): say so before the frontend reads the probe nodes.
+        if matches!(self.source, DeviceSource::Params | DeviceSource::Handoff(_)) {
+            let params = self.read_opt(&self.be.node(handoff::PARAMS))?;
+            if params.as_deref().is_some_and(crate::acquire::is_nbd_params) {
+                self.features.max_queues = 1;
+            }
+        }
         for (name, value) in self.features.probe_nodes() {
             self.write_node(name, &value)?;
         }

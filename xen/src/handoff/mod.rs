@@ -30,6 +30,10 @@
 //! | 12 | 4 | minor, little endian |
 //! | 16 | 8 | diskseq, little endian (0 = unknown) |
 //!
+//! Device `0:0` with diskseq 0 (major 0 is no block device's) says the fd is instead a stream
+//! socket connected to the NBD server that [`PARAMS`] names; the backend negotiates the export
+//! on it ([`DeviceInfo::nbd_socket`]).
+//!
 //! The backend answers with one [`REPLY_LEN`]-byte message: magic `XBHR`, then a little-endian
 //! `u32`: 0 = accepted (the backend now holds the device), else an errno saying why it refused.
 //! Once the message is sent the fd is in flight: if the backend dies before receiving it, the

@@ -95,9 +95,16 @@ pub fn recv_device(sock: impl AsFd) -> Result<(OwnedFd, DeviceInfo), HandoffErro
     Ok((fd, info))
 }
 
-/// Checks that `fd` is the block device `info` names, with the access mode it claims.
+/// Checks that `fd` is the block device `info` names, with the access mode it claims, or, for
+/// [`DeviceInfo::nbd_socket`], a socket.
 fn check_fd_matches(fd: BorrowedFd<'_>, info: &DeviceInfo) -> Result<(), HandoffError> {
     let st = rustix::fs::fstat(fd).map_err(io("fstat"))?;
+    if info.is_nbd_socket() {
+        if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+            return Err(HandoffError::Mismatch("device 0:0 but not a socket"));
+        }
+        return Ok(());
+    }
     if FileType::from_raw_mode(st.st_mode) != FileType::BlockDevice {
         return Err(HandoffError::Mismatch("not a block device"));
     }
@@ -259,6 +266,17 @@ mod tests {
         assert!(matches!(
             recv_device(&b),
             Err(HandoffError::Mismatch("not a block device"))
+        ));
+
+        // A socket said to be an NBD connection is taken; a file said to be one is not.
+        let nbd = DeviceInfo::nbd_socket(false);
+        send_device(&a, x.as_fd(), &nbd).expect("send");
+        assert_eq!(recv_device(&b).expect("an NBD socket").1, nbd);
+        let file = std::fs::File::open("/dev/null").expect("/dev/null");
+        send_device(&a, file.as_fd(), &nbd).expect("send");
+        assert!(matches!(
+            recv_device(&b),
+            Err(HandoffError::Mismatch("device 0:0 but not a socket"))
         ));
 
         // A message without an fd.

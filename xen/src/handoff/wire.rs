@@ -25,6 +25,26 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
+    /// What is said about a stream socket connected to the NBD server `params` names: device
+    /// `0:0` (major 0 is no block device's) and no diskseq.
+    #[must_use]
+    pub const fn nbd_socket(read_only: bool) -> Self {
+        Self {
+            device: PhysicalDevice {
+                major: 0,
+                minor: 0,
+                diskseq: None,
+            },
+            read_only,
+        }
+    }
+
+    /// Whether this describes an NBD connection ([`DeviceInfo::nbd_socket`]).
+    #[must_use]
+    pub const fn is_nbd_socket(&self) -> bool {
+        self.device.major == 0 && self.device.minor == 0 && self.device.diskseq.is_none()
+    }
+
     /// The version-1 wire form.
     #[must_use]
     pub fn encode(&self) -> [u8; DEVICE_MESSAGE_LEN] {

@@ -118,8 +118,22 @@ impl Queue {
             .map_err(DataplaneError::EventChannel)?;
         let wake = Wake::new(evtchn, local_port, p.poll);
         let (grants, bounce) = grant_access(&p, size, max_segs, max_indirect)?;
-        let files = [p.device.fd(), wake.evtchn().as_fd(), stop_fd.as_fd()];
-        let uring = Uring::new(size, max_segs, bounce, &files).map_err(DataplaneError::Uring)?;
+        // An NBD queue with a connection of its own submits on that socket.
+        let io_fd = p.nbd_socket.as_ref().map_or(p.device.fd(), AsFd::as_fd);
+        let files = [io_fd, wake.evtchn().as_fd(), stop_fd.as_fd()];
+        let export = p.device.nbd_export().copied();
+        let replace_files = export.is_some() && p.nbd_connector.is_some();
+        let mut uring = Uring::new(size, max_segs, bounce, &files, replace_files)
+            .map_err(DataplaneError::Uring)?;
+        if let Some(export) = export {
+            let connector = p.nbd_connector.clone();
+            uring
+                .attach_nbd(io_fd, export, p.nbd_timeout, connector)
+                .map_err(DataplaneError::Uring)?;
+        }
+        if let Some(socket) = p.nbd_socket {
+            uring.own_nbd_socket(socket);
+        }
         Ok(Self {
             uring,
             grants,
@@ -220,7 +234,10 @@ impl Queue {
             for r in reaped.drain(..) {
                 match r {
                     Reaped::Control(Control::Event) => event = true,
-                    Reaped::Control(Control::Stop) => self.stopping = true,
+                    Reaped::Control(Control::Stop) => {
+                        self.stopping = true;
+                        self.uring.nbd_stop_waiting();
+                    }
                     Reaped::Control(Control::EoiTimer) => self.wake.unmask(&mut self.uring)?,
                     Reaped::Control(Control::Tick) => self.tick()?,
                     Reaped::Slot(c) => self.complete(&mem, c),

@@ -12,7 +12,7 @@ use super::Queue;
 use crate::dataplane::grant_access::Reach;
 use crate::dataplane::slot::State;
 use crate::dataplane::stats::{Count, Meter};
-use crate::dataplane::uring::{Completion, Data};
+use crate::dataplane::uring::{Completion, Data, NbdRequest, NbdSubmitError};
 use crate::device::DeviceKind;
 
 /// Bytes of data a read or write moves.
@@ -49,7 +49,12 @@ impl Queue {
         }
         let device = Arc::clone(&self.device);
         let fd = device.fd();
+        let nbd = device.kind() == DeviceKind::Nbd;
         match op {
+            Op::Flush(_) if nbd => {
+                self.stats.count(Count::Flush);
+                self.submit_nbd(mem, slot, NbdRequest::Flush, None);
+            }
             Op::Flush(_) => {
                 self.stats.count(Count::Flush);
                 match self.uring.submit_fsync(slot, fd) {
@@ -72,6 +77,10 @@ impl Queue {
                 };
                 if len == 0 {
                     return self.finish(mem, slot, Status::Okay);
+                }
+                if nbd {
+                    let req = NbdRequest::Discard { offset, len };
+                    return self.submit_nbd(mem, slot, req, None);
                 }
                 let block = matches!(device.kind(), DeviceKind::Block { .. });
                 if secure || (block && !self.uring_discard) {
@@ -157,6 +166,17 @@ impl Queue {
         fsync: bool,
     ) {
         let device = Arc::clone(&self.device);
+        if device.kind() == DeviceKind::Nbd {
+            let req = if write {
+                NbdRequest::Write {
+                    offset,
+                    flush: fsync,
+                }
+            } else {
+                NbdRequest::Read { offset }
+            };
+            return self.submit_nbd(mem, slot, req, Some(data));
+        }
         match self
             .uring
             .submit_rw(slot, device.fd(), write, offset, data, fsync)
@@ -164,6 +184,34 @@ impl Queue {
             Ok(()) => self.slots.set(slot, State::InFlight),
             Err((e, region)) => {
                 tracing::error!(queue = %self.name, "submitting I/O: {e}");
+                if let Some(r) = region {
+                    self.grants.give_back(r);
+                }
+                self.finish(mem, slot, Status::Error);
+            }
+        }
+    }
+
+    /// Sends `req` for `slot` to the NBD server (see `uring`'s NBD connection).
+    fn submit_nbd(
+        &mut self,
+        mem: &SharedMem<'_>,
+        slot: usize,
+        req: NbdRequest,
+        data: Option<Data>,
+    ) {
+        match self.uring.submit_nbd(slot, req, data) {
+            Ok(()) => self.slots.set(slot, State::InFlight),
+            Err((e, region)) => {
+                match e {
+                    // The guest's request or a connection already reported broken.
+                    NbdSubmitError::Refused(_) | NbdSubmitError::Broken => {
+                        tracing::debug!(queue = %self.name, "NBD request not sent: {e}");
+                    }
+                    NbdSubmitError::Io(_) => {
+                        tracing::error!(queue = %self.name, "submitting an NBD request: {e}");
+                    }
+                }
                 if let Some(r) = region {
                     self.grants.give_back(r);
                 }
@@ -236,7 +284,11 @@ impl Queue {
         };
         let id = self.slots.get(slot).map_or(0, |s| s.req.id);
         if let Err(e) = &result {
-            if matches!(op, Op::Discard { .. }) && *e == Errno::OPNOTSUPP && self.uring_discard {
+            if matches!(op, Op::Discard { .. })
+                && *e == Errno::OPNOTSUPP
+                && self.uring_discard
+                && self.device.kind() != DeviceKind::Nbd
+            {
                 // The kernel lacks the io_uring discard command: use the ioctl from now on.
                 self.uring_discard = false;
                 return self.start(mem, slot);

@@ -9,7 +9,10 @@
 //!   the iovecs pointing into them are built from those clones by [`Uring::map_segment`], so a
 //!   pointer into a mapping never outlives the guard that keeps the mapping alive;
 //! - the iovec array itself lives in the entry and is not touched while the entry is busy;
-//! - timer timespecs live in this struct (the kernel copies them at submission).
+//! - timer timespecs live in this struct (the kernel copies them at submission);
+//! - for an NBD export, the request and reply headers, `msghdr`s and iovec arrays of the
+//!   socket's sends and receives live in the connection (`nbd`), which completes a slot only
+//!   when no operation on the socket points at its data.
 //!
 //! All SQEs go through [`Uring::push`], the one `unsafe { sq.push() }` call site. Dropping a
 //! [`Uring`] with operations in flight first waits for them, so no memory is freed under the
@@ -25,7 +28,10 @@ use xen::GrantMapping;
 
 use super::bounce::{BounceMem, Region};
 
+mod nbd;
 mod ops;
+
+pub(super) use nbd::{NbdRequest, NbdSubmitError};
 
 /// Tag bit of operations that belong to no request slot.
 const CONTROL: u64 = 1 << 63;
@@ -93,6 +99,11 @@ struct Flight {
 // Send + Sync; they are only dereferenced by the kernel.
 unsafe impl Send for Flight {}
 
+// SAFETY: the raw pointers in the NBD connection's iovecs and msghdrs point into memory the
+// connection itself (request and reply headers, the iovec arrays) or a slot's `Flight` owns;
+// they are only dereferenced by the kernel.
+unsafe impl Send for nbd::NbdConn {}
+
 /// A slot whose operations have all completed.
 #[derive(Debug)]
 pub(super) struct Completion {
@@ -129,6 +140,8 @@ pub(super) struct Uring {
     cqes: Vec<(u64, i32)>,
     /// The registered files (the ring is restricted to them: `crate::sandbox::uring`).
     files: Vec<RawFd>,
+    /// The NBD connection, when the device is an NBD export.
+    nbd: Option<nbd::NbdConn>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -151,12 +164,14 @@ pub(super) enum Data {
 impl Uring {
     /// A ring for `slots` request slots of up to `max_segs` segments, with `bounce` registered
     /// as its fixed buffer (copy mode), restricted to the operations the queue submits on
-    /// `files` (see `crate::sandbox::uring`).
+    /// `files` (see `crate::sandbox::uring`); `replace_files` allows replacing a registered
+    /// file (an NBD connection re-established).
     pub(super) fn new(
         slots: usize,
         max_segs: usize,
         bounce: Option<Arc<BounceMem>>,
         files: &[BorrowedFd<'_>],
+        replace_files: bool,
     ) -> io::Result<Self> {
         let entries = u32::try_from((slots * 2 + 8).next_power_of_two())
             .unwrap_or(4096)
@@ -178,7 +193,7 @@ impl Uring {
             unsafe { ring.submitter().register_buffers(iovs) }?;
         }
         let files: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-        crate::sandbox::uring::restrict(&ring, &files)?;
+        crate::sandbox::uring::restrict(&ring, &files, replace_files)?;
         let owned = (0..slots)
             .map(|_| Flight {
                 guards: Vec::with_capacity(max_segs + 1),
@@ -194,6 +209,7 @@ impl Uring {
             tick_ts: Box::new(types::Timespec::new()),
             cqes: Vec::with_capacity(entries as usize * 2),
             files,
+            nbd: None,
         })
     }
 
@@ -261,8 +277,17 @@ impl Uring {
         for i in 0..self.cqes.len() {
             let (tag, res) = self.cqes[i];
             if tag & CONTROL != 0 {
-                if let Some(c) = Control::from_tag(tag) {
-                    out.push(Reaped::Control(c));
+                match tag {
+                    nbd::SEND => self.nbd_sent(res, out),
+                    nbd::RECV => self.nbd_received(res, out),
+                    // Its outcome shows on the socket's other operations.
+                    nbd::SHUTDOWN => self.nbd_shutdown_done(),
+                    nbd::WATCHDOG => self.nbd_watchdog(out),
+                    _ => {
+                        if let Some(c) = Control::from_tag(tag) {
+                            out.push(Reaped::Control(c));
+                        }
+                    }
                 }
                 continue;
             }
@@ -288,6 +313,7 @@ impl Uring {
                 }));
             }
         }
+        self.nbd_settle(out);
     }
 
     /// Operations of request slots still in flight.
@@ -300,7 +326,11 @@ impl Uring {
     /// # Errors
     /// When waiting fails (other than `EINTR`); what is still in flight stays owned.
     pub(super) fn drain(&mut self, out: &mut Vec<Reaped>) -> io::Result<()> {
-        while self.slots_in_flight() > 0 {
+        // An NBD socket always has a receive in flight: shut it down so that it ends.
+        self.nbd_close();
+        // Requests waiting for a reconnection fail now.
+        self.nbd_settle(out);
+        while self.slots_in_flight() > 0 || self.nbd_busy() {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(Errno::INTR.raw_os_error()) {
                     return Err(e);
@@ -342,7 +372,7 @@ mod tests {
         let mut other = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
         let r = other.small(0).unwrap();
         let (_, back) = u
             .submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 512), false)
@@ -356,7 +386,7 @@ mod tests {
         let mut pool = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/zero").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
         let r = pool.small(0).unwrap();
         u.submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 4096), false)
             .unwrap();

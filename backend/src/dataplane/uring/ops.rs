@@ -27,7 +27,7 @@ fn data_region(d: Data) -> Option<Region> {
 
 impl Uring {
     /// The registered index of `fd`: every operation names a registered file.
-    fn fixed(&self, fd: BorrowedFd<'_>) -> io::Result<types::Fixed> {
+    pub(super) fn fixed(&self, fd: BorrowedFd<'_>) -> io::Result<types::Fixed> {
         let raw = fd.as_raw_fd();
         self.files
             .iter()
