@@ -857,11 +857,13 @@ sc_blkbackd_nbd() {
 	SUP_ARGS="$SUP_ARGS --handoff-dir /run/blkbackd-handoff"
 	REASON=""
 	if start_supervisor; then
-		write_cfg e2e-nbd data 1 "$(hotplug_disk xvda "nbd+unix:///disk0?socket=$sock")"
+		# Two vCPUs: blkfront asks for two queues, qemu-storage-daemon allows multi-conn.
+		write_cfg e2e-nbd data 2 "$(hotplug_disk xvda "nbd+unix:///disk0?socket=$sock")"
 		if guest_create e2e-nbd; then
 			d=$(domid_of e2e-nbd)
-			wait_domu e2e-nbd boot 60
+			wait_domu e2e-nbd "data xvda" 120
 			path=$(device_path "$d")
+			nq=$(xenstore-read /local/domain/$d/device/vbd/$DEVID/multi-queue-num-queues 2>/dev/null || echo 1)
 			[ "$path" = "fd handoff" ] || REASON="the backend took the '$path' path, not the fd handoff;"
 			if ! wait_gone e2e-nbd 300; then
 				REASON="$REASON guest did not finish;"
@@ -887,7 +889,7 @@ sc_blkbackd_nbd() {
 		fi
 	fi
 	if [ -z "$REASON" ]; then
-		result "PASS $s (qcow2 through qemu-storage-daemon, $path; image $(du -k $img | cut -f1) KiB, read back through qemu-img)"
+		result "PASS $s (qcow2 through qemu-storage-daemon, $path, $nq queue(s); image $(du -k $img | cut -f1) KiB, read back through qemu-img)"
 	else
 		fail_bb $s
 	fi
