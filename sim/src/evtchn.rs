@@ -7,7 +7,10 @@
 //! the domain allowed to bind it) and `ECS_INTERDOMAIN`; binding follows
 //! `evtchn_bind_interdomain`: the remote port must be unbound and offered to the binding
 //! domain, and the new local port is conservatively set pending. Closing an interdomain port
-//! makes the remote end unbound again, offered to the closer (`evtchn_close`).
+//! makes the remote end unbound again, offered to the closer (`evtchn_close`). A process that
+//! dies without closing its handle (SIGKILL) leaves its ports bound; binding the remote end
+//! again finds the owner's socket dead and closes them first, as the kernel's release of the
+//! dead process's evtchn fd does on Xen.
 //!
 //! Each open handle (one [`SimEventChannel`]) owns a unix datagram socket
 //! `evtchn.<domid>.<handle>` in the sim directory. Raising an unmasked port masks it and sends
@@ -311,6 +314,32 @@ impl EvtchnTable {
         }
     }
 
+    /// When `remote`'s port `rport` is bound to a port of this domain whose owner handle's
+    /// process has died (its socket is no longer bound: nobody will close that port), closes
+    /// that port, leaving `rport` unbound and offered to this domain again. Returns whether
+    /// it did.
+    fn close_dead_end(&self, dir: &Path, remote: &EvtchnTable, rport: Port) -> bool {
+        let Some(roff) = remote.entry(rport) else {
+            return false;
+        };
+        if remote.load(roff) != combo(ECS_INTERDOMAIN, self.domid) {
+            return false;
+        }
+        let port = remote.load(roff + 4);
+        let Some(off) = self.entry(port) else {
+            return false;
+        };
+        if self.load(off) != combo(ECS_INTERDOMAIN, remote.domid)
+            || self.load(off + 4) != rport
+            || handle_alive(dir, self.domid, self.load(off + 12))
+        {
+            return false;
+        }
+        remote.close_remote_end(rport, self.domid, port);
+        self.free(port);
+        true
+    }
+
     /// Makes `rport` (bound to `domid`'s `port`) unbound again, offered to `domid`.
     fn close_remote_end(&self, rport: Port, domid: DomId, port: Port) {
         if let Some(roff) = self.entry(rport) {
@@ -323,6 +352,27 @@ impl EvtchnTable {
             }
         }
     }
+}
+
+/// Whether handle `hid` of `domid` belongs to a live process: its socket still accepts a
+/// connection (a dead process's socket file refuses it, or is gone).
+fn handle_alive(dir: &Path, domid: DomId, hid: u32) -> bool {
+    let Ok(addr) = SocketAddrUnix::new(socket_path(dir, domid, hid)) else {
+        return false;
+    };
+    let Ok(sock) = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    ) else {
+        // Cannot tell: assume alive, so that a live port is never taken away.
+        return true;
+    };
+    !matches!(
+        rustix::net::connect(&sock, &addr),
+        Err(Errno::CONNREFUSED | Errno::NOENT)
+    )
 }
 
 /// Sends an event on local `port` of `domid` without a handle (gntdev's unmap notify).
@@ -468,10 +518,13 @@ impl EventChannel for SimEventChannel {
             .table
             .alloc(ECS_RESERVED, remote, remote_port, self.hid)
             .ok_or_else(|| errno(Errno::NOSPC))?;
-        // Claim the remote end: it must be unbound and offered to us.
-        if rtable
-            .cas(roff, combo(ECS_UNBOUND, me), combo(ECS_RESERVED, me))
-            .is_err()
+        // Claim the remote end: it must be unbound and offered to us. An end still bound to
+        // a port of a dead process is unbound first, as the kernel's release of that
+        // process's evtchn fd would have done.
+        let claim = |t: &EvtchnTable| t.cas(roff, combo(ECS_UNBOUND, me), combo(ECS_RESERVED, me));
+        if claim(&rtable).is_err()
+            && !(self.table.close_dead_end(&self.dir, &rtable, remote_port)
+                && claim(&rtable).is_ok())
         {
             self.table.free(port);
             return Err(errno(Errno::INVAL));
