@@ -19,6 +19,7 @@ pub mod dataplane;
 pub mod dev_error;
 pub mod device;
 pub mod frontend_config;
+pub mod inflight;
 pub mod replay;
 pub mod sandbox;
 pub mod serve;

@@ -118,6 +118,11 @@ struct ServeArgs {
     buffered: bool,
     #[command(flatten)]
     tuning: Tuning,
+    /// The disk's in-flight log, an inherited memfd (given by `blkbackd supervise`): lets a
+    /// new backend take over this disk if this one dies, and resume from it when an earlier
+    /// one did.
+    #[arg(long, value_name = "N")]
+    inflight_fd: Option<i32>,
     /// Keep the statistics in this file (default /run/blkbackd/vbd-<domid>-<devid>.stats).
     #[arg(long, value_name = "PATH")]
     stats_file: Option<PathBuf>,
@@ -384,8 +389,18 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         }
     }
     let features = args.tuning.features()?;
+    let inflight = args
+        .inflight_fd
+        .map(|fd| {
+            if args.device_fd == Some(fd) {
+                bail!("--inflight-fd and --device-fd name the same fd {fd}");
+            }
+            let fd = inherited_fd("--inflight-fd", fd)?;
+            backend::inflight::Log::open(fd).context("--inflight-fd")
+        })
+        .transpose()?;
     let source = if let Some(fd) = args.device_fd {
-        DeviceSource::Fd(inherited_fd(fd)?)
+        DeviceSource::Fd(inherited_fd("--device-fd", fd)?)
     } else if let Some(path) = args.handoff_socket {
         xen::abspath::check(&path, xen::abspath::SOCKET_PATH_MAX)
             .with_context(|| format!("--handoff-socket {}", path.display()))?;
@@ -446,6 +461,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         poll: Duration::from_micros(args.tuning.poll_us.into()),
         stats_file: Some(stats_file),
         observer: recorder,
+        inflight,
     };
     let stop = stop_flag()?;
     match serve::serve(config, &stop).with_context(|| format!("serving {backend_path}"))? {
@@ -454,15 +470,15 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
 }
 
 /// Takes ownership of an inherited fd after checking that it is open.
-fn inherited_fd(fd: i32) -> anyhow::Result<OwnedFd> {
+fn inherited_fd(option: &str, fd: i32) -> anyhow::Result<OwnedFd> {
     if fd < 3 {
-        bail!("--device-fd {fd} is a standard stream, not a disk");
+        bail!("{option} {fd} is a standard stream");
     }
     // SAFETY: the number is only borrowed for one fcntl(F_GETFD), which fails with EBADF and
     // does nothing else when it is not open.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     if rustix::io::fcntl_getfd(borrowed).is_err() {
-        bail!("--device-fd {fd} is not an open file descriptor");
+        bail!("{option} {fd} is not an open file descriptor");
     }
     // SAFETY: the fd is open, was inherited for this process to use, and nothing else here
     // owns it: this is the only place that wraps it, once at startup.
@@ -512,6 +528,8 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
     let config = supervise::SuperviseConfig {
         program,
         serve_args,
+        max_queues: features.max_queues,
+        max_ring_page_order: t.max_ring_page_order,
         xenstore_path: platform.xenstore_path(),
         domid: platform.domid(),
         handoff_dir: args.handoff_dir.clone(),

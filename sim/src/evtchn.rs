@@ -318,7 +318,13 @@ impl EvtchnTable {
     /// process has died (its socket is no longer bound: nobody will close that port), closes
     /// that port, leaving `rport` unbound and offered to this domain again. Returns whether
     /// it did.
-    fn close_dead_end(&self, dir: &Path, remote: &EvtchnTable, rport: Port) -> bool {
+    fn close_dead_end(
+        &self,
+        dir: &Path,
+        remote: &EvtchnTable,
+        rport: Port,
+        sock: BorrowedFd<'_>,
+    ) -> bool {
         let Some(roff) = remote.entry(rport) else {
             return false;
         };
@@ -331,7 +337,7 @@ impl EvtchnTable {
         };
         if self.load(off) != combo(ECS_INTERDOMAIN, remote.domid)
             || self.load(off + 4) != rport
-            || handle_alive(dir, self.domid, self.load(off + 12))
+            || handle_alive(dir, self.domid, self.load(off + 12), sock)
         {
             return false;
         }
@@ -354,23 +360,16 @@ impl EvtchnTable {
     }
 }
 
-/// Whether handle `hid` of `domid` belongs to a live process: its socket still accepts a
-/// connection (a dead process's socket file refuses it, or is gone).
-fn handle_alive(dir: &Path, domid: DomId, hid: u32) -> bool {
+/// Whether handle `hid` of `domid` belongs to a live process: an empty datagram sent from
+/// `sock` reaches its socket (a dead process's socket file refuses it, or is gone). A live
+/// owner ignores it (`pending` reads only 4-byte datagrams); only `sendto` is needed, which a
+/// confined backend may use.
+fn handle_alive(dir: &Path, domid: DomId, hid: u32, sock: BorrowedFd<'_>) -> bool {
     let Ok(addr) = SocketAddrUnix::new(socket_path(dir, domid, hid)) else {
         return false;
     };
-    let Ok(sock) = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::DGRAM,
-        SocketFlags::CLOEXEC,
-        None,
-    ) else {
-        // Cannot tell: assume alive, so that a live port is never taken away.
-        return true;
-    };
     !matches!(
-        rustix::net::connect(&sock, &addr),
+        rustix::net::sendto(sock, &[], SendFlags::DONTWAIT, &addr),
         Err(Errno::CONNREFUSED | Errno::NOENT)
     )
 }
@@ -523,7 +522,9 @@ impl EventChannel for SimEventChannel {
         // process's evtchn fd would have done.
         let claim = |t: &EvtchnTable| t.cas(roff, combo(ECS_UNBOUND, me), combo(ECS_RESERVED, me));
         if claim(&rtable).is_err()
-            && !(self.table.close_dead_end(&self.dir, &rtable, remote_port)
+            && !(self
+                .table
+                .close_dead_end(&self.dir, &rtable, remote_port, self.sock.as_fd())
                 && claim(&rtable).is_ok())
         {
             self.table.free(port);

@@ -98,6 +98,7 @@ use ring::{Abi, ProtocolViolation};
 use xen::{DomId, GrantRef, Platform, Port};
 
 use crate::device::Device;
+use crate::inflight::{Log, LogError};
 
 pub use error::QueueError;
 pub use observer::{Observer, QueueObserver};
@@ -189,6 +190,21 @@ pub struct QueueParams {
     /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
     /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
     pub poll: Duration,
+    /// The disk's in-flight log (`serve` under `supervise`), so that another process can
+    /// take the ring over if this one dies; default: none.
+    pub inflight: Option<InflightParams>,
+}
+
+/// A queue's place in the disk's in-flight log ([`crate::inflight`]).
+#[derive(Debug, Clone)]
+pub struct InflightParams {
+    /// The log.
+    pub log: Arc<Log>,
+    /// The queue's number (`queue-%u`).
+    pub queue: usize,
+    /// Take the ring over from a backend that died, as its log says, instead of starting
+    /// afresh at the ring's indexes.
+    pub resume: bool,
 }
 
 impl std::fmt::Debug for QueueParams {
@@ -204,6 +220,7 @@ impl std::fmt::Debug for QueueParams {
             .field("features", &self.features)
             .field("name", &self.name)
             .field("poll", &self.poll)
+            .field("inflight", &self.inflight)
             .finish_non_exhaustive()
     }
 }
@@ -240,6 +257,7 @@ impl QueueParams {
             on_exit: None,
             observer: None,
             poll: Duration::ZERO,
+            inflight: None,
         }
     }
 }
@@ -262,6 +280,9 @@ pub enum DataplaneError {
     /// The io_uring (or its buffers, or the stop eventfd) could not be set up.
     #[error("io_uring setup: {0}")]
     Uring(#[source] std::io::Error),
+    /// The in-flight log has no room for the queue, or cannot be resumed from.
+    #[error("{0}")]
+    Inflight(#[source] LogError),
     /// The thread could not be started.
     #[error("cannot start the queue thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -71,7 +71,9 @@ impl Backend {
                     what: "confining the backend",
                     source,
                 })?;
-                self.write_node(handoff::OPENED, handoff::OPENED_YES)?;
+                if !self.resuming {
+                    self.write_node(handoff::OPENED, handoff::OPENED_YES)?;
+                }
                 Ok(())
             }
             Err(e) => self.fatal(&e),
