@@ -13,9 +13,10 @@
 //! child that exits 0 removed its device.
 //!
 //! Each disk has an in-flight log ([`crate::inflight`], a memfd the supervisor creates and
-//! keeps, inherited by each backend of the disk). A backend that fails or is killed while its
-//! log says it was connected is replaced by a new one, which takes over from the log without
-//! the guest noticing. A backend that dies before it connected, or the
+//! keeps, inherited by each backend of the disk), and each backend sends the supervisor the
+//! device once it holds it (`xen::handoff::send_held`). A backend that fails or is killed
+//! while its log says it was connected is replaced by a new one, given the log and the
+//! device (`--device-fd`), which takes over without the guest noticing. A backend that dies before it connected, or the
 //! [`MAX_FAILED_RESTARTS`]th replacement in a row that dies before it resumed (a crash
 //! loop), leaves its device with an error written where `xenbus_dev_fatal` writes it and
 //! `state` Closed, and is not restarted. The toolstack recreating the device (state 1 again)
@@ -30,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use xen::handoff;
 use xen::xenstore::{BackendPath, XenStore, XsError, XsOps};
 use xen::DomId;
 
@@ -59,6 +61,8 @@ pub struct SuperviseConfig {
     pub xenstore_path: PathBuf,
     /// This (the backend) domain's id.
     pub domid: DomId,
+    /// Each backend opens `params` itself (`serve --open-params`).
+    pub open_params: bool,
     /// When set, each backend listens for its device from blkhotplug on
     /// `<dir>/vbd-<frontend-domid>-<devid>.sock` (`serve --handoff-socket`).
     pub handoff_dir: Option<PathBuf>,
@@ -91,6 +95,10 @@ fn xs_err(what: impl Into<String>) -> impl FnOnce(XsError) -> SuperviseError {
 struct Served {
     child: Child,
     started: Instant,
+    /// The socket the backend sends the device on once it holds it ([`handoff::send_held`]).
+    channel: Option<OwnedFd>,
+    /// The device, once the backend (this one or one before it) sent it.
+    device: Option<OwnedFd>,
     /// The disk's in-flight log, if one could be made.
     log: Option<KeptLog>,
     /// The log's count of connections and resumptions when this backend started.
@@ -155,8 +163,8 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
                         tracing::warn!(backend = %path, "no restart after a crash: {e}");
                     })
                     .ok();
-                match spawn(config, &path, log.as_ref()) {
-                    Ok(child) => {
+                match spawn(config, &path, log.as_ref(), None) {
+                    Ok((child, channel)) => {
                         tracing::info!(backend = %path, pid = child.id(), "started backend");
                         let starts = log.as_ref().map_or(0, |l| l.log.starts());
                         children.insert(
@@ -164,6 +172,8 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
                             Served {
                                 child,
                                 started: Instant::now(),
+                                channel: Some(channel),
+                                device: None,
                                 log,
                                 starts,
                                 failures: 0,
@@ -227,25 +237,47 @@ fn new_devices(
     Ok(found)
 }
 
+/// Starts a backend for `path` with the disk's log and, for one that takes over, the device
+/// its predecessor held. Returns the child and our end of its [`Served::channel`].
 fn spawn(
     config: &SuperviseConfig,
     path: &BackendPath,
     log: Option<&KeptLog>,
-) -> std::io::Result<Child> {
+    device: Option<&OwnedFd>,
+) -> std::io::Result<(Child, OwnedFd)> {
     let mut cmd = Command::new(&config.program);
     cmd.args(&config.serve_args)
         .arg("--backend-path")
         .arg(path.as_str());
-    // The log goes to this child only: a duplicate without close-on-exec, closed again once
-    // the child has it (the supervisor is single-threaded: no other child can inherit it).
-    let inherited = log.map(|l| rustix::io::dup(&l.fd)).transpose()?;
-    if let Some(fd) = &inherited {
-        cmd.arg("--inflight-fd").arg(fd.as_raw_fd().to_string());
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // These fds go to this child only: duplicates without close-on-exec, closed again once
+    // the child has them (the supervisor is single-threaded: no other child can inherit them).
+    let mut inherited = Vec::new();
+    for (option, fd) in [
+        ("--inflight-fd", log.map(|l| &l.fd)),
+        ("--supervisor-fd", Some(&theirs)),
+        ("--device-fd", device),
+    ] {
+        if let Some(fd) = fd {
+            let dup = rustix::io::dup(fd)?;
+            cmd.arg(option).arg(dup.as_raw_fd().to_string());
+            inherited.push(dup);
+        }
     }
-    if let Some(dir) = &config.handoff_dir {
-        std::fs::create_dir_all(dir)?;
-        cmd.arg("--handoff-socket")
-            .arg(dir.join(format!("{}.sock", path.file_stem())));
+    // A backend that takes over gets the device its predecessor held, from no other source.
+    if device.is_none() {
+        if config.open_params {
+            cmd.arg("--open-params");
+        } else if let Some(dir) = &config.handoff_dir {
+            std::fs::create_dir_all(dir)?;
+            cmd.arg("--handoff-socket")
+                .arg(dir.join(format!("{}.sock", path.file_stem())));
+        }
     }
     if let Some(dir) = &config.record_dir {
         std::fs::create_dir_all(dir)?;
@@ -254,7 +286,7 @@ fn spawn(
     }
     let child = cmd.spawn();
     drop(inherited);
-    child
+    Ok((child?, ours))
 }
 
 /// Reaps exited children: replaces those that died while connected (with `config`; not
@@ -267,6 +299,7 @@ fn reap(
 ) {
     let mut done = Vec::new();
     for (path, served) in children.iter_mut() {
+        take_device(path, served);
         match served.child.try_wait() {
             Ok(Some(status)) => done.push((path.clone(), status)),
             Ok(None) => {}
@@ -292,14 +325,16 @@ fn reap(
             };
             if resumable && failures < MAX_FAILED_RESTARTS {
                 tracing::warn!(backend = %path, ?lived, failures, "{err}; starting a backend that takes over");
-                match spawn(config, &path, Some(&log)) {
-                    Ok(child) => {
+                match spawn(config, &path, Some(&log), served.device.as_ref()) {
+                    Ok((child, channel)) => {
                         let starts = log.log.starts();
                         children.insert(
                             path,
                             Served {
                                 child,
                                 started: Instant::now(),
+                                channel: Some(channel),
+                                device: served.device,
                                 log: Some(log),
                                 starts,
                                 failures,
@@ -321,6 +356,25 @@ fn reap(
         }
         tracing::error!(backend = %path, ?lived, "{err}");
         report_dead(xs, home, &path, &err);
+    }
+}
+
+/// Keeps the device the backend sent, if it did.
+fn take_device(path: &BackendPath, served: &mut Served) {
+    let Some(channel) = &served.channel else {
+        return;
+    };
+    match handoff::recv_held(channel) {
+        Ok(None) => {}
+        Ok(Some(fd)) => {
+            served.device = Some(fd);
+            served.channel = None;
+        }
+        Err(handoff::HandoffError::Closed) => served.channel = None,
+        Err(e) => {
+            tracing::warn!(backend = %path, "the backend's device message: {e}");
+            served.channel = None;
+        }
     }
 }
 

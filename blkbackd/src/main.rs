@@ -123,6 +123,10 @@ struct ServeArgs {
     /// one did.
     #[arg(long, value_name = "N")]
     inflight_fd: Option<i32>,
+    /// A socket inherited from `blkbackd supervise`: the device, once held, is sent there
+    /// for a backend that takes over should this one die.
+    #[arg(long, value_name = "N")]
+    supervisor_fd: Option<i32>,
     /// Keep the statistics in this file (default /run/blkbackd/vbd-<domid>-<devid>.stats).
     #[arg(long, value_name = "PATH")]
     stats_file: Option<PathBuf>,
@@ -389,15 +393,24 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         }
     }
     let features = args.tuning.features()?;
+    let mut given: Vec<i32> = [args.device_fd, args.inflight_fd, args.supervisor_fd]
+        .into_iter()
+        .flatten()
+        .collect();
+    given.sort_unstable();
+    if let Some(w) = given.windows(2).find(|w| w[0] == w[1]) {
+        bail!("fd {} is given for two purposes", w[0]);
+    }
     let inflight = args
         .inflight_fd
         .map(|fd| {
-            if args.device_fd == Some(fd) {
-                bail!("--inflight-fd and --device-fd name the same fd {fd}");
-            }
             let fd = inherited_fd("--inflight-fd", fd)?;
             backend::inflight::Log::open(fd).context("--inflight-fd")
         })
+        .transpose()?;
+    let supervisor = args
+        .supervisor_fd
+        .map(|fd| inherited_fd("--supervisor-fd", fd))
         .transpose()?;
     let source = if let Some(fd) = args.device_fd {
         DeviceSource::Fd(inherited_fd("--device-fd", fd)?)
@@ -462,6 +475,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         stats_file: Some(stats_file),
         observer: recorder,
         inflight,
+        supervisor,
     };
     let stop = stop_flag()?;
     match serve::serve(config, &stop).with_context(|| format!("serving {backend_path}"))? {
@@ -522,14 +536,13 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
     if t.no_persistent {
         serve_args.push("--no-persistent".to_owned());
     }
-    if args.open_params {
-        serve_args.push("--open-params".to_owned());
-    }
+
     let config = supervise::SuperviseConfig {
         program,
         serve_args,
         max_queues: features.max_queues,
         max_ring_page_order: t.max_ring_page_order,
+        open_params: args.open_params,
         xenstore_path: platform.xenstore_path(),
         domid: platform.domid(),
         handoff_dir: args.handoff_dir.clone(),

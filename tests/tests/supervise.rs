@@ -94,6 +94,7 @@ fn a_backend_that_cannot_start_is_reported() {
         serve_args: vec!["serve".into()],
         max_queues: 1,
         max_ring_page_order: 0,
+        open_params: false,
         xenstore_path: sim::xenstore_socket(sim.dir(), 0),
         domid: 0,
         handoff_dir: None,

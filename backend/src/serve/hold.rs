@@ -62,6 +62,11 @@ impl Backend {
                     direct = device.direct(),
                     "holding the device"
                 );
+                if let Some(sock) = self.supervisor.take() {
+                    if let Err(e) = handoff::send_held(&sock, device.fd()) {
+                        tracing::warn!(backend = %self.be, "giving the device to the supervisor: {e}");
+                    }
+                }
                 self.device = Some(Arc::new(device));
                 // The handoff socket has done its job: close it (and remove its name) while
                 // that is still allowed, so nothing is accepted once confined.

@@ -83,6 +83,9 @@ pub struct ServeConfig {
     /// resumed from when it says an earlier backend of this disk was connected and the
     /// frontend still is (see [`crate::inflight`]).
     pub inflight: Option<Arc<Log>>,
+    /// A socket to the supervisor, which is sent the device once it is held, to keep for a
+    /// backend that takes over should this one die ([`handoff::send_held`]).
+    pub supervisor: Option<OwnedFd>,
 }
 
 /// Why serving ended with an error (device-level problems are reported in XenStore instead).
@@ -164,6 +167,7 @@ struct Backend {
     stats_file: Option<StatsFile>,
     guest_log: RateLimit,
     inflight: Option<Arc<Log>>,
+    supervisor: Option<OwnedFd>,
     /// Taking over from a backend of this disk that died while connected: nothing is written
     /// to XenStore, the rings are resumed from the in-flight log.
     resuming: bool,
@@ -251,6 +255,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         stats_file,
         guest_log: RateLimit::new(),
         inflight: config.inflight,
+        supervisor: config.supervisor,
         resuming: false,
     };
     let outcome = backend.run(stop);
