@@ -360,12 +360,36 @@ impl EvtchnTable {
     }
 }
 
+/// The socket beside a handle's that only says the handle is alive ([`handle_alive`]).
+fn live_path(sock_path: &Path) -> PathBuf {
+    let mut p = sock_path.as_os_str().to_owned();
+    p.push(".live");
+    PathBuf::from(p)
+}
+
+/// A non-blocking datagram socket bound at `path` (a stale socket of a dead process holding
+/// the name is replaced: handle ids are not reused unless the counter wraps).
+fn bound_socket(path: &Path) -> Result<OwnedFd, SimError> {
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| SimError::io("socket", path)(e.into()))?;
+    let _ = std::fs::remove_file(path);
+    let addr =
+        SocketAddrUnix::new(path).map_err(|e| SimError::io("socket address", path)(e.into()))?;
+    rustix::net::bind(&sock, &addr).map_err(|e| SimError::io("bind", path)(e.into()))?;
+    Ok(sock)
+}
+
 /// Whether handle `hid` of `domid` belongs to a live process: an empty datagram sent from
-/// `sock` reaches its socket (a dead process's socket file refuses it, or is gone). A live
-/// owner ignores it (`pending` reads only 4-byte datagrams); only `sendto` is needed, which a
-/// confined backend may use.
+/// `sock` reaches its liveness socket (a dead process's socket file refuses it, or is gone;
+/// a full queue means alive). The owner never reads that socket, so the probe wakes nothing;
+/// only `sendto` is needed, which a confined backend may use.
 fn handle_alive(dir: &Path, domid: DomId, hid: u32, sock: BorrowedFd<'_>) -> bool {
-    let Ok(addr) = SocketAddrUnix::new(socket_path(dir, domid, hid)) else {
+    let Ok(addr) = SocketAddrUnix::new(live_path(&socket_path(dir, domid, hid))) else {
         return false;
     };
     !matches!(
@@ -432,6 +456,8 @@ pub struct SimEventChannel {
     hid: u32,
     sock: OwnedFd,
     sock_path: PathBuf,
+    /// Bound while this handle lives and never read: what [`handle_alive`] probes.
+    _live: OwnedFd,
     bound: HashMap<Port, Bound>,
     tables: HashMap<DomId, Arc<EvtchnTable>>,
     restrict: Option<DomId>,
@@ -443,25 +469,15 @@ impl SimEventChannel {
         let table = Arc::new(EvtchnTable::open(dir, domid)?);
         let hid = table.new_handle_id();
         let sock_path = socket_path(dir, domid, hid);
-        let sock = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::DGRAM,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            None,
-        )
-        .map_err(|e| SimError::io("socket", &sock_path)(e.into()))?;
-        // A stale socket of a dead process may hold the name (handle ids are not reused
-        // unless the counter wraps); replace it.
-        let _ = std::fs::remove_file(&sock_path);
-        let addr = SocketAddrUnix::new(&sock_path)
-            .map_err(|e| SimError::io("socket address", &sock_path)(e.into()))?;
-        rustix::net::bind(&sock, &addr).map_err(|e| SimError::io("bind", &sock_path)(e.into()))?;
+        let sock = bound_socket(&sock_path)?;
+        let live = bound_socket(&live_path(&sock_path))?;
         Ok(Self {
             dir: dir.to_owned(),
             table,
             hid,
             sock,
             sock_path,
+            _live: live,
             bound: HashMap::new(),
             tables: HashMap::new(),
             restrict: None,
@@ -637,5 +653,6 @@ impl Drop for SimEventChannel {
             let _ = self.unbind(port);
         }
         let _ = std::fs::remove_file(&self.sock_path);
+        let _ = std::fs::remove_file(live_path(&self.sock_path));
     }
 }
