@@ -20,6 +20,7 @@ pub mod dataplane;
 pub mod dev_error;
 pub mod device;
 pub mod frontend_config;
+pub mod inflight;
 pub mod nbd_connector;
 pub mod replay;
 pub mod sandbox;

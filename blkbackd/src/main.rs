@@ -126,6 +126,15 @@ struct ServeArgs {
     buffered: bool,
     #[command(flatten)]
     tuning: Tuning,
+    /// The disk's in-flight log, an inherited memfd (given by `blkbackd supervise`): lets a
+    /// new backend take over this disk if this one dies, and resume from it when an earlier
+    /// one did.
+    #[arg(long, value_name = "N")]
+    inflight_fd: Option<i32>,
+    /// A socket inherited from `blkbackd supervise`: the device, once held, is sent there
+    /// for a backend that takes over should this one die.
+    #[arg(long, value_name = "N")]
+    supervisor_fd: Option<i32>,
     /// Keep the statistics in this file (default /run/blkbackd/vbd-<domid>-<devid>.stats).
     #[arg(long, value_name = "PATH")]
     stats_file: Option<PathBuf>,
@@ -402,8 +411,27 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         }
     }
     let features = args.tuning.features()?;
+    let mut given: Vec<i32> = [args.device_fd, args.inflight_fd, args.supervisor_fd]
+        .into_iter()
+        .flatten()
+        .collect();
+    given.sort_unstable();
+    if let Some(w) = given.windows(2).find(|w| w[0] == w[1]) {
+        bail!("fd {} is given for two purposes", w[0]);
+    }
+    let inflight = args
+        .inflight_fd
+        .map(|fd| {
+            let fd = inherited_fd("--inflight-fd", fd)?;
+            backend::inflight::Log::open(fd).context("--inflight-fd")
+        })
+        .transpose()?;
+    let supervisor = args
+        .supervisor_fd
+        .map(|fd| inherited_fd("--supervisor-fd", fd))
+        .transpose()?;
     let source = if let Some(fd) = args.device_fd {
-        DeviceSource::Fd(inherited_fd(fd)?)
+        DeviceSource::Fd(inherited_fd("--device-fd", fd)?)
     } else if let Some(path) = args.handoff_socket {
         xen::abspath::check(&path, xen::abspath::SOCKET_PATH_MAX)
             .with_context(|| format!("--handoff-socket {}", path.display()))?;
@@ -466,6 +494,8 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         nbd_connector: Some(std::env::current_exe().context("finding this program's path")?),
         stats_file: Some(stats_file),
         observer: recorder,
+        inflight,
+        supervisor,
     };
     let stop = stop_flag()?;
     match serve::serve(config, &stop).with_context(|| format!("serving {backend_path}"))? {
@@ -474,15 +504,15 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
 }
 
 /// Takes ownership of an inherited fd after checking that it is open.
-fn inherited_fd(fd: i32) -> anyhow::Result<OwnedFd> {
+fn inherited_fd(option: &str, fd: i32) -> anyhow::Result<OwnedFd> {
     if fd < 3 {
-        bail!("--device-fd {fd} is a standard stream, not a disk");
+        bail!("{option} {fd} is a standard stream");
     }
     // SAFETY: the number is only borrowed for one fcntl(F_GETFD), which fails with EBADF and
     // does nothing else when it is not open.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     if rustix::io::fcntl_getfd(borrowed).is_err() {
-        bail!("--device-fd {fd} is not an open file descriptor");
+        bail!("{option} {fd} is not an open file descriptor");
     }
     // SAFETY: the fd is open, was inherited for this process to use, and nothing else here
     // owns it: this is the only place that wraps it, once at startup.
@@ -528,12 +558,13 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
     if t.no_persistent {
         serve_args.push("--no-persistent".to_owned());
     }
-    if args.open_params {
-        serve_args.push("--open-params".to_owned());
-    }
+
     let config = supervise::SuperviseConfig {
         program,
         serve_args,
+        max_queues: features.max_queues,
+        max_ring_page_order: t.max_ring_page_order,
+        open_params: args.open_params,
         xenstore_path: platform.xenstore_path(),
         domid: platform.domid(),
         handoff_dir: args.handoff_dir.clone(),

@@ -67,6 +67,62 @@ impl BackRing {
         })
     }
 
+    /// Attaches to a ring a backend that died was serving, at the indexes its in-flight log
+    /// recorded rather than at the ring's (which the frontend can write): `req_cons`
+    /// requests consumed, `rsp_pushed` responses published, `rsp_written` responses written
+    /// (the next [`BackRing::push_responses`] publishes those beyond `rsp_pushed`).
+    ///
+    /// # Errors
+    /// As [`BackRing::attach`]; [`RingError::Resume`] when the indexes contradict each other
+    /// (more written than consumed, more owed or unpublished than the ring holds).
+    pub fn resume(
+        mem: &SharedMem<'_>,
+        abi: Abi,
+        pages: usize,
+        req_cons: u32,
+        rsp_pushed: u32,
+        rsp_written: u32,
+    ) -> Result<BackRing, RingError> {
+        let size = check_geometry(mem, abi, pages)?;
+        if req_cons.wrapping_sub(rsp_written) > size || rsp_written.wrapping_sub(rsp_pushed) > size
+        {
+            return Err(RingError::Resume {
+                req_cons,
+                rsp_pushed,
+                rsp_written,
+                size,
+            });
+        }
+        Ok(BackRing {
+            abi,
+            size,
+            req_cons,
+            rsp_prod_pvt: rsp_written,
+            rsp_prod_pushed: rsp_pushed,
+            req_prod_seen: req_cons,
+            broken: None,
+        })
+    }
+
+    /// The number of slots of a ring of `pages` pages in `abi` mapped at `mem`, reading
+    /// nothing the frontend writes.
+    ///
+    /// # Errors
+    /// [`RingError::Pages`] or [`RingError::Memory`] for a bad geometry.
+    pub fn slots(mem: &SharedMem<'_>, abi: Abi, pages: usize) -> Result<u32, RingError> {
+        check_geometry(mem, abi, pages)
+    }
+
+    /// Requests consumed (`req_cons`): the ring index of the next request.
+    pub fn req_cons(&self) -> u32 {
+        self.req_cons
+    }
+
+    /// Responses written (`rsp_prod_pvt`): the ring index the next response takes.
+    pub fn rsp_written(&self) -> u32 {
+        self.rsp_prod_pvt
+    }
+
     /// The ABI of the slots.
     pub fn abi(&self) -> Abi {
         self.abi

@@ -52,6 +52,18 @@ pub enum RingError {
     /// a request slot).
     #[error("no consumed request left to answer")]
     NothingToAnswer,
+    /// A resumed ring's recorded indexes contradict each other ([`crate::BackRing::resume`]).
+    #[error("cannot resume at req_cons {req_cons}, rsp_pushed {rsp_pushed}, rsp_written {rsp_written} on a ring of {size}")]
+    Resume {
+        /// Requests consumed.
+        req_cons: u32,
+        /// Responses published.
+        rsp_pushed: u32,
+        /// Responses written.
+        rsp_written: u32,
+        /// Slots in the ring.
+        size: u32,
+    },
     /// The frontend's ring has no free slot.
     #[error("ring full")]
     Full,

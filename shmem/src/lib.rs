@@ -16,10 +16,12 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod file;
 mod owned;
 mod read_only;
 mod region;
 
+pub use file::MappedFile;
 pub use owned::OwnedMem;
 pub use read_only::ReadOnlyMem;
 pub use region::{OutOfBounds, SharedMem, PAGE_SIZE};

@@ -7,7 +7,10 @@
 //! the domain allowed to bind it) and `ECS_INTERDOMAIN`; binding follows
 //! `evtchn_bind_interdomain`: the remote port must be unbound and offered to the binding
 //! domain, and the new local port is conservatively set pending. Closing an interdomain port
-//! makes the remote end unbound again, offered to the closer (`evtchn_close`).
+//! makes the remote end unbound again, offered to the closer (`evtchn_close`). A process that
+//! dies without closing its handle (SIGKILL) leaves its ports bound; binding the remote end
+//! again finds the owner's socket dead and closes them first, as the kernel's release of the
+//! dead process's evtchn fd does on Xen.
 //!
 //! Each open handle (one [`SimEventChannel`]) owns a unix datagram socket
 //! `evtchn.<domid>.<handle>` in the sim directory. Raising an unmasked port masks it and sends
@@ -311,6 +314,38 @@ impl EvtchnTable {
         }
     }
 
+    /// When `remote`'s port `rport` is bound to a port of this domain whose owner handle's
+    /// process has died (its socket is no longer bound: nobody will close that port), closes
+    /// that port, leaving `rport` unbound and offered to this domain again. Returns whether
+    /// it did.
+    fn close_dead_end(
+        &self,
+        dir: &Path,
+        remote: &EvtchnTable,
+        rport: Port,
+        sock: BorrowedFd<'_>,
+    ) -> bool {
+        let Some(roff) = remote.entry(rport) else {
+            return false;
+        };
+        if remote.load(roff) != combo(ECS_INTERDOMAIN, self.domid) {
+            return false;
+        }
+        let port = remote.load(roff + 4);
+        let Some(off) = self.entry(port) else {
+            return false;
+        };
+        if self.load(off) != combo(ECS_INTERDOMAIN, remote.domid)
+            || self.load(off + 4) != rport
+            || handle_alive(dir, self.domid, self.load(off + 12), sock)
+        {
+            return false;
+        }
+        remote.close_remote_end(rport, self.domid, port);
+        self.free(port);
+        true
+    }
+
     /// Makes `rport` (bound to `domid`'s `port`) unbound again, offered to `domid`.
     fn close_remote_end(&self, rport: Port, domid: DomId, port: Port) {
         if let Some(roff) = self.entry(rport) {
@@ -323,6 +358,44 @@ impl EvtchnTable {
             }
         }
     }
+}
+
+/// The socket beside a handle's that only says the handle is alive ([`handle_alive`]).
+fn live_path(sock_path: &Path) -> PathBuf {
+    let mut p = sock_path.as_os_str().to_owned();
+    p.push(".live");
+    PathBuf::from(p)
+}
+
+/// A non-blocking datagram socket bound at `path` (a stale socket of a dead process holding
+/// the name is replaced: handle ids are not reused unless the counter wraps).
+fn bound_socket(path: &Path) -> Result<OwnedFd, SimError> {
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| SimError::io("socket", path)(e.into()))?;
+    let _ = std::fs::remove_file(path);
+    let addr =
+        SocketAddrUnix::new(path).map_err(|e| SimError::io("socket address", path)(e.into()))?;
+    rustix::net::bind(&sock, &addr).map_err(|e| SimError::io("bind", path)(e.into()))?;
+    Ok(sock)
+}
+
+/// Whether handle `hid` of `domid` belongs to a live process: an empty datagram sent from
+/// `sock` reaches its liveness socket (a dead process's socket file refuses it, or is gone;
+/// a full queue means alive). The owner never reads that socket, so the probe wakes nothing;
+/// only `sendto` is needed, which a confined backend may use.
+fn handle_alive(dir: &Path, domid: DomId, hid: u32, sock: BorrowedFd<'_>) -> bool {
+    let Ok(addr) = SocketAddrUnix::new(live_path(&socket_path(dir, domid, hid))) else {
+        return false;
+    };
+    !matches!(
+        rustix::net::sendto(sock, &[], SendFlags::DONTWAIT, &addr),
+        Err(Errno::CONNREFUSED | Errno::NOENT)
+    )
 }
 
 /// Sends an event on local `port` of `domid` without a handle (gntdev's unmap notify).
@@ -383,6 +456,8 @@ pub struct SimEventChannel {
     hid: u32,
     sock: OwnedFd,
     sock_path: PathBuf,
+    /// Bound while this handle lives and never read: what [`handle_alive`] probes.
+    _live: OwnedFd,
     bound: HashMap<Port, Bound>,
     tables: HashMap<DomId, Arc<EvtchnTable>>,
     restrict: Option<DomId>,
@@ -394,25 +469,15 @@ impl SimEventChannel {
         let table = Arc::new(EvtchnTable::open(dir, domid)?);
         let hid = table.new_handle_id();
         let sock_path = socket_path(dir, domid, hid);
-        let sock = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::DGRAM,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            None,
-        )
-        .map_err(|e| SimError::io("socket", &sock_path)(e.into()))?;
-        // A stale socket of a dead process may hold the name (handle ids are not reused
-        // unless the counter wraps); replace it.
-        let _ = std::fs::remove_file(&sock_path);
-        let addr = SocketAddrUnix::new(&sock_path)
-            .map_err(|e| SimError::io("socket address", &sock_path)(e.into()))?;
-        rustix::net::bind(&sock, &addr).map_err(|e| SimError::io("bind", &sock_path)(e.into()))?;
+        let sock = bound_socket(&sock_path)?;
+        let live = bound_socket(&live_path(&sock_path))?;
         Ok(Self {
             dir: dir.to_owned(),
             table,
             hid,
             sock,
             sock_path,
+            _live: live,
             bound: HashMap::new(),
             tables: HashMap::new(),
             restrict: None,
@@ -468,10 +533,15 @@ impl EventChannel for SimEventChannel {
             .table
             .alloc(ECS_RESERVED, remote, remote_port, self.hid)
             .ok_or_else(|| errno(Errno::NOSPC))?;
-        // Claim the remote end: it must be unbound and offered to us.
-        if rtable
-            .cas(roff, combo(ECS_UNBOUND, me), combo(ECS_RESERVED, me))
-            .is_err()
+        // Claim the remote end: it must be unbound and offered to us. An end still bound to
+        // a port of a dead process is unbound first, as the kernel's release of that
+        // process's evtchn fd would have done.
+        let claim = |t: &EvtchnTable| t.cas(roff, combo(ECS_UNBOUND, me), combo(ECS_RESERVED, me));
+        if claim(&rtable).is_err()
+            && !(self
+                .table
+                .close_dead_end(&self.dir, &rtable, remote_port, self.sock.as_fd())
+                && claim(&rtable).is_ok())
         {
             self.table.free(port);
             return Err(errno(Errno::INVAL));
@@ -583,5 +653,6 @@ impl Drop for SimEventChannel {
             let _ = self.unbind(port);
         }
         let _ = std::fs::remove_file(&self.sock_path);
+        let _ = std::fs::remove_file(live_path(&self.sock_path));
     }
 }

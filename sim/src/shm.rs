@@ -1,67 +1,14 @@
-//! The simulation's memory mappings: its shared files mapped whole, and grant mappings placed
-//! page by page into a reserved range. The simulation's only `unsafe` code lives here.
+//! The simulation's memory mappings: its shared files mapped whole (`shmem::MappedFile`), and
+//! grant mappings placed page by page into a reserved range.
 
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 
 use rustix::mm::{MapFlags, ProtFlags};
-use shmem::{SharedMem, PAGE_SIZE};
+use shmem::PAGE_SIZE;
 
-/// A whole file mapped `MAP_SHARED`, read-write, so that every process that maps it sees the
-/// same bytes (grant tables, event-channel tables, guest memory).
-#[derive(Debug)]
-pub(crate) struct MappedFile {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value and only accessed through SharedMem, whose
-// accesses are volatile or atomic.
-unsafe impl Send for MappedFile {}
-// SAFETY: &MappedFile only hands out SharedMem views.
-unsafe impl Sync for MappedFile {}
-
-impl MappedFile {
-    /// Maps the first `len` bytes of `fd` (which must be at least that long).
-    pub(crate) fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        // SAFETY: a fresh mapping chosen by the kernel (null hint, no MAP_FIXED) cannot alias
-        // any existing Rust object; the caller sized the file.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )
-        }?;
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
-        Ok(Self { ptr, len })
-    }
-
-    /// The mapped bytes.
-    pub(crate) fn mem(&self) -> SharedMem<'_> {
-        // SAFETY: the mapping lives until self is dropped, which the view's lifetime forbids
-        // while the view exists; no Rust reference to the bytes is ever created.
-        unsafe { SharedMem::from_raw(self.ptr, self.len) }
-    }
-}
-
-impl Drop for MappedFile {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len is exactly the mapping made in `map`, unmapped once, and no view of
-        // it outlives self.
-        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
-            tracing::error!("sim: munmap of a shared file failed: {e}");
-        }
-    }
-}
+pub(crate) use shmem::MappedFile;
 
 /// A contiguous range of address space reserved (`PROT_NONE`) for a batch of grant mappings;
 /// each page is then replaced by a `MAP_FIXED` mapping of the granting domain's memory file.

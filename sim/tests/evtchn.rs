@@ -292,3 +292,52 @@ fn no_wakeup_is_lost_under_concurrent_notify_and_unmask() {
         }
     });
 }
+
+/// Set in the child of `a_dead_binders_port_can_be_bound_again`: `<sim dir>:<port>`.
+const DEAD_BINDER: &str = "SIM_EVTCHN_DEAD_BINDER";
+
+#[test]
+fn a_dead_binders_port_can_be_bound_again() {
+    if let Ok(arg) = std::env::var(DEAD_BINDER) {
+        // The child: bind the frontend's port as dom0, then die without closing anything.
+        let (dir, port) = arg.rsplit_once(':').expect("dir:port");
+        let backend = SimPlatform::open(Path::new(dir), 0).expect("platform");
+        let mut back = backend.open_event_channel().expect("back");
+        back.bind_interdomain(5, port.parse().expect("port"))
+            .expect("bind in the child");
+        let me = rustix::process::getpid();
+        let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
+        unreachable!("SIGKILL returned");
+    }
+    let dir = sim_dir("dead-binder");
+    let (_dom, mut p) = sim_pair(dir.path(), 5);
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "a_dead_binders_port_can_be_bound_again",
+            "--nocapture",
+        ])
+        .env(
+            DEAD_BINDER,
+            format!("{}:{}", dir.path().display(), p.front_port),
+        )
+        .status()
+        .expect("running the child");
+    assert!(!status.success(), "the child was to die by SIGKILL");
+    // The dead process's end still holds the frontend's port; binding it again from another
+    // handle succeeds (on Xen the kernel closed the dead end), and events flow.
+    let bport = connect(&mut p);
+    p.front.notify(p.front_port).expect("notify");
+    assert_eq!(wait_pending(p.back.as_mut()), vec![bport]);
+    p.back.notify(bport).expect("notify back");
+    assert_eq!(wait_pending(p.front.as_mut()), vec![p.front_port]);
+    // A live binder keeps its port: a second handle cannot take it.
+    let mut other = SimPlatform::open(dir.path(), 0)
+        .expect("platform")
+        .open_event_channel()
+        .expect("other");
+    assert!(
+        other.bind_interdomain(5, p.front_port).is_err(),
+        "took a live binder's port"
+    );
+}

@@ -556,3 +556,37 @@ pub fn remove(sim: &Sim, spec: &VbdSpec, backend: &mut Backend, front: &mut SimF
     let status = backend.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "blkbackd exited with {status}");
 }
+
+/// A running `blkbackd supervise`, killed on drop.
+#[derive(Debug)]
+pub struct Supervisor(pub Child);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The child processes of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Sends `sig` to `pid`.
+///
+/// # Panics
+/// When the signal cannot be sent.
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid =
+        rustix::process::Pid::from_raw(i32::try_from(pid).expect("a pid")).expect("a non-zero pid");
+    rustix::process::kill_process(pid, sig).expect("sending a signal");
+}

@@ -5,24 +5,16 @@
 //! and the backend are gone, `blkhotplug remove` leaves no loop device behind.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sim::front::FrontOptions;
 use sim::toolstack::{self, VbdSpec};
 use sim::workload::DiskModel;
-use tests::{backend_node, blkbackd, blkhotplug, exercise, root_or_skip, Sim, DEVID, GUEST};
+use tests::{
+    backend_node, blkbackd, blkhotplug, exercise, root_or_skip, Sim, Supervisor, DEVID, GUEST,
+};
 use xen::handoff::PhysicalDevice;
-
-/// `blkbackd supervise`, killed on drop if the test did not stop it.
-struct Supervisor(Child);
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn hotplug(sim: &Sim, action: &str, backend: &str) -> Output {
     Command::new(blkhotplug())

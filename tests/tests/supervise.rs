@@ -1,39 +1,13 @@
 //! `blkbackd supervise`: one backend process per disk, started as disks appear, cleaned up
 //! after when they die, all stopped on SIGTERM.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sim::front::{FrontOptions, SimFront};
 use sim::toolstack::VbdSpec;
 use sim::workload::DiskModel;
-use tests::{blkbackd, exercise, Sim, GUEST};
-
-struct Supervisor(Child);
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
-    }
-    out
-}
-
-fn signal(pid: u32, sig: rustix::process::Signal) {
-    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
-    rustix::process::kill_process(pid, sig).unwrap();
-}
+use tests::{blkbackd, children, exercise, signal, Sim, Supervisor, GUEST};
 
 #[test]
 fn one_backend_per_disk_cleaned_up_after() {
@@ -118,6 +92,9 @@ fn a_backend_that_cannot_start_is_reported() {
     let config = SuperviseConfig {
         program: sim.tmp().join("no-such-blkbackd"),
         serve_args: vec!["serve".into()],
+        max_queues: 1,
+        max_ring_page_order: 0,
+        open_params: false,
         xenstore_path: sim::xenstore_socket(sim.dir(), 0),
         domid: 0,
         handoff_dir: None,

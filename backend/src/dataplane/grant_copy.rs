@@ -293,9 +293,11 @@ mod tests {
         dom.page(1).unwrap().fill(0, 4096, 0x11).unwrap();
         let mut slots = Slots::new(4);
         let now = Instant::now();
-        let w = slots.take(request(1, true, &[whole_page(a)]), now).unwrap();
+        let w = slots
+            .take(request(1, true, &[whole_page(a)]), now, None)
+            .unwrap();
         let r = slots
-            .take(request(2, false, &[whole_page(b)]), now)
+            .take(request(2, false, &[whole_page(b)]), now, None)
             .unwrap();
         let mut out = copy.pool.small(r).unwrap();
         copy.pool.bytes(&mut out, 4096).fill(0x22);
@@ -340,7 +342,7 @@ mod tests {
         let mut batch = Vec::new();
         for (id, gref) in [(1, good), (2, BAD_REF), (3, good)] {
             let i = slots
-                .take(request(id, true, &[whole_page(gref)]), now)
+                .take(request(id, true, &[whole_page(gref)]), now, None)
                 .unwrap();
             slots.get_mut(i).unwrap().state = State::CopyIn {
                 region: copy.pool.small(i).unwrap(),

@@ -110,6 +110,7 @@ use ring::{Abi, ProtocolViolation};
 use xen::{DomId, GrantRef, Platform, Port};
 
 use crate::device::Device;
+use crate::inflight::{Log, LogError};
 
 pub use error::QueueError;
 pub use observer::{Observer, QueueObserver};
@@ -211,6 +212,21 @@ pub struct QueueParams {
     /// For an NBD export whose server allows several connections: this queue's own (else the
     /// queue uses the device's).
     pub nbd_socket: Option<OwnedFd>,
+    /// The disk's in-flight log (`serve` under `supervise`), so that another process can
+    /// take the ring over if this one dies; default: none.
+    pub inflight: Option<InflightParams>,
+}
+
+/// A queue's place in the disk's in-flight log ([`crate::inflight`]).
+#[derive(Debug, Clone)]
+pub struct InflightParams {
+    /// The log.
+    pub log: Arc<Log>,
+    /// The queue's number (`queue-%u`).
+    pub queue: usize,
+    /// Take the ring over from a backend that died, as its log says, instead of starting
+    /// afresh at the ring's indexes.
+    pub resume: bool,
 }
 
 /// The default [`QueueParams::nbd_timeout`].
@@ -229,6 +245,7 @@ impl std::fmt::Debug for QueueParams {
             .field("features", &self.features)
             .field("name", &self.name)
             .field("poll", &self.poll)
+            .field("inflight", &self.inflight)
             .finish_non_exhaustive()
     }
 }
@@ -268,6 +285,7 @@ impl QueueParams {
             nbd_timeout: DEFAULT_NBD_TIMEOUT,
             nbd_connector: None,
             nbd_socket: None,
+            inflight: None,
         }
     }
 }
@@ -290,6 +308,9 @@ pub enum DataplaneError {
     /// The io_uring (or its buffers, or the stop eventfd) could not be set up.
     #[error("io_uring setup: {0}")]
     Uring(#[source] std::io::Error),
+    /// The in-flight log has no room for the queue, or cannot be resumed from.
+    #[error("{0}")]
+    Inflight(#[source] LogError),
     /// The thread could not be started.
     #[error("cannot start the queue thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -62,6 +62,8 @@ pub(super) struct Slot {
     pub(super) start: Instant,
     /// Already counted as having waited for resources (`oo_req`).
     pub(super) waited: bool,
+    /// The request's entry in the in-flight log, if the queue keeps one.
+    pub(super) entry: Option<u32>,
 }
 
 /// The in-flight table of one queue.
@@ -89,6 +91,7 @@ impl Slots {
                 },
                 start: Instant::now(),
                 waited: false,
+                entry: None,
             })
             .collect();
         Self {
@@ -109,12 +112,14 @@ impl Slots {
         self.free.is_empty()
     }
 
-    /// Puts `req`, taken off the ring at `now`, into a free slot (`Deferred`, about to start);
-    /// `None` when none is free (check [`Slots::is_full`] first to answer the request).
-    pub(super) fn take(&mut self, req: Request, now: Instant) -> Option<usize> {
+    /// Puts `req`, taken off the ring at `now` and logged in `entry`, into a free slot
+    /// (`Deferred`, about to start); `None` when none is free (check [`Slots::is_full`] first
+    /// to answer the request).
+    pub(super) fn take(&mut self, req: Request, now: Instant, entry: Option<u32>) -> Option<usize> {
         let i = self.free.pop()?;
         let s = &mut self.slots[i];
         s.req = req;
+        s.entry = entry;
         s.start = now;
         s.state = State::Deferred;
         s.waited = false;
@@ -230,22 +235,22 @@ mod tests {
     fn a_full_table_refuses_and_freed_slots_are_reused() {
         let mut t = Slots::new(2);
         let now = Instant::now();
-        let a = t.take(req(1), now).unwrap();
-        let b = t.take(req(1), now).unwrap();
+        let a = t.take(req(1), now, None).unwrap();
+        let b = t.take(req(1), now, None).unwrap();
         assert_ne!(a, b, "a repeated guest id gets its own slot");
         assert!(t.is_full());
-        assert_eq!(t.take(req(2), now), None);
+        assert_eq!(t.take(req(2), now, None), None);
         assert_eq!(t.release(a), Some(State::Deferred));
         assert!(t.take_freed());
         assert!(!t.take_freed());
-        assert_eq!(t.take(req(3), now), Some(a));
+        assert_eq!(t.take(req(3), now, None), Some(a));
         assert_eq!(t.busy(), 2);
     }
 
     #[test]
     fn a_slot_in_flight_cannot_be_freed_until_it_completes() {
         let mut t = Slots::new(1);
-        let i = t.take(req(1), Instant::now()).unwrap();
+        let i = t.take(req(1), Instant::now(), None).unwrap();
         t.get_mut(i).unwrap().state = State::InFlight;
         assert_eq!(t.release(i), None, "the kernel owns its buffers");
         assert_eq!(t.busy(), 1);
@@ -259,7 +264,7 @@ mod tests {
     #[test]
     fn waiting_counts_once_per_request_and_an_answer_ends_the_wait() {
         let mut t = Slots::new(2);
-        let i = t.take(req(1), Instant::now()).unwrap();
+        let i = t.take(req(1), Instant::now(), None).unwrap();
         assert!(
             !t.defer(i, false),
             "a barrier's wait is not out of resources"
@@ -269,7 +274,7 @@ mod tests {
         assert!(t.has_deferred());
         t.release(i);
         assert!(!t.has_deferred(), "an answered request no longer waits");
-        let j = t.take(req(2), Instant::now()).unwrap();
+        let j = t.take(req(2), Instant::now(), None).unwrap();
         assert!(t.defer(j, true), "a new request counts again");
         assert_eq!(t.take_deferred(), Some(j));
         assert_eq!(t.take_deferred(), None);
@@ -280,8 +285,8 @@ mod tests {
         let mut pool = BouncePool::new(2, 0, 0).unwrap();
         let mut t = Slots::new(2);
         let now = Instant::now();
-        let w = t.take(req(1), now).unwrap();
-        let r = t.take(req(2), now).unwrap();
+        let w = t.take(req(1), now, None).unwrap();
+        let r = t.take(req(2), now, None).unwrap();
         t.get_mut(w).unwrap().state = State::CopyIn {
             region: pool.small(w).unwrap(),
             len: 512,

@@ -184,6 +184,15 @@ impl Wake {
         Ok(())
     }
 
+    /// Notifies the frontend whatever `rsp_event` says: a queue resumed after a crash cannot
+    /// know whether the dead process's last notification was sent (a spurious one is
+    /// harmless).
+    pub(super) fn notify_frontend(&self, queue: &str) {
+        if let Err(e) = self.evtchn.notify(self.port) {
+            tracing::debug!(queue = %queue, "notify: {e}");
+        }
+    }
+
     /// Busy-polls for completions and new requests (when `takes_requests`) before the queue
     /// sleeps; when nothing came, asks for an event at the next request
     /// (`RING_FINAL_CHECK_FOR_REQUESTS`) so that sleeping misses nothing.

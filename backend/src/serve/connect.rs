@@ -9,7 +9,7 @@ use xen::xenstore::{XsError, XsOps};
 
 use super::{xs_err, Backend, Connection, Outcome, ServeError};
 use crate::advertise::DeviceInfo;
-use crate::dataplane::{self, QueueExit, QueueParams};
+use crate::dataplane::{self, InflightParams, QueueExit, QueueParams};
 use crate::dev_error::{errno, DevError};
 use crate::frontend_config::read_frontend_config;
 use crate::xenbus_state::{on_frontend_state, FrontendAction};
@@ -37,27 +37,7 @@ impl Backend {
             }
             FrontendAction::Connect => {
                 self.disconnect();
-                let xs = &self.xs;
-                let mut read = |path: &str| match xs.read(path) {
-                    Ok(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
-                    Err(XsError::NotFound) => Ok(None),
-                    Err(e) => Err(DevError::new(errno::EIO, format!("reading {path}: {e}"))),
-                };
-                match read_frontend_config(&self.frontend, &self.features, &mut read) {
-                    Ok(config) => {
-                        tracing::info!(
-                            backend = %self.be,
-                            queues = config.queues.len(),
-                            protocol = %config.protocol,
-                            ring_pages = 1u32 << config.ring_page_order,
-                            persistent = config.persistent_grants,
-                            "frontend ready"
-                        );
-                        self.pending = Some(config);
-                        self.try_connect()?;
-                    }
-                    Err(e) => self.fatal(&e)?,
-                }
+                self.read_pending()?;
             }
             FrontendAction::Closing => self.switch_state(XenbusState::Closing)?,
             FrontendAction::Close { remove } => {
@@ -82,15 +62,53 @@ impl Backend {
         Ok(None)
     }
 
+    /// Reads and validates the frontend's keys (its rings, ports, protocol), then connects
+    /// if the device is held.
+    pub(super) fn read_pending(&mut self) -> Result<(), ServeError> {
+        let xs = &self.xs;
+        let mut read = |path: &str| match xs.read(path) {
+            Ok(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+            Err(XsError::NotFound) => Ok(None),
+            Err(e) => Err(DevError::new(errno::EIO, format!("reading {path}: {e}"))),
+        };
+        match read_frontend_config(&self.frontend, &self.features, &mut read) {
+            Ok(config) => {
+                tracing::info!(
+                    backend = %self.be,
+                    queues = config.queues.len(),
+                    protocol = %config.protocol,
+                    ring_pages = 1u32 << config.ring_page_order,
+                    persistent = config.persistent_grants,
+                    "frontend ready"
+                );
+                self.pending = Some(config);
+                self.try_connect()
+            }
+            Err(e) => self.fatal(&e),
+        }
+    }
+
     /// `xen_update_blkif_status` + `connect`: once the frontend's rings are known and the
     /// device is held, start the queues, write the connect transaction and switch to Connected.
     pub(super) fn try_connect(&mut self) -> Result<(), ServeError> {
-        if self.state == XenbusState::Connected || self.connection.is_some() {
+        if (self.state == XenbusState::Connected && !self.resuming) || self.connection.is_some() {
             return Ok(());
         }
         let (Some(config), Some(device)) = (&self.pending, &self.device) else {
             return Ok(());
         };
+        let resume = self.resuming;
+        if resume
+            && self.inflight.as_ref().and_then(|l| l.connected_queues())
+                != u32::try_from(config.queues.len()).ok()
+        {
+            self.resuming = false;
+            let err = DevError::new(
+                errno::EIO,
+                "cannot resume: the in-flight log does not match the frontend's queues",
+            );
+            return self.fatal(&err);
+        }
         let info = DeviceInfo::of(device, self.cdrom, self.discard_enabled()?);
         let mut queues = Vec::with_capacity(config.queues.len());
         for (index, ring) in config.queues.iter().enumerate() {
@@ -131,10 +149,16 @@ impl Backend {
             params.features = info.queue_features();
             params.stats = Arc::clone(&self.stats);
             params.name = format!("{}-q{index}", self.be.file_stem());
+            params.inflight = self.inflight.as_ref().map(|log| InflightParams {
+                log: Arc::clone(log),
+                queue: index,
+                resume,
+            });
             match dataplane::spawn_queue(params) {
                 Ok(q) => queues.push(q),
                 Err(e) => {
                     Connection { queues }.stop();
+                    self.resuming = false;
                     let err = DevError::new(
                         errno::EIO,
                         format!("mapping ring-ref port {}: {e}", ring.port),
@@ -143,7 +167,19 @@ impl Backend {
                 }
             }
         }
+        let nr_queues = u32::try_from(queues.len()).unwrap_or(u32::MAX);
         self.connection = Some(Connection { queues });
+        if let Some(log) = &self.inflight {
+            log.set_connected(nr_queues);
+            log.count_start();
+        }
+        if resume {
+            // Everything in XenStore is as the backend that died left it.
+            self.resuming = false;
+            self.state = XenbusState::Connected;
+            tracing::info!(backend = %self.be, "resumed");
+            return Ok(());
+        }
         let nodes = info.connect_nodes(self.features.persistent_grants);
         let be = &self.be;
         self.xs
@@ -173,6 +209,10 @@ impl Backend {
     /// `xen_blkif_disconnect`: stops every queue (answering or dropping what is in flight).
     pub(super) fn disconnect(&mut self) {
         if let Some(c) = self.connection.take() {
+            // Nothing to resume from once the queues start closing.
+            if let Some(log) = &self.inflight {
+                log.set_disconnected();
+            }
             c.stop();
             tracing::debug!(backend = %self.be, "disconnected");
         }

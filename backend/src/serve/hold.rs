@@ -94,6 +94,15 @@ impl Backend {
                         self.write_node("multi-queue-max-queues", &queues.to_string())?;
                     }
                 }
+                if device.kind() == DeviceKind::Nbd {
+                    // Not taken over after a crash: the commands on the wire die with the
+                    // connection, and the log cannot say which of them the server carried out.
+                    self.inflight = None;
+                } else if let Some(sock) = self.supervisor.take() {
+                    if let Err(e) = handoff::send_held(&sock, device.fd()) {
+                        tracing::warn!(backend = %self.be, "giving the device to the supervisor: {e}");
+                    }
+                }
                 self.device = Some(Arc::new(device));
                 // The handoff socket has done its job: close it (and remove its name) while
                 // that is still allowed, so nothing is accepted once confined.
@@ -103,7 +112,9 @@ impl Backend {
                     what: "confining the backend",
                     source,
                 })?;
-                self.write_node(handoff::OPENED, handoff::OPENED_YES)?;
+                if !self.resuming {
+                    self.write_node(handoff::OPENED, handoff::OPENED_YES)?;
+                }
                 Ok(())
             }
             Err(e) => self.fatal(&e),

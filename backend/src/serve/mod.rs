@@ -43,6 +43,7 @@ use crate::dataplane::{GrantMode, Observer, QueueHandle, Stats};
 use crate::dev_error::DevError;
 use crate::device::{Device, DeviceOptions};
 use crate::frontend_config::FrontendConfig;
+use crate::inflight::Log;
 use crate::nbd_connector::Connector;
 use crate::stats_file::StatsFile;
 
@@ -87,6 +88,13 @@ pub struct ServeConfig {
     pub stats_file: Option<PathBuf>,
     /// Who watches the queues (`--record`), if anyone.
     pub observer: Option<Arc<dyn Observer>>,
+    /// The disk's in-flight log (from `supervise`): kept up to date while connected, and
+    /// resumed from when it says an earlier backend of this disk was connected and the
+    /// frontend still is (see [`crate::inflight`]).
+    pub inflight: Option<Arc<Log>>,
+    /// A socket to the supervisor, which is sent the device once it is held, to keep for a
+    /// backend that takes over should this one die ([`handoff::send_held`]).
+    pub supervisor: Option<OwnedFd>,
 }
 
 /// Why serving ended with an error (device-level problems are reported in XenStore instead).
@@ -172,6 +180,11 @@ struct Backend {
     stats: Arc<Stats>,
     stats_file: Option<StatsFile>,
     guest_log: RateLimit,
+    inflight: Option<Arc<Log>>,
+    supervisor: Option<OwnedFd>,
+    /// Taking over from a backend of this disk that died while connected: nothing is written
+    /// to XenStore, the rings are resumed from the in-flight log.
+    resuming: bool,
 }
 
 /// Bounds the warnings a guest can cause (a frontend cycling through bad handshakes): a few
@@ -259,6 +272,9 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         stats,
         stats_file,
         guest_log: RateLimit::new(),
+        inflight: config.inflight,
+        supervisor: config.supervisor,
+        resuming: false,
     };
     let outcome = backend.run(stop);
     backend.shutdown();
@@ -267,7 +283,12 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
 
 impl Backend {
     fn run(&mut self, stop: &AtomicBool) -> Result<Outcome, ServeError> {
-        self.probe()?;
+        self.resuming = self.may_resume()?;
+        if self.resuming {
+            self.take_over()?;
+        } else {
+            self.probe()?;
+        }
         let mut last_resize_check = Instant::now();
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -329,6 +350,47 @@ impl Backend {
                 source: e.into(),
             }),
         }
+    }
+
+    /// Whether an earlier backend of this disk died while connected and the frontend still is:
+    /// then this one takes over without a handshake.
+    fn may_resume(&self) -> Result<bool, ServeError> {
+        if self
+            .inflight
+            .as_ref()
+            .and_then(|l| l.connected_queues())
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let connected = XenbusState::Connected.as_u32().to_string();
+        let fe = self.read_opt(&format!("{}/state", self.frontend))?;
+        let be = self.read_opt(&self.be.node("state"))?;
+        Ok(fe.as_deref() == Some(connected.as_str()) && be.as_deref() == Some(connected.as_str()))
+    }
+
+    /// Takes over from a backend that died while connected: reads the frontend's rings as
+    /// negotiated and holds the device again, writing nothing to XenStore; `try_connect`
+    /// then resumes the queues from the in-flight log.
+    fn take_over(&mut self) -> Result<(), ServeError> {
+        tracing::info!(backend = %self.be, "resuming after a backend of this disk died");
+        if let DeviceSource::Handoff(_) = &self.source {
+            return Err(ServeError::BadBackend(
+                "cannot resume: the device comes from a handoff socket, which is used once"
+                    .to_owned(),
+            ));
+        }
+        if matches!(self.source, DeviceSource::Fd(_)) {
+            self.take_inherited_fd()?;
+        }
+        self.xs
+            .watch(self.be.as_str(), TOKEN_BACKEND)
+            .map_err(xs_err(format!("watching {}", self.be)))?;
+        let fe_state = format!("{}/state", self.frontend);
+        self.xs
+            .watch(&fe_state, TOKEN_FRONTEND)
+            .map_err(xs_err(format!("watching {fe_state}")))?;
+        self.read_pending()
     }
 
     /// Linux `xen_blkbk_probe`, plus the RFC's `opened` = 0 and the handoff socket.

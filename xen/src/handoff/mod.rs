@@ -56,7 +56,7 @@ pub use physical_device::{
     format_diskseq, parse_diskseq, ParseError, PhysicalDevice, MAX_MAJOR, MAX_MINOR,
 };
 pub use socket::{connect, listen, parse_socket_path};
-pub use transfer::{recv_device, recv_reply, send_device, send_reply};
+pub use transfer::{recv_device, recv_held, recv_reply, send_device, send_held, send_reply};
 pub use wire::{DeviceInfo, Reply, DEVICE_MESSAGE_LEN, HANDOFF_VERSION, REPLY_LEN};
 
 /// Backend node: the device as `major:minor` or `diskseq@major:minor` (see [`PhysicalDevice`]).

@@ -288,3 +288,112 @@ mod tests {
         assert!(matches!(recv_device(&b), Err(HandoffError::Closed)));
     }
 }
+
+/// The message a backend sends its supervisor with the device it holds ([`send_held`]).
+const HELD_MAGIC: [u8; 4] = *b"HLD1";
+
+/// Sends the device the backend holds to its supervisor, which keeps it for a backend that
+/// takes over should this one die (one message, one fd; any file type: a block device or a
+/// regular file).
+///
+/// # Errors
+/// [`HandoffError::Io`] when `sendmsg` fails or sends a short message.
+pub fn send_held(sock: impl AsFd, fd: BorrowedFd<'_>) -> Result<(), HandoffError> {
+    let fds = [fd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(HandoffError::Io {
+            op: "SCM_RIGHTS",
+            source: Errno::NOBUFS,
+        });
+    }
+    let sent = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(&HELD_MAGIC)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(io("sendmsg"))?;
+    if sent != HELD_MAGIC.len() {
+        return Err(HandoffError::Io {
+            op: "sendmsg (short)",
+            source: Errno::MSGSIZE,
+        });
+    }
+    Ok(())
+}
+
+/// Receives, without waiting, a device a backend sent with [`send_held`]: `None` when no
+/// message is waiting. Anything but one such message with exactly one fd is refused (the
+/// fds received are closed).
+///
+/// # Errors
+/// [`HandoffError::BadMessage`] for anything else; [`HandoffError::Closed`] when the backend
+/// closed its end; [`HandoffError::Io`] when `recvmsg` fails.
+pub fn recv_held(sock: impl AsFd) -> Result<Option<OwnedFd>, HandoffError> {
+    let mut buf = [0u8; HELD_MAGIC.len() + 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = match rustix::net::recvmsg(
+        &sock,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+    ) {
+        Ok(got) => got,
+        Err(Errno::AGAIN) => return Ok(None),
+        Err(e) => return Err(io("recvmsg")(e)),
+    };
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = msg {
+            fds.extend(received);
+        }
+    }
+    if got.bytes == 0 && fds.is_empty() {
+        return Err(HandoffError::Closed);
+    }
+    if got
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+        || buf.get(..got.bytes) != Some(&HELD_MAGIC[..])
+    {
+        return Err(HandoffError::BadMessage("not a held-device message"));
+    }
+    let mut fds = fds.into_iter();
+    let (Some(fd), None) = (fds.next(), fds.next()) else {
+        return Err(HandoffError::BadMessage("not exactly one fd"));
+    };
+    Ok(Some(fd))
+}
+
+#[cfg(test)]
+mod held_tests {
+    use super::*;
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+
+    #[test]
+    fn a_held_device_goes_to_the_supervisor_once() {
+        let (sup, serve) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        assert!(recv_held(&sup).unwrap().is_none(), "nothing sent yet");
+        let file = rustix::fs::memfd_create("disk", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        send_held(&serve, file.as_fd()).unwrap();
+        let got = recv_held(&sup).unwrap().expect("the device");
+        assert_eq!(
+            rustix::fs::fstat(&got).unwrap().st_ino,
+            rustix::fs::fstat(&file).unwrap().st_ino
+        );
+        // A message without an fd, or another message, is refused.
+        rustix::net::send(&serve, b"HLD1", SendFlags::empty()).unwrap();
+        assert!(matches!(recv_held(&sup), Err(HandoffError::BadMessage(_))));
+        drop(serve);
+        assert!(matches!(recv_held(&sup), Err(HandoffError::Closed)));
+    }
+}

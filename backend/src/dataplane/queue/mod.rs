@@ -7,12 +7,15 @@
 //! what it reports: counters through `stats`' narrow [`Meter`](super::stats::Meter), the
 //! observer (`observer`) for `--record`.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ring::{BackRing, DeviceLimits, IndirectPage, Parsed, ProtocolViolation, RingError, Status};
+use ring::{
+    BackRing, DeviceLimits, IndirectPage, Parsed, ProtocolViolation, RawRequest, RingError, Status,
+};
 use shmem::SharedMem;
 use xen::{Access, GrantError, GrantMapping, GrantStatus};
 
@@ -29,6 +32,7 @@ use super::uring::{Control, Reaped, Uring};
 use super::wake::{Polled, Wake};
 use super::{DataplaneError, Features, GrantMode, QueueExit, QueueParams};
 use crate::device::Device;
+use crate::inflight::QueueLog;
 
 mod request;
 
@@ -64,6 +68,13 @@ pub(super) struct Queue {
     uring_discard: bool,
     stopping: bool,
     broken: Option<ProtocolViolation>,
+    /// The queue's part of the disk's in-flight log, if the control plane gave one.
+    log: Option<QueueLog>,
+    /// Requests a dead backend had consumed and not answered, to start again (oldest first)
+    /// before the ring is read further: their log entries and slots as copied.
+    backlog: VecDeque<(u32, RawRequest)>,
+    /// The queue took over from a backend that died: the frontend is notified once.
+    resumed: bool,
 
     // Scratch, reused every pass.
     reaped: Vec<Reaped>,
@@ -97,7 +108,39 @@ impl Queue {
             .ok_or(DataplaneError::MapRing(GrantError::Invalid(
                 "the ring was mapped read-only",
             )))?;
-        let back = BackRing::attach(&ring_mem, p.abi, pages).map_err(DataplaneError::Ring)?;
+        let mut log = None;
+        let mut backlog = VecDeque::new();
+        let back = match &p.inflight {
+            Some(inflight) => {
+                let size =
+                    BackRing::slots(&ring_mem, p.abi, pages).map_err(DataplaneError::Ring)?;
+                let mut qlog = inflight
+                    .log
+                    .queue(inflight.queue, size)
+                    .map_err(DataplaneError::Inflight)?;
+                let back = if inflight.resume {
+                    let r = qlog.resume(p.abi, size).map_err(DataplaneError::Inflight)?;
+                    backlog = r.pending;
+                    BackRing::resume(
+                        &ring_mem,
+                        p.abi,
+                        pages,
+                        r.req_cons,
+                        r.rsp_pushed,
+                        r.rsp_written,
+                    )
+                    .map_err(DataplaneError::Ring)?
+                } else {
+                    let back =
+                        BackRing::attach(&ring_mem, p.abi, pages).map_err(DataplaneError::Ring)?;
+                    qlog.fresh(back.req_cons());
+                    back
+                };
+                log = Some(qlog);
+                back
+            }
+            None => BackRing::attach(&ring_mem, p.abi, pages).map_err(DataplaneError::Ring)?,
+        };
         let size = back.size() as usize;
         let max_indirect = p
             .max_indirect_segments
@@ -113,9 +156,8 @@ impl Queue {
                 .restrict(p.frontend)
                 .map_err(DataplaneError::EventChannel)?;
         }
-        let local_port = evtchn
-            .bind_interdomain(p.frontend, p.port)
-            .map_err(DataplaneError::EventChannel)?;
+        let resuming = p.inflight.as_ref().is_some_and(|i| i.resume);
+        let local_port = bind(&mut *evtchn, &p, resuming).map_err(DataplaneError::EventChannel)?;
         let wake = Wake::new(evtchn, local_port, p.poll);
         let (grants, bounce) = grant_access(&p, size, max_segs, max_indirect)?;
         // An NBD queue with a connection of its own submits on that socket.
@@ -154,6 +196,9 @@ impl Queue {
             uring_discard: true,
             stopping: false,
             broken: None,
+            log,
+            backlog,
+            resumed: resuming,
             reaped: Vec::with_capacity(size * 2 + 8),
             batch: Vec::with_capacity(size),
             failed: Vec::with_capacity(size),
@@ -223,6 +268,9 @@ impl Queue {
                 source,
             })?;
         self.arm_tick()?;
+        if self.resumed {
+            self.wake.notify_frontend(&self.name);
+        }
         loop {
             let mut reaped = std::mem::take(&mut self.reaped);
             self.uring.reap(&mut reaped);
@@ -260,7 +308,7 @@ impl Queue {
                     self.start(&mem, slot);
                 }
                 if !(self.stopping || self.broken.is_some()) {
-                    let n = self.consume(&mem);
+                    let n = self.consume(&mem)?;
                     self.wake.consumed(n);
                 }
                 self.copy(&mem, true);
@@ -274,8 +322,7 @@ impl Queue {
             self.wake
                 .after_pass(&mut self.uring, self.slots.is_full(), &*self.stats)?;
             self.sync_gauges();
-            self.wake
-                .push(&mut self.back, &mem, &*self.stats, &self.name)?;
+            self.publish(&mem)?;
             if (self.stopping || self.broken.is_some()) && self.slots.busy() == 0 {
                 return Ok(());
             }
@@ -342,34 +389,59 @@ impl Queue {
         }
     }
 
-    /// Takes requests off the ring while slots are free. Returns how many were consumed.
-    fn consume(&mut self, mem: &SharedMem<'_>) -> usize {
+    /// Publishes the responses written (notifying the frontend if it asked), then records
+    /// them as published in the in-flight log.
+    fn publish(&mut self, mem: &SharedMem<'_>) -> Result<(), QueueError> {
+        self.wake
+            .push(&mut self.back, mem, &*self.stats, &self.name)?;
+        if let Some(log) = self.log.as_mut() {
+            log.pushed(self.back.rsp_written());
+        }
+        Ok(())
+    }
+
+    /// Takes requests off the ring while slots are free, after those a dead backend left
+    /// (`backlog`). Returns how many were consumed.
+    ///
+    /// # Errors
+    /// When publishing responses to make room in the in-flight log fails.
+    fn consume(&mut self, mem: &SharedMem<'_>) -> Result<usize, QueueError> {
         let limits = self.limits();
         let mut n = 0;
         loop {
             while !self.slots.has_deferred() && !self.slots.is_full() {
+                if let Some((entry, raw)) = self.backlog.pop_front() {
+                    n += 1;
+                    self.accept(mem, &raw, &limits, Some(entry));
+                    continue;
+                }
+                if self.log.as_ref().is_some_and(|l| !l.has_room()) {
+                    self.publish(mem)?;
+                }
                 match self.back.next_request(mem) {
                     Ok(Some(raw)) => {
                         n += 1;
-                        self.accept(mem, &raw, &limits);
+                        let index = self.back.req_cons().wrapping_sub(1);
+                        let entry = self.log.as_mut().and_then(|l| l.consumed(&raw, index));
+                        self.accept(mem, &raw, &limits, entry);
                     }
                     Ok(None) => break,
                     Err(e) => {
                         self.ring_error(e);
-                        return n;
+                        return Ok(n);
                     }
                 }
             }
             // A polling queue asks for an event only before it sleeps (`Wake::poll_for_work`).
             if self.slots.has_deferred() || self.slots.is_full() || self.wake.polls() {
-                return n;
+                return Ok(n);
             }
             match self.back.final_check_for_requests(mem) {
                 Ok(true) => {}
-                Ok(false) => return n,
+                Ok(false) => return Ok(n),
                 Err(e) => {
                     self.ring_error(e);
-                    return n;
+                    return Ok(n);
                 }
             }
         }
@@ -386,7 +458,13 @@ impl Queue {
     }
 
     /// Validates one request and starts it (or answers it at once).
-    fn accept(&mut self, mem: &SharedMem<'_>, raw: &ring::RawRequest, limits: &DeviceLimits) {
+    fn accept(
+        &mut self,
+        mem: &SharedMem<'_>,
+        raw: &RawRequest,
+        limits: &DeviceLimits,
+        entry: Option<u32>,
+    ) {
         if let Some(o) = self.observer.as_mut() {
             o.slot(raw, limits);
         }
@@ -400,39 +478,70 @@ impl Queue {
                 };
                 if let Err(status) = fetched {
                     tracing::debug!(queue = %self.name, id = h.id, "indirect pages unreachable: {status:?}");
-                    return self.put(mem, &h.response(Status::Error));
+                    return self.put(mem, &h.response(Status::Error), entry);
                 }
                 let pages = self.ind_pages.get(..h.pages()).unwrap_or(&[]);
                 match ring::parse_indirect(&h, pages, limits) {
                     Ok(req) => req,
-                    Err(rej) => return self.reject(mem, &rej),
+                    Err(rej) => return self.reject(mem, &rej, entry),
                 }
             }
-            Err(rej) => return self.reject(mem, &rej),
+            Err(rej) => return self.reject(mem, &rej, entry),
         };
         if self.slots.is_full() {
             // Cannot happen: the ring hands out no more requests than there are slots.
-            return self.put(mem, &req.response(Status::Error));
+            return self.put(mem, &req.response(Status::Error), entry);
         }
-        if let Some(slot) = self.slots.take(req, Instant::now()) {
+        if let Some(slot) = self.slots.take(req, Instant::now(), entry) {
             self.start(mem, slot);
         }
     }
 
-    fn reject(&mut self, mem: &SharedMem<'_>, rej: &ring::Rejection) {
+    fn reject(&mut self, mem: &SharedMem<'_>, rej: &ring::Rejection, entry: Option<u32>) {
         tracing::debug!(queue = %self.name, "{rej}");
-        self.put(mem, &rej.response());
+        self.put(mem, &rej.response(), entry);
     }
 
-    fn put(&mut self, mem: &SharedMem<'_>, rsp: &ring::Response) {
+    /// Writes a response (not yet published) and marks its request's log `entry` answered.
+    fn put(&mut self, mem: &SharedMem<'_>, rsp: &ring::Response, entry: Option<u32>) {
         if let Some(o) = self.observer.as_mut() {
             o.response(rsp);
         }
         if rsp.status != Status::Okay {
             self.stats.count(Count::Error);
         }
-        if let Err(e) = self.back.put_response(mem, rsp) {
-            tracing::error!(queue = %self.name, "writing a response: {e}");
+        let index = self.back.rsp_written();
+        match self.back.put_response(mem, rsp) {
+            Ok(()) => {
+                if let (Some(log), Some(entry)) = (self.log.as_mut(), entry) {
+                    log.answered(entry, index);
+                }
+            }
+            Err(e) => tracing::error!(queue = %self.name, "writing a response: {e}"),
+        }
+    }
+}
+
+/// How long a queue taking over from a dead backend tries to bind the frontend's port: the
+/// dead process's end is closed only when the kernel releases its evtchn fd, which its
+/// io_uring's asynchronous teardown may still hold for a moment after the process was reaped.
+const REBIND_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Binds the frontend's port; when `resuming`, again until [`REBIND_FOR`] has passed while the
+/// port is still bound to the dead backend.
+fn bind(
+    evtchn: &mut dyn xen::EventChannel,
+    p: &QueueParams,
+    resuming: bool,
+) -> Result<xen::Port, xen::EvtchnError> {
+    let start = Instant::now();
+    loop {
+        match evtchn.bind_interdomain(p.frontend, p.port) {
+            Err(e) if resuming && start.elapsed() < REBIND_FOR => {
+                tracing::debug!(queue = %p.name, "port {} not bindable yet: {e}", p.port);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            other => return other,
         }
     }
 }

@@ -320,6 +320,7 @@ impl Queue {
             return;
         };
         let rsp = s.req.response(status);
+        let entry = s.entry;
         let latency = s.start.elapsed();
         if let Some(o) = self.observer.as_mut() {
             o.finishing(&s.req, status);
@@ -336,6 +337,6 @@ impl Queue {
             }
         }
         self.stats.count(Count::Answered(latency));
-        self.put(mem, &rsp);
+        self.put(mem, &rsp, entry);
     }
 }

@@ -6,6 +6,7 @@
 //! - `device`: device errors, read-only and 4 KiB-sector devices, loop devices, ENOSPC,
 //!   resize, queues sharing a device.
 //! - `hostile`: broken rings, event storms, hostile slots, a dying frontend, stopping.
+//! - `resume`: taking a ring over from a dead backend's in-flight log.
 //!
 //! The harness here is shared with the unit tests of the pieces (`sim_guest`, `TempDir`).
 
@@ -26,6 +27,7 @@ use crate::device::{Device, DeviceOptions};
 mod device;
 mod hostile;
 mod map_mode;
+mod resume;
 mod round_trip;
 
 pub(super) const FRONT: xen::DomId = 7;
