@@ -380,6 +380,13 @@ impl Backend {
                     .to_owned(),
             ));
         }
+        self.hold_inherited_and_watch()?;
+        self.read_pending()
+    }
+
+    /// Takes the device fd inherited from the supervisor, if that is its source, and watches
+    /// the backend's directory and the frontend's state.
+    fn hold_inherited_and_watch(&mut self) -> Result<(), ServeError> {
         if matches!(self.source, DeviceSource::Fd(_)) {
             self.take_inherited_fd()?;
         }
@@ -390,7 +397,7 @@ impl Backend {
         self.xs
             .watch(&fe_state, TOKEN_FRONTEND)
             .map_err(xs_err(format!("watching {fe_state}")))?;
-        self.read_pending()
+        Ok(())
     }
 
     /// Linux `xen_blkbk_probe`, plus the RFC's `opened` = 0 and the handoff socket.
@@ -416,16 +423,7 @@ impl Backend {
             let value = path.to_string_lossy().into_owned();
             self.write_node(handoff::HANDOFF_SOCKET, &value)?;
         }
-        if matches!(self.source, DeviceSource::Fd(_)) {
-            self.take_inherited_fd()?;
-        }
-        self.xs
-            .watch(self.be.as_str(), TOKEN_BACKEND)
-            .map_err(xs_err(format!("watching {}", self.be)))?;
-        let fe_state = format!("{}/state", self.frontend);
-        self.xs
-            .watch(&fe_state, TOKEN_FRONTEND)
-            .map_err(xs_err(format!("watching {fe_state}")))?;
+        self.hold_inherited_and_watch()?;
         self.switch_state(XenbusState::InitWait)?;
         tracing::info!(backend = %self.be, frontend = %self.frontend, "probed, waiting for the frontend");
         Ok(())

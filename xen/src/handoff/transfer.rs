@@ -24,7 +24,11 @@ pub fn send_device(
     fd: BorrowedFd<'_>,
     info: &DeviceInfo,
 ) -> Result<(), HandoffError> {
-    let msg = info.encode();
+    send_with_fd(sock, &info.encode(), fd)
+}
+
+/// One message `msg` with one fd, whole or not at all.
+fn send_with_fd(sock: impl AsFd, msg: &[u8], fd: BorrowedFd<'_>) -> Result<(), HandoffError> {
     let fds = [fd];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -36,7 +40,7 @@ pub fn send_device(
     }
     let sent = rustix::net::sendmsg(
         sock,
-        &[IoSlice::new(&msg)],
+        &[IoSlice::new(msg)],
         &mut control,
         SendFlags::NOSIGNAL,
     )
@@ -299,29 +303,7 @@ const HELD_MAGIC: [u8; 4] = *b"HLD1";
 /// # Errors
 /// [`HandoffError::Io`] when `sendmsg` fails or sends a short message.
 pub fn send_held(sock: impl AsFd, fd: BorrowedFd<'_>) -> Result<(), HandoffError> {
-    let fds = [fd];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(HandoffError::Io {
-            op: "SCM_RIGHTS",
-            source: Errno::NOBUFS,
-        });
-    }
-    let sent = rustix::net::sendmsg(
-        sock,
-        &[IoSlice::new(&HELD_MAGIC)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )
-    .map_err(io("sendmsg"))?;
-    if sent != HELD_MAGIC.len() {
-        return Err(HandoffError::Io {
-            op: "sendmsg (short)",
-            source: Errno::MSGSIZE,
-        });
-    }
-    Ok(())
+    send_with_fd(sock, &HELD_MAGIC, fd)
 }
 
 /// Receives, without waiting, a device a backend sent with [`send_held`]: `None` when no
