@@ -334,7 +334,10 @@ fn a_chain_of_boots_that_loops_or_breaks_is_refused() {
         l.replace("real-linux-2q-boot1.trace", "../etc/x.trace")
     });
     std::fs::write(dir.path().join("escaping.trace"), &escaping).unwrap();
-    match replay_file(&dir.path().join("escaping.trace"), &ReplayOptions::default()) {
+    match replay_file(
+        &dir.path().join("escaping.trace"),
+        &ReplayOptions::default(),
+    ) {
         Err(ReplayError::Invalid { line: 2, msg }) => {
             assert!(msg.contains("not a trace's file name"), "{msg}")
         }
