@@ -290,6 +290,10 @@ fn qcow2_through_qemu_storage_daemon() {
     assert!(info.flush && info.barrier, "qemu's NBD server flushes");
     assert!(info.discard, "qemu's NBD server trims");
     assert!(!info.discard_secure);
+    // A fresh image: its clusters were never written, and come as holes.
+    let c = front.read(0, 8192, 64).expect("reading the fresh image");
+    assert_eq!(c.status(), Some(Status::Okay));
+    assert!(c.data.expect("data").iter().all(|&b| b == 0));
     // qcow2 drops a discard smaller than its 64 KiB clusters: discarded blocks are unknown.
     let mut model = DiskModel::zeroed(info.sectors / 8, false);
     workload(&mut front, &mut model);
@@ -297,6 +301,22 @@ fn qcow2_through_qemu_storage_daemon() {
     let seen = read_all(&mut front, blocks);
     remove(&sim, &spec, &mut backend, &mut front);
     server.stop();
+    // Two connections, each with structured replies; never-written clusters came as holes.
+    let report = backend.stats().expect("statistics");
+    println!("{}", report.display());
+    let nbd = &report.nbd;
+    assert_eq!(nbd.len(), 2, "one connection per queue");
+    assert!(nbd.iter().all(|c| c.structured == 1), "{nbd:?}");
+    assert!(nbd
+        .iter()
+        .all(|c| c.in_flight == 0 && c.errors == 0 && c.lost == 0));
+    let sum = |f: fn(&backend::dataplane::NbdSnapshot) -> u64| nbd.iter().map(f).sum::<u64>();
+    assert!(sum(|c| c.hole_bytes) > 0, "{nbd:?}");
+    assert!(sum(|c| c.rd_bytes) >= sum(|c| c.hole_bytes));
+    let c = report.counters;
+    assert_eq!(sum(|c| c.rd_req), c.rd_req, "one NBD read per guest read");
+    assert_eq!(sum(|c| c.rd_bytes), c.rd_sect * 512);
+    assert!(sum(|c| c.wr_bytes) == c.wr_sect * 512 && sum(|c| c.ds_req) >= c.ds_req);
 
     // The data is in the qcow2 image: converted to raw by qemu-img, checked there.
     let raw = sim.tmp().join("disk.raw");
@@ -679,6 +699,15 @@ fn hostile_servers_give_errors_not_crashes() {
         assert!(backend.running(), "{how:?}: the backend is still there");
         remove(&sim, &spec, &mut backend, &mut front);
         server.join().expect("the fake server");
+        let nbd = backend.stats().expect("statistics").nbd;
+        let [c] = nbd[..] else {
+            panic!("{how:?}: one connection: {nbd:?}")
+        };
+        assert_eq!(c.structured, u64::from(how.structured()), "{how:?}");
+        match how {
+            Misbehaviour::FailEverything => assert!(c.errors == 6 && c.lost == 0, "{c:?}"),
+            _ => assert!(c.lost == 1 && c.reconnects == 0, "{how:?}: {c:?}"),
+        }
     }
 }
 
@@ -896,6 +925,17 @@ fn server_killed_and_restarted_mid_workload() {
     let _ = done.send(());
     restart.join().expect("the restart");
     verify_raw(&image, &seen);
+    // Each connection was lost once and made again, what had no reply sent again.
+    let report = backend.stats().expect("statistics");
+    println!("{}", report.display());
+    assert_eq!(report.nbd.len(), 2);
+    for c in &report.nbd {
+        assert!(
+            c.lost >= 1 && c.reconnects >= 1 && c.in_flight == 0,
+            "{c:?}"
+        );
+    }
+    assert!(report.nbd.iter().map(|c| c.resent).sum::<u64>() > 0);
 }
 
 /// The server's block size constraints: nbdkit asks for 4 KiB blocks and at most 64 KiB a

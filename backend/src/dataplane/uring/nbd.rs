@@ -53,6 +53,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,7 @@ use rustix::io::Errno;
 
 use super::{Completion, Data, Iovec, Reaped, Uring, CONTROL};
 use crate::dataplane::bounce::Region;
+use crate::dataplane::nbd_stats::NbdStats;
 use crate::nbd_connector::{same_export, Connector};
 
 /// Tag of the connection's send.
@@ -256,6 +258,8 @@ pub(super) struct NbdConn {
     /// The watchdog's timer is armed.
     watching: bool,
     watchdog_ts: Box<types::Timespec>,
+    /// The connection's counters.
+    stats: Arc<NbdStats>,
 }
 
 impl std::fmt::Debug for NbdConn {
@@ -348,8 +352,12 @@ impl Uring {
         export: Export,
         timeout: Duration,
         connector: Option<Arc<Connector>>,
+        stats: Arc<NbdStats>,
     ) -> io::Result<()> {
         let fd = self.fixed(fd)?;
+        stats
+            .structured
+            .store(u64::from(export.structured_replies), Ordering::Relaxed);
         let slots = self.flights.len();
         let max_iov = self.flights.first().map_or(0, |f| f.iov.capacity()) + 1;
         self.nbd = Some(NbdConn {
@@ -380,6 +388,7 @@ impl Uring {
                     .sec(WATCHDOG_PERIOD.as_secs())
                     .nsec(WATCHDOG_PERIOD.subsec_nanos()),
             ),
+            stats,
         });
         Ok(())
     }
@@ -535,6 +544,14 @@ impl Uring {
         let seq = (s.cookie >> 32).wrapping_add(1) & 0xffff_ffff;
         s.cookie = (seq << 32) | slot as u64;
         s.current = Some(step);
+        let counter = match step {
+            Step::Read => &conn.stats.rd_req,
+            Step::Write { .. } => &conn.stats.wr_req,
+            Step::Flush => &conn.stats.f_req,
+            Step::Discard => &conn.stats.ds_req,
+        };
+        NbdStats::add(counter, 1);
+        NbdStats::add(&conn.stats.in_flight, 1);
         s.send_started = false;
         s.sent = false;
         s.replied = false;
@@ -710,6 +727,11 @@ impl Uring {
             r.since.elapsed(),
             conn.send_queue.len()
         );
+        NbdStats::add(&conn.stats.reconnects, 1);
+        NbdStats::add(&conn.stats.resent, conn.send_queue.len() as u64);
+        conn.stats
+            .structured
+            .store(u64::from(export.structured_replies), Ordering::Relaxed);
         for slot in answered {
             self.nbd_advance(slot, out);
         }
@@ -1018,7 +1040,12 @@ impl Uring {
                 }
                 return;
             }
-            (Chunk::Hole { .. }, Some(range)) => self.zero(slot, range),
+            (Chunk::Hole { .. }, Some(range)) => {
+                if let Some(conn) = self.nbd.as_ref() {
+                    NbdStats::add(&conn.stats.hole_bytes, range.len() as u64);
+                }
+                self.zero(slot, range);
+            }
             (Chunk::Error { error, message, .. }, _) => {
                 tracing::debug!(
                     slot,
@@ -1035,12 +1062,17 @@ impl Uring {
     /// The last chunk of `slot`'s reply is in: the command is answered, unless its chunks
     /// broke the rules ([`Reassembly::finish`]).
     fn nbd_reply_done(&mut self, slot: usize, out: &mut Vec<Reaped>) {
-        let Some(s) = self.nbd.as_mut().and_then(|c| c.slots.get_mut(slot)) else {
+        let Some(conn) = self.nbd.as_mut() else {
+            return;
+        };
+        let stats = &conn.stats;
+        let Some(s) = conn.slots.get_mut(slot) else {
             return;
         };
         match s.chunks.finish() {
             Err(e) => return self.nbd_break(format!("reply: {e}")),
             Ok(Some(e)) => {
+                NbdStats::add(&stats.errors, 1);
                 s.error.get_or_insert(errno_of(e));
                 s.next = None;
             }
@@ -1120,6 +1152,9 @@ impl Uring {
                 }
             }
             (error, _) => {
+                if let Some(conn) = self.nbd.as_ref().filter(|_| error.is_some()) {
+                    NbdStats::add(&conn.stats.errors, 1);
+                }
                 if let Some(s) = self.nbd.as_mut().and_then(|c| c.slots.get_mut(slot)) {
                     s.replied = true;
                     if let Some(e) = error {
@@ -1147,6 +1182,16 @@ impl Uring {
             return;
         }
         let step = s.current.take();
+        NbdStats::sub(&conn.stats.in_flight);
+        match step {
+            Some(Step::Read) if s.error.is_none() && !broken => {
+                NbdStats::add(&conn.stats.rd_bytes, s.len);
+            }
+            Some(Step::Write { .. }) if s.error.is_none() && !broken => {
+                NbdStats::add(&conn.stats.wr_bytes, s.len);
+            }
+            _ => {}
+        }
         if step == Some(Step::Discard) && s.error.is_none() {
             let piece = s.len.min(MAX_DISCARD_PIECE);
             s.offset += piece;
@@ -1238,6 +1283,7 @@ impl Uring {
         if conn.broken.is_some() || conn.reconnecting.is_some() {
             return;
         }
+        NbdStats::add(&conn.stats.lost, 1);
         if conn.connector.is_none() {
             return self.nbd_give_up(why);
         }
