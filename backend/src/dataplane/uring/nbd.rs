@@ -1044,7 +1044,13 @@ impl Uring {
                 if let Some(conn) = self.nbd.as_ref() {
                     NbdStats::add(&conn.stats.hole_bytes, range.len() as u64);
                 }
-                self.zero(slot, range);
+                let want = range.len();
+                if self.zero(slot, range) != want {
+                    tracing::error!(slot, "a hole of a read could not be written as zeroes");
+                    if let Some(s) = self.nbd.as_mut().and_then(|c| c.slots.get_mut(slot)) {
+                        s.error.get_or_insert(Errno::IO);
+                    }
+                }
             }
             (Chunk::Error { error, message, .. }, _) => {
                 tracing::debug!(
@@ -1085,19 +1091,21 @@ impl Uring {
     /// Writes zeroes over `range` of `slot`'s data buffer (a hole in a read): its bounce
     /// region, or the guest's mapped pages. Nothing is in flight on that buffer: the
     /// connection has one receive at a time, and the one that read the hole's chunk is over.
-    fn zero(&mut self, slot: usize, range: std::ops::Range<usize>) {
+    /// Returns how many bytes were zeroed (all of `range`, unless the buffer is not the
+    /// slot's: a bug, for which the caller fails the request rather than answer stale data).
+    fn zero(&mut self, slot: usize, range: std::ops::Range<usize>) -> usize {
         let Some(o) = self.flights.get_mut(slot) else {
-            return;
+            return 0;
         };
         if let (Some(region), Some(mem)) = (o.region.as_mut(), self.bounce.as_ref()) {
             let bytes = mem.bytes(region, range.end);
-            if let Some(b) = bytes.get_mut(range) {
+            return bytes.get_mut(range).map_or(0, |b| {
                 b.fill(0);
-            }
-            return;
+                b.len()
+            });
         }
         // Mapped: each piece of the range, in the mapping that holds its iovec.
-        let mut start = 0usize;
+        let (mut start, mut zeroed) = (0usize, 0usize);
         for v in &o.iov {
             let end = start + v.len;
             let (from, to) = (range.start.max(start), range.end.min(end));
@@ -1111,13 +1119,14 @@ impl Uring {
                         .then_some((mem, at - base))
                 });
                 if let Some((mem, offset)) = mapping {
-                    if mem.fill(offset, to - from, 0).is_err() {
-                        tracing::error!(slot, "a hole outside the read's mapping");
+                    if mem.fill(offset, to - from, 0).is_ok() {
+                        zeroed += to - from;
                     }
                 }
             }
             start = end;
         }
+        zeroed
     }
 
     /// A reply header arrived: finds its command, and reads its payload or completes it.
