@@ -9,7 +9,8 @@
 //!
 //! The answer, [`ANSWER_LEN`] bytes, little endian: magic `NBDC`, a `u32` errno (0: connected),
 //! then for a connection the size (`u64`), the transmission flags (`u16`) and the minimum,
-//! preferred and maximum block sizes (`u32` each); for an error, up to [`MAX_REASON`] bytes of
+//! preferred and maximum block sizes (`u32` each), and whether structured replies were
+//! negotiated (one byte, 0 or 1); for an error, up to [`MAX_REASON`] bytes of
 //! UTF-8 saying why, zero-padded. What the backend receives is checked like anything else
 //! from outside: the answer's length and magic, exactly one fd with a connection, and the
 //! export must be the one the backend serves ([`same_export`]).
@@ -33,7 +34,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest error text in an answer.
 pub const MAX_REASON: usize = 200;
 /// An answer's length.
-pub const ANSWER_LEN: usize = 8 + 8 + 2 + 12 + MAX_REASON;
+pub const ANSWER_LEN: usize = 8 + 8 + 2 + 12 + 1 + MAX_REASON;
+/// Where an answer's reason begins.
+const REASON_AT: usize = 31;
 const MAGIC: [u8; 4] = *b"NBDC";
 
 /// Why no new connection came.
@@ -169,12 +172,13 @@ fn encode(export: Option<&Export>, errno: u32, reason: &str) -> [u8; ANSWER_LEN]
         m[18..22].copy_from_slice(&e.block_size.minimum.to_le_bytes());
         m[22..26].copy_from_slice(&e.block_size.preferred.to_le_bytes());
         m[26..30].copy_from_slice(&e.block_size.maximum.to_le_bytes());
+        m[30] = u8::from(e.structured_replies);
     }
     let mut end = reason.len().min(MAX_REASON);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    m[30..30 + end].copy_from_slice(&reason.as_bytes()[..end]);
+    m[REASON_AT..REASON_AT + end].copy_from_slice(&reason.as_bytes()[..end]);
     m
 }
 
@@ -201,13 +205,14 @@ fn decode(m: &[u8]) -> Result<(Export, u32, String), ConnectorError> {
         maximum: u32_at(26),
         advertised: true,
     };
-    let reason = m.get(30..).unwrap_or(&[]);
+    let reason = m.get(REASON_AT..).unwrap_or(&[]);
     let reason = reason.split(|&b| b == 0).next().unwrap_or(&[]);
     let export = Export {
         size,
         flags: TransmissionFlags::from_bits(flags),
         block_size,
         via: Negotiated::Go,
+        structured_replies: m.get(30) == Some(&1),
     };
     if u32_at(4) == 0 && !block_size.is_valid() {
         return Err(ConnectorError::Answer("invalid block sizes"));
@@ -296,6 +301,7 @@ mod tests {
                 advertised: true,
             },
             via: Negotiated::Go,
+            structured_replies: true,
         };
         let (got, errno, _) = decode(&encode(Some(&export), 0, "")).unwrap();
         assert_eq!(
@@ -303,6 +309,12 @@ mod tests {
             (export.size, export.flags.bits(), 0)
         );
         assert!(same_export(&export, &got));
+        assert_eq!(got, export);
+        let simple = Export {
+            structured_replies: false,
+            ..export
+        };
+        assert_eq!(decode(&encode(Some(&simple), 0, "")).unwrap().0, simple);
         let (_, errno, reason) = decode(&encode(None, 111, &"é".repeat(150))).unwrap();
         assert_eq!(errno, 111);
         assert!(reason.len() <= MAX_REASON && reason.chars().all(|c| c == 'é'));

@@ -15,6 +15,17 @@
 //! rd_req 1024
 //! ...
 //! ```
+//!
+//! A disk on an NBD export adds one block per connection (one per queue), each line prefixed
+//! `nbd<N>_` (`N` from 0, in queue order): the connection's commands by type, bytes, holes,
+//! server errors, commands in flight, connections lost and re-made, commands sent again, and
+//! whether it has structured replies ([`crate::dataplane::NbdStats`]):
+//!
+//! ```text
+//! nbd0_rd_req 512
+//! nbd0_reconnects 1
+//! ...
+//! ```
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -22,8 +33,11 @@ use std::time::{Duration, Instant};
 
 use xen::xenstore::BackendPath;
 
-use crate::dataplane::Stats;
+use crate::dataplane::{NbdSnapshot, Stats};
 use xen::xenbus::XenbusState;
+
+/// The most NBD connections a file is read with (more than any device has queues).
+const MAX_NBD_CONNECTIONS: usize = 256;
 
 /// The default directory of statistics files.
 pub const DEFAULT_DIR: &str = "/run/blkbackd";
@@ -123,6 +137,8 @@ pub struct Report {
     pub state: u32,
     /// The counters.
     pub counters: Snapshot,
+    /// Each NBD connection's counters, in queue order (none for a local disk).
+    pub nbd: Vec<NbdSnapshot>,
 }
 
 impl Report {
@@ -131,6 +147,11 @@ impl Report {
         let mut s = format!("backend {}\nstate {}\n", self.backend, self.state);
         for (name, v) in FIELDS.iter().zip(self.counters.values()) {
             let _ = writeln!(s, "{name} {v}");
+        }
+        for (i, c) in self.nbd.iter().enumerate() {
+            for (name, v) in c.fields() {
+                let _ = writeln!(s, "nbd{i}_{name} {v}");
+            }
         }
         s
     }
@@ -143,6 +164,7 @@ impl Report {
         let mut backend = None;
         let mut state = None;
         let mut counters = Snapshot::default();
+        let mut nbd: Vec<NbdSnapshot> = Vec::new();
         let mut seen = 0usize;
         for line in text.lines() {
             let (name, value) = line
@@ -163,6 +185,13 @@ impl Report {
                         .map_err(|_| format!("malformed line {line:?}"))?;
                     if counters.set(name, v) {
                         seen += 1;
+                    } else if let Some((i, field)) = nbd_field(name) {
+                        if nbd.len() <= i {
+                            nbd.resize(i + 1, NbdSnapshot::default());
+                        }
+                        if let Some(c) = nbd.get_mut(i) {
+                            c.set(field, v);
+                        }
                     }
                 }
             }
@@ -174,6 +203,7 @@ impl Report {
             backend: backend.ok_or("backend line missing")?,
             state: state.ok_or("state line missing")?,
             counters,
+            nbd,
         })
     }
 
@@ -194,8 +224,39 @@ impl Report {
             }
             None => s.push_str("  latency  (no completed requests)\n"),
         }
+        for (i, c) in self.nbd.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  nbd{i}     {} reads ({} bytes, {} in holes), {} writes ({} bytes), {} flushes, \
+                 {} discards, {} errors, {} in flight; {} lost, {} reconnects, {} re-sent; \
+                 structured replies: {}",
+                c.rd_req,
+                c.rd_bytes,
+                c.hole_bytes,
+                c.wr_req,
+                c.wr_bytes,
+                c.f_req,
+                c.ds_req,
+                c.errors,
+                c.in_flight,
+                c.lost,
+                c.reconnects,
+                c.resent,
+                if c.structured == 1 { "yes" } else { "no" },
+            );
+        }
         s
     }
+}
+
+/// `nbd<N>_<field>` as `(N, field)`, for `N` under [`MAX_NBD_CONNECTIONS`].
+fn nbd_field(name: &str) -> Option<(usize, &str)> {
+    let (conn, field) = name.strip_prefix("nbd")?.split_once('_')?;
+    if conn.is_empty() || !conn.bytes().all(|b| b.is_ascii_digit()) || conn.len() > 3 {
+        return None;
+    }
+    let i: usize = conn.parse().ok()?;
+    (i < MAX_NBD_CONNECTIONS).then_some((i, field))
 }
 
 /// Keeps one device's statistics file up to date.
@@ -229,6 +290,7 @@ impl StatsFile {
             backend: self.backend.to_string(),
             state: state.as_u32(),
             counters: snapshot(stats),
+            nbd: stats.nbd.snapshots(),
         };
         if let Err(e) = write_atomically(&self.path, report.render().as_bytes()) {
             if !self.warned {
@@ -293,10 +355,31 @@ mod tests {
                 lat_sum_us: 80,
                 lat_max_us: 30,
             },
+            nbd: Vec::new(),
         };
         let text = r.render();
         assert!(text.contains("\nrd_sect 6\n"));
         assert_eq!(Report::parse(&text).unwrap(), r);
+        let mut nbd = r.clone();
+        nbd.nbd = vec![
+            NbdSnapshot {
+                rd_req: 5,
+                structured: 1,
+                ..NbdSnapshot::default()
+            },
+            NbdSnapshot {
+                reconnects: 2,
+                resent: 16,
+                ..NbdSnapshot::default()
+            },
+        ];
+        let text = nbd.render();
+        assert!(text.contains("\nnbd1_resent 16\n"), "{text}");
+        assert_eq!(Report::parse(&text).unwrap(), nbd);
+        assert!(nbd.display().contains("2 reconnects, 16 re-sent"));
+        // Lines naming no connection this reader takes are skipped.
+        let odd = format!("{text}nbd999_rd_req 1\nnbdx_rd_req 1\nnbd0_future 3\n");
+        assert_eq!(Report::parse(&odd).unwrap(), nbd);
         assert_eq!(r.counters.mean_latency_us(), Some(10));
         assert!(r
             .display()

@@ -3,7 +3,9 @@
 //! [`Client::connect`] connects to the server a [`Uri`] names, with a timeout on every
 //! socket operation, and negotiates the export ([`crate::handshake`]). Each request is
 //! checked against the export before it is sent ([`Export::check`]: size, alignment,
-//! read-only, commands offered), and each reply's cookie against the request's.
+//! read-only, commands offered), and each reply's cookie against the request's. Where
+//! structured replies were negotiated, a reply's chunks are checked by
+//! [`Reassembly`](crate::structured::Reassembly) and holes read as zeroes.
 //!
 //! A request the server fails ([`ClientError::Server`]) leaves the connection usable. Any
 //! other failure after a request was sent (a socket error, a timeout, a wrong magic, a reply
@@ -19,8 +21,12 @@ use std::time::Duration;
 
 use crate::handshake::{self, Export, HandshakeError};
 use crate::socket::{read_array, read_exact, write_all, SocketError};
+use crate::structured::{Chunk, ChunkHeader, Reassembly, CHUNK_HEADER_LEN};
 use crate::uri::{Transport, UnixSocket, Uri};
-use crate::wire::{Command, NbdError, Request, RequestError, SimpleReply, WireError, FLAG_FUA};
+use crate::wire::{
+    Command, NbdError, Request, RequestError, SimpleReply, WireError, FLAG_FUA, SIMPLE_REPLY_LEN,
+    SIMPLE_REPLY_MAGIC,
+};
 
 /// The timeout [`Client::connect`] sets on the connection and every read and write.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -360,23 +366,83 @@ impl Client {
     ) -> Result<(), ClientError> {
         write_all(&mut self.stream, &request.encode(), "sending a request")?;
         write_all(&mut self.stream, payload, "sending a write's data")?;
-        let reply = SimpleReply::decode(&read_array(&mut self.stream, "reading a reply")?)?;
-        if reply.cookie != request.cookie {
-            return Err(ClientError::UnknownCookie {
-                expected: request.cookie,
-                got: reply.cookie,
-            });
+        let mut reply = Reassembly::new(request.command, request.offset, request.length);
+        let mut first = true;
+        loop {
+            let head: [u8; SIMPLE_REPLY_LEN] = read_array(&mut self.stream, "reading a reply")?;
+            if head[..4] == SIMPLE_REPLY_MAGIC.to_be_bytes() && first {
+                if self.export.structured_replies && request.command == Command::Read {
+                    return Err(WireError::SimpleReadReply.into());
+                }
+                return self.simple(request, SimpleReply::decode(&head)?, into);
+            }
+            if !self.export.structured_replies {
+                return Err(SimpleReply::decode(&head)
+                    .err()
+                    .unwrap_or(WireError::StructuredReply)
+                    .into());
+            }
+            first = false;
+            let tail: [u8; 4] = read_array(&mut self.stream, "reading a reply")?;
+            let mut b = [0u8; CHUNK_HEADER_LEN];
+            b[..SIMPLE_REPLY_LEN].copy_from_slice(&head);
+            b[SIMPLE_REPLY_LEN..].copy_from_slice(&tail);
+            let header = ChunkHeader::decode(&b)?;
+            self.check_cookie(request, header.cookie)?;
+            let mut fixed = vec![0u8; header.fixed_len()?];
+            read_exact(&mut self.stream, &mut fixed, "reading a reply chunk")?;
+            let chunk = header.parse(&fixed)?;
+            if let Some(range) = reply.accept(&chunk)? {
+                // Inside the request (Reassembly's promise), whose length is `into`'s.
+                let buf = into.get_mut(range).unwrap_or(&mut []);
+                match chunk {
+                    Chunk::Data { .. } => {
+                        read_exact(&mut self.stream, buf, "reading a read's data")?
+                    }
+                    _ => buf.fill(0),
+                }
+            }
+            if header.done() {
+                return match reply.finish()? {
+                    Some(error) => Err(self.server_error(request, error)),
+                    None => Ok(()),
+                };
+            }
         }
+    }
+
+    /// A simple reply to `request`, then a read's data into `into`.
+    fn simple(
+        &mut self,
+        request: &Request,
+        reply: SimpleReply,
+        into: &mut [u8],
+    ) -> Result<(), ClientError> {
+        self.check_cookie(request, reply.cookie)?;
         if let Some(error) = reply.error {
             // No data follows a failed read's reply.
-            return Err(ClientError::Server {
-                command: request.command,
-                offset: request.offset,
-                length: request.length,
-                error,
-            });
+            return Err(self.server_error(request, error));
         }
         read_exact(&mut self.stream, into, "reading a read's data")?;
         Ok(())
+    }
+
+    fn check_cookie(&self, request: &Request, cookie: u64) -> Result<(), ClientError> {
+        if cookie != request.cookie {
+            return Err(ClientError::UnknownCookie {
+                expected: request.cookie,
+                got: cookie,
+            });
+        }
+        Ok(())
+    }
+
+    fn server_error(&self, request: &Request, error: NbdError) -> ClientError {
+        ClientError::Server {
+            command: request.command,
+            offset: request.offset,
+            length: request.length,
+            error,
+        }
     }
 }

@@ -5,17 +5,18 @@
 //!    server (`cliserv_magic` instead of `IHAVEOPT`) is refused.
 //! 2. The client flags: `NBD_FLAG_C_FIXED_NEWSTYLE` when the server is fixed-newstyle,
 //!    `NBD_FLAG_C_NO_ZEROES` when it offers `NBD_FLAG_NO_ZEROES`; nothing else.
-//! 3. `NBD_OPT_GO` with the export name and one information request, `NBD_INFO_BLOCK_SIZE`:
+//! 3. `NBD_OPT_STRUCTURED_REPLY` (fixed-newstyle servers only): `NBD_REP_ACK` means the
+//!    server answers reads with structured replies ([`crate::structured`],
+//!    [`Export::structured_replies`]); an error reply (`NBD_REP_ERR_UNSUP` from a server
+//!    without them) means simple replies only, and the handshake goes on.
+//! 4. `NBD_OPT_GO` with the export name and one information request, `NBD_INFO_BLOCK_SIZE`:
 //!    the client promises to keep the server's size constraints. The server answers with
 //!    `NBD_REP_INFO` replies (`NBD_INFO_EXPORT`: size and transmission flags;
 //!    `NBD_INFO_BLOCK_SIZE`), then `NBD_REP_ACK`, and transmission begins; an error reply is
 //!    a [`HandshakeError::Refused`], after which the client aborts (`NBD_OPT_ABORT`).
-//! 4. Only when the server answers `NBD_REP_ERR_UNSUP` to `NBD_OPT_GO` (or is not
+//! 5. Only when the server answers `NBD_REP_ERR_UNSUP` to `NBD_OPT_GO` (or is not
 //!    fixed-newstyle at all) does the client fall back to `NBD_OPT_EXPORT_NAME`, whose answer
 //!    is the size and flags, then 124 zero bytes unless `NO_ZEROES` was agreed.
-//!
-//! No structured replies are asked for (`NBD_OPT_STRUCTURED_REPLY` is never sent), so in
-//! transmission the server may only send simple replies ([`crate::wire`]).
 //!
 //! Every length the server sends is bounded before anything is allocated for it (an option
 //! reply's payload at [`MAX_OPTION_REPLY`] bytes), and so is the number of replies to one
@@ -52,6 +53,8 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// Option: choose an export, learn its details, and enter transmission.
 pub const OPT_GO: u32 = 7;
+/// Option: structured replies in the transmission phase.
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
 /// Option reply: the option succeeded (for `NBD_OPT_GO`: transmission begins).
 pub const REP_ACK: u32 = 1;
@@ -89,6 +92,9 @@ pub struct Export {
     pub block_size: BlockSize,
     /// Which option entered transmission.
     pub via: Negotiated,
+    /// Structured replies were negotiated: reads are answered with chunks
+    /// ([`crate::structured`]).
+    pub structured_replies: bool,
 }
 
 /// Which option ended the handshake.
@@ -437,12 +443,33 @@ pub fn negotiate<S: Read + Write>(
         &client_flags.to_be_bytes(),
         "sending the client flags",
     )?;
-    if fixed {
-        if let Some(export) = go(stream, export_name)? {
-            return Ok(export);
-        }
+    let structured_replies = fixed && structured_reply(stream)?;
+    let export = match fixed {
+        true => go(stream, export_name)?,
+        false => None,
+    };
+    let export = match export {
+        Some(export) => export,
+        None => export_name_option(stream, export_name, no_zeroes)?,
+    };
+    Ok(Export {
+        structured_replies,
+        ..export
+    })
+}
+
+/// `NBD_OPT_STRUCTURED_REPLY`: whether the server agreed.
+fn structured_reply<S: Read + Write>(stream: &mut S) -> Result<bool, HandshakeError> {
+    send_option(stream, OPT_STRUCTURED_REPLY, &[])?;
+    match read_reply(stream, OPT_STRUCTURED_REPLY)? {
+        (REP_ACK, payload) if payload.is_empty() => Ok(true),
+        (REP_ACK, payload) => Err(HandshakeError::AckPayload(payload.len())),
+        (error, _) if error & REP_FLAG_ERROR != 0 => Ok(false),
+        (reply, _) => Err(HandshakeError::UnexpectedReply {
+            option: "NBD_OPT_STRUCTURED_REPLY",
+            reply,
+        }),
     }
-    export_name_option(stream, export_name, no_zeroes)
 }
 
 /// `NBD_OPT_GO`; `None` when the server does not know it.
@@ -621,6 +648,7 @@ impl Export {
             flags,
             block_size,
             via,
+            structured_replies: false,
         })
     }
 }
@@ -672,8 +700,12 @@ mod tests {
     }
 
     fn option_reply(v: &mut Vec<u8>, reply: u32, payload: &[u8]) {
+        option_reply_to(v, OPT_GO, reply, payload);
+    }
+
+    fn option_reply_to(v: &mut Vec<u8>, option: u32, reply: u32, payload: &[u8]) {
         v.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-        v.extend_from_slice(&OPT_GO.to_be_bytes());
+        v.extend_from_slice(&option.to_be_bytes());
         v.extend_from_slice(&reply.to_be_bytes());
         v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         v.extend_from_slice(payload);
@@ -682,6 +714,7 @@ mod tests {
     #[test]
     fn go_asks_for_block_sizes_and_reads_the_export() {
         let mut input = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        option_reply_to(&mut input, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
         info.extend_from_slice(&(1u64 << 30).to_be_bytes());
         info.extend_from_slice(&0x012du16.to_be_bytes());
@@ -694,12 +727,15 @@ mod tests {
         assert!(export.flags.send_flush() && export.flags.send_fua() && export.flags.send_trim());
         assert!(export.flags.can_multi_conn() && !export.flags.read_only());
         assert_eq!(
-            (export.block_size, export.via),
-            (BlockSize::DEFAULT, Negotiated::Go)
+            (export.block_size, export.via, export.structured_replies),
+            (BlockSize::DEFAULT, Negotiated::Go, true)
         );
         let mut expected = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
             .to_be_bytes()
             .to_vec();
+        expected.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        expected.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+        expected.extend_from_slice(&0u32.to_be_bytes());
         expected.extend_from_slice(&IHAVEOPT.to_be_bytes());
         expected.extend_from_slice(&OPT_GO.to_be_bytes());
         expected.extend_from_slice(&12u32.to_be_bytes());
@@ -707,6 +743,30 @@ mod tests {
         expected.extend_from_slice(b"disk");
         expected.extend_from_slice(&[0, 1, 0, 3]);
         assert_eq!(sent, expected);
+    }
+
+    #[test]
+    fn a_server_without_structured_replies_gets_simple_ones() {
+        let mut input = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        option_reply_to(&mut input, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, b"no");
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        info.extend_from_slice(&1u16.to_be_bytes());
+        option_reply(&mut input, REP_INFO, &info);
+        option_reply(&mut input, REP_ACK, &[]);
+        let export = play(input).0.unwrap();
+        assert!(!export.structured_replies);
+        assert_eq!(export.size, 1 << 20);
+        // Anything but an ACK or an error to the option is a protocol error.
+        let mut input = greeting(FLAG_FIXED_NEWSTYLE);
+        option_reply_to(&mut input, OPT_STRUCTURED_REPLY, REP_INFO, &[]);
+        assert!(matches!(
+            play(input).0,
+            Err(HandshakeError::UnexpectedReply {
+                reply: REP_INFO,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -757,10 +817,14 @@ mod tests {
         #[test]
         fn negotiate_never_panics_on_replies(
             flags: u16,
+            structured in prop_oneof![Just(REP_ACK), Just(REP_ERR_UNSUP), any::<u32>()],
             replies in proptest::collection::vec(any_reply(), 0..8),
             tail in proptest::collection::vec(any::<u8>(), 0..160),
         ) {
             let mut input = greeting(flags);
+            if flags & FLAG_FIXED_NEWSTYLE != 0 {
+                option_reply_to(&mut input, OPT_STRUCTURED_REPLY, structured, &[]);
+            }
             for (reply, payload) in &replies {
                 option_reply(&mut input, *reply, payload);
             }

@@ -7,12 +7,14 @@
 //!   `nbd+unix:///export?socket=PATH`, after the NBD project's `doc/uri.md`) into a [`Uri`];
 //!   anything else, TLS included, is a [`UriError`] that says what is wrong.
 //! - [`handshake`] is the client's side of the fixed-newstyle negotiation over any
-//!   `Read + Write`: `NBD_OPT_GO` with the size constraints requested, `NBD_OPT_EXPORT_NAME`
+//!   `Read + Write`: `NBD_OPT_STRUCTURED_REPLY` where the server offers it, `NBD_OPT_GO`
+//!   with the size constraints requested, `NBD_OPT_EXPORT_NAME`
 //!   only when the server does not know `NBD_OPT_GO`. Its result is an [`Export`]: the size,
 //!   the transmission flags and the block size constraints the client must keep.
 //! - [`wire`] is the transmission phase's codec without I/O: a request header into 28 bytes,
-//!   a simple reply out of 16. Structured replies are never negotiated, so a simple reply is
-//!   all a server may send.
+//!   a simple reply out of 16. [`structured`] is the same for structured replies: a chunk's
+//!   header and fixed part, and [`structured::Reassembly`], which checks a reply's chunks
+//!   against its request (inside it, no overlap, a read covered exactly once).
 //! - [`client`] is a small blocking [`Client`] over a connected socket (TCP or Unix), one
 //!   request at a time. It checks every request against the export (size, alignment,
 //!   read-only, the commands the server offers) before anything is sent, and every reply's
@@ -21,7 +23,7 @@
 //!
 //! Everything read from the server is bounded before it is used: no length it sends makes
 //! the client allocate more than 64 KiB during the handshake, and a read's payload is only
-//! ever the length the client asked for. Nothing here panics on what a server sends, and
+//! ever the length the client asked for, or a chunk of it. Nothing here panics on what a server sends, and
 //! every socket has a timeout, so a server that stops talking is an error, not a hang.
 //!
 //! # Example
@@ -47,6 +49,7 @@
 pub mod client;
 pub mod handshake;
 mod socket;
+pub mod structured;
 pub mod uri;
 pub mod wire;
 

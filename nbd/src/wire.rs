@@ -4,10 +4,12 @@
 //! turns them into values and back, and checks a request against the [`Export`] before it is
 //! sent ([`Export::check`]).
 //!
-//! Only simple replies exist here: the client never negotiates structured replies
-//! (`NBD_OPT_STRUCTURED_REPLY`), so the server must answer every request with a simple reply,
-//! followed, for a successful `NBD_CMD_READ`, by exactly the requested length of data. A
-//! structured reply's magic is an error ([`WireError::StructuredReply`]).
+//! Simple replies are here: without structured replies (`NBD_OPT_STRUCTURED_REPLY`, see
+//! [`crate::structured`]) the server answers every request with one, followed, for a
+//! successful `NBD_CMD_READ`, by exactly the requested length of data; a structured reply's
+//! magic is then an error ([`WireError::StructuredReply`]). With structured replies, a read is
+//! never answered with a simple reply ([`WireError::SimpleReadReply`]); other commands may
+//! be.
 //!
 //! The cookie (the protocol's old "handle") is the client's: the server echoes it, and the
 //! client uses it to find the request a reply answers (a ring slot, for the backend).
@@ -32,7 +34,7 @@ use crate::handshake::Export;
 pub const REQUEST_MAGIC: u32 = 0x25609513;
 /// The magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x67446698;
-/// The magic of a structured reply chunk, which this client never negotiates.
+/// The magic of a structured reply chunk ([`crate::structured`]).
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e33ef;
 /// A request header's length.
 pub const REQUEST_LEN: usize = 28;
@@ -270,9 +272,63 @@ pub enum WireError {
     /// A reply whose magic is neither reply magic.
     #[error("bad reply magic {0:#010x} (expected {SIMPLE_REPLY_MAGIC:#010x}): not in step with the server")]
     ReplyMagic(u32),
-    /// A structured reply, which was never negotiated.
-    #[error("the server sent a structured reply, which this client never negotiated")]
+    /// A structured reply, which was not negotiated.
+    #[error("the server sent a structured reply, which was not negotiated")]
     StructuredReply,
+    /// A simple reply to a read after structured replies were negotiated.
+    #[error("a simple reply to a read, after structured replies were negotiated")]
+    SimpleReadReply,
+    /// A chunk whose length its type does not allow.
+    #[error("a structured reply chunk of type {kind:#x} with a payload of {length} bytes")]
+    ChunkLength {
+        /// The chunk's type.
+        kind: u16,
+        /// Its payload's length.
+        length: u32,
+    },
+    /// `NBD_REPLY_TYPE_NONE` without `NBD_REPLY_FLAG_DONE`.
+    #[error("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")]
+    NoneNotDone,
+    /// A chunk type this client does not know, without the error bit.
+    #[error("unknown structured reply type {0}")]
+    ChunkType(u16),
+    /// A content chunk of no bytes.
+    #[error("a content chunk of zero bytes")]
+    EmptyChunk,
+    /// An error chunk whose error is 0.
+    #[error("an error chunk with error 0")]
+    ErrorZero,
+    /// Data or a hole in the reply to anything but a read.
+    #[error("a content chunk in the reply to a command other than a read")]
+    ContentNotRead,
+    /// A chunk outside its request.
+    #[error("a chunk of {len} bytes at {offset}, outside its request")]
+    ChunkOutside {
+        /// The chunk's offset.
+        offset: u64,
+        /// Its length.
+        len: u32,
+    },
+    /// A content chunk over bytes an earlier one covered.
+    #[error("a chunk of {len} bytes at {offset} overlaps an earlier one")]
+    ChunkOverlap {
+        /// The chunk's offset.
+        offset: u64,
+        /// Its length.
+        len: u32,
+    },
+    /// A read's chunks scattered in more pieces than a server has reason for.
+    #[error(
+        "a read's chunks in more than {} disjoint pieces",
+        crate::structured::MAX_PIECES
+    )]
+    Scattered,
+    /// A reply of more chunks than a server has reason for.
+    #[error("a reply of more than {} chunks", crate::structured::MAX_CHUNKS)]
+    TooManyChunks,
+    /// A read's last chunk came before all of its bytes were covered, with no error.
+    #[error("a read's reply ended before all of its bytes came, without an error")]
+    Incomplete,
     /// A request whose magic is wrong.
     #[error("bad request magic {0:#010x}")]
     RequestMagic(u32),
@@ -432,6 +488,7 @@ mod tests {
                 advertised: true,
             },
             via: Negotiated::Go,
+            structured_replies: false,
         }
     }
 

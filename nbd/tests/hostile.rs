@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use nbd::handshake::{
     HandshakeError, RepError, CLISERV_MAGIC, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC,
-    OPTION_REPLY_MAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, REP_ACK, REP_ERR_UNSUP, REP_INFO,
+    OPTION_REPLY_MAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_STRUCTURED_REPLY, REP_ACK,
+    REP_ERR_UNSUP, REP_INFO,
+};
+use nbd::structured::{
+    ChunkHeader, REPLY_FLAG_DONE, TYPE_ERROR, TYPE_ERROR_OFFSET, TYPE_NONE, TYPE_OFFSET_DATA,
+    TYPE_OFFSET_HOLE,
 };
 use nbd::wire::{Request, SimpleReply, REQUEST_LEN, STRUCTURED_REPLY_MAGIC};
 use nbd::{
@@ -90,12 +95,25 @@ fn u64_be(s: &mut UnixStream) -> io::Result<u64> {
     Ok(u64::from_be_bytes(b))
 }
 
-/// Sends the newstyle greeting with `flags`; returns the client's flags.
+/// Sends the newstyle greeting with `flags`; returns the client's flags. A fixed-newstyle
+/// client asks for structured replies first: refused (`NBD_REP_ERR_UNSUP`).
 fn greet(s: &mut UnixStream, flags: u16) -> io::Result<u32> {
+    greet_structured(s, flags, false)
+}
+
+/// [`greet`], with structured replies agreed when `structured`.
+fn greet_structured(s: &mut UnixStream, flags: u16, structured: bool) -> io::Result<u32> {
     s.write_all(&NBDMAGIC.to_be_bytes())?;
     s.write_all(&IHAVEOPT.to_be_bytes())?;
     s.write_all(&flags.to_be_bytes())?;
-    u32_be(s)
+    let client_flags = u32_be(s)?;
+    if flags & FLAG_FIXED_NEWSTYLE != 0 {
+        let (option, data) = read_option(s)?;
+        assert_eq!((option, data.len()), (OPT_STRUCTURED_REPLY, 0));
+        let answer = if structured { REP_ACK } else { REP_ERR_UNSUP };
+        reply(s, option, answer, &[])?;
+    }
+    Ok(client_flags)
 }
 
 /// Reads one option: its number and data.
@@ -139,7 +157,12 @@ fn greeted_and_asked(s: &mut UnixStream) -> io::Result<()> {
 /// A well-behaved handshake: fixed newstyle, `NBD_OPT_GO` for "disk", the export's size and
 /// flags and block sizes, `NBD_REP_ACK`.
 fn serve_go(s: &mut UnixStream) -> io::Result<()> {
-    greet(s, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
+    serve_go_with(s, false)
+}
+
+/// [`serve_go`], with structured replies agreed when `structured`.
+fn serve_go_with(s: &mut UnixStream, structured: bool) -> io::Result<()> {
+    greet_structured(s, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, structured)?;
     let (option, data) = read_option(s)?;
     assert_eq!(option, OPT_GO);
     // Name length, name, one information request: NBD_INFO_BLOCK_SIZE.
@@ -513,6 +536,179 @@ fn silent_server_in_transmission_times_out() {
         "{e:?}"
     );
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// A transmission phase with structured replies agreed.
+fn structured_transmission(
+    script: impl FnOnce(&mut UnixStream) -> io::Result<()> + Send + 'static,
+) -> (Client, Fake<()>) {
+    let (client, server) = handshake(move |s| {
+        serve_go_with(s, true)?;
+        script(s)
+    });
+    let client = client.unwrap();
+    assert!(client.export().structured_replies);
+    (client, server)
+}
+
+/// Sends one structured reply chunk.
+fn chunk(s: &mut UnixStream, done: bool, kind: u16, cookie: u64, payload: &[u8]) -> io::Result<()> {
+    let header = ChunkHeader {
+        flags: if done { REPLY_FLAG_DONE } else { 0 },
+        kind,
+        cookie,
+        length: payload.len() as u32,
+    };
+    s.write_all(&header.encode())?;
+    s.write_all(payload)
+}
+
+fn at(offset: u64, rest: &[u8]) -> Vec<u8> {
+    let mut p = offset.to_be_bytes().to_vec();
+    p.extend_from_slice(rest);
+    p
+}
+
+/// Data and holes in any order make up a read; error chunks fail it and keep the connection.
+#[test]
+fn structured_reads_are_reassembled() {
+    let (mut client, server) = structured_transmission(|s| {
+        let r = read_request(s)?;
+        assert_eq!((r.offset, r.length), (4096, 8192));
+        chunk(
+            s,
+            false,
+            TYPE_OFFSET_HOLE,
+            r.cookie,
+            &at(8192, &4096u32.to_be_bytes()),
+        )?;
+        chunk(s, false, TYPE_OFFSET_DATA, r.cookie, &at(4096, &[7; 4096]))?;
+        chunk(s, true, TYPE_NONE, r.cookie, &[])?;
+        let r = read_request(s)?;
+        chunk(s, false, TYPE_OFFSET_DATA, r.cookie, &at(0, &[1; 512]))?;
+        let mut e = 5u32.to_be_bytes().to_vec();
+        e.extend_from_slice(&4u16.to_be_bytes());
+        e.extend_from_slice(b"oops");
+        e.extend_from_slice(&512u64.to_be_bytes());
+        chunk(s, true, TYPE_ERROR_OFFSET, r.cookie, &e)?;
+        let r = read_request(s)?;
+        assert_eq!(r.command, Command::Write);
+        chunk(s, true, TYPE_NONE, r.cookie, &[])?;
+        let r = read_request(s)?;
+        // A simple reply to anything but a read is still allowed.
+        simple_reply(s, None, r.cookie)?;
+        drain(s)
+    });
+    let mut buf = [0xff; 8192];
+    client.read(4096, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 7));
+    assert!(
+        buf[4096..].iter().all(|&b| b == 0),
+        "the hole is not zeroes"
+    );
+    let e = client.read(0, &mut [0; 1024]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Server {
+                error: NbdError::Io,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    client.write(0, &[1; 512], false).unwrap();
+    client.flush().unwrap();
+    client.disconnect().unwrap();
+    server.result().unwrap();
+}
+
+/// Chunks that break the rules break the connection, with an error that says which rule.
+#[test]
+fn bad_chunks_break_the_connection() {
+    type Script = fn(&mut UnixStream, Request) -> io::Result<()>;
+    let cases: [(Script, WireError); 8] = [
+        // Overlapping data.
+        (
+            |s, r| {
+                chunk(s, false, TYPE_OFFSET_DATA, r.cookie, &at(4096, &[1; 512]))?;
+                chunk(s, true, TYPE_OFFSET_DATA, r.cookie, &at(4352, &[1; 512]))
+            },
+            WireError::ChunkOverlap {
+                offset: 4352,
+                len: 512,
+            },
+        ),
+        // Data before the request.
+        (
+            |s, r| chunk(s, true, TYPE_OFFSET_DATA, r.cookie, &at(0, &[1; 512])),
+            WireError::ChunkOutside {
+                offset: 0,
+                len: 512,
+            },
+        ),
+        // A hole past its end.
+        (
+            |s, r| {
+                chunk(
+                    s,
+                    true,
+                    TYPE_OFFSET_HOLE,
+                    r.cookie,
+                    &at(4096, &1025u32.to_be_bytes()),
+                )
+            },
+            WireError::ChunkOutside {
+                offset: 4096,
+                len: 1025,
+            },
+        ),
+        // Done before every byte came.
+        (
+            |s, r| chunk(s, true, TYPE_OFFSET_DATA, r.cookie, &at(4096, &[1; 512])),
+            WireError::Incomplete,
+        ),
+        // A simple reply to a read.
+        (
+            |s, r| simple_reply(s, None, r.cookie),
+            WireError::SimpleReadReply,
+        ),
+        // NBD_REPLY_TYPE_NONE that is not the last chunk.
+        (
+            |s, r| chunk(s, false, TYPE_NONE, r.cookie, &[]),
+            WireError::NoneNotDone,
+        ),
+        // A type nobody knows, without the error bit.
+        (
+            |s, r| chunk(s, true, 77, r.cookie, &[]),
+            WireError::ChunkType(77),
+        ),
+        // An error chunk longer than any allowed.
+        (
+            |s, r| chunk(s, true, TYPE_ERROR, r.cookie, &[0; 5000]),
+            WireError::ChunkLength {
+                kind: TYPE_ERROR,
+                length: 5000,
+            },
+        ),
+    ];
+    for (script, expected) in cases {
+        let (mut client, _server) = structured_transmission(move |s| {
+            let r = read_request(s)?;
+            script(s, r)?;
+            drain(s)
+        });
+        let e = client.read(4096, &mut [0; 1024]).unwrap_err();
+        println!("error: {e}");
+        assert!(
+            matches!(&e, ClientError::Wire(w) if *w == expected),
+            "{e:?}, expected {expected:?}"
+        );
+        assert!(matches!(
+            client.read(4096, &mut [0; 512]),
+            Err(ClientError::Broken)
+        ));
+    }
 }
 
 #[test]

@@ -18,7 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nbd::wire::{Request, SimpleReply, SIMPLE_REPLY_LEN};
+use nbd::structured::{Chunk, ChunkHeader, CHUNK_HEADER_LEN};
+use nbd::wire::Request;
 use nbd::{Client, ClientError, Command as Cmd, Export, NbdError, RequestError, Uri};
 
 /// How long a server may take to listen.
@@ -274,6 +275,8 @@ fn qcow2_through_qemu_storage_daemon_over_unix() {
     println!("{export:?}");
     assert_eq!(export.size, 64 * MIB);
     assert!(export.flags.send_flush());
+    // Reads come as chunks; never-written clusters as holes (`exercise` reads some).
+    assert!(export.structured_replies);
     let written = exercise(&mut client, 0x5eed_0001);
     client.disconnect().unwrap();
 
@@ -329,6 +332,7 @@ fn raw_file_through_nbdkit_over_unix() {
     let export = *client.export();
     println!("{export:?}");
     assert_eq!(export.size, 32 * MIB);
+    assert!(export.structured_replies);
     let written = exercise(&mut client, 0x5eed_0002);
     client.disconnect().unwrap();
     // Flushed, so in the file now.
@@ -421,16 +425,28 @@ fn read_only_export_through_qemu_nbd_over_tcp() {
     };
     stream.write_all(&request.encode()).unwrap();
     stream.write_all(&[0xee; 512]).unwrap();
-    let mut reply = [0; SIMPLE_REPLY_LEN];
-    stream.read_exact(&mut reply).unwrap();
-    let reply = SimpleReply::decode(&reply).unwrap();
-    println!("forced write: {reply:?}");
-    assert_eq!(reply.cookie, 0x77);
+    // qemu-nbd offers structured replies, so the error comes as an error chunk.
+    assert!(export.structured_replies);
+    let mut header = [0; CHUNK_HEADER_LEN];
+    stream.read_exact(&mut header).unwrap();
+    let header = ChunkHeader::decode(&header).unwrap();
+    let mut fixed = vec![0; header.fixed_len().unwrap()];
+    stream.read_exact(&mut fixed).unwrap();
+    let chunk = header.parse(&fixed).unwrap();
+    println!("forced write: {header:?} {chunk:?}");
+    assert_eq!(header.cookie, 0x77);
+    assert!(header.done());
     // The protocol says a server SHOULD answer NBD_EPERM; qemu-nbd 10.0 answers NBD_EINVAL.
     // Either way the write fails, and the image is checked unchanged below.
     assert!(
-        matches!(reply.error, Some(NbdError::Perm | NbdError::Inval)),
-        "{reply:?}"
+        matches!(
+            chunk,
+            Chunk::Error {
+                error: NbdError::Perm | NbdError::Inval,
+                ..
+            }
+        ),
+        "{chunk:?}"
     );
     let disc = Request {
         flags: 0,

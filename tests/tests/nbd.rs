@@ -290,6 +290,10 @@ fn qcow2_through_qemu_storage_daemon() {
     assert!(info.flush && info.barrier, "qemu's NBD server flushes");
     assert!(info.discard, "qemu's NBD server trims");
     assert!(!info.discard_secure);
+    // A fresh image: its clusters were never written, and come as holes.
+    let c = front.read(0, 8192, 64).expect("reading the fresh image");
+    assert_eq!(c.status(), Some(Status::Okay));
+    assert!(c.data.expect("data").iter().all(|&b| b == 0));
     // qcow2 drops a discard smaller than its 64 KiB clusters: discarded blocks are unknown.
     let mut model = DiskModel::zeroed(info.sectors / 8, false);
     workload(&mut front, &mut model);
@@ -297,6 +301,22 @@ fn qcow2_through_qemu_storage_daemon() {
     let seen = read_all(&mut front, blocks);
     remove(&sim, &spec, &mut backend, &mut front);
     server.stop();
+    // Two connections, each with structured replies; never-written clusters came as holes.
+    let report = backend.stats().expect("statistics");
+    println!("{}", report.display());
+    let nbd = &report.nbd;
+    assert_eq!(nbd.len(), 2, "one connection per queue");
+    assert!(nbd.iter().all(|c| c.structured == 1), "{nbd:?}");
+    assert!(nbd
+        .iter()
+        .all(|c| c.in_flight == 0 && c.errors == 0 && c.lost == 0));
+    let sum = |f: fn(&backend::dataplane::NbdSnapshot) -> u64| nbd.iter().map(f).sum::<u64>();
+    assert!(sum(|c| c.hole_bytes) > 0, "{nbd:?}");
+    assert!(sum(|c| c.rd_bytes) >= sum(|c| c.hole_bytes));
+    let c = report.counters;
+    assert_eq!(sum(|c| c.rd_req), c.rd_req, "one NBD read per guest read");
+    assert_eq!(sum(|c| c.rd_bytes), c.rd_sect * 512);
+    assert!(sum(|c| c.wr_bytes) == c.wr_sect * 512 && sum(|c| c.ds_req) >= c.ds_req);
 
     // The data is in the qcow2 image: converted to raw by qemu-img, checked there.
     let raw = sim.tmp().join("disk.raw");
@@ -415,6 +435,79 @@ enum Misbehaviour {
     ShortRead,
     /// Reads requests and never answers.
     Silent,
+    /// Agrees to structured replies and keeps a 4 MiB disk in memory: a read comes back in
+    /// 4 KiB pieces, last first, each data or (all zeroes) a hole, then
+    /// `NBD_REPLY_TYPE_NONE` (a read of one piece: that piece is the last chunk); other
+    /// commands get `NBD_REPLY_TYPE_NONE`, flush a simple reply.
+    Structured,
+    /// Structured replies: a read's second data chunk overlaps its first.
+    ChunkOverlap,
+    /// Structured replies: a read's data chunk lies before the request.
+    ChunkOutside,
+    /// Structured replies: a read's data chunk is longer than the request.
+    ChunkTooLong,
+    /// Structured replies: a read's reply ends (`NBD_REPLY_FLAG_DONE`) half covered.
+    ChunkIncomplete,
+}
+
+impl Misbehaviour {
+    fn structured(self) -> bool {
+        matches!(
+            self,
+            Self::Structured
+                | Self::ChunkOverlap
+                | Self::ChunkOutside
+                | Self::ChunkTooLong
+                | Self::ChunkIncomplete
+        )
+    }
+}
+
+/// One structured reply chunk for `cookie`.
+fn chunk(kind: u16, done: bool, cookie: u64, payload: &[u8]) -> Vec<u8> {
+    let header = nbd::structured::ChunkHeader {
+        flags: if done {
+            nbd::structured::REPLY_FLAG_DONE
+        } else {
+            0
+        },
+        kind,
+        cookie,
+        length: u32::try_from(payload.len()).unwrap(),
+    };
+    let mut c = header.encode().to_vec();
+    c.extend_from_slice(payload);
+    c
+}
+
+/// An offset, then `rest`: a content chunk's payload.
+fn at(offset: u64, rest: &[u8]) -> Vec<u8> {
+    let mut p = offset.to_be_bytes().to_vec();
+    p.extend_from_slice(rest);
+    p
+}
+
+/// [`Misbehaviour::Structured`]'s reply to a read of `disk` (the whole export).
+fn structured_read(req: &nbd::Request, disk: &[u8]) -> Vec<u8> {
+    use nbd::structured::{TYPE_NONE, TYPE_OFFSET_DATA, TYPE_OFFSET_HOLE};
+    let start = req.offset as usize;
+    let end = start + req.length as usize;
+    let pieces: Vec<usize> = (start..end).step_by(4096).collect();
+    let single = pieces.len() == 1;
+    let mut out = Vec::new();
+    for &p in pieces.iter().rev() {
+        let data = &disk[p..(p + 4096).min(end)];
+        out.extend(if data.iter().all(|&b| b == 0) {
+            let len = u32::try_from(data.len()).unwrap().to_be_bytes();
+            chunk(TYPE_OFFSET_HOLE, single, req.cookie, &at(p as u64, &len))
+        } else {
+            chunk(TYPE_OFFSET_DATA, single, req.cookie, &at(p as u64, data))
+        });
+    }
+    if !single {
+        out.extend(chunk(TYPE_NONE, true, req.cookie, &[]));
+    }
+    out
 }
 
 /// The commands a fake server received, with their flags.
@@ -430,9 +523,10 @@ fn fake_server(
     received: Received,
 ) -> thread::JoinHandle<()> {
     use nbd::handshake::{
-        FLAG_FIXED_NEWSTYLE, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK,
-        REP_INFO,
+        FLAG_FIXED_NEWSTYLE, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO,
+        OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_UNSUP, REP_INFO,
     };
+    use nbd::structured::{TYPE_NONE, TYPE_OFFSET_DATA};
     use nbd::wire::{Request, SimpleReply, REQUEST_LEN, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_MAGIC};
     use nbd::NbdError;
     use std::io::{Read, Write};
@@ -447,6 +541,21 @@ fn fake_server(
         s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
         s.write_all(&FLAG_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
         s.read_exact(&mut b4).unwrap();
+        // NBD_OPT_STRUCTURED_REPLY, agreed to or not.
+        s.read_exact(&mut b8).unwrap();
+        s.read_exact(&mut b4).unwrap();
+        assert_eq!(u32::from_be_bytes(b4), OPT_STRUCTURED_REPLY);
+        s.read_exact(&mut b4).unwrap();
+        assert_eq!(u32::from_be_bytes(b4), 0);
+        s.write_all(&OPTION_REPLY_MAGIC.to_be_bytes()).unwrap();
+        s.write_all(&OPT_STRUCTURED_REPLY.to_be_bytes()).unwrap();
+        let answer = if how.structured() {
+            REP_ACK
+        } else {
+            REP_ERR_UNSUP
+        };
+        s.write_all(&answer.to_be_bytes()).unwrap();
+        s.write_all(&0u32.to_be_bytes()).unwrap();
         // NBD_OPT_GO: its header, then its data, ignored.
         s.read_exact(&mut b8).unwrap();
         s.read_exact(&mut b4).unwrap();
@@ -465,13 +574,29 @@ fn fake_server(
             s.write_all(payload).unwrap();
         }
         let mut header = [0u8; REQUEST_LEN];
+        let mut disk = vec![0u8; 4 * MIB as usize];
         while s.read_exact(&mut header).is_ok() {
             let req = Request::decode(&header).unwrap();
             received.lock().unwrap().push((req.command, req.flags));
-            if req.command == nbd::Command::Write {
-                let mut sink = vec![0; req.length as usize];
-                s.read_exact(&mut sink).unwrap();
+            let range = req.offset as usize..(req.offset + u64::from(req.length)) as usize;
+            if req.command == nbd::Command::Write && s.read_exact(&mut disk[range.clone()]).is_err()
+            {
+                return;
             }
+            if matches!(req.command, nbd::Command::Trim | nbd::Command::WriteZeroes) {
+                disk[range.clone()].fill(0);
+            }
+            let read = req.command == nbd::Command::Read;
+            let done = chunk(TYPE_NONE, true, req.cookie, &[]);
+            let data = |offset: u64, len: usize| {
+                chunk(
+                    TYPE_OFFSET_DATA,
+                    true,
+                    req.cookie,
+                    &at(offset, &vec![0; len]),
+                )
+            };
+            let half = req.length as usize / 2;
             let ok = SimpleReply {
                 error: None,
                 cookie: req.cookie,
@@ -508,6 +633,22 @@ fn fake_server(
                 .encode()
                 .to_vec(),
                 Misbehaviour::Silent => continue,
+                Misbehaviour::Structured if read => structured_read(&req, &disk),
+                Misbehaviour::Structured if req.command == nbd::Command::Flush => ok.to_vec(),
+                Misbehaviour::ChunkOverlap if read => {
+                    let mut r = data(req.offset, half);
+                    r[4..6].fill(0);
+                    r.extend(data(req.offset + half as u64 - 512, half + 512));
+                    r
+                }
+                Misbehaviour::ChunkOutside if read => data(req.offset.wrapping_sub(512), 512),
+                Misbehaviour::ChunkTooLong if read => data(req.offset, req.length as usize + 4096),
+                Misbehaviour::ChunkIncomplete if read => data(req.offset, half),
+                Misbehaviour::Structured
+                | Misbehaviour::ChunkOverlap
+                | Misbehaviour::ChunkOutside
+                | Misbehaviour::ChunkTooLong
+                | Misbehaviour::ChunkIncomplete => done,
                 Misbehaviour::ShortRead => {
                     let mut r = ok.to_vec();
                     r.resize(SIMPLE_REPLY_LEN + req.length as usize / 2, 0xee);
@@ -535,6 +676,10 @@ fn hostile_servers_give_errors_not_crashes() {
         Misbehaviour::UnknownCookie,
         Misbehaviour::ShortRead,
         Misbehaviour::Silent,
+        Misbehaviour::ChunkOverlap,
+        Misbehaviour::ChunkOutside,
+        Misbehaviour::ChunkTooLong,
+        Misbehaviour::ChunkIncomplete,
     ] {
         let sim = Sim::new(&format!("nbd-hostile-{how:?}"));
         let socket = sim.tmp().join("fake.sock");
@@ -554,6 +699,46 @@ fn hostile_servers_give_errors_not_crashes() {
         assert!(backend.running(), "{how:?}: the backend is still there");
         remove(&sim, &spec, &mut backend, &mut front);
         server.join().expect("the fake server");
+        let nbd = backend.stats().expect("statistics").nbd;
+        let [c] = nbd[..] else {
+            panic!("{how:?}: one connection: {nbd:?}")
+        };
+        assert_eq!(c.structured, u64::from(how.structured()), "{how:?}");
+        match how {
+            Misbehaviour::FailEverything => assert!(c.errors == 6 && c.lost == 0, "{c:?}"),
+            _ => assert!(c.lost == 1 && c.reconnects == 0, "{how:?}: {c:?}"),
+        }
+    }
+}
+
+/// Structured replies from a server that sends a read's pieces last first, holes for zeroes:
+/// the guest's verified workload passes, its buffers in grant-copy (a bounce region) and
+/// grant-map mode (the guest's mapped pages, where holes are written as zeroes).
+#[test]
+fn structured_replies_reassembled_in_both_grant_modes() {
+    use nbd::TransmissionFlags as F;
+    for mode in ["copy", "map"] {
+        let sim = Sim::new(&format!("nbd-structured-{mode}"));
+        let socket = sim.tmp().join("fake.sock");
+        let flags = F::HAS_FLAGS | F::SEND_FLUSH | F::SEND_FUA | F::SEND_TRIM;
+        let received = Received::default();
+        let server = fake_server(&socket, Misbehaviour::Structured, flags, received.clone());
+        let uri = format!("nbd+unix:///?socket={}", path(&socket));
+        let (spec, mut backend) = serve_nbd(&sim, &uri, "w", &["--grant-mode", mode]);
+        let mut front = connect(&sim, &spec, false);
+        let info = *front.info().unwrap();
+        assert!(info.persistent || mode == "copy");
+        let mut model = DiskModel::zeroed(info.sectors / 8, true);
+        workload(&mut front, &mut model);
+        remove(&sim, &spec, &mut backend, &mut front);
+        server.join().expect("the fake server");
+        let reads = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, _)| *c == nbd::Command::Read)
+            .count();
+        assert!(reads > 100, "{reads} reads");
     }
 }
 
@@ -740,6 +925,17 @@ fn server_killed_and_restarted_mid_workload() {
     let _ = done.send(());
     restart.join().expect("the restart");
     verify_raw(&image, &seen);
+    // Each connection was lost once and made again, what had no reply sent again.
+    let report = backend.stats().expect("statistics");
+    println!("{}", report.display());
+    assert_eq!(report.nbd.len(), 2);
+    for c in &report.nbd {
+        assert!(
+            c.lost >= 1 && c.reconnects >= 1 && c.in_flight == 0,
+            "{c:?}"
+        );
+    }
+    assert!(report.nbd.iter().map(|c| c.resent).sum::<u64>() > 0);
 }
 
 /// The server's block size constraints: nbdkit asks for 4 KiB blocks and at most 64 KiB a

@@ -64,6 +64,25 @@ impl BounceMem {
     pub(super) fn ptr(&self, r: &Region, len: usize) -> Option<*mut u8> {
         (r.pool == self.id && len <= r.cap).then(|| self.base.as_ptr().wrapping_add(r.offset))
     }
+
+    /// The first `len` bytes of a region (at most its capacity): for grant copies, and
+    /// for an NBD read's holes, which are zeroes. Holding
+    /// `&mut Region` proves no I/O is in flight on it (a region in flight is owned by the
+    /// io_uring's entry); another pool's region gets an empty slice.
+    pub(super) fn bytes<'a>(&'a self, r: &'a mut Region, len: usize) -> &'a mut [u8] {
+        if r.pool != self.id {
+            return &mut [];
+        }
+        let len = len.min(r.cap);
+        // SAFETY: offset..offset+cap lies inside the mapping (constructor arithmetic, and the
+        // region is this pool's), which lives as long as self; regions never overlap, the pool
+        // hands each out once until it is given back, and a Region is not Clone, so this is
+        // the only live slice of these bytes; the kernel touches them only through an operation
+        // in flight on them, and the caller's `&mut Region` is held where none is (copy mode:
+        // the Region is out of the io_uring's Flight; NBD: a read's one receive into it has
+        // completed, see `uring/nbd.rs`).
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().wrapping_add(r.offset), len) }
+    }
 }
 
 impl Drop for BounceMem {
@@ -180,22 +199,10 @@ impl BouncePool {
         }
     }
 
-    /// The first `len` bytes of a region (at most its capacity), for grant copies. Holding
-    /// `&mut Region` proves no I/O is in flight on it (a region in flight is owned by the
-    /// io_uring's entry); another pool's region gets an empty slice.
+    /// The first `len` bytes of a region (at most its capacity), for grant copies
+    /// ([`BounceMem::bytes`]).
     pub(super) fn bytes<'a>(&'a self, r: &'a mut Region, len: usize) -> &'a mut [u8] {
-        if r.pool != self.mem.id {
-            return &mut [];
-        }
-        let len = len.min(r.cap);
-        // SAFETY: offset..offset+cap lies inside the mapping (constructor arithmetic, and the
-        // region is this pool's), which lives as long as self; regions never overlap, the pool
-        // hands each out once until it is given back, and a Region is not Clone, so this is
-        // the only live slice of these bytes; the kernel touches them only while an SQE owns
-        // the Region, which it cannot while we borrow it here.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.mem.base.as_ptr().wrapping_add(r.offset), len)
-        }
+        self.mem.bytes(r, len)
     }
 }
 

@@ -88,6 +88,7 @@ mod error;
 mod grant_access;
 mod grant_copy;
 mod grant_map;
+mod nbd_stats;
 mod observer;
 mod persistent;
 mod queue;
@@ -113,6 +114,7 @@ use crate::device::Device;
 use crate::inflight::{Log, LogError};
 
 pub use error::QueueError;
+pub use nbd_stats::{NbdConnections, NbdSnapshot, NbdStats};
 pub use observer::{Observer, QueueObserver};
 pub use persistent::{DEFAULT_MAX_PERSISTENT_GRANTS, DEFAULT_PERSISTENT_GRANT_TIMEOUT};
 pub use stats::{Stats, StatsSnapshot};

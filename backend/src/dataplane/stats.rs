@@ -20,6 +20,10 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use super::nbd_stats::{NbdConnections, NbdSnapshot, NbdStats};
+
 /// Declares [`Stats`] and [`StatsSnapshot`] from one list, so that a counter is named once.
 /// Each entry is `kind name: doc`; `sum` counters and gauges add up when snapshots merge,
 /// `max` ones take the larger value.
@@ -29,6 +33,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Stats {
             $(#[doc = $doc] pub $name: AtomicU64,)*
+            /// Each NBD connection's own counters.
+            pub nbd: NbdConnections,
         }
 
         /// A plain copy of [`Stats`] at one moment. `Display` prints one `name value` line
@@ -267,6 +273,8 @@ pub(super) struct Bursts {
     /// When the current burst's first wake-up came, and this thread's CPU time then.
     began: Option<Instant>,
     cpu: Duration,
+    /// The queue's NBD connection, and its counters when the burst began.
+    nbd: Option<(Arc<NbdStats>, NbdSnapshot)>,
 }
 
 impl Bursts {
@@ -276,7 +284,14 @@ impl Bursts {
             last_active: Instant::now(),
             began: None,
             cpu: Duration::ZERO,
+            nbd: None,
         }
+    }
+
+    /// Logs the changes of the queue's NBD connection's counters too (as `nbd_` fields).
+    pub(super) fn watch_nbd(&mut self, stats: Arc<NbdStats>) {
+        let start = stats.snapshot();
+        self.nbd = Some((stats, start));
     }
 
     /// The queue woke for an event or a completion (timers are not activity): a wake-up after
@@ -297,6 +312,10 @@ impl Bursts {
         let now = stats.snapshot();
         let d = now.since(&self.start);
         self.start = now;
+        let nbd = self.nbd.as_mut().map(|(s, start)| {
+            let now = s.snapshot();
+            (now, std::mem::replace(start, now))
+        });
         let began = self.began.take();
         if !tracing::enabled!(target: ACTIVITY_TARGET, tracing::Level::DEBUG) {
             return;
@@ -313,6 +332,18 @@ impl Bursts {
         for (name, v) in d.fields() {
             if v != 0 {
                 line.push_str(&format!(" {name}={v}"));
+            }
+        }
+        if let Some((now, start)) = nbd {
+            for ((name, v), (_, before)) in now.fields().into_iter().zip(start.fields()) {
+                // Gauges as they are, counters as changes.
+                let v = match name {
+                    "in_flight" | "structured" => v,
+                    _ => v.wrapping_sub(before),
+                };
+                if v != 0 {
+                    line.push_str(&format!(" nbd_{name}={v}"));
+                }
             }
         }
         tracing::debug!(target: ACTIVITY_TARGET, queue = %queue, "burst:{line}");

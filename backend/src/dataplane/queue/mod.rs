@@ -167,10 +167,13 @@ impl Queue {
         let replace_files = export.is_some() && p.nbd_connector.is_some();
         let mut uring = Uring::new(size, max_segs, bounce, &files, replace_files)
             .map_err(DataplaneError::Uring)?;
+        let mut bursts = Bursts::new();
         if let Some(export) = export {
             let connector = p.nbd_connector.clone();
+            let stats = p.stats.nbd.register(&p.name);
+            bursts.watch_nbd(Arc::clone(&stats));
             uring
-                .attach_nbd(io_fd, export, p.nbd_timeout, connector)
+                .attach_nbd(io_fd, export, p.nbd_timeout, connector, stats)
                 .map_err(DataplaneError::Uring)?;
         }
         if let Some(socket) = p.nbd_socket {
@@ -188,7 +191,7 @@ impl Queue {
             max_indirect_segments: max_indirect,
             stats: p.stats,
             gauges: GaugeShare::default(),
-            bursts: Bursts::new(),
+            bursts,
             observer,
             on_exit: p.on_exit,
             name: p.name,

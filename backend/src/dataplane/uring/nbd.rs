@@ -19,10 +19,18 @@
 //! # The socket
 //! Sends: one `SENDMSG` in flight at a time (two sends in flight on one stream could
 //! interleave their bytes); the others wait in order. A short send is continued from where it
-//! stopped. Receives: one state machine for the connection: the 16-byte reply header, then
-//! its cookie looked up, then, for a successful read, the payload straight into that slot's
-//! buffer (its bounce region, or the guest's mapped pages). A header that is not a simple
-//! reply, a cookie that names no command awaiting its reply, end of file or a socket error
+//! stopped. Receives: one state machine for the connection: the reply header (a simple
+//! reply's 16 bytes; where structured replies were negotiated, a chunk's 20), then its cookie
+//! looked up; for a simple reply to a successful read, the payload straight into that slot's
+//! buffer (its bounce region, or the guest's mapped pages). A structured chunk's fixed part is
+//! read into the connection's own buffer (at most [`MAX_FIXED`] bytes) and checked against the
+//! command ([`Reassembly`]: inside the request, overlapping no earlier chunk); its data goes
+//! straight into the slot's buffer where its offset says, a hole is written there as zeroes
+//! (in map mode into the guest's pages), an error chunk fails the request, and the chunk
+//! flagged done completes the command, a read only if every byte of it came (or an error).
+//! A header that is neither reply the connection allows, a chunk that breaks those rules, a
+//! simple reply to a read after structured replies were agreed, a cookie that names no
+//! command awaiting its reply, end of file or a socket error
 //! loses the connection: it is shut down. With a [`Connector`] (`blkbackd serve` always has
 //! one) a new connection is asked for, at once and then with a back-off doubling from 1 s to
 //! 5 s; requests wait (the guest sees delay); on the new connection every command without its
@@ -30,8 +38,9 @@
 //! acknowledged to the guest before its reply). If no connection comes within the
 //! connection's timeout, or the server now offers another export, or there is no connector,
 //! the connection is given up: every command without a reply fails with `EIO`, and so does
-//! every later request. Nothing from the server is trusted for a length: the only
-//! data it sends is a read's payload, of the length the request asked for.
+//! every later request. Nothing from the server is trusted for a length: the only data it
+//! sends into a slot's buffer is a read's payload, of the length the request asked for, or
+//! chunks of it, each checked to lie inside the request before a byte is received.
 //!
 //! # Ownership
 //! What the kernel points at stays put while it may: the request headers live in the
@@ -44,16 +53,21 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
-use nbd::wire::{Command, Request, SimpleReply, FLAG_FUA, REQUEST_LEN, SIMPLE_REPLY_LEN};
-use nbd::{Export, NbdError, RequestError};
+use nbd::structured::{Chunk, ChunkHeader, Reassembly, CHUNK_HEADER_LEN, MAX_FIXED};
+use nbd::wire::{
+    Command, Request, SimpleReply, FLAG_FUA, REQUEST_LEN, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_MAGIC,
+};
+use nbd::{Export, NbdError, RequestError, WireError};
 use rustix::io::Errno;
 
 use super::{Completion, Data, Iovec, Reaped, Uring, CONTROL};
 use crate::dataplane::bounce::Region;
+use crate::dataplane::nbd_stats::NbdStats;
 use crate::nbd_connector::{same_export, Connector};
 
 /// Tag of the connection's send.
@@ -159,6 +173,8 @@ struct NbdSlot {
     replied: bool,
     /// The first error of the request.
     error: Option<Errno>,
+    /// The current command's structured reply so far.
+    chunks: Reassembly,
 }
 
 impl NbdSlot {
@@ -174,6 +190,7 @@ impl NbdSlot {
             sent: false,
             replied: false,
             error: None,
+            chunks: Reassembly::default(),
         }
     }
 }
@@ -181,10 +198,26 @@ impl NbdSlot {
 /// Where the receive state machine is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rx {
-    /// Reading a reply header; `got` bytes of it are in.
+    /// Reading a reply header (a simple reply's 16 bytes, a structured chunk's 20); `got`
+    /// bytes of it are in.
     Header { got: usize },
-    /// Reading a read's payload into `slot`'s buffer; `got` of `len` bytes are in.
-    Payload { slot: usize, got: usize, len: usize },
+    /// Reading the fixed part of a chunk for `slot` (`len` bytes, at most [`MAX_FIXED`]) into
+    /// the connection's buffer; `got` are in.
+    Fixed {
+        slot: usize,
+        header: ChunkHeader,
+        got: usize,
+        len: usize,
+    },
+    /// Reading a read's data into `slot`'s buffer at byte `at` of it; `got` of `len` bytes
+    /// are in; `done`: the last chunk of its reply.
+    Payload {
+        slot: usize,
+        at: usize,
+        got: usize,
+        len: usize,
+        done: bool,
+    },
 }
 
 /// The connection of one queue to its NBD export.
@@ -201,7 +234,9 @@ pub(super) struct NbdConn {
     rx: Rx,
     /// A receive is in flight.
     receiving: bool,
-    reply: Box<[u8; SIMPLE_REPLY_LEN]>,
+    reply: Box<[u8; CHUNK_HEADER_LEN]>,
+    /// A chunk's fixed part (offset, hole length, error and message).
+    fixed: Box<[u8; MAX_FIXED]>,
     recv_iov: Vec<Iovec>,
     recv_msg: Box<libc::msghdr>,
     /// Why the connection broke, once it has.
@@ -223,6 +258,8 @@ pub(super) struct NbdConn {
     /// The watchdog's timer is armed.
     watching: bool,
     watchdog_ts: Box<types::Timespec>,
+    /// The connection's counters.
+    stats: Arc<NbdStats>,
 }
 
 impl std::fmt::Debug for NbdConn {
@@ -249,18 +286,43 @@ fn empty_msghdr() -> Box<libc::msghdr> {
 }
 
 /// Fills `out` with the iovecs of `parts` less their first `skip` bytes.
-fn iov_after(parts: impl Iterator<Item = Iovec>, mut skip: usize, out: &mut Vec<Iovec>) {
+fn iov_after(parts: impl Iterator<Item = Iovec>, skip: usize, out: &mut Vec<Iovec>) {
+    iov_range(parts, skip, usize::MAX, out);
+}
+
+/// Fills `out` with the iovecs of at most `take` bytes of `parts` after their first `skip`.
+fn iov_range(
+    parts: impl Iterator<Item = Iovec>,
+    mut skip: usize,
+    mut take: usize,
+    out: &mut Vec<Iovec>,
+) {
     out.clear();
     for v in parts {
+        if take == 0 {
+            break;
+        }
         if skip >= v.len {
             skip -= v.len;
             continue;
         }
+        let len = (v.len - skip).min(take);
         out.push(Iovec {
             base: v.base.wrapping_add(skip),
-            len: v.len - skip,
+            len,
         });
+        take -= len;
         skip = 0;
+    }
+}
+
+/// How many bytes of a reply header to read, once `got` are in `reply`: a structured
+/// chunk's header is longer (and possible only once negotiated).
+fn header_len(reply: &[u8; CHUNK_HEADER_LEN], got: usize, structured: bool) -> usize {
+    if structured && got >= 4 && reply[..4] == STRUCTURED_REPLY_MAGIC.to_be_bytes() {
+        CHUNK_HEADER_LEN
+    } else {
+        SIMPLE_REPLY_LEN
     }
 }
 
@@ -290,8 +352,12 @@ impl Uring {
         export: Export,
         timeout: Duration,
         connector: Option<Arc<Connector>>,
+        stats: Arc<NbdStats>,
     ) -> io::Result<()> {
         let fd = self.fixed(fd)?;
+        stats
+            .structured
+            .store(u64::from(export.structured_replies), Ordering::Relaxed);
         let slots = self.flights.len();
         let max_iov = self.flights.first().map_or(0, |f| f.iov.capacity()) + 1;
         self.nbd = Some(NbdConn {
@@ -304,7 +370,8 @@ impl Uring {
             send_msg: empty_msghdr(),
             rx: Rx::Header { got: 0 },
             receiving: false,
-            reply: Box::new([0; SIMPLE_REPLY_LEN]),
+            reply: Box::new([0; CHUNK_HEADER_LEN]),
+            fixed: Box::new([0; MAX_FIXED]),
             recv_iov: Vec::with_capacity(max_iov),
             recv_msg: empty_msghdr(),
             broken: None,
@@ -321,6 +388,7 @@ impl Uring {
                     .sec(WATCHDOG_PERIOD.as_secs())
                     .nsec(WATCHDOG_PERIOD.subsec_nanos()),
             ),
+            stats,
         });
         Ok(())
     }
@@ -476,12 +544,21 @@ impl Uring {
         let seq = (s.cookie >> 32).wrapping_add(1) & 0xffff_ffff;
         s.cookie = (seq << 32) | slot as u64;
         s.current = Some(step);
+        let counter = match step {
+            Step::Read => &conn.stats.rd_req,
+            Step::Write { .. } => &conn.stats.wr_req,
+            Step::Flush => &conn.stats.f_req,
+            Step::Discard => &conn.stats.ds_req,
+        };
+        NbdStats::add(counter, 1);
+        NbdStats::add(&conn.stats.in_flight, 1);
         s.send_started = false;
         s.sent = false;
         s.replied = false;
         if let Some(req) = self.nbd_request(slot, step) {
             if let Some(s) = self.nbd.as_mut().and_then(|c| c.slots.get_mut(slot)) {
                 s.header = req.encode();
+                s.chunks = Reassembly::new(req.command, req.offset, req.length);
             }
         }
         if let Some(conn) = self.nbd.as_mut() {
@@ -617,6 +694,8 @@ impl Uring {
         };
         // The previous reconnection's socket, if any, is no longer registered: it closes here.
         conn.socket = Some(socket);
+        // What this connection negotiated decides how its replies are read.
+        conn.export.structured_replies = export.structured_replies;
         conn.reconnecting = None;
         conn.shut_down = false;
         conn.rx = Rx::Header { got: 0 };
@@ -636,6 +715,10 @@ impl Uring {
             } else {
                 s.send_started = false;
                 s.sent = false;
+                // Chunks of the lost connection's reply do not count.
+                if let Ok(r) = Request::decode(&s.header) {
+                    s.chunks = Reassembly::new(r.command, r.offset, r.length);
+                }
                 conn.send_queue.push_back(slot);
             }
         }
@@ -644,6 +727,11 @@ impl Uring {
             r.since.elapsed(),
             conn.send_queue.len()
         );
+        NbdStats::add(&conn.stats.reconnects, 1);
+        NbdStats::add(&conn.stats.resent, conn.send_queue.len() as u64);
+        conn.stats
+            .structured
+            .store(u64::from(export.structured_replies), Ordering::Relaxed);
         for slot in answered {
             self.nbd_advance(slot, out);
         }
@@ -688,18 +776,33 @@ impl Uring {
         let Some(conn) = self.nbd.as_mut() else {
             return;
         };
+        let structured = conn.export.structured_replies;
         let e = match conn.rx {
             Rx::Header { got } => {
-                let rest = conn.reply.get_mut(got..).unwrap_or(&mut []);
+                let need = header_len(&conn.reply, got, structured);
+                let rest = conn.reply.get_mut(got..need).unwrap_or(&mut []);
                 opcode::Recv::new(conn.fd, rest.as_mut_ptr(), rest.len() as u32)
                     .flags(libc::MSG_WAITALL)
                     .build()
             }
-            Rx::Payload { slot, got, .. } => {
+            Rx::Fixed { got, len, .. } => {
+                let rest = conn.fixed.get_mut(got..len).unwrap_or(&mut []);
+                opcode::Recv::new(conn.fd, rest.as_mut_ptr(), rest.len() as u32)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+            }
+            Rx::Payload {
+                slot, at, got, len, ..
+            } => {
                 let Some(o) = self.flights.get(slot) else {
                     return;
                 };
-                iov_after(o.iov.iter().copied(), got, &mut conn.recv_iov);
+                iov_range(
+                    o.iov.iter().copied(),
+                    at + got,
+                    len - got,
+                    &mut conn.recv_iov,
+                );
                 conn.recv_msg.msg_iov = conn.recv_iov.as_mut_ptr().cast();
                 conn.recv_msg.msg_iovlen = conn.recv_iov.len() as _;
                 opcode::RecvMsg::new(conn.fd, &mut *conn.recv_msg)
@@ -792,53 +895,255 @@ impl Uring {
                 return self.nbd_break_during(rx, format!("receiving a reply: {e}"), out);
             }
         };
+        let structured = conn.export.structured_replies;
         match rx {
             Rx::Header { got } => {
                 let got = got + n;
-                if got < SIMPLE_REPLY_LEN {
+                let need = header_len(&conn.reply, got, structured);
+                if got < need {
                     conn.rx = Rx::Header { got };
                     return self.nbd_recv();
                 }
                 conn.rx = Rx::Header { got: 0 };
-                let reply = match SimpleReply::decode(&conn.reply) {
-                    Ok(r) => r,
-                    Err(e) => return self.nbd_break(format!("reply: {e}")),
-                };
-                self.nbd_reply(reply, out);
+                if need == CHUNK_HEADER_LEN {
+                    match ChunkHeader::decode(&conn.reply) {
+                        Ok(header) => self.nbd_chunk_header(header, out),
+                        Err(e) => return self.nbd_break(format!("reply: {e}")),
+                    }
+                } else {
+                    let Some(simple) = conn.reply.first_chunk::<SIMPLE_REPLY_LEN>() else {
+                        return;
+                    };
+                    let reply = match SimpleReply::decode(simple) {
+                        Ok(r) => r,
+                        Err(e) => return self.nbd_break(format!("reply: {e}")),
+                    };
+                    self.nbd_reply(reply, out);
+                }
             }
-            Rx::Payload { slot, got, len } => {
+            Rx::Fixed {
+                slot,
+                header,
+                got,
+                len,
+            } => {
                 let got = got + n;
                 if got < len {
-                    conn.rx = Rx::Payload { slot, got, len };
+                    conn.rx = Rx::Fixed {
+                        slot,
+                        header,
+                        got,
+                        len,
+                    };
                     return self.nbd_recv();
                 }
                 conn.rx = Rx::Header { got: 0 };
-                if let Some(s) = conn.slots.get_mut(slot) {
-                    s.replied = true;
+                let chunk = header.parse(conn.fixed.get(..len).unwrap_or(&[]));
+                match chunk {
+                    Ok(chunk) => self.nbd_chunk(slot, header, chunk, out),
+                    Err(e) => return self.nbd_break(format!("reply: {e}")),
                 }
-                self.nbd_advance(slot, out);
+            }
+            Rx::Payload {
+                slot,
+                at,
+                got,
+                len,
+                done,
+            } => {
+                let got = got + n;
+                if got < len {
+                    conn.rx = Rx::Payload {
+                        slot,
+                        at,
+                        got,
+                        len,
+                        done,
+                    };
+                    return self.nbd_recv();
+                }
+                conn.rx = Rx::Header { got: 0 };
+                if !structured {
+                    if let Some(s) = conn.slots.get_mut(slot) {
+                        s.replied = true;
+                    }
+                    self.nbd_advance(slot, out);
+                } else if done {
+                    self.nbd_reply_done(slot, out);
+                }
             }
         }
         self.nbd_kick();
     }
 
-    /// A reply header arrived: finds its command, and reads its payload or completes it.
-    fn nbd_reply(&mut self, reply: SimpleReply, out: &mut Vec<Reaped>) {
+    /// The slot whose current command awaits the reply with `cookie`.
+    fn nbd_awaiting(&self, cookie: u64) -> Option<(usize, Step)> {
+        let conn = self.nbd.as_ref()?;
+        let slot = (cookie & 0xffff_ffff) as usize;
+        let s = conn.slots.get(slot)?;
+        (s.cookie == cookie && s.send_started && !s.replied)
+            .then_some(s.current)
+            .flatten()
+            .map(|step| (slot, step))
+    }
+
+    /// A structured reply chunk's header arrived: reads its fixed part, or takes it in.
+    fn nbd_chunk_header(&mut self, header: ChunkHeader, out: &mut Vec<Reaped>) {
+        let Some((slot, _)) = self.nbd_awaiting(header.cookie) else {
+            return self.nbd_break(format!(
+                "a reply chunk with cookie {:#x}, which names no request awaiting a reply",
+                header.cookie
+            ));
+        };
+        let len = match header.fixed_len() {
+            Ok(len) => len,
+            Err(e) => return self.nbd_break(format!("reply: {e}")),
+        };
+        if len > 0 {
+            if let Some(conn) = self.nbd.as_mut() {
+                conn.rx = Rx::Fixed {
+                    slot,
+                    header,
+                    got: 0,
+                    len,
+                };
+            }
+            return;
+        }
+        match header.parse(&[]) {
+            Ok(chunk) => self.nbd_chunk(slot, header, chunk, out),
+            Err(e) => self.nbd_break(format!("reply: {e}")),
+        }
+    }
+
+    /// A chunk for `slot`'s current command, checked against the command
+    /// ([`Reassembly::accept`]): data is read into the slot's buffer next, a hole is zeroes
+    /// there now, an error fails the request; the last chunk completes the command.
+    fn nbd_chunk(&mut self, slot: usize, header: ChunkHeader, chunk: Chunk, out: &mut Vec<Reaped>) {
+        let Some(s) = self.nbd.as_mut().and_then(|c| c.slots.get_mut(slot)) else {
+            return;
+        };
+        let range = match s.chunks.accept(&chunk) {
+            Ok(range) => range,
+            Err(e) => return self.nbd_break(format!("reply: {e}")),
+        };
+        match (chunk, range) {
+            (Chunk::Data { .. }, Some(range)) => {
+                if let Some(conn) = self.nbd.as_mut() {
+                    conn.rx = Rx::Payload {
+                        slot,
+                        at: range.start,
+                        got: 0,
+                        len: range.len(),
+                        done: header.done(),
+                    };
+                }
+                return;
+            }
+            (Chunk::Hole { .. }, Some(range)) => {
+                if let Some(conn) = self.nbd.as_ref() {
+                    NbdStats::add(&conn.stats.hole_bytes, range.len() as u64);
+                }
+                let want = range.len();
+                if self.zero(slot, range) != want {
+                    tracing::error!(slot, "a hole of a read could not be written as zeroes");
+                    if let Some(s) = self.nbd.as_mut().and_then(|c| c.slots.get_mut(slot)) {
+                        s.error.get_or_insert(Errno::IO);
+                    }
+                }
+            }
+            (Chunk::Error { error, message, .. }, _) => {
+                tracing::debug!(
+                    slot,
+                    "the NBD server failed a request: {error}: {message:?}"
+                );
+            }
+            _ => {}
+        }
+        if header.done() {
+            self.nbd_reply_done(slot, out);
+        }
+    }
+
+    /// The last chunk of `slot`'s reply is in: the command is answered, unless its chunks
+    /// broke the rules ([`Reassembly::finish`]).
+    fn nbd_reply_done(&mut self, slot: usize, out: &mut Vec<Reaped>) {
         let Some(conn) = self.nbd.as_mut() else {
             return;
         };
-        let slot = (reply.cookie & 0xffff_ffff) as usize;
-        let awaited = conn.slots.get(slot).and_then(|s| {
-            (s.cookie == reply.cookie && s.send_started && !s.replied)
-                .then_some(s.current)
-                .flatten()
-        });
-        let Some(step) = awaited else {
+        let stats = &conn.stats;
+        let Some(s) = conn.slots.get_mut(slot) else {
+            return;
+        };
+        match s.chunks.finish() {
+            Err(e) => return self.nbd_break(format!("reply: {e}")),
+            Ok(Some(e)) => {
+                NbdStats::add(&stats.errors, 1);
+                s.error.get_or_insert(errno_of(e));
+                s.next = None;
+            }
+            Ok(None) => {}
+        }
+        s.replied = true;
+        self.nbd_advance(slot, out);
+    }
+
+    /// Writes zeroes over `range` of `slot`'s data buffer (a hole in a read): its bounce
+    /// region, or the guest's mapped pages. Nothing is in flight on that buffer: the
+    /// connection has one receive at a time, and the one that read the hole's chunk is over.
+    /// Returns how many bytes were zeroed (all of `range`, unless the buffer is not the
+    /// slot's: a bug, for which the caller fails the request rather than answer stale data).
+    fn zero(&mut self, slot: usize, range: std::ops::Range<usize>) -> usize {
+        let Some(o) = self.flights.get_mut(slot) else {
+            return 0;
+        };
+        if let (Some(region), Some(mem)) = (o.region.as_mut(), self.bounce.as_ref()) {
+            let bytes = mem.bytes(region, range.end);
+            return bytes.get_mut(range).map_or(0, |b| {
+                b.fill(0);
+                b.len()
+            });
+        }
+        // Mapped: each piece of the range, in the mapping that holds its iovec.
+        let (mut start, mut zeroed) = (0usize, 0usize);
+        for v in &o.iov {
+            let end = start + v.len;
+            let (from, to) = (range.start.max(start), range.end.min(end));
+            if from < to {
+                let at = v.base as usize + (from - start);
+                let mapping = o.guards.iter().find_map(|g| {
+                    let mem = g.writable()?;
+                    let base = mem.as_ptr() as usize;
+                    (base..base + mem.len())
+                        .contains(&at)
+                        .then_some((mem, at - base))
+                });
+                if let Some((mem, offset)) = mapping {
+                    if mem.fill(offset, to - from, 0).is_ok() {
+                        zeroed += to - from;
+                    }
+                }
+            }
+            start = end;
+        }
+        zeroed
+    }
+
+    /// A reply header arrived: finds its command, and reads its payload or completes it.
+    fn nbd_reply(&mut self, reply: SimpleReply, out: &mut Vec<Reaped>) {
+        let Some((slot, step)) = self.nbd_awaiting(reply.cookie) else {
             return self.nbd_break(format!(
                 "a reply with cookie {:#x}, which names no request awaiting a reply",
                 reply.cookie
             ));
         };
+        let structured = self
+            .nbd
+            .as_ref()
+            .is_some_and(|c| c.export.structured_replies);
+        if structured && step == Step::Read {
+            return self.nbd_break(format!("reply: {}", WireError::SimpleReadReply));
+        }
         match (reply.error, step) {
             (None, Step::Read) => {
                 let len = self
@@ -846,10 +1151,19 @@ impl Uring {
                     .get(slot)
                     .map_or(0, |o| o.iov.iter().map(|v| v.len).sum());
                 if let Some(conn) = self.nbd.as_mut() {
-                    conn.rx = Rx::Payload { slot, got: 0, len };
+                    conn.rx = Rx::Payload {
+                        slot,
+                        at: 0,
+                        got: 0,
+                        len,
+                        done: true,
+                    };
                 }
             }
             (error, _) => {
+                if let Some(conn) = self.nbd.as_ref().filter(|_| error.is_some()) {
+                    NbdStats::add(&conn.stats.errors, 1);
+                }
                 if let Some(s) = self.nbd.as_mut().and_then(|c| c.slots.get_mut(slot)) {
                     s.replied = true;
                     if let Some(e) = error {
@@ -877,6 +1191,16 @@ impl Uring {
             return;
         }
         let step = s.current.take();
+        NbdStats::sub(&conn.stats.in_flight);
+        match step {
+            Some(Step::Read) if s.error.is_none() && !broken => {
+                NbdStats::add(&conn.stats.rd_bytes, s.len);
+            }
+            Some(Step::Write { .. }) if s.error.is_none() && !broken => {
+                NbdStats::add(&conn.stats.wr_bytes, s.len);
+            }
+            _ => {}
+        }
         if step == Some(Step::Discard) && s.error.is_none() {
             let piece = s.len.min(MAX_DISCARD_PIECE);
             s.offset += piece;
@@ -968,6 +1292,7 @@ impl Uring {
         if conn.broken.is_some() || conn.reconnecting.is_some() {
             return;
         }
+        NbdStats::add(&conn.stats.lost, 1);
         if conn.connector.is_none() {
             return self.nbd_give_up(why);
         }
@@ -1103,6 +1428,38 @@ mod tests {
         assert_eq!((out.len(), out[0].base, out[0].len), (1, b.as_mut_ptr(), 4));
         iov_after(parts.iter().copied(), 12, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn iovecs_of_a_chunk_and_header_lengths() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 4];
+        let parts = [
+            Iovec {
+                base: a.as_mut_ptr(),
+                len: 8,
+            },
+            Iovec {
+                base: b.as_mut_ptr(),
+                len: 4,
+            },
+        ];
+        let mut out = Vec::new();
+        iov_range(parts.iter().copied(), 6, 4, &mut out);
+        assert_eq!((out.len(), out[0].len, out[1].len), (2, 2, 2));
+        assert_eq!(out[0].base, a.as_mut_ptr().wrapping_add(6));
+        iov_range(parts.iter().copied(), 9, 100, &mut out);
+        assert_eq!((out.len(), out[0].len), (1, 3));
+        iov_range(parts.iter().copied(), 0, 0, &mut out);
+        assert!(out.is_empty());
+
+        let mut reply = [0u8; CHUNK_HEADER_LEN];
+        reply[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(header_len(&reply, 16, true), CHUNK_HEADER_LEN);
+        assert_eq!(header_len(&reply, 16, false), SIMPLE_REPLY_LEN);
+        assert_eq!(header_len(&reply, 2, true), SIMPLE_REPLY_LEN);
+        reply[0] = 0x67;
+        assert_eq!(header_len(&reply, 16, true), SIMPLE_REPLY_LEN);
     }
 
     #[test]

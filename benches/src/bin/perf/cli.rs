@@ -26,7 +26,7 @@ pub(crate) struct Opts {
 }
 
 pub(crate) const HELP: &str = "\
-perf [--tiny] [--seconds S] [--pairs N] [--targets ram,disk] [--configs NAME,...]
+perf [--tiny] [--seconds S] [--pairs N] [--targets ram,disk,nbd] [--configs NAME,...]
      [--workloads NAME,...] [--out DIR] [--blkbackd PATH] [--compare PATH] [--no-fio]
 perf --baseline [--seconds S] [--pairs N] [--workloads NAME,...]   direct vs fio only
 perf --scaling 1,2,4,8 [--targets ram] [--seconds S]
@@ -36,7 +36,9 @@ perf --replot CSV
 Every case runs as N interleaved repeats (direct, fio, blkbackd A[, blkbackd B]; A and B
 swap places every other repeat); the tables give the medians and the min-max spread of the
 per-repeat ratios. Default: RAM target, configurations copy, map+persistent and their
-50 us polling variants, all workloads, 3 repeats of 3 s (about 10 minutes).";
+50 us polling variants, all workloads, 3 repeats of 3 s (about 10 minutes). Target nbd:
+the image on tmpfs served by qemu-storage-daemon over a Unix socket, blkbackd given its URI,
+the baseline an NBD client on one connection at the same queue depth (no fio).";
 
 /// The comma-separated names in `list`, each one of `known` (the option's error names a
 /// `what` it does not know, and lists them).
@@ -133,6 +135,10 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
                 PathBuf::from(format!("/var/tmp/blkbackd-perf-{pid}")),
             )),
             "disk" => {}
+            "nbd" => targets.push((
+                NBD_TARGET,
+                PathBuf::from(format!("/dev/shm/blkbackd-perf-nbd-{pid}")),
+            )),
             other => bail!("unknown target {other:?}"),
         }
     }

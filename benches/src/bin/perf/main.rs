@@ -2,7 +2,9 @@
 //! playing the frontend on the simulated platform (`front`: blkfront's handshake, then
 //! `ring::FrontRing` with data pages granted once), against the same
 //! workload issued with io_uring straight at the same target in the same run (the physical
-//! limit of this machine), and fio on the same file when it is installed (`fio`). Writes
+//! limit of this machine), and fio on the same file when it is installed (`fio`). With
+//! `--targets nbd` the disk is an NBD export (qemu-storage-daemon on tmpfs) and the baseline
+//! an NBD client straight at it (`nbd_target`). Writes
 //! `perf.md` (Markdown tables), `perf.csv` and `perf.png` to `benches/results/` (or `--out`).
 //!
 //! `cargo run --release -p benches --bin perf` (full), `... -- --tiny` (what CI runs),
@@ -41,6 +43,7 @@ mod direct;
 mod fio;
 mod front;
 mod measure;
+mod nbd_target;
 mod plot;
 mod report;
 mod rounds;
@@ -52,6 +55,7 @@ use cases::*;
 use cli::*;
 use direct::*;
 use measure::*;
+use nbd_target::*;
 use report::*;
 use rounds::*;
 use session::*;
@@ -179,6 +183,24 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("image in {}", tdir.display()))?;
         let size = opts.image_mib << 20;
         let result = (|| -> anyhow::Result<()> {
+            if *tname == NBD_TARGET {
+                if opts.baseline_only {
+                    bail!("--baseline compares with fio, which has no NBD target here");
+                }
+                let server = NbdServer::start(&image, tdir)?;
+                let target = Target::Nbd(&server.uri);
+                cases.extend(run_rounds(
+                    &opts,
+                    tname,
+                    tdir,
+                    target,
+                    size,
+                    &workloads,
+                    &configs,
+                    &mut progress,
+                )?);
+                return Ok(());
+            }
             if opts.baseline_only {
                 for w in &workloads {
                     let mut case = Case::new(tname, *w, NO_CONFIG);
@@ -224,7 +246,7 @@ fn main() -> anyhow::Result<()> {
                 &opts,
                 tname,
                 tdir,
-                &image,
+                Target::File(&image),
                 size,
                 &workloads,
                 &configs,

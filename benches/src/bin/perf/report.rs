@@ -190,6 +190,16 @@ pub(crate) fn write_results(opts: &Opts, cases: &[Case], took: f64) -> anyhow::R
             String::new()
         }
     )?;
+    if cases
+        .iter()
+        .any(|c| c.target == crate::nbd_target::NBD_TARGET)
+    {
+        writeln!(
+            md,
+            "For the target `{}`, the disk is the image on tmpfs served by qemu-storage-daemon over a Unix socket, blkbackd is given its `nbd+unix://` URI (one connection per queue, structured replies), and `d` = an NBD client straight at the same export: one connection, one thread, the workload's requests pipelined on the socket at the same depth (one `write` per request, replies read as they come); there is no fio column and `d` counts no system calls.\n",
+            crate::nbd_target::NBD_TARGET
+        )?;
+    }
     let mut csv = String::new();
     let with_b = cases.iter().any(|c| !c.a.is_empty());
     if with_b {

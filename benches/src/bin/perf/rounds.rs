@@ -7,6 +7,24 @@
 
 use super::*;
 
+/// What a run's cases serve: a file (the baseline io_uring and fio straight at it), or an
+/// NBD export (the baseline an NBD client straight at it, no fio).
+#[derive(Clone, Copy)]
+pub(crate) enum Target<'a> {
+    File(&'a Path),
+    Nbd(&'a str),
+}
+
+impl Target<'_> {
+    /// The disk's `params`.
+    pub(crate) fn params(&self) -> anyhow::Result<&str> {
+        match self {
+            Self::File(p) => p.to_str().context("utf-8 path"),
+            Self::Nbd(uri) => Ok(uri),
+        }
+    }
+}
+
 /// The progress of a run, for the lines it prints.
 pub(crate) struct Progress {
     pub(crate) done: usize,
@@ -20,7 +38,7 @@ pub(crate) fn run_rounds(
     opts: &Opts,
     tname: &'static str,
     tdir: &Path,
-    image: &Path,
+    target: Target<'_>,
     size: u64,
     workloads: &[Workload],
     configs: &[Config],
@@ -37,30 +55,37 @@ pub(crate) fn run_rounds(
         .collect();
     // fio once per workload and target: beside the first configuration that runs it.
     let mut fio_with = vec![None; workloads.len()];
-    for &(ci, wi) in &plan {
+    for &(ci, wi) in plan.iter().filter(|_| matches!(target, Target::File(_))) {
         fio_with[wi].get_or_insert(ci);
     }
+    let params = target.params()?;
     let mut cases: Vec<Case> = (plan.iter())
         .map(|&(ci, wi)| Case::new(tname, workloads[wi], configs[ci]))
         .collect();
     for rep in 0..opts.pairs {
         let last = rep + 1 == opts.pairs;
         for (ci, c) in configs.iter().enumerate() {
-            let mut sa = Session::start(&opts.blkbackd, tdir, image, *c, "")?;
+            let mut sa = Session::start(&opts.blkbackd, tdir, params, *c, "")?;
             let mut sb = match &opts.compare {
-                Some(p) => Some(Session::start(p, tdir, image, *c, "-B")?),
+                Some(p) => Some(Session::start(p, tdir, params, *c, "-B")?),
                 None => None,
             };
             for (k, &(_, wi)) in plan.iter().enumerate().filter(|(_, p)| p.0 == ci) {
                 let w = workloads[wi];
                 let case = &mut cases[k];
                 let fio = opts.fio.as_ref().filter(|_| fio_with[wi] == Some(ci));
+                let direct = match target {
+                    Target::File(image) => {
+                        run_direct(image, w, opts.seconds, size, Direct::Tuned, false)
+                    }
+                    Target::Nbd(uri) => run_nbd_direct(uri, w, opts.seconds, size),
+                };
                 case.d.push(
-                    run_direct(image, w, opts.seconds, size, Direct::Tuned, false)
+                    direct
                         .with_context(|| format!("{} direct", w.name))?
                         .figures(),
                 );
-                if let Some((fio, _)) = fio {
+                if let (Some((fio, _)), Target::File(image)) = (fio, target) {
                     case.f.push(
                         fio::run(fio, image, w, opts.seconds, size)
                             .with_context(|| format!("{} fio", w.name))?

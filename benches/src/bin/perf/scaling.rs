@@ -154,6 +154,9 @@ struct Point {
 /// The scaling run over `queue_counts`, on the first target of `--targets`.
 pub fn run(opts: &Opts, queue_counts: &[u32]) -> anyhow::Result<()> {
     let (tname, tdir) = opts.targets.first().context("no target")?;
+    if *tname == crate::nbd_target::NBD_TARGET {
+        bail!("--scaling has no NBD target (its baseline is io_uring on a file)");
+    }
     let image =
         make_image(tdir, opts.image_mib).with_context(|| format!("image in {}", tdir.display()))?;
     let size = opts.image_mib << 20;
@@ -168,7 +171,8 @@ pub fn run(opts: &Opts, queue_counts: &[u32]) -> anyhow::Result<()> {
                     queues,
                     poll_us: 0,
                 };
-                let mut s = Session::start(&opts.blkbackd, tdir, &image, c, "")?;
+                let params = image.to_str().context("utf-8 path")?;
+                let mut s = Session::start(&opts.blkbackd, tdir, params, c, "")?;
                 for w in WORKLOADS {
                     let b = s
                         .run_parallel(*w, opts.seconds, size)

@@ -12,12 +12,12 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// `bin` serving `image` in configuration `c`; `tag` tells apart the directories of
-    /// sessions that run at once (A and B).
+    /// `bin` serving `params` (an image's path, or an NBD URI) in configuration `c`; `tag`
+    /// tells apart the directories of sessions that run at once (A and B).
     pub(crate) fn start(
         bin: &Path,
         work: &Path,
-        image: &Path,
+        params: &str,
         c: Config,
         tag: &str,
     ) -> anyhow::Result<Self> {
@@ -26,7 +26,7 @@ impl Session {
         let xenstored = sim::xenstored::SimXenstored::start(sim::xenstored_dir(&dir))?;
         xenstored.introduce_domain(GUEST)?;
         let dom0 = xen::xenstore::XenStore::open_at(sim::xenstore_socket(&dir, 0))?;
-        let spec = VbdSpec::disk(0, GUEST, DEVID, image.to_str().context("utf-8 path")?);
+        let spec = VbdSpec::disk(0, GUEST, DEVID, params);
         toolstack::create_vbd(&dom0, &spec)?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
