@@ -369,7 +369,7 @@ fn live_path(sock_path: &Path) -> PathBuf {
 
 /// A non-blocking datagram socket bound at `path` (a stale socket of a dead process holding
 /// the name is replaced: handle ids are not reused unless the counter wraps).
-fn bound_socket(path: &Path) -> Result<OwnedFd, SimError> {
+pub(crate) fn bound_socket(path: &Path) -> Result<OwnedFd, SimError> {
     let sock = rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::DGRAM,
@@ -389,7 +389,15 @@ fn bound_socket(path: &Path) -> Result<OwnedFd, SimError> {
 /// a full queue means alive). The owner never reads that socket, so the probe wakes nothing;
 /// only `sendto` is needed, which a confined backend may use.
 fn handle_alive(dir: &Path, domid: DomId, hid: u32, sock: BorrowedFd<'_>) -> bool {
-    let Ok(addr) = SocketAddrUnix::new(live_path(&socket_path(dir, domid, hid))) else {
+    socket_alive(&live_path(&socket_path(dir, domid, hid)), sock)
+}
+
+/// Whether the process that bound the datagram socket at `path` (and never reads it) is
+/// alive: an empty datagram sent from `sock` is refused by a dead process's socket file, or
+/// its file is gone; a full queue means alive. The kernel closes a dead process's sockets
+/// when it exits (before it is reaped), and a new socket is never bound at a live one's path.
+pub(crate) fn socket_alive(path: &Path, sock: BorrowedFd<'_>) -> bool {
+    let Ok(addr) = SocketAddrUnix::new(path) else {
         return false;
     };
     !matches!(

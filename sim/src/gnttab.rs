@@ -3,7 +3,8 @@
 //!
 //! Each domain with memory has `gnttab.<domid>`: a 64-byte header, then `nr_entries` v1 grant
 //! entries `{u16 flags, u16 domid, u32 frame}` (the granting guest writes them, as in Xen),
-//! then one `u32` pin word per entry, which in Xen is the hypervisor's private active entry.
+//! then per entry a `u32` pin word and a `u32` lock word, which in Xen are the hypervisor's
+//! private active entry and its lock, then the journal slots (below).
 //! The guest's memory is `mem.<domid>`, `frames` pages.
 //!
 //! The "hypervisor" side (mapping, copying) runs in the mapping process and follows Xen's
@@ -16,10 +17,30 @@
 //! writable pin is `GNTST_general_error` (Xen's "Bad flags or dom" and "Attempt to write-pin
 //! a r/o grant entry"); a frame beyond the guest's memory is `GNTST_bad_page`; an unknown or
 //! destroyed domain is `GNTST_bad_domain`.
+//!
+//! Xen's grant operations are hypercalls, which a dying process cannot leave half done, and
+//! Xen releases a process's mappings when its gntdev fd closes. Here the hypervisor's work
+//! runs in the calling process, so the table keeps what a dead process must not leave behind:
+//! - each process's view of a table is a *holder* with an id from the header and a datagram
+//!   socket `gnttab.<domid>.h<id>` bound while it lives and never read ([`socket_alive`]
+//!   probes it: the kernel closes a dead process's sockets as it exits, zombie or not, and the
+//!   probe needs only `sendto`, which a confined backend may use);
+//! - an entry's pin lock is a lock word holding its holder's id. A waiter that has spun a
+//!   while probes the holder and, finding it dead, takes the lock over and recomputes the
+//!   entry's pins from the journals (below), so a lock never outlives its holder and a pin
+//!   half taken or half dropped is settled;
+//! - a grantee's view pins through a journal slot it claims in the granting domain's table:
+//!   one count word per entry, in the pin word's format, changed under the entry's lock
+//!   before the pin word. Whenever an entry is unlocked its pin word is the sum of its counts
+//!   over all slots. A slot whose holder died is reaped (its counts taken off the pin words,
+//!   the flags cleared where no pins remain, the slot freed) by the next grantee that claims
+//!   a slot, and by the guest when an end of access finds the grant in use: the death is
+//!   noticed then, as Xen notices a closed gntdev fd. Reaping is idempotent under the entry
+//!   locks, so reapers may race and die too.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +49,7 @@ use std::time::Duration;
 
 use shmem::{SharedMem, PAGE_SIZE};
 
+use crate::evtchn::{bound_socket, socket_alive};
 use crate::shm::{unmap_raw, MappedFile, Reservation};
 use crate::{domain_file, open_mem, SimError};
 use xen::{check_copy_batch, check_map_refs};
@@ -42,6 +64,8 @@ const OFF_MAGIC: usize = 0;
 const OFF_NR: usize = 4;
 const OFF_FRAMES: usize = 8;
 const OFF_STATE: usize = 12;
+/// The last holder id handed out (ids are 1..2^31).
+const OFF_HOLDERS: usize = 16;
 const ENTRY: usize = 8;
 const STATE_ALIVE: u32 = 1;
 const STATE_DEAD: u32 = 2;
@@ -62,12 +86,40 @@ pub(crate) const RESERVED_ENTRIES: u32 = 8;
 /// Xen's checks refuse it like any invalid entry.
 const DOMID_INVALID: u32 = 0x7ff4;
 
-/// Pin word: bit 31 is the lock standing for Xen's active-entry lock, bits 16..31 count
-/// writable pins, bits 0..16 count all pins.
-const PIN_LOCK: u32 = 1 << 31;
+/// Pin word (and a journal's count word): bits 16..31 count writable pins, bits 0..16 count
+/// all pins. Beside it, the entry's lock word (standing for Xen's active-entry lock): 0 when
+/// free, else its holder's id.
 const PIN_ONE_WRITER: u32 = 1 << 16;
 const PIN_COUNT_MASK: u32 = 0xffff;
 const PIN_WRITERS_MASK: u32 = 0x7fff << 16;
+/// Journal slots per table: the grantee views (processes and their domains) that can hold
+/// pins at once.
+const SLOTS: usize = 64;
+/// Ids handed to holders stay below this.
+const HOLDER_ID_LIMIT: u32 = 1 << 31;
+/// Spins on a held lock between probes of its holder.
+const PROBE_EVERY: u32 = 256;
+
+/// One process's view of a table: the id its locks and journal slot carry, alive while its
+/// socket is bound.
+#[derive(Debug)]
+struct Holder {
+    id: u32,
+    path: PathBuf,
+    sock: OwnedFd,
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn holder_path(table: &Path, id: u32) -> PathBuf {
+    let mut p = table.as_os_str().to_owned();
+    p.push(format!(".h{id}"));
+    PathBuf::from(p)
+}
 
 fn combo(flags: u32, domid: DomId) -> u32 {
     flags | (u32::from(domid) << 16)
@@ -79,12 +131,14 @@ pub(crate) struct GrantTable {
     map: MappedFile,
     nr: u32,
     frames: u32,
+    path: PathBuf,
+    holder: Holder,
 }
 
 impl GrantTable {
     /// Bytes a table of `nr` entries occupies.
     pub(crate) fn file_len(nr: u32) -> usize {
-        HEADER + nr as usize * (ENTRY + 4)
+        HEADER + nr as usize * (ENTRY + 8) + SLOTS * 4 + SLOTS * nr as usize * 4
     }
 
     /// Initialises a freshly created, zeroed file of [`GrantTable::file_len`] bytes.
@@ -124,7 +178,32 @@ impl GrantTable {
         }
         let map =
             MappedFile::map(file.as_fd(), Self::file_len(nr)).map_err(SimError::io("map", path))?;
-        Ok(Self { map, nr, frames })
+        let m = map.mem();
+        let mut id = m.load_u32(OFF_HOLDERS, Ordering::Relaxed);
+        let id = loop {
+            let cur = id.map_err(|_| corrupt())?;
+            let next = (cur + 1) % HOLDER_ID_LIMIT;
+            let next = next.max(1);
+            match m.compare_exchange_u32(OFF_HOLDERS, cur, next) {
+                Ok(Ok(_)) => break next,
+                Ok(Err(now)) => id = Ok(now),
+                Err(_) => return Err(corrupt()),
+            }
+        };
+        let hpath = holder_path(path, id);
+        let sock = bound_socket(&hpath)?;
+        let holder = Holder {
+            id,
+            path: hpath,
+            sock,
+        };
+        Ok(Self {
+            map,
+            nr,
+            frames,
+            path: path.to_owned(),
+            holder,
+        })
     }
 
     fn mem(&self) -> SharedMem<'_> {
@@ -137,6 +216,30 @@ impl GrantTable {
 
     fn pin_off(&self, gref: GrantRef) -> usize {
         HEADER + self.nr as usize * ENTRY + gref as usize * 4
+    }
+
+    fn lock_off(&self, gref: GrantRef) -> usize {
+        HEADER + self.nr as usize * (ENTRY + 4) + gref as usize * 4
+    }
+
+    fn slot_off(&self, slot: usize) -> usize {
+        HEADER + self.nr as usize * (ENTRY + 8) + slot * 4
+    }
+
+    fn count_off(&self, slot: usize, gref: GrantRef) -> usize {
+        HEADER
+            + self.nr as usize * (ENTRY + 8)
+            + SLOTS * 4
+            + (slot * self.nr as usize + gref as usize) * 4
+    }
+
+    /// Whether the holder with id `id` is alive.
+    fn holder_alive(&self, id: u32) -> bool {
+        id == self.holder.id || socket_alive(&self.holder_path(id), self.holder.sock.as_fd())
+    }
+
+    fn holder_path(&self, id: u32) -> PathBuf {
+        holder_path(&self.path, id)
     }
 
     /// Whether the domain still exists.
@@ -196,6 +299,13 @@ impl GrantTable {
     /// Guest side: ends access to `gref` like `gnttab_end_foreign_access_ref`: fails while the
     /// grantee has it mapped or is copying (`GTF_reading`/`GTF_writing` set).
     pub(crate) fn end_access(&self, gref: GrantRef) -> Result<(), SimError> {
+        match self.try_end_access(gref) {
+            Err(SimError::GrantInUse(_)) if self.reap_dead() => self.try_end_access(gref),
+            r => r,
+        }
+    }
+
+    fn try_end_access(&self, gref: GrantRef) -> Result<(), SimError> {
         let off = self.entry_off(gref).ok_or(SimError::BadGrant(gref))?;
         let m = self.mem();
         let mut cur = m
@@ -223,33 +333,118 @@ impl GrantTable {
             .is_some_and(|c| c & (GTF_READING | GTF_WRITING) != 0)
     }
 
-    fn lock_pin(&self, off: usize) -> u32 {
+    /// Takes `gref`'s lock (taking it over from a dead holder, and then settling the pins
+    /// from the journals); returns its pins. `None` only if the table is unreadable.
+    fn lock_pin(&self, gref: GrantRef) -> Option<u32> {
         let m = self.mem();
+        let lock = self.lock_off(gref);
+        let me = self.holder.id;
+        let mut spins = 0u32;
         loop {
-            match m.load_u32(off, Ordering::Relaxed) {
-                Ok(v) if v & PIN_LOCK == 0 => {
-                    if m.compare_exchange_u32(off, v, v | PIN_LOCK) == Ok(Ok(v)) {
-                        return v;
-                    }
+            let held = m.load_u32(lock, Ordering::Relaxed).ok()?;
+            if held == 0 {
+                if m.compare_exchange_u32(lock, 0, me).ok()?.is_ok() {
+                    // In bounds (gref < nr), like every offset below.
+                    return Some(
+                        m.load_u32(self.pin_off(gref), Ordering::Acquire)
+                            .unwrap_or(0),
+                    );
                 }
-                Ok(_) => std::thread::yield_now(),
-                // The offset lies in the table (the ref was checked); unreachable in practice,
-                // and "no pins" is the safe answer since the caller then fails the pin.
-                Err(_) => return PIN_LOCK,
+                continue;
             }
+            spins = spins.wrapping_add(1);
+            if spins % PROBE_EVERY == 0
+                && !self.holder_alive(held)
+                && m.compare_exchange_u32(lock, held, me).ok()?.is_ok()
+            {
+                return Some(self.settle(gref));
+            }
+            std::thread::yield_now();
         }
     }
 
-    fn unlock_pin(&self, off: usize, pins: u32) {
-        let _ = self
-            .mem()
-            .store_u32(off, pins & !PIN_LOCK, Ordering::Release);
+    /// With `gref` locked: its pin word becomes the sum of the journals' counts, and the flags
+    /// no pins justify are cleared (what a holder that died inside the lock left half done).
+    fn settle(&self, gref: GrantRef) -> u32 {
+        let m = self.mem();
+        let pins = (0..SLOTS)
+            .map(|slot| {
+                m.load_u32(self.count_off(slot, gref), Ordering::Acquire)
+                    .unwrap_or(0)
+            })
+            .fold(0u32, u32::saturating_add);
+        if let Some(off) = self.entry_off(gref) {
+            self.release_flags(off, pins);
+        }
+        pins
+    }
+
+    fn unlock_pin(&self, gref: GrantRef, pins: u32) {
+        let m = self.mem();
+        let _ = m.store_u32(self.pin_off(gref), pins, Ordering::Release);
+        let _ = m.store_u32(self.lock_off(gref), 0, Ordering::Release);
+    }
+
+    /// Claims a journal slot for this view's pins (after reaping the slots of dead holders);
+    /// `None` when every slot belongs to a live holder.
+    fn claim_slot(&self) -> Option<usize> {
+        self.reap_dead();
+        let m = self.mem();
+        (0..SLOTS).find(|&slot| {
+            m.compare_exchange_u32(self.slot_off(slot), 0, self.holder.id) == Ok(Ok(0))
+        })
+    }
+
+    /// Reaps the slots of dead holders; returns whether it reaped any.
+    fn reap_dead(&self) -> bool {
+        let mut reaped = false;
+        for slot in 0..SLOTS {
+            let Ok(id) = self.mem().load_u32(self.slot_off(slot), Ordering::Acquire) else {
+                break;
+            };
+            if id != 0 && !self.holder_alive(id) {
+                self.reap(slot, id);
+                reaped = true;
+            }
+        }
+        reaped
+    }
+
+    /// Takes the pins journaled in `slot` by holder `id` off the pin words, then frees the
+    /// slot. Each entry is settled under its lock, and only while the slot is still `id`'s.
+    fn reap(&self, slot: usize, id: u32) {
+        let m = self.mem();
+        for gref in 0..self.nr {
+            let count = self.count_off(slot, gref);
+            if m.load_u32(count, Ordering::Acquire) == Ok(0) {
+                continue;
+            }
+            let Some(mut pins) = self.lock_pin(gref) else {
+                continue;
+            };
+            if m.load_u32(self.slot_off(slot), Ordering::Acquire) == Ok(id) {
+                let c = m.load_u32(count, Ordering::Acquire).unwrap_or(0);
+                let _ = m.store_u32(count, 0, Ordering::Release);
+                pins = pins.saturating_sub(c);
+                if let Some(off) = self.entry_off(gref) {
+                    self.release_flags(off, pins);
+                }
+            }
+            self.unlock_pin(gref, pins);
+        }
+        let freed = m.compare_exchange_u32(self.slot_off(slot), id, 0) == Ok(Ok(id));
+        if freed && id != self.holder.id {
+            // The dead holder's socket: a lock word still naming it finds no file, as dead.
+            let _ = std::fs::remove_file(self.holder_path(id));
+        }
     }
 
     /// Hypervisor side: pins `gref` for `ldomid`, as Xen's map and copy do, returning the
     /// granted frame.
-    pub(crate) fn pin(
+    /// The pin is journaled in `slot` (claimed with [`GrantTable::claim_slot`]).
+    fn pin(
         &self,
+        slot: usize,
         gref: GrantRef,
         ldomid: DomId,
         write: bool,
@@ -258,11 +453,7 @@ impl GrantTable {
             return Err(GrantStatus::BadDomain);
         }
         let off = self.entry_off(gref).ok_or(GrantStatus::BadGntref)?;
-        let pin_off = self.pin_off(gref);
-        let pins = self.lock_pin(pin_off);
-        if pins & PIN_LOCK != 0 {
-            return Err(GrantStatus::GeneralError);
-        }
+        let pins = self.lock_pin(gref).ok_or(GrantStatus::GeneralError)?;
         let result = self.set_status(off, ldomid, write).and_then(|()| {
             let frame = self
                 .mem()
@@ -280,13 +471,23 @@ impl GrantTable {
         });
         match result {
             Ok(frame) => {
-                let new = pins + 1 + if write { PIN_ONE_WRITER } else { 0 };
-                self.unlock_pin(pin_off, new);
+                let one = 1 + if write { PIN_ONE_WRITER } else { 0 };
+                let m = self.mem();
+                let count = self.count_off(slot, gref);
+                let journaled = m
+                    .load_u32(count, Ordering::Relaxed)
+                    .and_then(|c| m.store_u32(count, c + one, Ordering::Release));
+                if journaled.is_err() {
+                    self.release_flags(off, pins);
+                    self.unlock_pin(gref, pins);
+                    return Err(GrantStatus::GeneralError);
+                }
+                self.unlock_pin(gref, pins + one);
                 Ok(frame)
             }
             Err(st) => {
                 self.release_flags(off, pins);
-                self.unlock_pin(pin_off, pins);
+                self.unlock_pin(gref, pins);
                 Err(st)
             }
         }
@@ -340,32 +541,35 @@ impl GrantTable {
         }
     }
 
-    /// Hypervisor side: drops one pin taken by [`GrantTable::pin`].
-    pub(crate) fn unpin(&self, gref: GrantRef, write: bool) {
+    /// Hypervisor side: drops one pin taken by [`GrantTable::pin`] in `slot`.
+    fn unpin(&self, slot: usize, gref: GrantRef, write: bool) {
         let Some(off) = self.entry_off(gref) else {
             return;
         };
-        let pin_off = self.pin_off(gref);
-        let pins = self.lock_pin(pin_off);
-        if pins & PIN_LOCK != 0 {
+        let Some(pins) = self.lock_pin(gref) else {
             return;
-        }
+        };
+        let m = self.mem();
+        let count = self.count_off(slot, gref);
+        let one = 1 + if write { PIN_ONE_WRITER } else { 0 };
         let mut new = pins;
-        if new & PIN_COUNT_MASK != 0 {
-            new -= 1;
-        }
-        if write && new & PIN_WRITERS_MASK != 0 {
-            new -= PIN_ONE_WRITER;
+        if let Ok(c) = m.load_u32(count, Ordering::Relaxed) {
+            if c & PIN_COUNT_MASK != 0 && (!write || c & PIN_WRITERS_MASK != 0) {
+                let _ = m.store_u32(count, c - one, Ordering::Release);
+                new = pins.saturating_sub(one);
+            }
         }
         self.release_flags(off, new);
-        self.unlock_pin(pin_off, new);
+        self.unlock_pin(gref, new);
     }
 }
 
-/// The hypervisor's view of another domain: its grant table and its memory.
+/// The hypervisor's view of another domain: its grant table, its memory, and the journal
+/// slot this view's pins are recorded in.
 #[derive(Debug)]
 struct ForeignDomain {
     gnttab: GrantTable,
+    slot: usize,
     mem_file: File,
     mem: MappedFile,
 }
@@ -375,11 +579,31 @@ impl ForeignDomain {
         let gnttab = GrantTable::open(&domain_file(dir, "gnttab", domid))?;
         let len = gnttab.frames as usize * PAGE_SIZE;
         let (mem_file, mem) = open_mem(&domain_file(dir, "mem", domid), len)?;
+        let slot = gnttab
+            .claim_slot()
+            .ok_or(SimError::Invalid("every grant journal slot is held"))?;
         Ok(Self {
             gnttab,
+            slot,
             mem_file,
             mem,
         })
+    }
+
+    fn pin(&self, gref: GrantRef, ldomid: DomId, write: bool) -> Result<u32, GrantStatus> {
+        self.gnttab.pin(self.slot, gref, ldomid, write)
+    }
+
+    fn unpin(&self, gref: GrantRef, write: bool) {
+        self.gnttab.unpin(self.slot, gref, write);
+    }
+}
+
+impl Drop for ForeignDomain {
+    /// Releases whatever this view still has pinned and frees its slot, as closing gntdev
+    /// does (its mappings hold it, so normally nothing is left).
+    fn drop(&mut self) {
+        self.gnttab.reap(self.slot, self.gnttab.holder.id);
     }
 }
 
@@ -449,7 +673,7 @@ impl Unmap for Inner {
         unsafe { unmap_raw(addr, pages) };
         let write = rec.access == Access::ReadWrite;
         for &gref in &rec.refs {
-            rec.dom.gnttab.unpin(gref, write);
+            rec.dom.unpin(gref, write);
         }
         if let Some(port) = rec.notify.send_event {
             if let Err(e) = super::evtchn::send_from(&self.dir, self.domid, port) {
@@ -495,7 +719,7 @@ impl GrantMapper for SimGnttab {
         let mut pinned = 0;
         let mut failure = None;
         for (i, &gref) in refs.iter().enumerate() {
-            match dom.gnttab.pin(gref, self.inner.domid, write) {
+            match dom.pin(gref, self.inner.domid, write) {
                 Ok(frame) => {
                     pinned += 1;
                     if let Err(e) = res.map_page(i, dom.mem_file.as_fd(), u64::from(frame), write) {
@@ -513,7 +737,7 @@ impl GrantMapper for SimGnttab {
             // All or nothing: drop the reservation (unmapping what was mapped), then unpin.
             drop(res);
             for &gref in &refs[..pinned] {
-                dom.gnttab.unpin(gref, write);
+                dom.unpin(gref, write);
             }
             return Err(err);
         }
@@ -583,7 +807,7 @@ impl SimGnttab {
                 Err(st) => return st,
             },
         };
-        let frame = match dom.gnttab.pin(addr.gref, self.inner.domid, write) {
+        let frame = match dom.pin(addr.gref, self.inner.domid, write) {
             Ok(f) => f,
             Err(st) => return st,
         };
@@ -592,7 +816,7 @@ impl SimGnttab {
             CopyOp::FromGuest { dst, .. } => dom.mem.mem().read_into(at, dst),
             CopyOp::ToGuest { src, .. } => dom.mem.mem().write_from(at, src),
         };
-        dom.gnttab.unpin(addr.gref, write);
+        dom.unpin(addr.gref, write);
         match done {
             Ok(()) => GrantStatus::Okay,
             Err(_) => GrantStatus::BadCopyArg,
@@ -611,5 +835,160 @@ impl GrantCopier for SimGnttab {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::{ScratchDir, SimDomain};
+
+    /// `MODE:DIR:GREF` for [`child`].
+    const CHILD_ENV: &str = "SIM_GNTTAB_PIN_CHILD";
+    const GUEST: DomId = 1;
+    const BACKEND: DomId = 0;
+
+    /// Runs [`child`] in a new process doing `mode` on `gref`, and waits until it says it
+    /// holds what `mode` takes.
+    fn spawn(mode: &str, dir: &Path, gref: GrantRef) -> Child {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "gnttab::tests::child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, format!("{mode}:{}:{gref}", dir.display()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "held" {
+            line.clear();
+            assert_ne!(out.read_line(&mut line).unwrap(), 0, "child ended early");
+        }
+        child
+    }
+
+    fn kill(mut child: Child) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Maps `gref` writable and copies into it from another thread, failing rather than
+    /// hanging when a lock is never released.
+    fn map_and_copy(dir: &Path, gref: GrantRef) {
+        let (tx, rx) = mpsc::channel();
+        let dir = dir.to_owned();
+        std::thread::spawn(move || {
+            let g = SimGnttab::new(&dir, BACKEND);
+            let m = g.map(GUEST, &[gref], Access::ReadWrite).map(drop);
+            let data = [7u8; 16];
+            let mut ops = [CopyOp::ToGuest {
+                src: &data,
+                dst: xen::GrantAddr {
+                    domid: GUEST,
+                    gref,
+                    offset: 0,
+                },
+                status: GrantStatus::Okay,
+            }];
+            let c = g.copy(&mut ops).map(|()| match &ops[0] {
+                CopyOp::ToGuest { status, .. } | CopyOp::FromGuest { status, .. } => *status,
+            });
+            let _ = tx.send((m, c));
+        });
+        let (m, c) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("grant operations hang on a dead process's lock");
+        assert!(m.is_ok(), "map: {m:?}");
+        assert_eq!(c.unwrap(), GrantStatus::Okay);
+    }
+
+    fn setup(name: &str) -> (ScratchDir, SimDomain, GrantRef) {
+        let dir = ScratchDir::new(&format!("sim-pins-{name}")).unwrap();
+        let dom = SimDomain::create(dir.path(), GUEST, 4).unwrap();
+        let gref = dom.grant(BACKEND, 2, Access::ReadWrite).unwrap();
+        (dir, dom, gref)
+    }
+
+    #[test]
+    fn a_lock_held_by_a_killed_process_is_taken_over() {
+        let (dir, dom, gref) = setup("lock");
+        let child = spawn("lock", dir.path(), gref);
+        kill(child);
+        map_and_copy(dir.path(), gref);
+        assert_eq!(dom.page(2).unwrap().read_u8(0).unwrap(), 7);
+        dom.end_access(gref).unwrap();
+    }
+
+    #[test]
+    fn a_killed_copier_leaves_no_pin() {
+        let (dir, dom, gref) = setup("copy");
+        let child = spawn("pin", dir.path(), gref);
+        assert!(
+            matches!(dom.end_access(gref), Err(SimError::GrantInUse(_))),
+            "pinned while the copier lives"
+        );
+        kill(child);
+        dom.end_access(gref).unwrap();
+    }
+
+    #[test]
+    fn a_killed_mapper_leaves_no_pin() {
+        let (dir, dom, gref) = setup("map");
+        let other = dom.grant(BACKEND, 3, Access::ReadWrite).unwrap();
+        let child = spawn("map", dir.path(), gref);
+        // A live process's pins of the same grant stay.
+        let g = SimGnttab::new(dir.path(), BACKEND);
+        let mine = g.map(GUEST, &[gref, other], Access::ReadOnly).unwrap();
+        kill(child);
+        assert!(matches!(dom.end_access(gref), Err(SimError::GrantInUse(_))));
+        drop(mine);
+        dom.end_access(gref).unwrap();
+        dom.end_access(other).unwrap();
+        // The grant table works on: the entry is granted, pinned and ended again.
+        let gref = dom.grant(BACKEND, 2, Access::ReadWrite).unwrap();
+        map_and_copy(dir.path(), gref);
+        dom.end_access(gref).unwrap();
+    }
+
+    /// The child process of the tests above: takes what its mode says, says "held", waits to
+    /// be killed.
+    #[test]
+    #[ignore = "child process of the pin tests"]
+    fn child() {
+        let Ok(arg) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let mut parts = arg.splitn(3, ':');
+        let (mode, dir, gref) = (
+            parts.next().unwrap(),
+            PathBuf::from(parts.next().unwrap()),
+            parts.next().unwrap().parse::<GrantRef>().unwrap(),
+        );
+        let g = SimGnttab::new(&dir, BACKEND);
+        let dom = g.inner.domain(GUEST).unwrap();
+        let _held = match mode {
+            "lock" => {
+                dom.gnttab.lock_pin(gref).unwrap();
+                None
+            }
+            // Between the pin and the unpin of a grant copy.
+            "pin" => {
+                dom.pin(gref, BACKEND, true).unwrap();
+                None
+            }
+            _ => Some(g.map(GUEST, &[gref], Access::ReadWrite).unwrap()),
+        };
+        println!("held");
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
     }
 }

@@ -11,7 +11,8 @@
 //! | file | what |
 //! |---|---|
 //! | `mem.<domid>` | a guest's memory, `pages` pages, mapped `MAP_SHARED` by every side |
-//! | `gnttab.<domid>` | its v1 grant table (see [`gnttab`]) |
+//! | `gnttab.<domid>` | its v1 grant table, with the pin locks and journals (see [`gnttab`]) |
+//! | `gnttab.<domid>.h<id>` | the liveness socket of one process's view of that table |
 //! | `evtchn.<domid>` | its event-channel ports (see [`evtchn`]); exists for every domain |
 //! | `evtchn.<domid>.<handle>` | the wake-up socket of one open event-channel handle |
 //! | `xenstored/socket`, `xenstored/socket.d<domid>` | the simulated xenstored ([`xenstored`]) |
@@ -23,9 +24,9 @@
 //! The simulated guest is [`front::SimFront`], a blkfront written the way Linux's behaves;
 //! [`toolstack`] writes a disk's XenStore nodes as xl does, [`workload`] drives verified I/O.
 //!
-//! Not simulated: a process that dies keeps its grant pins and ports in the shared tables
-//! (the real kernel would release them when the device fds close); grant table v2,
-//! transitive and sub-page grants.
+//! A process that dies releases its grant pins and locks and its ports as the real kernel
+//! does when the device fds close, once another process notices (see [`gnttab`] and
+//! [`evtchn`]). Not simulated: grant table v2, transitive and sub-page grants.
 //!
 //! Beside the simulation, the little that tests share and production never needs: visible
 //! skips ([`skip`]) and loop devices ([`losetup`]).
