@@ -872,9 +872,12 @@ sc_blkbackd_nbd() {
 		write_cfg e2e-nbd data 2 "$(hotplug_disk xvda "nbd+unix:///disk0?socket=$sock")"
 		if guest_create e2e-nbd; then
 			d=$(domid_of e2e-nbd)
-			wait_domu e2e-nbd "data xvda" 120
+			# Read while the guest's disk is connected (its frontend wrote its queues).
+			fe=/local/domain/$d/device/vbd/$DEVID
+			end=$(deadline $((60 * TIME_SCALE)))
+			until [ "$(xenstore-read $fe/state 2>/dev/null)" = 4 ] || ! before "$end"; do sleep 0.2; done
 			path=$(device_path "$d")
-			nq=$(xenstore-read /local/domain/$d/device/vbd/$DEVID/multi-queue-num-queues 2>/dev/null || echo 1)
+			nq=$(xenstore-read $fe/multi-queue-num-queues 2>/dev/null || echo 1)
 			[ "$path" = "fd handoff" ] || REASON="the backend took the '$path' path, not the fd handoff;"
 			if ! wait_gone e2e-nbd 300; then
 				REASON="$REASON guest did not finish;"
