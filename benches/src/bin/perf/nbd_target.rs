@@ -14,7 +14,7 @@ use nbd::{Command as Cmd, Request};
 use super::*;
 
 /// The target's name in `--targets` and the tables.
-pub(crate) const NBD_TARGET: &str = "NBD (qemu-storage-daemon, tmpfs)";
+pub(crate) const NBD_TARGET: &str = "NBD (qemu-storage-daemon on tmpfs)";
 
 /// qemu-storage-daemon exporting an image; stopped on drop.
 pub(crate) struct NbdServer {
