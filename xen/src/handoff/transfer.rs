@@ -63,34 +63,18 @@ fn send_with_fd(sock: impl AsFd, msg: &[u8], fd: BorrowedFd<'_>) -> Result<(), H
 pub fn recv_device(sock: impl AsFd) -> Result<(OwnedFd, DeviceInfo), HandoffError> {
     // One byte more than a message, so that a longer message shows as too long.
     let mut buf = [0u8; DEVICE_MESSAGE_LEN + 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(
-        &sock,
-        &mut [IoSliceMut::new(&mut buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(io("recvmsg"))?;
-    // Take every fd that arrived before judging the message, so that all of them are closed on error.
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for msg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = msg {
-            fds.extend(received);
-        }
-    }
-    if got.bytes == 0 && fds.is_empty() {
+    let got = recv_with_fds(&sock, &mut buf, RecvFlags::empty()).map_err(io("recvmsg"))?;
+    if got.hung_up() {
         return Err(HandoffError::Closed);
     }
-    if got
-        .flags
-        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
-    {
+    if got.truncated {
         return Err(HandoffError::BadMessage(
             "truncated message or ancillary data",
         ));
     }
-    let info = DeviceInfo::decode(buf.get(..got.bytes).unwrap_or(&buf))?;
+    let fds = got.fds;
+    let got = got.len;
+    let info = DeviceInfo::decode(buf.get(..got).unwrap_or(&buf))?;
     let mut fds = fds.into_iter();
     let (Some(fd), None) = (fds.next(), fds.next()) else {
         return Err(HandoffError::BadMessage("not exactly one fd"));
@@ -315,34 +299,18 @@ pub fn send_held(sock: impl AsFd, fd: BorrowedFd<'_>) -> Result<(), HandoffError
 /// closed its end; [`HandoffError::Io`] when `recvmsg` fails.
 pub fn recv_held(sock: impl AsFd) -> Result<Option<OwnedFd>, HandoffError> {
     let mut buf = [0u8; HELD_MAGIC.len() + 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let got = match rustix::net::recvmsg(
-        &sock,
-        &mut [IoSliceMut::new(&mut buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
-    ) {
+    let got = match recv_with_fds(&sock, &mut buf, RecvFlags::DONTWAIT) {
         Ok(got) => got,
         Err(Errno::AGAIN) => return Ok(None),
         Err(e) => return Err(io("recvmsg")(e)),
     };
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for msg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = msg {
-            fds.extend(received);
-        }
-    }
-    if got.bytes == 0 && fds.is_empty() {
+    if got.hung_up() {
         return Err(HandoffError::Closed);
     }
-    if got
-        .flags
-        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
-        || buf.get(..got.bytes) != Some(&HELD_MAGIC[..])
-    {
+    if got.truncated || buf.get(..got.len) != Some(&HELD_MAGIC[..]) {
         return Err(HandoffError::BadMessage("not a held-device message"));
     }
+    let fds = got.fds;
     let mut fds = fds.into_iter();
     let (Some(fd), None) = (fds.next(), fds.next()) else {
         return Err(HandoffError::BadMessage("not exactly one fd"));
@@ -378,4 +346,44 @@ mod held_tests {
         drop(serve);
         assert!(matches!(recv_held(&sup), Err(HandoffError::Closed)));
     }
+}
+
+/// What one `recvmsg` brought: every fd (taken before the message is judged, so that all of
+/// them are closed on error), the bytes' length, and whether anything was cut off.
+struct Received {
+    fds: Vec<OwnedFd>,
+    len: usize,
+    truncated: bool,
+}
+
+impl Received {
+    /// An empty message without fds: the peer hung up.
+    fn hung_up(&self) -> bool {
+        self.len == 0 && self.fds.is_empty()
+    }
+}
+
+/// One `recvmsg` into `buf`, with room for two fds (one more than any message carries).
+fn recv_with_fds(sock: impl AsFd, buf: &mut [u8], flags: RecvFlags) -> Result<Received, Errno> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        flags | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = msg {
+            fds.extend(received);
+        }
+    }
+    Ok(Received {
+        len: got.bytes,
+        truncated: got
+            .flags
+            .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC),
+        fds,
+    })
 }
