@@ -9,6 +9,11 @@
 //! trait, implemented by [`XenStore`] (outside any transaction) and by [`Transaction`], so code
 //! can be written once for both: `use xen::xenstore::XsOps;`.
 //!
+//! A connection opened with [`XenStore::open_reconnecting`] survives xenstored restarting: it
+//! connects again, registers its watches again (each fires once, so callers re-read), and
+//! sends again the requests in flight; a transaction in flight fails with [`XsError::Again`]
+//! and is run again by [`XenStore::transaction`]. The details are in `conn.rs`.
+//!
 //! ```no_run
 //! use xen::xenstore::{XenStore, XsOps};
 //! # fn main() -> Result<(), xen::xenstore::XsError> {
@@ -29,8 +34,6 @@ mod perms;
 pub mod wire;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,6 +49,9 @@ use crate::DomId;
 pub const DEFAULT_SOCKET: &str = "/var/run/xenstored/socket";
 /// The kernel's XenStore device, used when no socket is there (e.g. in a driver domain).
 pub const XENBUS_DEVICE: &str = "/dev/xen/xenbus";
+/// How long the backends try to reconnect after xenstored went away (a restart or a live
+/// update) before the connection counts as lost for good.
+pub const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
 /// How often [`XenStore::transaction`] runs a conflicting transaction before giving up.
 pub const TRANSACTION_ATTEMPTS: u32 = 32;
 /// The longest pause between two attempts of a conflicting transaction.
@@ -86,17 +92,28 @@ impl XenStore {
     /// # Errors
     /// [`XsError::Io`] when the path cannot be opened or connected to.
     pub fn open_at(path: impl AsRef<Path>) -> Result<Self, XsError> {
+        let (fd, transport) = conn::dial(path.as_ref())?;
+        Self::from_fd(fd, transport)
+    }
+
+    /// Connects to `path` as [`XenStore::open_at`] does, and connects to it again whenever
+    /// xenstored ends the connection (a restart, a live update), trying for up to `within`
+    /// each time: watches are registered again and waiting requests sent again (see the
+    /// module). Only when no connection comes back within `within` does the connection
+    /// close ([`XsError::Closed`]).
+    ///
+    /// # Errors
+    /// As [`XenStore::open_at`]: the first connection is not retried.
+    pub fn open_reconnecting(path: impl AsRef<Path>, within: Duration) -> Result<Self, XsError> {
         let path = path.as_ref();
-        if std::fs::metadata(path)?.file_type().is_char_device() {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)?;
-            Self::from_fd(file.into(), Transport::XenbusDevice)
-        } else {
-            let stream = UnixStream::connect(path)?;
-            Self::from_fd(stream.into(), Transport::Socket)
-        }
+        let (fd, transport) = conn::dial(path)?;
+        let redial = conn::Redial {
+            path: path.to_path_buf(),
+            within,
+        };
+        Ok(Self {
+            conn: conn::Connection::new(fd, transport, Some(redial))?,
+        })
     }
 
     /// Uses an already open connection (an inherited fd, or a socketpair in tests).
@@ -105,7 +122,7 @@ impl XenStore {
     /// [`XsError::Io`] when the eventfds or the reader thread cannot be created.
     pub fn from_fd(fd: OwnedFd, transport: Transport) -> Result<Self, XsError> {
         Ok(Self {
-            conn: conn::Connection::new(fd, transport)?,
+            conn: conn::Connection::new(fd, transport, None)?,
         })
     }
 
@@ -154,7 +171,7 @@ impl XenStore {
     /// # Errors
     /// As xenstored answers (e.g. [`XsError::Quota`] with too many open transactions).
     pub fn transaction_start(&self) -> Result<Transaction<'_>, XsError> {
-        let reply = self.conn.request(MsgType::TransactionStart, 0, b"\0")?;
+        let (reply, generation) = self.conn.request(MsgType::TransactionStart, None, b"\0")?;
         let id = std::str::from_utf8(wire::strip_nul(&reply))
             .ok()
             .and_then(|s| s.parse::<u32>().ok())
@@ -163,20 +180,21 @@ impl XenStore {
         Ok(Transaction {
             xs: self,
             id,
+            generation,
             ended: false,
         })
     }
 
     /// Registers a watch on `path` and its subtree. xenstored fires it once right away (the
     /// event arrives through the queue like any other), then on every change to the node or
-    /// below it. `path` may also be `@introduceDomain` or `@releaseDomain`.
+    /// below it, and once more after each reconnect. `path` may also be `@introduceDomain`
+    /// or `@releaseDomain`.
     ///
     /// # Errors
     /// [`XsError::Exists`] for the same path and token twice, [`XsError::TooBig`] past the
     /// per-connection watch limit, [`XsError::Invalid`] for a bad path.
     pub fn watch(&self, path: &str, token: &str) -> Result<(), XsError> {
-        self.request(MsgType::Watch, &two_strings(path, token)?)
-            .map(drop)
+        self.conn.watch(path, token, &two_strings(path, token)?)
     }
 
     /// Removes a watch. Events it queued before stay queued.
@@ -184,8 +202,7 @@ impl XenStore {
     /// # Errors
     /// [`XsError::NotFound`] when no such watch exists.
     pub fn unwatch(&self, path: &str, token: &str) -> Result<(), XsError> {
-        self.request(MsgType::Unwatch, &two_strings(path, token)?)
-            .map(drop)
+        self.conn.unwatch(path, token, &two_strings(path, token)?)
     }
 
     /// An fd that polls readable while watch events are queued, and for good once the
@@ -252,6 +269,8 @@ impl XenStore {
 pub struct Transaction<'a> {
     xs: &'a XenStore,
     id: u32,
+    /// The connection's generation when it began: after a reconnect, every use is `EAGAIN`.
+    generation: u64,
     ended: bool,
 }
 
@@ -264,8 +283,8 @@ impl Transaction<'_> {
     /// Commits.
     ///
     /// # Errors
-    /// [`XsError::Again`] when another change conflicted: nothing was written; run the
-    /// transaction again.
+    /// [`XsError::Again`] when another change conflicted, or xenstored's connection was
+    /// lost meanwhile: run the transaction again.
     pub fn commit(mut self) -> Result<(), XsError> {
         self.end(true)
     }
@@ -283,7 +302,11 @@ impl Transaction<'_> {
         let arg: &[u8] = if commit { b"T\0" } else { b"F\0" };
         self.xs
             .conn
-            .request(MsgType::TransactionEnd, self.id, arg)
+            .request(
+                MsgType::TransactionEnd,
+                Some((self.id, self.generation)),
+                arg,
+            )
             .map(drop)
     }
 }
@@ -301,6 +324,8 @@ impl Drop for Transaction<'_> {
 pub trait XsOps {
     /// Sends one raw request of type `ty` in this scope and returns the reply payload; the
     /// other methods are built on it. `XS_ERROR` replies become their typed [`XsError`].
+    /// A watch registered this way is not registered again after a reconnect: use
+    /// [`XenStore::watch`].
     ///
     /// # Errors
     /// xenstored's error, [`XsError::PayloadTooLarge`], or [`XsError::Closed`].
@@ -401,13 +426,16 @@ pub trait XsOps {
 
 impl XsOps for XenStore {
     fn request(&self, ty: MsgType, payload: &[u8]) -> Result<Vec<u8>, XsError> {
-        self.conn.request(ty, 0, payload)
+        self.conn.request(ty, None, payload).map(|(reply, _)| reply)
     }
 }
 
 impl XsOps for Transaction<'_> {
     fn request(&self, ty: MsgType, payload: &[u8]) -> Result<Vec<u8>, XsError> {
-        self.xs.conn.request(ty, self.id, payload)
+        self.xs
+            .conn
+            .request(ty, Some((self.id, self.generation)), payload)
+            .map(|(reply, _)| reply)
     }
 }
 
