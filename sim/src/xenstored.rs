@@ -16,6 +16,11 @@
 //! another process can introduce and release domains). Other processes connect with
 //! `XENSTORED_PATH=<dir>/socket`.
 //!
+//! [`SimXenstored::restart`] ends every connection and takes the sockets away for a while,
+//! keeping the tree: what a socket client sees when xenstored restarts, or when a live update
+//! does not carry its connection over (C xenstored's keeps socket connections open across the
+//! exec; a crash and restart does not).
+//!
 //! Known differences: no rate limiting or event timeouts, no duplicate-event suppression, no
 //! per-domain memory quota, and the node quota inside a transaction counts committed nodes
 //! only.
@@ -31,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
@@ -118,7 +124,7 @@ struct State {
 struct Inner {
     dir: PathBuf,
     state: Mutex<State>,
-    /// New listeners for the acceptor (introduced domains), by domain.
+    /// The listening sockets, by domain (0: dom0's `socket`); the acceptor polls copies.
     listeners: Mutex<HashMap<DomId, UnixListener>>,
     /// Wakes the acceptor: the listener set changed, or stop.
     wake: OwnedFd,
@@ -169,7 +175,7 @@ impl SimXenstored {
                 fault: None,
                 stopped: false,
             }),
-            listeners: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(HashMap::from([(0, dom0)])),
             wake,
             threads: Mutex::new(Vec::new()),
         });
@@ -177,7 +183,7 @@ impl SimXenstored {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("sim-xenstored".into())
-                .spawn(move || accept_loop(&inner, dom0))
+                .spawn(move || accept_loop(&inner))
                 .map_err(io(&dom0_path))?
         };
         Ok(Self {
@@ -193,12 +199,12 @@ impl SimXenstored {
 
     /// dom0's socket: connect here (or set `XENSTORED_PATH` to it) for a privileged client.
     pub fn socket_path(&self) -> PathBuf {
-        self.inner.dir.join("socket")
+        socket_path(&self.inner.dir, 0)
     }
 
     /// Domain `domid`'s socket (exists while the domain is introduced).
     pub fn domain_socket_path(&self, domid: DomId) -> PathBuf {
-        self.inner.dir.join(format!("socket.d{domid}"))
+        socket_path(&self.inner.dir, domid)
     }
 
     /// Introduces a domain: creates its socket and fires `@introduceDomain`. Its home
@@ -217,6 +223,38 @@ impl SimXenstored {
     /// When the domain is not introduced.
     pub fn release_domain(&self, domid: DomId) -> Result<(), SimXenstoredError> {
         release(&self.inner, domid)
+    }
+
+    /// Restarts, as a client on a socket sees it: every connection ends (its watches and
+    /// transactions with it), the sockets are gone for `down` (connecting fails), then back.
+    /// The tree and the introduced domains are kept, as a live update keeps them.
+    ///
+    /// # Errors
+    /// When a socket cannot be created again; the ones created stay.
+    pub fn restart(&self, down: Duration) -> Result<(), SimXenstoredError> {
+        let sockets: Vec<(DomId, PathBuf)> = {
+            let mut st = lock(&self.inner.state);
+            for (_, conn) in st.conns.drain() {
+                let _ = conn.stream.shutdown(Shutdown::Both);
+            }
+            lock(&self.inner.listeners).clear();
+            std::iter::once(0)
+                .chain(st.introduced.iter().copied())
+                .map(|d| (d, socket_path(&self.inner.dir, d)))
+                .collect()
+        };
+        for (_, path) in &sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        // The acceptor drops its copies of the old listeners.
+        signal(&self.inner.wake);
+        std::thread::sleep(down);
+        for (domid, path) in &sockets {
+            let listener = bind(path)?;
+            lock(&self.inner.listeners).insert(*domid, listener);
+        }
+        signal(&self.inner.wake);
+        Ok(())
     }
 
     /// Arms a fault that triggers once.
@@ -245,6 +283,7 @@ impl SimXenstored {
         for t in threads {
             let _ = t.join();
         }
+        lock(&self.inner.listeners).clear();
         let introduced = std::mem::take(&mut lock(&self.inner.state).introduced);
         for domid in introduced {
             let _ = std::fs::remove_file(self.domain_socket_path(domid));
@@ -258,6 +297,14 @@ impl Drop for SimXenstored {
         if self.acceptor.is_some() {
             self.shutdown();
         }
+    }
+}
+
+/// dom0's socket (`socket`) or domain `domid`'s (`socket.d<N>`) in `dir`.
+fn socket_path(dir: &Path, domid: DomId) -> PathBuf {
+    match domid {
+        0 => dir.join("socket"),
+        d => dir.join(format!("socket.d{d}")),
     }
 }
 
@@ -286,7 +333,7 @@ fn introduce(inner: &Inner, domid: DomId) -> Result<PathBuf, SimXenstoredError> 
     if domid == 0 {
         return Err(SimXenstoredError::Dom0);
     }
-    let path = inner.dir.join(format!("socket.d{domid}"));
+    let path = socket_path(&inner.dir, domid);
     let mut st = lock(&inner.state);
     if st.introduced.contains(&domid) {
         return Err(SimXenstoredError::AlreadyIntroduced(domid));
@@ -313,7 +360,7 @@ fn release(inner: &Inner, domid: DomId) -> Result<(), SimXenstoredError> {
         return Err(SimXenstoredError::NotIntroduced(domid));
     }
     lock(&inner.listeners).remove(&domid);
-    let _ = std::fs::remove_file(inner.dir.join(format!("socket.d{domid}")));
+    let _ = std::fs::remove_file(socket_path(&inner.dir, domid));
     let gone: Vec<u64> = st
         .conns
         .iter()
@@ -332,34 +379,24 @@ fn release(inner: &Inner, domid: DomId) -> Result<(), SimXenstoredError> {
     Ok(())
 }
 
-/// Accepts on dom0's socket and every introduced domain's until stopped.
-fn accept_loop(inner: &Arc<Inner>, dom0: UnixListener) {
-    let mut domains: HashMap<DomId, UnixListener> = HashMap::new();
+/// Accepts on every listening socket until stopped.
+fn accept_loop(inner: &Arc<Inner>) {
+    let mut listeners: Vec<(DomId, UnixListener)> = Vec::new();
     loop {
         if lock(&inner.state).stopped {
             return;
         }
-        // Take the current listener set (clones: introduce/release may change it meanwhile).
-        domains.clear();
+        // Take the current listener set (copies: introduce, release and restart may change it
+        // meanwhile, and wake this loop when they do).
+        listeners.clear();
         for (&d, l) in lock(&inner.listeners).iter() {
             match l.try_clone() {
-                Ok(l) => {
-                    domains.insert(d, l);
-                }
+                Ok(l) => listeners.push((d, l)),
                 Err(e) => tracing::warn!("sim-xenstored: listener of domain {d}: {e}"),
             }
         }
-        let order: Vec<DomId> = domains.keys().copied().collect();
-        let mut fds = vec![
-            PollFd::new(&inner.wake, PollFlags::IN),
-            PollFd::new(&dom0, PollFlags::IN),
-        ];
-        fds.extend(
-            order
-                .iter()
-                .filter_map(|d| domains.get(d))
-                .map(|l| PollFd::new(l, PollFlags::IN)),
-        );
+        let mut fds = vec![PollFd::new(&inner.wake, PollFlags::IN)];
+        fds.extend(listeners.iter().map(|(_, l)| PollFd::new(l, PollFlags::IN)));
         match poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
@@ -374,29 +411,12 @@ fn accept_loop(inner: &Arc<Inner>, dom0: UnixListener) {
             let _ = rustix::io::read(&inner.wake, &mut b);
             continue;
         }
-        if ready[1] {
-            accept(
-                inner,
-                &dom0,
-                Caller {
-                    domid: 0,
-                    privileged: true,
-                },
-            );
-        }
-        for (i, d) in order.iter().enumerate() {
-            if ready[i + 2] {
-                if let Some(l) = domains.get(d) {
-                    accept(
-                        inner,
-                        l,
-                        Caller {
-                            domid: *d,
-                            privileged: false,
-                        },
-                    );
-                }
-            }
+        for ((domid, listener), _) in listeners.iter().zip(&ready[1..]).filter(|(_, &r)| r) {
+            let caller = Caller {
+                domid: *domid,
+                privileged: *domid == 0,
+            };
+            accept(inner, listener, caller);
         }
     }
 }

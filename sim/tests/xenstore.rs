@@ -1,6 +1,6 @@
 //! The XenStore client against the simulated xenstored: every operation, permissions,
-//! transactions (conflicts and retries), watches, typed errors, and a server that dies
-//! mid-reply.
+//! transactions (conflicts and retries), watches, typed errors, a server that dies
+//! mid-reply, and one that restarts.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -847,4 +847,62 @@ fn special_node_permissions_decide_which_domains_see_special_events() {
         .iter()
         .any(|c| c.starts_with('@')));
     assert!(matches!(s.xs.read("@releaseDomain"), Err(XsError::Invalid)));
+}
+
+#[test]
+fn a_reconnecting_client_survives_restarts_with_its_watches_and_transactions() {
+    let s = setup();
+    let xs = XenStore::open_reconnecting(s.sim.socket_path(), Duration::from_secs(10)).unwrap();
+    xs.write("/a", "1").unwrap();
+    xs.watch("/a", "tok").unwrap();
+    expect_event(&xs, "/a", "tok");
+    // A transaction open across a restart: its next request is EAGAIN, and `transaction` runs
+    // it again on the new connection.
+    let mut runs = 0;
+    xs.transaction(|tx| {
+        runs += 1;
+        let v = tx.read_string("/a")?;
+        if runs == 1 {
+            s.sim.restart(Duration::from_millis(200)).unwrap();
+        }
+        tx.write("/b", format!("{v}+"))
+    })
+    .unwrap();
+    assert_eq!(runs, 2);
+    assert_eq!(xs.read_string("/b").unwrap(), "1+");
+    // The watch is back: it fired on its new registration, and fires on a change.
+    expect_event(&xs, "/a", "tok");
+    let other = XenStore::open_at(s.sim.socket_path()).unwrap();
+    other.write("/a", "2").unwrap();
+    expect_event(&xs, "/a", "tok");
+    no_more_events(&xs);
+    // Requests from another thread all along several restarts: none fails, none is lost.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                xs.write("/count", n.to_string()).unwrap();
+                assert_eq!(xs.read_string("/count").unwrap(), n.to_string());
+            }
+            n
+        });
+        for _ in 0..5 {
+            s.sim.restart(Duration::from_millis(50)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let n = writer.join().unwrap();
+        assert_eq!(xs.read_string("/count").unwrap(), n.to_string());
+    });
+    assert!(!xs.is_closed());
+    // Each restart fired the watch once more.
+    for _ in 0..5 {
+        expect_event(&xs, "/a", "tok");
+    }
+    no_more_events(&xs);
+    // Clients that do not reconnect are closed by the first restart, as before.
+    assert!(matches!(s.xs.read("/a"), Err(XsError::Closed)));
+    assert!(matches!(other.read("/a"), Err(XsError::Closed)));
 }

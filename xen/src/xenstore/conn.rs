@@ -461,7 +461,8 @@ impl Connection {
         let (reply, rx) = sync_channel(1);
         {
             let link = lock(&self.shared.link);
-            if tx.is_some_and(|(_, generation)| generation != link.generation) {
+            // A transaction cannot outlive its connection, nor wait for a new one.
+            if tx.is_some_and(|(_, generation)| !link.up || generation != link.generation) {
                 return Err(XsError::Again);
             }
             lock(&self.shared.pending)
