@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xen::handoff;
-use xen::xenstore::{BackendPath, XenStore, XsError, XsOps};
+use xen::xenstore::{BackendPath, XenStore, XsError, XsOps, RECONNECT_WITHIN};
 use xen::DomId;
 
 use crate::dev_error::{errno, DevError};
@@ -134,7 +134,8 @@ impl KeptLog {
 /// # Errors
 /// [`SuperviseError`] when XenStore is unusable.
 pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), SuperviseError> {
-    let xs = XenStore::open_at(&config.xenstore_path).map_err(xs_err("connecting"))?;
+    let xs = XenStore::open_reconnecting(&config.xenstore_path, RECONNECT_WITHIN)
+        .map_err(xs_err("connecting"))?;
     let home = xs
         .get_domain_path(config.domid)
         .map_err(xs_err("reading our domain path"))?;

@@ -187,6 +187,12 @@ struct Tuning {
     /// sees I/O errors, the disk can be removed).
     #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..=86_400))]
     nbd_timeout: u32,
+    /// How long to try to connect to xenstored again after it went away (a restart, or a
+    /// live update that drops connections) before the connection counts as lost and the
+    /// backend stops with an error (0: one attempt). Watches are registered again on the new
+    /// connection. `supervise`'s own connection always tries for 60 s.
+    #[arg(long, default_value_t = xen::xenstore::RECONNECT_WITHIN.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    xenstore_reconnect: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -492,6 +498,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         poll: Duration::from_micros(args.tuning.poll_us.into()),
         nbd_timeout: Duration::from_secs(args.tuning.nbd_timeout.into()),
         nbd_connector: Some(std::env::current_exe().context("finding this program's path")?),
+        xenstore_reconnect: Duration::from_secs(args.tuning.xenstore_reconnect),
         stats_file: Some(stats_file),
         observer: recorder,
         inflight,
@@ -554,6 +561,8 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
         t.poll_us.to_string(),
         "--nbd-timeout".to_owned(),
         t.nbd_timeout.to_string(),
+        "--xenstore-reconnect".to_owned(),
+        t.xenstore_reconnect.to_string(),
     ];
     if t.no_persistent {
         serve_args.push("--no-persistent".to_owned());

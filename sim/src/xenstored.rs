@@ -232,22 +232,24 @@ impl SimXenstored {
     /// # Errors
     /// When a socket cannot be created again; the ones created stay.
     pub fn restart(&self, down: Duration) -> Result<(), SimXenstoredError> {
+        // The sockets go first, so that clients redialling at once find none.
         let sockets: Vec<(DomId, PathBuf)> = {
             let mut st = lock(&self.inner.state);
+            lock(&self.inner.listeners).clear();
+            let sockets: Vec<(DomId, PathBuf)> = std::iter::once(0)
+                .chain(st.introduced.iter().copied())
+                .map(|d| (d, socket_path(&self.inner.dir, d)))
+                .collect();
+            for (_, path) in &sockets {
+                let _ = std::fs::remove_file(path);
+            }
+            // The acceptor drops its copies of the old listeners.
+            signal(&self.inner.wake);
             for (_, conn) in st.conns.drain() {
                 let _ = conn.stream.shutdown(Shutdown::Both);
             }
-            lock(&self.inner.listeners).clear();
-            std::iter::once(0)
-                .chain(st.introduced.iter().copied())
-                .map(|d| (d, socket_path(&self.inner.dir, d)))
-                .collect()
+            sockets
         };
-        for (_, path) in &sockets {
-            let _ = std::fs::remove_file(path);
-        }
-        // The acceptor drops its copies of the old listeners.
-        signal(&self.inner.wake);
         std::thread::sleep(down);
         for (domid, path) in &sockets {
             let listener = bind(path)?;

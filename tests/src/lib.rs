@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use sim::front::{FrontOptions, SimFront};
 use sim::toolstack::{self, VbdSpec};
 use sim::xenstored::SimXenstored;
-use xen::xenstore::{XenStore, XsOps};
+use xen::xenstore::{XenStore, XsOps, RECONNECT_WITHIN};
 use xen::DomId;
 
 /// The frontend domain used by default.
@@ -130,7 +130,8 @@ impl Sim {
         let dir = tmp.path().join("sim");
         let xenstored = SimXenstored::start(sim::xenstored_dir(&dir))
             .expect("starting the simulated xenstored");
-        let dom0 = XenStore::open_at(sim::xenstore_socket(&dir, 0)).expect("connecting as dom0");
+        let dom0 = XenStore::open_reconnecting(sim::xenstore_socket(&dir, 0), RECONNECT_WITHIN)
+            .expect("connecting as dom0");
         let sim = Self {
             dom0,
             xenstored,
@@ -139,6 +140,14 @@ impl Sim {
         };
         sim.introduce(GUEST);
         sim
+    }
+
+    /// Restarts xenstored, keeping its tree: every connection ends and the sockets are gone
+    /// for `down` ([`SimXenstored::restart`]).
+    pub fn restart_xenstored(&self, down: Duration) {
+        self.xenstored
+            .restart(down)
+            .expect("restarting the simulated xenstored");
     }
 
     /// Introduces another guest to xenstored.
@@ -562,7 +571,21 @@ pub fn remove(sim: &Sim, spec: &VbdSpec, backend: &mut Backend, front: &mut SimF
 pub struct Supervisor(pub Child);
 
 impl Drop for Supervisor {
+    /// Kills its backends too (stopped first, it starts no new one): they would outlive it,
+    /// trying to reach xenstored for a minute once the simulation is gone.
     fn drop(&mut self) {
+        let kill = |pid: u32, sig| {
+            if let Some(pid) = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
+        };
+        kill(self.0.id(), rustix::process::Signal::STOP);
+        for child in children(self.0.id()) {
+            kill(child, rustix::process::Signal::KILL);
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -119,6 +119,7 @@ impl OwnSim {
             .arg(format!("sim:{}:0", self.dir.display()))
             .arg("--backend-path")
             .arg(self.spec.backend_path())
+            .args(["--xenstore-reconnect", "1"])
             .arg("--open-params")
             .arg("--stats-file")
             .arg(self._tmp.path().join("stats/vbd.stats"))
@@ -143,8 +144,14 @@ fn losing_the_xenstore_connection_ends_the_backend_cleanly() {
     fill(&mut front, 64);
     assert!(!grants_in_use(&front).is_empty(), "the rings are mapped");
     assert!(!backend_sockets(&sim.dir).is_empty());
+    // xenstored stays away past the backend's bound (`--xenstore-reconnect 1`).
+    let lost = std::time::Instant::now();
     sim.xenstored.take().unwrap().stop();
     let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(
+        lost.elapsed() >= Duration::from_secs(1),
+        "gave up before trying to reconnect"
+    );
     assert!(
         !status.success(),
         "a lost XenStore connection is an error exit: {status}"

@@ -29,6 +29,10 @@
 //!   `io_uring_enter`, `eventfd2`, `ioctl` ([`IOCTLS`]: grant maps and copies, event
 //!   channels, block device size and discard), `openat` (`open` on x86_64) and `close` (the event-channel device, opened per queue: Landlock
 //!   decides which paths), `fcntl`, `fstat`/`newfstatat`/`statx`;
+//! - connecting to xenstored's socket again after it restarted (see
+//!   `xen::xenstore::XenStore::open_reconnecting`): `socket` (`AF_UNIX` only) and `connect`.
+//!   This lets a confined backend connect to any unix socket its user may reach, which the
+//!   rest of this list does not;
 //! - the simulated platform: `socket`, `bind`, `unlink`/`unlinkat` (event-channel sockets),
 //!   `sched_yield` (grant-table spin);
 //! - the statistics file: `openat`, `write`, `rename`/`renameat`/`renameat2`,
@@ -50,6 +54,7 @@ pub const ALLOWED: &[&str] = &[
     "clone",
     "clone3",
     "close",
+    "connect",
     "eventfd2",
     "exit",
     "exit_group",

@@ -84,6 +84,9 @@ pub struct ServeConfig {
     /// queues get connections of their own (multi-conn); `None`: a lost connection is given
     /// up, and the export is served by one queue.
     pub nbd_connector: Option<PathBuf>,
+    /// How long to try to connect to xenstored again after it went away (a restart) before
+    /// the connection counts as lost ([`XenStore::open_reconnecting`]).
+    pub xenstore_reconnect: Duration,
     /// Where to keep the statistics, if anywhere.
     pub stats_file: Option<PathBuf>,
     /// Who watches the queues (`--record`), if anyone.
@@ -222,7 +225,9 @@ impl RateLimit {
 /// device or the frontend are reported in XenStore and do not end serving.
 pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeError> {
     let be = BackendPath::parse(&config.backend_path)?;
-    let xs = XenStore::open_at(config.platform.xenstore_path()).map_err(xs_err("connecting"))?;
+    let xs =
+        XenStore::open_reconnecting(config.platform.xenstore_path(), config.xenstore_reconnect)
+            .map_err(xs_err("connecting"))?;
     let home = xs
         .get_domain_path(config.platform.domid())
         .map_err(xs_err("reading our domain path"))?;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::{SimDomain, SimError, SimEventChannel};
 use ring::{Abi, RingError};
-use xen::xenstore::{XenStore, XsError, XsOps};
+use xen::xenstore::{XenStore, XsError, XsOps, RECONNECT_WITHIN};
 use xen::{DomId, EventChannel, EvtchnError, GrantRef, Port};
 
 pub use io::{Completion, IoOp};
@@ -181,7 +181,9 @@ impl SimFront {
         options: FrontOptions,
     ) -> Result<Self, SimFrontError> {
         let domain = SimDomain::create(dir, domid, options.guest_pages)?;
-        let xs = XenStore::open_at(crate::xenstore_socket(dir, domid))
+        // A guest's kernel reaches xenstored over a ring that outlives a xenstored restart;
+        // on the simulation's socket, reconnecting stands in for that.
+        let xs = XenStore::open_reconnecting(crate::xenstore_socket(dir, domid), RECONNECT_WITHIN)
             .map_err(xs_err("connecting as the guest"))?;
         let evtchn = domain.open_event_channel()?;
         let frontend = format!("/local/domain/{domid}/device/vbd/{devid}");
