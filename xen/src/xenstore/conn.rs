@@ -248,7 +248,14 @@ impl Shared {
         let mut pause = REDIAL_PAUSE_FIRST;
         let last = loop {
             let e = match dial(&redial.path) {
-                Ok((fd, _)) => return self.resume(Arc::new(fd)),
+                Ok((fd, transport)) if transport == self.transport => {
+                    return self.resume(Arc::new(fd))
+                }
+                // Writes differ by kind (and the payload limit was checked for this one).
+                Ok((_, transport)) => std::io::Error::other(format!(
+                    "the path is now a {transport:?}, not a {:?}",
+                    self.transport
+                )),
                 Err(e) => e,
             };
             let left = redial.within.saturating_sub(started.elapsed());
