@@ -921,4 +921,32 @@ mod tests {
         assert!(conn.is_closed());
         assert!(matches!(conn.wait_watch_event(WAIT), Err(XsError::Closed)));
     }
+
+    #[test]
+    fn an_unwatch_in_flight_when_xenstored_restarts_is_not_undone() {
+        let (path, listener) = xenstored_socket("unwatch");
+        let conn = redialling(&path, Duration::from_secs(10));
+        let (mut first, _) = listener.accept().unwrap();
+        std::thread::scope(|s| {
+            let watch = s.spawn(|| conn.watch("/w", "tok", b"/w\0tok\0"));
+            let request = receive(&mut first);
+            answer(&mut first, &request, b"OK\0");
+            watch.join().unwrap().unwrap();
+
+            let unwatch = s.spawn(|| conn.unwatch("/w", "tok", b"/w\0tok\0"));
+            let sent = receive(&mut first);
+            assert_eq!(sent.msg_type(), Some(MsgType::Unwatch));
+            drop(first);
+            // The watch is not registered again: the unwatch, sent again, comes first.
+            let (mut second, _) = listener.accept().unwrap();
+            assert_eq!(receive(&mut second), sent);
+            // The new xenstored never had the watch.
+            let enoent = wire::encode(MsgType::Error as u32, sent.req_id, 0, b"ENOENT\0");
+            second.write_all(&enoent).unwrap();
+            unwatch.join().unwrap().unwrap();
+        });
+        assert!(lock(&conn.shared.link).watches.is_empty());
+        drop(conn);
+        let _ = std::fs::remove_file(&path);
+    }
 }
