@@ -323,6 +323,9 @@ fn spawn(
             cmd.arg("--handoff-socket")
                 .arg(dir.join(format!("{}.sock", path.file_stem())));
         }
+    } else {
+        // A fault point fires in a disk's first backend only, or the disk would crash-loop.
+        cmd.env_remove(crate::fault::ENV);
     }
     if let Some(dir) = &config.record_dir {
         std::fs::create_dir_all(dir)?;

@@ -408,6 +408,7 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Result<()> {
     // First: until it is handled, SIGUSR1 would kill the process.
     let hand_over = signal_flag(&[signal_hook::consts::SIGUSR1])?;
+    backend::fault::arm_from_env().map_err(anyhow::Error::msg)?;
     // Everything the command line says is checked before anything is opened.
     let platform_config = parse_platform(&args.platform)?;
     let given_path = args

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backend::fault::Step;
 use sim::front::FrontOptions;
 use sim::front::{IoOp, SimFront};
 use sim::toolstack::VbdSpec;
@@ -128,14 +129,25 @@ struct Served {
 }
 
 impl Served {
-    fn start(tag: &str, program: &Path, extra: &[&str], log: Option<&Path>) -> Self {
+    /// `log`: where the supervisor's (and its backends') standard error goes; `fault`:
+    /// [`backend::fault::ENV`] for the supervisor, which its first backend inherits.
+    fn start(
+        tag: &str,
+        program: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+        fault: Option<&str>,
+    ) -> Self {
         let (sim, spec) = Sim::with_disk(tag, MIB);
         let stderr = log.map_or_else(Stdio::inherit, |p| {
             Stdio::from(std::fs::File::create(p).expect("the supervisor's log"))
         });
+        let mut cmd = Command::new(program);
+        if let Some(fault) = fault {
+            cmd.env(backend::fault::ENV, fault);
+        }
         let sup = Supervisor(
-            Command::new(program)
-                .args(["supervise", "--open-params", "--max-queues", "2"])
+            cmd.args(["supervise", "--open-params", "--max-queues", "2"])
                 .args(extra)
                 .arg("--platform")
                 .arg(sim.platform_arg())
@@ -230,7 +242,7 @@ impl Served {
 }
 
 fn survive_kills(tag: &str, extra: &[&str]) {
-    let mut served = Served::start(tag, blkbackd(), extra, None);
+    let mut served = Served::start(tag, blkbackd(), extra, None, None);
     let sup_pid = served.pid();
     let first = serve_pid(sup_pid, None);
     let done = Arc::new(AtomicBool::new(false));
@@ -301,7 +313,7 @@ fn survive_upgrades(tag: &str, extra: &[&str]) {
     std::fs::copy(blkbackd(), &path).expect("copying blkbackd");
     let own = file_id(&path);
     let log = scratch.path().join("supervisor.log");
-    let mut served = Served::start(tag, &path, extra, Some(&log));
+    let mut served = Served::start(tag, &path, extra, Some(&log), None);
     let sup_pid = served.pid();
     let nodes = |s: &Served| {
         ["state", "sectors", "feature-flush-cache", "hotplug-status"]
@@ -381,6 +393,55 @@ fn upgraded_under_load_copy_mode() {
 #[test]
 fn upgraded_under_load_map_mode() {
     survive_upgrades("upgrade-map", &["--grant-mode", "map"]);
+}
+
+/// The first backend aborts at a fault point ([`backend::fault`]), once at each step of a
+/// request's life, under the verified load: the one that takes over resumes from the log, and
+/// every acknowledged write reads back.
+fn die_at_every_step(mode: &str, extra: &[&str]) {
+    for step in Step::ALL {
+        let tag = format!("fault-{mode}-{}", step.name());
+        let scratch = tests::TempDir::new(&tag);
+        let log = scratch.path().join("supervisor.log");
+        // Late enough to fall in the load, whatever the step's rate.
+        let fault = format!("{}:200", step.name());
+        let mut served = Served::start(&tag, blkbackd(), extra, Some(&log), Some(&fault));
+        let sup_pid = served.pid();
+        let first = serve_pid(sup_pid, None);
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let done = Done(Arc::clone(&done));
+            std::thread::spawn(move || {
+                let _done = done;
+                serve_pid(sup_pid, Some(first));
+                // Some load on the backend that took over.
+                std::thread::sleep(Duration::from_millis(300));
+            })
+        };
+        let start = Instant::now();
+        let (requests, verified) = served.load_until(&done);
+        watcher.join().expect("the watcher thread");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("was killed by signal 6"),
+            "{fault}: the backend did not abort:\n{text}"
+        );
+        eprintln!(
+            "{mode} {fault}: survived in {:.1} s: {requests} requests, then {verified} verified reads",
+            start.elapsed().as_secs_f64()
+        );
+        served.check_after();
+    }
+}
+
+#[test]
+fn serve_dies_at_every_step_of_a_request_copy_mode() {
+    die_at_every_step("copy", &[]);
+}
+
+#[test]
+fn serve_dies_at_every_step_of_a_request_map_mode() {
+    die_at_every_step("map", &["--grant-mode", "map"]);
 }
 
 /// A backend that dies after connecting, then replacements that die before they resume
