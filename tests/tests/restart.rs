@@ -444,6 +444,19 @@ fn serve_dies_at_every_step_of_a_request_map_mode() {
     die_at_every_step("map", &["--grant-mode", "map"]);
 }
 
+/// A `serve` run without `supervise` has no log to hand over from: asked to (SIGUSR1, which
+/// would kill a process that did not handle it), it carries on serving.
+#[test]
+fn a_serve_without_a_log_is_not_handed_over() {
+    let sim = Sim::new("hand-over-no-log");
+    let (_spec, mut backend, mut front) = tests::connected(&sim, 8, &[], FrontOptions::default());
+    signal(backend.pid(), rustix::process::Signal::USR1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(backend.running(), "serve ended on SIGUSR1");
+    let mut model = DiskModel::zeroed(front.info().expect("connected").sectors / 8, true);
+    tests::exercise(&mut front, &mut model);
+}
+
 /// A backend that dies after connecting, then replacements that die before they resume
 /// (`exit 3` instead of `serve`): the supervisor gives up after its bound, with the error in
 /// XenStore and the device Closed, as for a backend it does not restart.
