@@ -51,6 +51,9 @@ use xen::xenbus::{error_node_path, parse_decimal, ReadState, XenbusState};
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How often children are reaped without a XenStore event.
 const TICK: Duration = Duration::from_millis(200);
+/// How often while a backend hands its disk over: the guest waits from its exit until the
+/// next backend starts.
+const HAND_OVER_TICK: Duration = Duration::from_millis(5);
 /// Replacements in a row that die before they resume, after which a disk is given up on.
 pub const MAX_FAILED_RESTARTS: u32 = 3;
 
@@ -180,7 +183,9 @@ pub fn supervise(
     let mut children: HashMap<BackendPath, Served> = HashMap::new();
     let mut rescan = true;
     while !stop.load(Ordering::Relaxed) {
-        match xs.wait_watch_event(Some(TICK)) {
+        let handing_over = children.values().any(|s| s.hand_over == HandOver::Asked);
+        let tick = if handing_over { HAND_OVER_TICK } else { TICK };
+        match xs.wait_watch_event(Some(tick)) {
             Ok(Some(_)) => {
                 rescan = true;
                 // Drain what else is queued: one scan covers them all.
