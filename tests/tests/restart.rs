@@ -26,6 +26,7 @@ use sim::front::{IoOp, SimFront};
 use sim::toolstack::VbdSpec;
 use sim::workload::{self, DiskModel, Planned, Rng};
 use tests::{backend_node, blkbackd, children, signal, Sim, Supervisor};
+use xen::xenstore::XsOps;
 
 const MIB: u64 = 64;
 /// How much the supervisor's resident memory may grow over a run (its allocator may keep a
@@ -283,6 +284,16 @@ fn serve_killed_at_random_moments_under_load_map_mode() {
 /// Upgrades in a row.
 const UPGRADES: usize = 20;
 
+/// Every node under `path` with its value, in order.
+fn tree(sim: &Sim, path: &str, out: &mut Vec<(String, Option<String>)>) {
+    out.push((path.to_owned(), sim.read(path)));
+    let mut names = sim.dom0.directory(path).unwrap_or_default();
+    names.sort();
+    for name in names {
+        tree(sim, &format!("{path}/{name}"), out);
+    }
+}
+
 /// Installs `file` at `path` as a package manager does: a new name renamed over the old.
 fn install(file: &Path, path: &Path) {
     let new = path.with_extension("new");
@@ -316,10 +327,17 @@ fn survive_upgrades(tag: &str, extra: &[&str]) {
     let mut served = Served::start(tag, &path, extra, Some(&log), None);
     let sup_pid = served.pid();
     let nodes = |s: &Served| {
-        ["state", "sectors", "feature-flush-cache", "hotplug-status"]
-            .map(|n| backend_node(&s.sim, &s.spec, n))
+        let mut all = Vec::new();
+        tree(&s.sim, &s.spec.backend_path(), &mut all);
+        tree(&s.sim, &s.spec.frontend_path(), &mut all);
+        all
     };
     let nodes_before = nodes(&served);
+    let connected = (
+        format!("{}/state", served.spec.backend_path()),
+        Some("4".to_owned()),
+    );
+    assert!(nodes_before.contains(&connected), "{nodes_before:?}");
     let first = serve_pid(sup_pid, None);
     let done = Arc::new(AtomicBool::new(false));
     let upgrader = {
