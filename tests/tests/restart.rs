@@ -462,6 +462,46 @@ fn serve_dies_at_every_step_of_a_request_map_mode() {
     die_at_every_step("map", &["--grant-mode", "map"]);
 }
 
+/// A disk whose frontend has not connected when the upgrade comes keeps its backend until it
+/// connects (there is nothing to resume before), then is handed over.
+#[test]
+fn a_disk_is_upgraded_once_it_connects() {
+    let (sim, spec) = Sim::with_disk("upgrade-later", 8);
+    let sup = Supervisor(
+        Command::new(blkbackd())
+            .args([
+                "supervise",
+                "--open-params",
+                "--max-queues",
+                "2",
+                "--platform",
+            ])
+            .arg(sim.platform_arg())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting the supervisor"),
+    );
+    sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
+    let first = serve_pid(sup.0.id(), None);
+    signal(sup.0.id(), rustix::process::Signal::HUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        children(sup.0.id()),
+        [first],
+        "handed over before it connected"
+    );
+    let mut front = sim.front(FrontOptions {
+        queues: 2,
+        ..FrontOptions::default()
+    });
+    let info = front.connect().expect("handshake");
+    serve_pid(sup.0.id(), Some(first));
+    let mut model = DiskModel::zeroed(info.sectors / 8, true);
+    tests::exercise(&mut front, &mut model);
+    assert_eq!(backend_node(&sim, &spec, "state").as_deref(), Some("4"));
+    assert_eq!(sim.error_node(&spec), None);
+}
+
 /// A `serve` run without `supervise` has no log to hand over from: asked to (SIGUSR1, which
 /// would kill a process that did not handle it), it carries on serving.
 #[test]
