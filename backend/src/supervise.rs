@@ -54,6 +54,10 @@ const TICK: Duration = Duration::from_millis(200);
 /// How often while a backend hands its disk over: the guest waits from its exit until the
 /// next backend starts.
 const HAND_OVER_TICK: Duration = Duration::from_millis(5);
+/// For how long after asking [`HAND_OVER_TICK`] applies: a backend finishes its requests in
+/// flight well within that unless its disk hangs (or its frontend closed: it hands over once
+/// connected again), and then its exit is noticed at the usual tick.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
 /// Replacements in a row that die before they resume, after which a disk is given up on.
 pub const MAX_FAILED_RESTARTS: u32 = 3;
 
@@ -136,8 +140,8 @@ enum HandOver {
     /// Wanted: it is asked once it has connected or resumed (its signal handler is set by
     /// then; SIGUSR1 would kill it before).
     Wanted,
-    /// Asked (SIGUSR1): it exits 0 once it handed the disk over.
-    Asked,
+    /// Asked (SIGUSR1) then: it exits 0 once it handed the disk over.
+    Asked(Instant),
 }
 
 /// A disk's in-flight log, kept across its backends.
@@ -183,7 +187,9 @@ pub fn supervise(
     let mut children: HashMap<BackendPath, Served> = HashMap::new();
     let mut rescan = true;
     while !stop.load(Ordering::Relaxed) {
-        let handing_over = children.values().any(|s| s.hand_over == HandOver::Asked);
+        let handing_over = children
+            .values()
+            .any(|s| matches!(s.hand_over, HandOver::Asked(at) if at.elapsed() < HAND_OVER_WAIT));
         let tick = if handing_over { HAND_OVER_TICK } else { TICK };
         match xs.wait_watch_event(Some(tick)) {
             Ok(Some(_)) => {
@@ -369,30 +375,34 @@ fn reap(
             .log
             .as_ref()
             .is_some_and(|l| l.log.connected_queues().is_some());
-        let handed_over = status.success() && served.hand_over == HandOver::Asked && resumable;
+        let asked = matches!(served.hand_over, HandOver::Asked(_));
+        let handed_over = status.success() && asked && resumable;
         if status.success() && !handed_over {
             tracing::info!(backend = %path, ?lived, "backend finished");
             continue;
         }
         let err = match config {
-            Some(config) => match replace(config, &path, served, status, handed_over) {
-                Ok(next) => {
-                    children.insert(path, next);
-                    continue;
+            Some(config) if resumable => {
+                match replace(config, &path, served, status, handed_over) {
+                    Ok(next) => {
+                        children.insert(path, next);
+                        continue;
+                    }
+                    Err(err) => err,
                 }
-                Err(err) => err,
-            },
-            None => DevError::new(errno::EIO, format!("blkbackd {}", describe(status))),
+            }
+            _ => DevError::new(errno::EIO, format!("blkbackd {}", describe(status))),
         };
         tracing::error!(backend = %path, ?lived, "{err}");
         report_dead(xs, home, &path, &err);
     }
 }
 
-/// Starts the backend that takes `path` over from `served`, which ended with `status`
-/// (`handed_over`: cleanly, for an upgrade): a backend of the upgraded program after a hand-over,
-/// of the fallback when an upgraded one could not start or died before it resumed, else of the
-/// same program. Returns the error to report when the disk cannot be taken over.
+/// Starts the backend that takes `path` over from `served`, whose log says it was connected and
+/// which ended with `status` (`handed_over`: cleanly, for an upgrade): a backend of the upgraded
+/// program after a hand-over, of the fallback when an upgraded one could not start or died
+/// before it resumed, else of the same program. Returns the error to report when the disk
+/// cannot be taken over.
 fn replace(
     config: &SuperviseConfig,
     path: &BackendPath,
@@ -404,9 +414,6 @@ fn replace(
     let Some(log) = served.log else {
         return Err(died);
     };
-    if log.log.connected_queues().is_none() {
-        return Err(died);
-    }
     let resumed = log.log.starts() != served.starts;
     let failures = if resumed { 0 } else { served.failures + 1 };
     if failures >= MAX_FAILED_RESTARTS {
@@ -426,14 +433,14 @@ fn replace(
         tracing::info!(backend = %path, program = %config.program.display(), "the backend handed the disk over; starting the upgraded one");
         program = &config.program;
         upgraded = true;
-    } else if let (true, false, Some(fallback)) = (served.upgraded, resumed, fallback) {
+    } else if let Some(fallback) = fallback.filter(|_| served.upgraded && !resumed) {
         tracing::error!(backend = %path, ?lived, "the upgraded blkbackd ({}) {} before it resumed; falling back to {}", served.program.display(), describe(status), fallback.display());
         program = fallback;
     } else {
         tracing::warn!(backend = %path, ?lived, failures, "{died}; starting a backend that takes over");
     }
     let mut spawned = spawn(config, program, path, Some(&log), served.device.as_ref());
-    if let (Err(e), true, Some(fallback)) = (&spawned, upgraded, fallback) {
+    if let (Err(e), Some(fallback)) = (&spawned, fallback.filter(|_| upgraded)) {
         tracing::error!(backend = %path, "cannot start the upgraded blkbackd ({}): {e}; falling back to {}", program.display(), fallback.display());
         program = fallback;
         upgraded = false;
@@ -466,7 +473,7 @@ fn ask_hand_over(path: &BackendPath, served: &mut Served) {
         return;
     }
     match signal(&served.child, rustix::process::Signal::USR1) {
-        Ok(()) => served.hand_over = HandOver::Asked,
+        Ok(()) => served.hand_over = HandOver::Asked(Instant::now()),
         Err(e) => tracing::warn!(backend = %path, "asking the backend to hand over: {e}"),
     }
 }
