@@ -26,6 +26,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ring::{Abi, RawRequest};
+
+use crate::fault::{self, Step};
 use shmem::{MappedFile, SharedMem, PAGE_SIZE};
 
 const MAGIC: u32 = 0x314c_4649; // "IFL1"
@@ -375,6 +377,7 @@ impl QueueLog {
     /// consumer index past it. Returns its entry; `None` when none is free
     /// ([`QueueLog::has_room`]).
     pub fn consumed(&mut self, raw: &RawRequest, index: u32) -> Option<u32> {
+        fault::point(Step::Consumed);
         let e = self.free.pop()?;
         let off = self.entry(e);
         let bytes = raw.as_bytes();
@@ -382,20 +385,25 @@ impl QueueLog {
         self.log.store(off + E_LEN, bytes.len() as u32);
         self.log.store(off + E_INDEX, index);
         self.log.store(off + E_STATE, IN_FLIGHT);
+        fault::point(Step::Logged);
         self.log.store(self.base + Q_CONS, index.wrapping_add(1));
+        fault::point(Step::Accepted);
         Some(e)
     }
 
     /// Records that entry `e`'s response was written at ring index `rsp`.
     pub fn answered(&mut self, e: u32, rsp: u32) {
+        fault::point(Step::Written);
         let off = self.entry(e);
         self.log.store(off + E_RSP, rsp);
         self.log.store(off + E_STATE, ANSWERED);
         self.answered.push_back((e, rsp));
+        fault::point(Step::Answered);
     }
 
     /// Records that the responses below `rsp_prod` are published, and frees their entries.
     pub fn pushed(&mut self, rsp_prod: u32) {
+        fault::point(Step::Published);
         self.log.store(self.base + Q_PUSHED, rsp_prod);
         while let Some(&(e, k)) = self.answered.front() {
             if rsp_prod.wrapping_sub(k).wrapping_sub(1) >= self.entries {
@@ -405,6 +413,7 @@ impl QueueLog {
             self.log.store(self.entry(e) + E_STATE, FREE);
             self.free.push(e);
         }
+        fault::point(Step::Cleared);
     }
 }
 

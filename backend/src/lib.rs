@@ -19,6 +19,7 @@ pub mod advertise;
 pub mod dataplane;
 pub mod dev_error;
 pub mod device;
+pub mod fault;
 pub mod frontend_config;
 pub mod inflight;
 pub mod nbd_connector;

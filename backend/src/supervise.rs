@@ -22,10 +22,18 @@
 //! `state` Closed, and is not restarted. The toolstack recreating the device (state 1 again)
 //! starts a new backend. SIGTERM or SIGINT stops every child with SIGTERM (each closes its
 //! device cleanly), waits for them, and exits.
+//!
+//! An upgrade (the `upgrade` flag, SIGHUP) hands every disk to a backend of the program now
+//! at [`SuperviseConfig::program`] the same way, without a crash: each backend is sent SIGUSR1,
+//! and once connected it stops taking requests, finishes those in flight and exits 0 with its
+//! log still marked connected ([`crate::serve::ServeConfig::hand_over`]); the new backend
+//! resumes from the log. One that cannot be started, or dies before it resumed, is replaced by
+//! a backend of [`SuperviseConfig::fallback`] (the supervisor's own image), with an error
+//! logged. A disk keeps the program its backend ran across crashes.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,6 +51,13 @@ use xen::xenbus::{error_node_path, parse_decimal, ReadState, XenbusState};
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How often children are reaped without a XenStore event.
 const TICK: Duration = Duration::from_millis(200);
+/// How often while a backend hands its disk over: the guest waits from its exit until the
+/// next backend starts.
+const HAND_OVER_TICK: Duration = Duration::from_millis(5);
+/// For how long after asking [`HAND_OVER_TICK`] applies: a backend finishes its requests in
+/// flight well within that unless its disk hangs (or its frontend closed: it hands over once
+/// connected again), and then its exit is noticed at the usual tick.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
 /// Replacements in a row that die before they resume, after which a disk is given up on.
 pub const MAX_FAILED_RESTARTS: u32 = 3;
 
@@ -69,6 +84,9 @@ pub struct SuperviseConfig {
     /// When set, each backend records a ring trace to
     /// `<dir>/vbd-<frontend-domid>-<devid>.trace` (`serve --record`).
     pub record_dir: Option<PathBuf>,
+    /// What runs instead of `program` when an upgrade to it fails: a program known to work
+    /// (`/proc/self/exe`, this very image, even once another file was installed at `program`).
+    pub fallback: Option<PathBuf>,
 }
 
 /// Why supervising failed.
@@ -94,6 +112,8 @@ fn xs_err(what: impl Into<String>) -> impl FnOnce(XsError) -> SuperviseError {
 #[derive(Debug)]
 struct Served {
     child: Child,
+    /// The program it runs, which a backend replacing it after a crash runs too.
+    program: PathBuf,
     started: Instant,
     /// The socket the backend sends the device on once it holds it ([`handoff::send_held`]).
     channel: Option<OwnedFd>,
@@ -105,6 +125,23 @@ struct Served {
     starts: u32,
     /// Replacements in a row that died before they resumed, this one excluded.
     failures: u32,
+    /// Where it is in handing its disk over for an upgrade.
+    hand_over: HandOver,
+    /// Started by an upgrade: should it die before it resumed, [`SuperviseConfig::fallback`]
+    /// takes the disk over.
+    upgraded: bool,
+}
+
+/// A backend's part in an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandOver {
+    /// None asked for.
+    No,
+    /// Wanted: it is asked once it has connected or resumed (its signal handler is set by
+    /// then; SIGUSR1 would kill it before).
+    Wanted,
+    /// Asked (SIGUSR1) then: it exits 0 once it handed the disk over.
+    Asked(Instant),
 }
 
 /// A disk's in-flight log, kept across its backends.
@@ -129,11 +166,16 @@ impl KeptLog {
     }
 }
 
-/// Runs the supervisor until `stop` is set.
+/// Runs the supervisor until `stop` is set; each time `upgrade` is set, upgrades every disk
+/// (see the module documentation) and clears it.
 ///
 /// # Errors
 /// [`SuperviseError`] when XenStore is unusable.
-pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), SuperviseError> {
+pub fn supervise(
+    config: &SuperviseConfig,
+    stop: &AtomicBool,
+    upgrade: &AtomicBool,
+) -> Result<(), SuperviseError> {
     let xs = XenStore::open_reconnecting(&config.xenstore_path, RECONNECT_WITHIN)
         .map_err(xs_err("connecting"))?;
     let home = xs
@@ -146,7 +188,11 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
     let mut children: HashMap<BackendPath, Served> = HashMap::new();
     let mut rescan = true;
     while !stop.load(Ordering::Relaxed) {
-        match xs.wait_watch_event(Some(TICK)) {
+        let handing_over = children
+            .values()
+            .any(|s| matches!(s.hand_over, HandOver::Asked(at) if at.elapsed() < HAND_OVER_WAIT));
+        let tick = if handing_over { HAND_OVER_TICK } else { TICK };
+        match xs.wait_watch_event(Some(tick)) {
             Ok(Some(_)) => {
                 rescan = true;
                 // Drain what else is queued: one scan covers them all.
@@ -154,6 +200,12 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
             }
             Ok(None) => {}
             Err(e) => return Err(xs_err("waiting for events")(e)),
+        }
+        if upgrade.swap(false, Ordering::Relaxed) {
+            tracing::info!(disks = children.len(), "upgrading every disk");
+            for served in children.values_mut().filter(|s| s.log.is_some()) {
+                served.hand_over = HandOver::Wanted;
+            }
         }
         reap(&xs, &home, Some(config), &mut children);
         if rescan {
@@ -164,7 +216,7 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
                         tracing::warn!(backend = %path, "no restart after a crash: {e}");
                     })
                     .ok();
-                match spawn(config, &path, log.as_ref(), None) {
+                match spawn(config, &config.program, &path, log.as_ref(), None) {
                     Ok((child, channel)) => {
                         tracing::info!(backend = %path, pid = child.id(), "started backend");
                         let starts = log.as_ref().map_or(0, |l| l.log.starts());
@@ -172,12 +224,15 @@ pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), Supe
                             path,
                             Served {
                                 child,
+                                program: config.program.clone(),
                                 started: Instant::now(),
                                 channel: Some(channel),
                                 device: None,
                                 log,
                                 starts,
                                 failures: 0,
+                                hand_over: HandOver::No,
+                                upgraded: false,
                             },
                         );
                     }
@@ -242,11 +297,12 @@ fn new_devices(
 /// its predecessor held. Returns the child and our end of its [`Served::channel`].
 fn spawn(
     config: &SuperviseConfig,
+    program: &Path,
     path: &BackendPath,
     log: Option<&KeptLog>,
     device: Option<&OwnedFd>,
 ) -> std::io::Result<(Child, OwnedFd)> {
-    let mut cmd = Command::new(&config.program);
+    let mut cmd = Command::new(program);
     cmd.args(&config.serve_args)
         .arg("--backend-path")
         .arg(path.as_str());
@@ -279,6 +335,9 @@ fn spawn(
             cmd.arg("--handoff-socket")
                 .arg(dir.join(format!("{}.sock", path.file_stem())));
         }
+    } else {
+        // A fault point fires in a disk's first backend only, or the disk would crash-loop.
+        cmd.env_remove(crate::fault::ENV);
     }
     if let Some(dir) = &config.record_dir {
         std::fs::create_dir_all(dir)?;
@@ -301,6 +360,7 @@ fn reap(
     let mut done = Vec::new();
     for (path, served) in children.iter_mut() {
         take_device(path, served);
+        ask_hand_over(path, served);
         match served.child.try_wait() {
             Ok(Some(status)) => done.push((path.clone(), status)),
             Ok(None) => {}
@@ -312,52 +372,119 @@ fn reap(
             continue;
         };
         let lived = served.started.elapsed();
-        if status.success() {
+        let resumable = served
+            .log
+            .as_ref()
+            .is_some_and(|l| l.log.connected_queues().is_some());
+        let asked = matches!(served.hand_over, HandOver::Asked(_));
+        let handed_over = status.success() && asked && resumable;
+        if status.success() && !handed_over {
             tracing::info!(backend = %path, ?lived, "backend finished");
             continue;
         }
-        let mut err = DevError::new(errno::EIO, format!("blkbackd {}", describe(status)));
-        if let (Some(config), Some(log)) = (config, served.log) {
-            let resumable = log.log.connected_queues().is_some();
-            let failures = if log.log.starts() == served.starts {
-                served.failures + 1
-            } else {
-                0
-            };
-            if resumable && failures < MAX_FAILED_RESTARTS {
-                tracing::warn!(backend = %path, ?lived, failures, "{err}; starting a backend that takes over");
-                match spawn(config, &path, Some(&log), served.device.as_ref()) {
-                    Ok((child, channel)) => {
-                        let starts = log.log.starts();
-                        children.insert(
-                            path,
-                            Served {
-                                child,
-                                started: Instant::now(),
-                                channel: Some(channel),
-                                device: served.device,
-                                log: Some(log),
-                                starts,
-                                failures,
-                            },
-                        );
+        let err = match config {
+            Some(config) if resumable => {
+                match replace(config, &path, served, status, handed_over) {
+                    Ok(next) => {
+                        children.insert(path, next);
                         continue;
                     }
-                    Err(e) => err = DevError::new(errno::ENOENT, format!("starting blkbackd: {e}")),
+                    Err(err) => err,
                 }
-            } else if resumable {
-                err = DevError::new(
-                    errno::EIO,
-                    format!(
-                        "blkbackd {}; given up after {failures} restarts in a row",
-                        describe(status)
-                    ),
-                );
             }
-        }
+            _ => DevError::new(errno::EIO, format!("blkbackd {}", describe(status))),
+        };
         tracing::error!(backend = %path, ?lived, "{err}");
         report_dead(xs, home, &path, &err);
     }
+}
+
+/// Starts the backend that takes `path` over from `served`, whose log says it was connected and
+/// which ended with `status` (`handed_over`: cleanly, for an upgrade): a backend of the upgraded
+/// program after a hand-over, of the fallback when an upgraded one could not start or died
+/// before it resumed, else of the same program. Returns the error to report when the disk
+/// cannot be taken over.
+fn replace(
+    config: &SuperviseConfig,
+    path: &BackendPath,
+    served: Served,
+    status: ExitStatus,
+    handed_over: bool,
+) -> Result<Served, DevError> {
+    let died = DevError::new(errno::EIO, format!("blkbackd {}", describe(status)));
+    let Some(log) = served.log else {
+        return Err(died);
+    };
+    let resumed = log.log.starts() != served.starts;
+    let failures = if resumed { 0 } else { served.failures + 1 };
+    if failures >= MAX_FAILED_RESTARTS {
+        return Err(DevError::new(
+            errno::EIO,
+            format!(
+                "blkbackd {}; given up after {failures} restarts in a row",
+                describe(status)
+            ),
+        ));
+    }
+    let lived = served.started.elapsed();
+    let fallback = config.fallback.as_deref();
+    let mut program = served.program.as_path();
+    let mut upgraded = false;
+    if handed_over {
+        tracing::info!(backend = %path, program = %config.program.display(), "the backend handed the disk over; starting the upgraded one");
+        program = &config.program;
+        upgraded = true;
+    } else if let Some(fallback) = fallback.filter(|_| served.upgraded && !resumed) {
+        tracing::error!(backend = %path, ?lived, "the upgraded blkbackd ({}) {} before it resumed; falling back to {}", served.program.display(), describe(status), fallback.display());
+        program = fallback;
+    } else {
+        tracing::warn!(backend = %path, ?lived, failures, "{died}; starting a backend that takes over");
+    }
+    let mut spawned = spawn(config, program, path, Some(&log), served.device.as_ref());
+    if let (Err(e), Some(fallback)) = (&spawned, fallback.filter(|_| upgraded)) {
+        tracing::error!(backend = %path, "cannot start the upgraded blkbackd ({}): {e}; falling back to {}", program.display(), fallback.display());
+        program = fallback;
+        upgraded = false;
+        spawned = spawn(config, program, path, Some(&log), served.device.as_ref());
+    }
+    let (child, channel) =
+        spawned.map_err(|e| DevError::new(errno::ENOENT, format!("starting blkbackd: {e}")))?;
+    Ok(Served {
+        child,
+        program: program.to_owned(),
+        started: Instant::now(),
+        channel: Some(channel),
+        device: served.device,
+        starts: log.log.starts(),
+        log: Some(log),
+        failures,
+        hand_over: HandOver::No,
+        upgraded,
+    })
+}
+
+/// Asks `served` to hand its disk over (SIGUSR1) if an upgrade wants it and it has connected;
+/// [`reap`] starts the upgraded backend once it did.
+fn ask_hand_over(path: &BackendPath, served: &mut Served) {
+    let connected = served
+        .log
+        .as_ref()
+        .is_some_and(|l| l.log.starts() != served.starts);
+    if served.hand_over != HandOver::Wanted || !connected {
+        return;
+    }
+    match signal(&served.child, rustix::process::Signal::USR1) {
+        Ok(()) => served.hand_over = HandOver::Asked(Instant::now()),
+        Err(e) => tracing::warn!(backend = %path, "asking the backend to hand over: {e}"),
+    }
+}
+
+fn signal(child: &Child, sig: rustix::process::Signal) -> std::io::Result<()> {
+    let pid = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other("no pid"))?;
+    Ok(rustix::process::kill_process(pid, sig)?)
 }
 
 /// Keeps the device the backend sent, if it did.
@@ -408,13 +535,8 @@ fn report_dead(xs: &XenStore, home: &str, path: &BackendPath, err: &DevError) {
 /// Stops every child: SIGTERM, a grace period, then SIGKILL.
 fn stop_all(xs: &XenStore, home: &str, mut children: HashMap<BackendPath, Served>) {
     for (path, served) in &children {
-        if let Some(pid) = i32::try_from(served.child.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
-                tracing::warn!(backend = %path, "SIGTERM: {e}");
-            }
+        if let Err(e) = signal(&served.child, rustix::process::Signal::TERM) {
+            tracing::warn!(backend = %path, "SIGTERM: {e}");
         }
     }
     let deadline = Instant::now() + STOP_GRACE;

@@ -53,6 +53,9 @@ enum Command {
     /// Serve one virtual disk (run by the toolstack or by `blkbackd supervise`).
     Serve(ServeArgs),
     /// Watch this domain's backend/vbd directory and start one `serve` per new disk.
+    ///
+    /// SIGHUP upgrades: every connected disk is handed, without a crash, to a new `serve` of
+    /// the program now at this program's path (the new binary installed there).
     Supervise(SuperviseArgs),
     /// Show the backend working with no Xen: a simulated guest writes, reads back and checks
     /// data through the whole protocol, and the figures are printed.
@@ -393,17 +396,25 @@ fn parse_platform(arg: &PlatformArg) -> anyhow::Result<xen::PlatformConfig> {
         })
 }
 
-/// Sets the returned flag on SIGTERM or SIGINT.
-fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
+/// Sets the returned flag on any of `signals`.
+fn signal_flag(signals: &[i32]) -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for &sig in signals {
+        signal_hook::flag::register(sig, Arc::clone(&flag))
             .context("installing signal handlers")?;
     }
-    Ok(stop)
+    Ok(flag)
+}
+
+/// Set on SIGTERM or SIGINT.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    signal_flag(&[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
 }
 
 fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Result<()> {
+    // First: until it is handled, SIGUSR1 would kill the process.
+    let hand_over = signal_flag(&[signal_hook::consts::SIGUSR1])?;
+    backend::fault::arm_from_env().map_err(anyhow::Error::msg)?;
     // Everything the command line says is checked before anything is opened.
     let platform_config = parse_platform(&args.platform)?;
     let given_path = args
@@ -503,10 +514,11 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         observer: recorder,
         inflight,
         supervisor,
+        hand_over,
     };
     let stop = stop_flag()?;
     match serve::serve(config, &stop).with_context(|| format!("serving {backend_path}"))? {
-        Outcome::Removed | Outcome::Stopped => Ok(()),
+        Outcome::Removed | Outcome::Stopped | Outcome::HandedOver => Ok(()),
     }
 }
 
@@ -578,9 +590,12 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
         domid: platform.domid(),
         handoff_dir: args.handoff_dir.clone(),
         record_dir: record,
+        // The image this supervisor runs, whatever is at `program` by now.
+        fallback: Some(PathBuf::from("/proc/self/exe")),
     };
     let stop = stop_flag()?;
-    supervise::supervise(&config, &stop).context("supervising")?;
+    let upgrade = signal_flag(&[signal_hook::consts::SIGHUP])?;
+    supervise::supervise(&config, &stop, &upgrade).context("supervising")?;
     Ok(())
 }
 

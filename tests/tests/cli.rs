@@ -29,10 +29,16 @@ fn demo_runs_and_verifies() {
 /// Runs `blkbackd` with `command_line` (split at white space) and checks that it fails with
 /// one line on stderr that names `needle`.
 fn one_line_error(command_line: &str, needle: &str) {
+    one_line_error_with(&[], command_line, needle);
+}
+
+/// [`one_line_error`] with `env` set.
+fn one_line_error_with(env: &[(&str, &str)], command_line: &str, needle: &str) {
     let args: Vec<&str> = command_line.split_whitespace().collect();
     let out = Command::new(blkbackd())
         .args(&args)
         .env_remove("BLKBACK_PLATFORM")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(!out.status.success(), "{args:?} succeeded");
@@ -66,6 +72,20 @@ fn bad_arguments_get_one_clear_line() {
         "reading /nonexistent/x.stats",
     );
     one_line_error("frobnicate", "frobnicate");
+    for (fault, needle) in [
+        (
+            "nowhere:1",
+            "\"nowhere\" is not a step (expected one of consumed, logged",
+        ),
+        ("published:0", "\"0\" is not a count from 1"),
+        ("published", "\"published\": expected <step>:<n>"),
+    ] {
+        one_line_error_with(
+            &[(backend::fault::ENV, fault)],
+            "serve --domid 1 --devid 51712",
+            &format!("BLKBACKD_FAULT: {needle}"),
+        );
+    }
 }
 
 #[test]

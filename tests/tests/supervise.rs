@@ -99,11 +99,12 @@ fn a_backend_that_cannot_start_is_reported() {
         domid: 0,
         handoff_dir: None,
         record_dir: None,
+        fallback: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let runner = {
         let stop = Arc::clone(&stop);
-        std::thread::spawn(move || supervise(&config, &stop))
+        std::thread::spawn(move || supervise(&config, &stop, &AtomicBool::new(false)))
     };
     let img = sim.image("disk.img", 8);
     let spec = VbdSpec::disk(0, GUEST, 51712, img.to_str().unwrap());

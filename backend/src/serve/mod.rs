@@ -98,6 +98,10 @@ pub struct ServeConfig {
     /// A socket to the supervisor, which is sent the device once it is held, to keep for a
     /// backend that takes over should this one die ([`handoff::send_held`]).
     pub supervisor: Option<OwnedFd>,
+    /// Set (SIGUSR1, from `supervise` on an upgrade) to hand the disk to the next backend:
+    /// once connected, stop taking requests, finish those in flight and end, leaving the
+    /// in-flight log marked connected and XenStore as it is.
+    pub hand_over: Arc<AtomicBool>,
 }
 
 /// Why serving ended with an error (device-level problems are reported in XenStore instead).
@@ -142,6 +146,8 @@ pub enum Outcome {
     Removed,
     /// A termination signal asked us to stop; the device was closed.
     Stopped,
+    /// The disk was handed to the next backend ([`ServeConfig::hand_over`]).
+    HandedOver,
 }
 
 /// The connected rings: one data-plane queue each.
@@ -185,6 +191,7 @@ struct Backend {
     guest_log: RateLimit,
     inflight: Option<Arc<Log>>,
     supervisor: Option<OwnedFd>,
+    hand_over: Arc<AtomicBool>,
     /// Taking over from a backend of this disk that died while connected: nothing is written
     /// to XenStore, the rings are resumed from the in-flight log.
     resuming: bool,
@@ -279,6 +286,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         guest_log: RateLimit::new(),
         inflight: config.inflight,
         supervisor: config.supervisor,
+        hand_over: config.hand_over,
         resuming: false,
     };
     let outcome = backend.run(stop);
@@ -302,6 +310,9 @@ impl Backend {
                 self.disconnect();
                 self.switch_state(XenbusState::Closed)?;
                 return Ok(Outcome::Stopped);
+            }
+            if self.hand_over.load(Ordering::Relaxed) && self.hand_over() {
+                return Ok(Outcome::HandedOver);
             }
             self.wait_for_events()?;
             if self.xs.is_closed() {
@@ -403,6 +414,25 @@ impl Backend {
             .watch(&fe_state, TOKEN_FRONTEND)
             .map_err(xs_err(format!("watching {fe_state}")))?;
         Ok(())
+    }
+
+    /// Hands the disk over if it can be: once connected, the queues stop taking requests and
+    /// finish those in flight (what a queue that fails leaves is in the log), and the log stays
+    /// marked connected for the backend `supervise` starts next. Without a log there is
+    /// nobody to hand over to: the request is dropped.
+    fn hand_over(&mut self) -> bool {
+        if self.inflight.is_none() {
+            tracing::warn!(backend = %self.be, "asked to hand the disk over, but it has no in-flight log (an NBD disk, or not run by supervise): carrying on");
+            self.hand_over.store(false, Ordering::Relaxed);
+            return false;
+        }
+        let Some(connection) = self.connection.take() else {
+            // Handed over once connected: there is nothing to resume before.
+            return false;
+        };
+        connection.stop();
+        tracing::info!(backend = %self.be, "handed the disk over");
+        true
     }
 
     /// Linux `xen_blkbk_probe`, plus the RFC's `opened` = 0 and the handoff socket.

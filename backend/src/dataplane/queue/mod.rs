@@ -353,6 +353,7 @@ impl Queue {
             self.uring
                 .submit_and_wait(want)
                 .map_err(QueueError::Enter)?;
+            crate::fault::point(crate::fault::Step::Submitted);
         }
     }
 

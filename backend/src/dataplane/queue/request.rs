@@ -265,6 +265,7 @@ impl Queue {
 
     /// Handles a slot whose I/O completed.
     pub(super) fn complete(&mut self, mem: &SharedMem<'_>, c: Completion) {
+        crate::fault::point(crate::fault::Step::Completed);
         let Completion {
             slot,
             result,
