@@ -620,8 +620,10 @@ sc_blkbackd_lifecycle() {
 	rm -f $img $img2
 }
 
-# (4) issue 15: a serve process killed (SIGKILL) 5 times while the guest writes files on ext4
-# and verifies random blocks (domU/init restart_task): each time the supervisor starts one that takes over from the in-flight log
+# (4) issue 15: a serve process killed (SIGKILL) 5 times, 2 s apart, with an upgrade (the binary
+# replaced, SIGHUP to the supervisor) between each two kills, while the guest writes files on
+# ext4 and verifies random blocks (domU/init restart_task): each time the supervisor starts one
+# that takes over from the in-flight log
 # (no handshake, nothing in XenStore changes); the guest sees no I/O error, every block it
 # wrote reads back, and once it is gone nothing is left behind.
 sc_blkbackd_restart() {
@@ -639,19 +641,29 @@ sc_blkbackd_restart() {
 		REASON="guest never started its I/O"
 	fi
 	kills=0
+	upgrades=0
 	while [ -z "$REASON" ] && [ $kills -lt 5 ]; do
-		sleep 3
+		sleep 2
 		p=$(serve_pids "$d")
-		[ -n "$p" ] || { REASON="no blkbackd serve process for domain $d after $kills kills;"; break; }
+		[ -n "$p" ] || { REASON="no blkbackd serve process for domain $d after $kills kills and $upgrades upgrades;"; break; }
 		domu_has e2e-restart "restart [of]" && break
-		kill -9 $p
-		kills=$((kills + 1))
+		# Between two kills, an upgrade: a copy of the binary renamed over it (as a
+		# package manager installs one), then SIGHUP to the supervisor.
+		if [ $kills -gt $upgrades ]; then
+			cp "$BLKBACKD" "$BLKBACKD.new" && mv "$BLKBACKD.new" "$BLKBACKD" && kill -HUP "$SUP_PID"
+			upgrades=$((upgrades + 1))
+			what="upgrade $upgrades"
+		else
+			kill -9 $p
+			kills=$((kills + 1))
+			what="kill $kills"
+		fi
 		end=$(deadline 20)
 		until q=$(serve_pids "$d") && [ -n "$q" ] && [ "$q" != "$p" ]; do
-			before "$end" || { REASON="serve $p killed ($kills), not replaced;"; break; }
+			before "$end" || { REASON="serve $p: $what, not replaced;"; break; }
 			sleep 0.2
 		done
-		progress "blkbackd-restart: kill $kills (guest at round $(domu e2e-restart 'restart round' | cut -d' ' -f1)): serve $p replaced by $q"
+		progress "blkbackd-restart: $what (guest at round $(domu e2e-restart 'restart round' | cut -d' ' -f1)): serve $p replaced by $q"
 	done
 	if ! wait_gone e2e-restart 400; then
 		REASON="$REASON guest did not finish ($(domu e2e-restart restart));"
@@ -664,11 +676,14 @@ sc_blkbackd_restart() {
 	[ $kills -ge 3 ] || REASON="$REASON only $kills kills before the guest finished;"
 	kill -0 "$SUP_PID" 2>/dev/null || REASON="$REASON the supervisor died;"
 	took=$(tail -n +$((log0 + 1)) "$BLKBACKD_LOG" | grep -c "starting a backend that takes over")
+	handed=$(tail -n +$((log0 + 1)) "$BLKBACKD_LOG" | grep -c "handed the disk over; starting the upgraded one")
+	[ "$handed" -ge "$upgrades" ] || REASON="$REASON $upgrades upgrades but $handed hand-overs in the supervisor's log;"
+	tail -n +$((log0 + 1)) "$BLKBACKD_LOG" | grep -q "falling back" && REASON="$REASON an upgrade fell back;"
 	problems=$REASON
 	check_no_leaks "$d" $img || problems="$problems $REASON"
 	REASON=$problems
 	if [ -z "$REASON" ]; then
-		result "PASS $s ($kills kills, $took take-overs in the supervisor's log, guest: $rec, last round: $(domu e2e-restart 'restart round 8'))"
+		result "PASS $s ($kills kills, $took take-overs, $upgrades upgrades, $handed hand-overs in the supervisor's log, guest: $rec, last round: $(domu e2e-restart 'restart round 8'))"
 	else
 		dump_guest e2e-restart
 		fail_bb $s
