@@ -28,10 +28,13 @@
 //! # One request's way
 //! The event channel's fd is polled by an SQE in the queue's own io_uring. When it fires,
 //! the queue copies each request slot once and validates the copy (`ring::parse`), reaches
-//! guest memory in the selected [`GrantMode`], and queues SQEs on the device fd; one
-//! `io_uring_enter` per pass submits everything found and waits for the next completion.
-//! Completions are answered field by field, pushed once per pass, with one notification if
-//! `rsp_event` asks for it. See `queue` for the loop and `uring` for buffer ownership.
+//! guest memory in the selected [`GrantMode`], and queues SQEs on the device fd. At the end
+//! of the pass it queues the event channel's unmask, the read of the delivery that woke it
+//! and the next poll (see `wake`), so that one `io_uring_enter` per pass submits all of it
+//! and waits for the next completion or event: the event channel costs no system call of
+//! its own. Completions are answered field by field, pushed once per pass, with one
+//! notification if `rsp_event` asks for it. See `queue` for the loop and `uring` for buffer
+//! ownership.
 //!
 //! # Pieces
 //! - `queue`: the loop, driving the pieces below; it alone knows them all.

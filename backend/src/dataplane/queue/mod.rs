@@ -28,7 +28,7 @@ use super::observer::QueueObserver;
 use super::persistent::PersistentGrants;
 use super::slot::Slots;
 use super::stats::{Bursts, Count, GaugeShare, Meter, Stats};
-use super::uring::{Control, Reaped, Uring};
+use super::uring::{Control, EvtchnOp, Reaped, Uring};
 use super::wake::{Polled, Wake};
 use super::{DataplaneError, Features, GrantMode, QueueExit, QueueParams};
 use crate::device::Device;
@@ -281,10 +281,12 @@ impl Queue {
             // Timers (purge ticks, EOI delays) are not activity: only events and completions.
             let active = reaped
                 .iter()
-                .any(|r| matches!(r, Reaped::Control(Control::Event) | Reaped::Slot(_)));
+                .any(|r| matches!(r, Reaped::Evtchn(EvtchnOp::Poll, Ok(_)) | Reaped::Slot(_)));
             for r in reaped.drain(..) {
                 match r {
-                    Reaped::Control(Control::Event) => event = true,
+                    Reaped::Evtchn(op, result) => {
+                        event |= self.wake.completed(&mut self.uring, op, result)?;
+                    }
                     Reaped::Control(Control::Stop) => {
                         self.stopping = true;
                         self.uring.nbd_stop_waiting();
@@ -302,7 +304,7 @@ impl Queue {
                 if let Some(o) = self.observer.as_mut() {
                     o.event();
                 }
-                self.wake.event(&*self.stats)?;
+                self.wake.event(&*self.stats);
             }
             self.copy(&mem, false);
             loop {

@@ -7,6 +7,7 @@
 //!   resize, queues sharing a device.
 //! - `hostile`: broken rings, event storms, hostile slots, a dying frontend, stopping.
 //! - `resume`: taking a ring over from a dead backend's in-flight log.
+//! - `wake`: the event channel through the io_uring: each wake-up read and unmasked once.
 //!
 //! The harness here is shared with the unit tests of the pieces (`sim_guest`, `TempDir`).
 
@@ -29,6 +30,7 @@ mod hostile;
 mod map_mode;
 mod resume;
 mod round_trip;
+mod wake;
 
 pub(super) const FRONT: xen::DomId = 7;
 /// Guest pages: up to 16 ring pages, then data pages.
