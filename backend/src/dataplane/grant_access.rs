@@ -68,8 +68,9 @@ pub(super) trait GrantAccess: Send + std::fmt::Debug {
         alone: bool,
     ) -> Reach;
 
-    /// One grant-copy batch over `batch`, slots all in `CopyIn` or all in `CopyOut`, between
-    /// their regions and their segments; `failed[i]` tells whether `batch[i]` failed.
+    /// One grant-copy batch over `batch`, slots each in `CopyIn` (from the guest) or
+    /// `CopyOut` (to it), between their regions and their segments; `failed[i]` tells whether
+    /// `batch[i]` failed.
     fn copy(&mut self, slots: &mut [Slot], batch: &[usize], failed: &mut Vec<bool>);
 
     /// Takes back a region a request no longer needs.

@@ -306,21 +306,25 @@ impl Queue {
                 }
                 self.wake.event(&*self.stats);
             }
-            self.copy(&mem, false);
             loop {
                 self.slots.take_freed();
                 if let Some(slot) = self.slots.take_deferred() {
                     self.start(&mem, slot);
                 }
+                let mut full = false;
                 if !(self.stopping || self.broken.is_some()) {
                     let n = self.consume(&mem)?;
                     self.wake.consumed(n);
+                    full = self.slots.is_full();
                 }
-                self.copy(&mem, true);
-                // A request that waits (for a barrier's drain or a bounce region) may have
-                // become startable by a slot freed after it was tried, with no completion
-                // left to wake us: try again (the loop ends once nothing more is freed).
-                if !(self.slots.has_deferred() && self.slots.take_freed()) {
+                // The pass's copies, in and out, in one batch: after consuming, so that the
+                // writes just taken join the reads completed.
+                self.copy(&mem);
+                // A slot freed after it was needed, with no completion left to wake us: by a
+                // request that waits (for a barrier's drain or a bounce region), or by the
+                // ring, whose consumption stopped on a full table without asking for an event.
+                // Go round again (the loop ends once nothing more is freed).
+                if !((self.slots.has_deferred() || full) && self.slots.take_freed()) {
                     break;
                 }
             }

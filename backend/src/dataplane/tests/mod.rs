@@ -7,7 +7,8 @@
 //!   resize, queues sharing a device.
 //! - `hostile`: broken rings, event storms, hostile slots, a dying frontend, stopping.
 //! - `resume`: taking a ring over from a dead backend's in-flight log.
-//! - `wake`: the event channel through the io_uring: each wake-up read and unmasked once.
+//! - `wake`: one trip to the kernel per pass: the event channel through the io_uring, one
+//!   grant copy call and one notification at most.
 //!
 //! The harness here is shared with the unit tests of the pieces (`sim_guest`, `TempDir`).
 
