@@ -43,10 +43,14 @@ impl GrantCopy {
 impl GrantAccess for GrantCopy {
     fn fetch_indirect(
         &mut self,
-        grefs: &[GrantRef],
+        reqs: &[&[GrantRef]],
         pages: &mut [IndirectPage],
-    ) -> Result<(), GrantStatus> {
+        ok: &mut Vec<bool>,
+    ) {
+        ok.clear();
+        ok.resize(reqs.len(), false);
         let domid = self.fe.domid;
+        let grefs = reqs.iter().flat_map(|r| r.iter());
         let mut ops: Vec<CopyOp<'_>> = pages
             .iter_mut()
             .zip(grefs)
@@ -60,16 +64,16 @@ impl GrantAccess for GrantCopy {
                 status: GrantStatus::GeneralError,
             })
             .collect();
-        if ops.len() != grefs.len() || !self.run(&mut ops) {
-            return Err(GrantStatus::GeneralError);
+        let all: usize = reqs.iter().map(|r| r.len()).sum();
+        if ops.len() != all || !self.run(&mut ops) {
+            return;
         }
-        match ops
-            .iter()
-            .map(CopyOp::status)
-            .find(|s| *s != GrantStatus::Okay)
-        {
-            Some(bad) => Err(bad),
-            None => Ok(()),
+        let mut at = 0;
+        for (r, grefs) in ok.iter_mut().zip(reqs) {
+            *r = ops
+                .get(at..at + grefs.len())
+                .is_some_and(|o| o.iter().all(|op| op.status() == GrantStatus::Okay));
+            at += grefs.len();
         }
     }
 
@@ -363,14 +367,23 @@ mod tests {
     }
 
     #[test]
-    fn indirect_pages_are_copied_and_a_bad_one_is_reported() {
+    fn indirect_pages_of_several_requests_are_copied_in_one_call() {
         let dir = TempDir::new("gc-ind");
-        let (dom, mut copy, _) = setup(&dir, 8);
+        let (dom, mut copy, stats) = setup(&dir, 8);
         let g = dom.grant(0, 3, Access::ReadOnly).unwrap();
         dom.page(3).unwrap().write_from(8, b"indirect").unwrap();
-        let mut pages = vec![IndirectPage::new(), IndirectPage::new()];
-        copy.fetch_indirect(&[g], &mut pages[..1]).unwrap();
+        let mut pages = vec![
+            IndirectPage::new(),
+            IndirectPage::new(),
+            IndirectPage::new(),
+        ];
+        let mut ok = Vec::new();
+        copy.fetch_indirect(&[&[g], &[g, BAD_REF]], &mut pages, &mut ok);
+        assert_eq!(ok, [true, false], "the bad page fails its own request only");
         assert_eq!(&pages[0].as_bytes_mut()[8..16], b"indirect");
-        assert!(copy.fetch_indirect(&[g, BAD_REF], &mut pages).is_err());
+        assert_eq!(&pages[1].as_bytes_mut()[8..16], b"indirect");
+        assert_eq!(stats.snapshot().copy_calls, 1, "both requests in one call");
+        copy.fetch_indirect(&[&[g], &[g, g, g]], &mut pages, &mut ok);
+        assert_eq!(ok, [false, false], "no room: nothing read");
     }
 }

@@ -28,7 +28,10 @@
 //! # One request's way
 //! The event channel's fd is polled by an SQE in the queue's own io_uring. When it fires,
 //! the queue copies each request slot once and validates the copy (`ring::parse`), reaches
-//! guest memory in the selected [`GrantMode`], and queues SQEs on the device fd. At the end
+//! guest memory in the selected [`GrantMode`], and queues SQEs on the device fd. Indirect
+//! requests are parked as they are consumed and their pages read together (one grant copy
+//! in copy mode) before they start, in ring order; the data of every write consumed and
+//! every read completed in the pass is then grant-copied in one `GNTTABOP_copy`. At the end
 //! of the pass it queues the event channel's unmask, the read of the delivery that woke it
 //! and the next poll (see `wake`), so that one `io_uring_enter` per pass submits all of it
 //! and waits for the next completion or event: the event channel costs no system call of

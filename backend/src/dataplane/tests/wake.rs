@@ -16,8 +16,9 @@ struct Watched {
     inner: Arc<dyn xen::Platform>,
     unmasks: Arc<AtomicUsize>,
     stats: Arc<Stats>,
-    /// Per grant copy call: the pass, whether it copied from the guest, and to it.
-    copy_calls: std::sync::Mutex<Vec<(u64, bool, bool)>>,
+    /// Per grant copy call: the pass, whether it copied from the guest, and to it, and how
+    /// many pages.
+    copy_calls: std::sync::Mutex<Vec<(u64, bool, bool, usize)>>,
 }
 
 impl Watched {
@@ -40,7 +41,10 @@ impl GrantCopier for Watched {
             .iter()
             .any(|o| matches!(o, xen::CopyOp::FromGuest { .. }));
         let to = ops.iter().any(|o| matches!(o, xen::CopyOp::ToGuest { .. }));
-        self.copy_calls.lock().unwrap().push((pass, from, to));
+        self.copy_calls
+            .lock()
+            .unwrap()
+            .push((pass, from, to, ops.len()));
         self.inner.grant_copier().copy(ops)
     }
 }
@@ -192,7 +196,7 @@ fn a_pass_makes_one_grant_copy_call_and_one_notification_at_most() {
         }
     }
     let calls = watched.copy_calls.lock().unwrap().clone();
-    let both = calls.iter().filter(|&&(_, from, to)| from && to).count();
+    let both = calls.iter().filter(|&&(_, from, to, _)| from && to).count();
     assert!(both > 0, "no pass copied both ways: {} calls", calls.len());
     let twice = calls.windows(2).filter(|w| w[0].0 == w[1].0).count();
     assert_eq!(
@@ -208,6 +212,67 @@ fn a_pass_makes_one_grant_copy_call_and_one_notification_at_most() {
         "{} notifications in {} passes",
         s.notifies,
         s.uring_enters
+    );
+    q.stop();
+}
+
+#[test]
+fn the_indirect_pages_of_a_pass_are_read_in_one_grant_copy() {
+    let (_dir, img, mut f, mut p) = setup("ind-batch", 1024, GrantMode::Copy);
+    let watched = Watched::new(&mut p);
+    let q = spawn_queue(p).unwrap();
+    // Five indirect writes of 16 one-sector segments, each list in its own indirect page
+    // (data pages 0..5), but the third names an indirect page never granted; then a direct
+    // read behind them. All pushed at once: one pass takes them all.
+    fill(&f, 10, 16, 4);
+    for r in 0..5 {
+        for i in 0..16 {
+            indirect_entry(&f.page(r).0, i, f.page(10 + i).1, 0, 0);
+        }
+    }
+    let rsegs = segs_for(&f, 40, 8);
+    for r in 0..5u64 {
+        let page = if r == 2 { 4000 } else { f.page(r as usize).1 };
+        f.queue(&FrontRequest::Indirect {
+            indirect_op: OP_WRITE,
+            id: r,
+            sector: r * 16,
+            handle: 0,
+            nr_segments: 16,
+            page_grefs: &[page],
+        });
+    }
+    f.queue(&FrontRequest::Direct {
+        operation: OP_READ,
+        id: 5,
+        sector: 0,
+        handle: 0,
+        segs: &rsegs,
+    });
+    f.push();
+    let mut status: Vec<(u64, Option<Status>)> =
+        f.responses(6).iter().map(|r| (r.id, r.status())).collect();
+    status.sort_unstable_by_key(|&(id, _)| id);
+    let ok = Some(Status::Okay);
+    assert_eq!(
+        status,
+        [
+            (0, ok),
+            (1, ok),
+            (2, Some(Status::Error)),
+            (3, ok),
+            (4, ok),
+            (5, ok)
+        ],
+        "the bad indirect page fails its own request only"
+    );
+    let file = std::fs::read(&img).unwrap();
+    assert_eq!(&file[4 * 16 * 512..][..512], &page_bytes(&f, 10)[..512]);
+    let calls = watched.copy_calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.first().map(|c| (c.1, c.2, c.3)),
+        Some((true, false, 5)),
+        "the five indirect pages first, in one call: {calls:?}"
     );
     q.stop();
 }
