@@ -253,7 +253,7 @@ mod tests {
 
     fn uring() -> (std::fs::File, Uring) {
         let null = std::fs::File::open("/dev/null").unwrap();
-        let u = Uring::new(4, 16, None, &[null.as_fd()], false).unwrap();
+        let u = Uring::new(4, 16, None, &[null.as_fd()], false, false).unwrap();
         (null, u)
     }
 

@@ -296,7 +296,7 @@ mod tests {
         let (dom, mut map, _) = setup(&dir);
         let ro = dom.grant(0, 1, Access::ReadOnly).unwrap();
         let null = std::fs::File::open("/dev/null").unwrap();
-        let mut u = Uring::new(2, 16, None, &[null.as_fd()], false).unwrap();
+        let mut u = Uring::new(2, 16, None, &[null.as_fd()], false, false).unwrap();
         assert!(
             matches!(
                 map.reach(&mut u, 0, &segs(ro), 4096, false, true),

@@ -210,6 +210,11 @@ pub struct QueueParams {
     /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
     /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
     pub poll: Duration,
+    /// `--sqpoll`: a kernel thread (`IORING_SETUP_SQPOLL`) submits the queue's SQEs, so the
+    /// queue's thread enters the kernel only to sleep (with [`QueueParams::poll`], not at
+    /// all while busy), for a kernel thread per queue that spins a millisecond after each
+    /// submission.
+    pub sqpoll: bool,
     /// For an NBD export: when requests have waited this long with no reply arriving, the
     /// connection is given up and every request fails ([`DEFAULT_NBD_TIMEOUT`]).
     pub nbd_timeout: Duration,
@@ -253,6 +258,7 @@ impl std::fmt::Debug for QueueParams {
             .field("features", &self.features)
             .field("name", &self.name)
             .field("poll", &self.poll)
+            .field("sqpoll", &self.sqpoll)
             .field("inflight", &self.inflight)
             .finish_non_exhaustive()
     }
@@ -290,6 +296,7 @@ impl QueueParams {
             on_exit: None,
             observer: None,
             poll: Duration::ZERO,
+            sqpoll: false,
             nbd_timeout: DEFAULT_NBD_TIMEOUT,
             nbd_connector: None,
             nbd_socket: None,

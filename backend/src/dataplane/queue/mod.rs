@@ -176,7 +176,7 @@ impl Queue {
         let files = [io_fd, wake.evtchn().as_fd(), stop_fd.as_fd()];
         let export = p.device.nbd_export().copied();
         let replace_files = export.is_some() && p.nbd_connector.is_some();
-        let mut uring = Uring::new(size, max_segs, bounce, &files, replace_files)
+        let mut uring = Uring::new(size, max_segs, bounce, &files, replace_files, p.sqpoll)
             .map_err(DataplaneError::Uring)?;
         let mut bursts = Bursts::new();
         if let Some(export) = export {

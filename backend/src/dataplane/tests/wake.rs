@@ -276,3 +276,34 @@ fn the_indirect_pages_of_a_pass_are_read_in_one_grant_copy() {
     );
     q.stop();
 }
+
+#[test]
+fn a_queue_submitting_through_a_kernel_thread_serves_requests() {
+    for mode in [GrantMode::Copy, GrantMode::Map] {
+        let (_dir, img, mut f, mut p) = setup("sqpoll", 1024, mode);
+        p.persistent_grants = true;
+        p.sqpoll = true;
+        let q = spawn_queue(p).unwrap();
+        for id in 0..100u64 {
+            fill(&f, 0, 1, id as u8);
+            let sector = id % 64 * 8;
+            assert_eq!(
+                f.rw(OP_WRITE, id, sector, 0, 8),
+                Some(Status::Okay),
+                "{mode:?}"
+            );
+            assert_eq!(
+                f.rw(OP_READ, id, sector, 1, 8),
+                Some(Status::Okay),
+                "{mode:?}"
+            );
+            assert_eq!(page_bytes(&f, 1), page_bytes(&f, 0), "{mode:?}: read back");
+        }
+        let file = std::fs::read(&img).unwrap();
+        assert_eq!(
+            &file[99 % 64 * 8 * 512..][..PAGE_SIZE],
+            &page_bytes(&f, 0)[..]
+        );
+        q.stop();
+    }
+}

@@ -33,6 +33,10 @@ mod ops;
 
 pub(super) use nbd::{NbdRequest, NbdSubmitError};
 
+/// How long the kernel's submission thread (`--sqpoll`) polls for new SQEs after the last
+/// before it sleeps, in milliseconds (a submission then wakes it with one system call).
+const SQPOLL_IDLE_MS: u32 = 1;
+
 /// Tag bit of operations that belong to no request slot.
 const CONTROL: u64 = 1 << 63;
 /// Tag bit of a slot's secondary operation (the fsync linked after a write).
@@ -227,22 +231,33 @@ impl Uring {
     /// A ring for `slots` request slots of up to `max_segs` segments, with `bounce` registered
     /// as its fixed buffer (copy mode), restricted to the operations the queue submits on
     /// `files` (see `crate::sandbox::uring`); `replace_files` allows replacing a registered
-    /// file (an NBD connection re-established).
+    /// file (an NBD connection re-established); `sqpoll`: submitted by a kernel thread
+    /// ([`SQPOLL_IDLE_MS`]).
     pub(super) fn new(
         slots: usize,
         max_segs: usize,
         bounce: Option<Arc<BounceMem>>,
         files: &[BorrowedFd<'_>],
         replace_files: bool,
+        sqpoll: bool,
     ) -> io::Result<Self> {
         let entries = u32::try_from((slots * 2 + 8).next_power_of_two())
             .unwrap_or(4096)
             .min(4096);
-        let ring = crate::sandbox::uring::builder()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .build(entries)
-            .or_else(|_| crate::sandbox::uring::builder().build(entries))?;
+        let builder = || {
+            let mut b = crate::sandbox::uring::builder();
+            if sqpoll {
+                b.setup_sqpoll(SQPOLL_IDLE_MS);
+            }
+            b
+        };
+        let mut first = builder();
+        first.setup_single_issuer();
+        if !sqpoll {
+            // The kernel refuses COOP_TASKRUN with SQPOLL: task work runs in its thread.
+            first.setup_coop_taskrun();
+        }
+        let ring = first.build(entries).or_else(|_| builder().build(entries))?;
         if let Some(mem) = &bounce {
             let (base, len) = mem.span();
             let iov = [Iovec { base, len }];
@@ -276,14 +291,18 @@ impl Uring {
         })
     }
 
-    /// Pushes entries, submitting first when the queue has no room.
+    /// Pushes entries, submitting first when the queue has no room (with `--sqpoll`, waiting
+    /// for the kernel's thread to take what is queued).
     fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
-        let room = {
-            let sq = self.ring.submission();
+        let room = |ring: &mut IoUring| {
+            let sq = ring.submission();
             sq.capacity() - sq.len()
         };
-        if room < entries.len() {
+        if room(&mut self.ring) < entries.len() {
             self.ring.submit()?;
+            if self.ring.params().is_setup_sqpoll() && room(&mut self.ring) < entries.len() {
+                self.ring.submitter().squeue_wait()?;
+            }
         }
         let mut sq = self.ring.submission();
         // SAFETY: every pointer in these entries refers to memory this Uring keeps alive until
@@ -456,7 +475,7 @@ mod tests {
         let mut other = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false, false).unwrap();
         let r = other.small(0).unwrap();
         let (_, back) = u
             .submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 512), false)
@@ -493,7 +512,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let mut u = Uring::new(1, 1, None, &[ours.as_fd()], false).unwrap();
+        let mut u = Uring::new(1, 1, None, &[ours.as_fd()], false, false).unwrap();
         // The delivery that woke the queue, and one that came while the port was masked
         // (a request pushed after the ring's final check).
         let deliveries = [5u32.to_ne_bytes(), 6u32.to_ne_bytes()].concat();
@@ -530,7 +549,7 @@ mod tests {
         let mut pool = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/zero").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false, false).unwrap();
         let r = pool.small(0).unwrap();
         u.submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 4096), false)
             .unwrap();
