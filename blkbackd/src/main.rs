@@ -185,6 +185,12 @@ struct Tuning {
     /// whole core per busy queue). For hosts with cores to spare, as vhost-user and SPDK.
     #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=100_000))]
     poll_us: u32,
+    /// Each queue's submissions are made by a kernel thread (io_uring's SQPOLL), so that the
+    /// queue's own thread enters the kernel only to sleep (with --poll-us, not at all while
+    /// busy): fewer system calls, paid with a kernel thread per queue that polls for a
+    /// millisecond after each submission. Off by default.
+    #[arg(long)]
+    sqpoll: bool,
     /// For a disk on an NBD export: how long requests may wait for the server without any
     /// reply arriving before the connection is given up (every request then fails, the guest
     /// sees I/O errors, the disk can be removed).
@@ -507,6 +513,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         features,
         grant_mode: args.tuning.grant_mode(),
         poll: Duration::from_micros(args.tuning.poll_us.into()),
+        sqpoll: args.tuning.sqpoll,
         nbd_timeout: Duration::from_secs(args.tuning.nbd_timeout.into()),
         nbd_connector: Some(std::env::current_exe().context("finding this program's path")?),
         xenstore_reconnect: Duration::from_secs(args.tuning.xenstore_reconnect),
@@ -578,6 +585,9 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
     ];
     if t.no_persistent {
         serve_args.push("--no-persistent".to_owned());
+    }
+    if t.sqpoll {
+        serve_args.push("--sqpoll".to_owned());
     }
 
     let config = supervise::SuperviseConfig {

@@ -527,6 +527,25 @@ impl SimEventChannel {
     }
 }
 
+impl SimEventChannel {
+    /// Appends a delivered `port` if it is bound here (a stale datagram may name another).
+    fn push_port(&self, port: Port, out: &mut Vec<Port>) {
+        if self.bound.contains_key(&port) {
+            out.push(port);
+        }
+    }
+
+    /// Appends the bound ports whose delivery failed on a full queue, unless already in
+    /// `out[start..]`.
+    fn push_lost(&self, out: &mut Vec<Port>, start: usize) {
+        for &port in self.bound.keys() {
+            if self.table.take_lost(port) && !out[start..].contains(&port) {
+                out.push(port);
+            }
+        }
+    }
+}
+
 impl EventChannel for SimEventChannel {
     fn bind_interdomain(&mut self, remote: DomId, remote_port: Port) -> Result<Port, EvtchnError> {
         if self.restrict.is_some_and(|d| d != remote) {
@@ -606,23 +625,30 @@ impl EventChannel for SimEventChannel {
         let mut buf = [0u8; 4];
         loop {
             match rustix::net::recv(&self.sock, &mut buf, RecvFlags::DONTWAIT) {
-                Ok((_, 4)) => {
-                    let port = u32::from_ne_bytes(buf);
-                    if self.bound.contains_key(&port) {
-                        out.push(port);
-                    }
-                }
+                Ok((_, 4)) => self.push_port(u32::from_ne_bytes(buf), out),
                 Ok(_) => {}
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => {}
                 Err(e) => return Err(errno(e)),
             }
         }
-        for &port in self.bound.keys() {
-            if self.table.take_lost(port) && !out[start..].contains(&port) {
-                out.push(port);
-            }
+        self.push_lost(out, start);
+        Ok(())
+    }
+
+    fn read_done(
+        &mut self,
+        read: Result<&[u8], Errno>,
+        out: &mut Vec<Port>,
+    ) -> Result<(), EvtchnError> {
+        let start = out.len();
+        match read {
+            // One read takes one datagram: one port.
+            Ok(&[a, b, c, d]) => self.push_port(u32::from_ne_bytes([a, b, c, d]), out),
+            Ok(_) | Err(Errno::AGAIN | Errno::INTR) => {}
+            Err(e) => return Err(errno(e)),
         }
+        self.push_lost(out, start);
         Ok(())
     }
 
@@ -635,6 +661,10 @@ impl EventChannel for SimEventChannel {
                 .deliver(&self.dir, port, self.hid, self.sock.as_fd());
         }
         Ok(())
+    }
+
+    fn unmask_is_write(&self) -> bool {
+        false
     }
 
     fn restrict(&mut self, domid: DomId) -> Result<(), EvtchnError> {

@@ -165,26 +165,42 @@ impl EventChannel for XenEventChannel {
     fn pending(&mut self, out: &mut Vec<Port>) -> Result<(), EvtchnError> {
         let mut buf = [0u8; READ_BYTES];
         loop {
-            match rustix::io::read(&self.fd, &mut buf) {
+            let read = rustix::io::read(&self.fd, &mut buf);
+            match read {
                 Ok(0) | Err(Errno::AGAIN) => return Ok(()),
-                Ok(n) => out.extend(
-                    buf[..n]
+                Err(Errno::INTR) => {}
+                Ok(n) => self.read_done(Ok(&buf[..n]), out)?,
+                Err(e) => return self.read_done(Err(e), out),
+            }
+        }
+    }
+
+    fn read_done(
+        &mut self,
+        read: Result<&[u8], Errno>,
+        out: &mut Vec<Port>,
+    ) -> Result<(), EvtchnError> {
+        match read {
+            Ok(bytes) => {
+                out.extend(
+                    bytes
                         .chunks_exact(4)
                         .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
                         .filter(|p| self.bound.contains(p)),
-                ),
-                Err(Errno::INTR) => {}
-                Err(Errno::FBIG) => {
-                    // The ring overflowed: events were dropped, and their ports stay masked
-                    // until written back. Reset, and report every bound port as pending; the
-                    // caller checks its rings and unmasks each (harmless where not masked).
-                    tracing::warn!("evtchn: device ring overflowed; resetting");
-                    self.reset()?;
-                    out.extend(self.bound.iter().copied());
-                    return Ok(());
-                }
-                Err(e) => return Err(err(e)),
+                );
+                Ok(())
             }
+            Err(Errno::AGAIN | Errno::INTR) => Ok(()),
+            Err(Errno::FBIG) => {
+                // The ring overflowed: events were dropped, and their ports stay masked
+                // until written back. Reset, and report every bound port as pending; the
+                // caller checks its rings and unmasks each (harmless where not masked).
+                tracing::warn!("evtchn: device ring overflowed; resetting");
+                self.reset()?;
+                out.extend(self.bound.iter().copied());
+                Ok(())
+            }
+            Err(e) => Err(err(e)),
         }
     }
 
@@ -195,6 +211,10 @@ impl EventChannel for XenEventChannel {
         rustix::io::write(&self.fd, &port.to_ne_bytes())
             .map(drop)
             .map_err(err)
+    }
+
+    fn unmask_is_write(&self) -> bool {
+        true
     }
 
     fn restrict(&mut self, domid: DomId) -> Result<(), EvtchnError> {

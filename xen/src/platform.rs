@@ -89,20 +89,38 @@ pub trait EventChannel: Send + std::fmt::Debug {
     /// On device failure (an overflowed device ring is reset and reported as all bound ports
     /// pending, not as an error).
     fn pending(&mut self, out: &mut Vec<Port>) -> Result<(), EvtchnError>;
+    /// Appends the ports of one `read()` of [`EventChannel::as_fd`] that the caller made
+    /// itself (an io_uring `READ`, so that the read costs no system call of its own), given
+    /// what it returned: the bytes read, or its error. The ports are those
+    /// [`EventChannel::pending`] would have reported for that read, with the same masking.
+    ///
+    /// # Errors
+    /// As [`EventChannel::pending`]; `EAGAIN` is no error (nothing was pending).
+    fn read_done(
+        &mut self,
+        read: Result<&[u8], rustix::io::Errno>,
+        out: &mut Vec<Port>,
+    ) -> Result<(), EvtchnError>;
     /// Unmasks a delivered port so that it can fire again.
     ///
     /// # Errors
     /// [`EvtchnError::NotBound`] for a port not bound here.
     fn unmask(&self, port: Port) -> Result<(), EvtchnError>;
+    /// Whether [`EventChannel::unmask`] is exactly a `write()` of the port's number (a
+    /// native-endian `u32`) on [`EventChannel::as_fd`], as on the Linux device: a caller may
+    /// then submit that write itself (an io_uring `WRITE`, in the batch that also waits)
+    /// instead of calling `unmask`. The simulation's unmask is a store in shared memory.
+    fn unmask_is_write(&self) -> bool;
     /// Restricts this handle to binding ports of `domid` only (`IOCTL_EVTCHN_RESTRICT_DOMID`).
     ///
     /// # Errors
     /// When the device refuses.
     fn restrict(&mut self, domid: DomId) -> Result<(), EvtchnError>;
     /// A file descriptor that polls readable while ports are pending, for io_uring
-    /// (`POLL_ADD`) or epoll. Wait for readability, then call [`EventChannel::pending`]; never
-    /// read the fd directly (the simulation's fd is a socket whose datagrams `pending`
-    /// interprets).
+    /// (`POLL_ADD`) or epoll. Wait for readability, then call [`EventChannel::pending`], or
+    /// read the fd (at most 4096 bytes at a time) and hand what came to
+    /// [`EventChannel::read_done`]: only it knows what the bytes mean (the simulation's fd is
+    /// a socket of datagrams).
     fn as_fd(&self) -> BorrowedFd<'_>;
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring::{IndirectPage, Segments};
-use xen::{DomId, GrantMapping, GrantRef, GrantStatus, Platform};
+use xen::{DomId, GrantMapping, GrantRef, Platform};
 
 use super::bounce::Region;
 use super::slot::Slot;
@@ -46,15 +46,16 @@ pub(super) struct Frontend {
 
 /// One grant mode's way to guest memory.
 pub(super) trait GrantAccess: Send + std::fmt::Debug {
-    /// Reads the indirect pages `grefs` once into the first `grefs.len()` of `pages`.
-    ///
-    /// # Errors
-    /// The status of the first page that could not be read.
+    /// Reads the indirect pages of several requests once (`reqs[r]`: request `r`'s page
+    /// grefs), in order into `pages`, in as few grant operations as the mode allows;
+    /// `ok[r]` tells whether all of request `r`'s pages were read. `pages` must have room
+    /// for all of them (else nothing is read).
     fn fetch_indirect(
         &mut self,
-        grefs: &[GrantRef],
+        reqs: &[&[GrantRef]],
         pages: &mut [IndirectPage],
-    ) -> Result<(), GrantStatus>;
+        ok: &mut Vec<bool>,
+    );
 
     /// Reaches the pages of a read or write of `len` bytes (`segs`) about to start in `slot`;
     /// `alone` when no other request is busy (a wait could then never end).
@@ -68,8 +69,9 @@ pub(super) trait GrantAccess: Send + std::fmt::Debug {
         alone: bool,
     ) -> Reach;
 
-    /// One grant-copy batch over `batch`, slots all in `CopyIn` or all in `CopyOut`, between
-    /// their regions and their segments; `failed[i]` tells whether `batch[i]` failed.
+    /// One grant-copy batch over `batch`, slots each in `CopyIn` (from the guest) or
+    /// `CopyOut` (to it), between their regions and their segments; `failed[i]` tells whether
+    /// `batch[i]` failed.
     fn copy(&mut self, slots: &mut [Slot], batch: &[usize], failed: &mut Vec<bool>);
 
     /// Takes back a region a request no longer needs.

@@ -43,10 +43,14 @@ impl GrantCopy {
 impl GrantAccess for GrantCopy {
     fn fetch_indirect(
         &mut self,
-        grefs: &[GrantRef],
+        reqs: &[&[GrantRef]],
         pages: &mut [IndirectPage],
-    ) -> Result<(), GrantStatus> {
+        ok: &mut Vec<bool>,
+    ) {
+        ok.clear();
+        ok.resize(reqs.len(), false);
         let domid = self.fe.domid;
+        let grefs = reqs.iter().flat_map(|r| r.iter());
         let mut ops: Vec<CopyOp<'_>> = pages
             .iter_mut()
             .zip(grefs)
@@ -60,16 +64,16 @@ impl GrantAccess for GrantCopy {
                 status: GrantStatus::GeneralError,
             })
             .collect();
-        if ops.len() != grefs.len() || !self.run(&mut ops) {
-            return Err(GrantStatus::GeneralError);
+        let all: usize = reqs.iter().map(|r| r.len()).sum();
+        if ops.len() != all || !self.run(&mut ops) {
+            return;
         }
-        match ops
-            .iter()
-            .map(CopyOp::status)
-            .find(|s| *s != GrantStatus::Okay)
-        {
-            Some(bad) => Err(bad),
-            None => Ok(()),
+        let mut at = 0;
+        for (r, grefs) in ok.iter_mut().zip(reqs) {
+            *r = ops
+                .get(at..at + grefs.len())
+                .is_some_and(|o| o.iter().all(|op| op.status() == GrantStatus::Okay));
+            at += grefs.len();
         }
     }
 
@@ -249,7 +253,7 @@ mod tests {
 
     fn uring() -> (std::fs::File, Uring) {
         let null = std::fs::File::open("/dev/null").unwrap();
-        let u = Uring::new(4, 16, None, &[null.as_fd()], false).unwrap();
+        let u = Uring::new(4, 16, None, &[null.as_fd()], false, false).unwrap();
         (null, u)
     }
 
@@ -283,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_is_copied_in_and_a_read_copied_out_one_batch_each() {
+    fn a_write_is_copied_in_and_a_read_copied_out_in_one_batch() {
         let dir = TempDir::new("gc-copy");
         let (dom, mut copy, stats) = setup(&dir, 0);
         let (a, b) = (
@@ -312,16 +316,14 @@ mod tests {
             len: 4096,
         };
         let mut failed = Vec::new();
-        copy.copy(slots.as_mut_slice(), &[w], &mut failed);
-        assert_eq!(failed, [false]);
+        copy.copy(slots.as_mut_slice(), &[w, r], &mut failed);
+        assert_eq!(failed, [false, false]);
         match &mut slots.get_mut(w).unwrap().state {
             State::CopyIn { region, .. } => {
                 assert!(copy.pool.bytes(region, 4096).iter().all(|&x| x == 0x11));
             }
             other => panic!("{other:?}"),
         }
-        copy.copy(slots.as_mut_slice(), &[r], &mut failed);
-        assert_eq!(failed, [false]);
         let mut page = vec![0; 4096];
         dom.page(2).unwrap().read_into(0, &mut page).unwrap();
         assert!(
@@ -329,7 +331,7 @@ mod tests {
             "read data reached the guest"
         );
         let s = stats.snapshot();
-        assert_eq!((s.copy_calls, s.copy_segs), (2, 2));
+        assert_eq!((s.copy_calls, s.copy_segs), (1, 2), "one call for both");
     }
 
     #[test]
@@ -365,14 +367,23 @@ mod tests {
     }
 
     #[test]
-    fn indirect_pages_are_copied_and_a_bad_one_is_reported() {
+    fn indirect_pages_of_several_requests_are_copied_in_one_call() {
         let dir = TempDir::new("gc-ind");
-        let (dom, mut copy, _) = setup(&dir, 8);
+        let (dom, mut copy, stats) = setup(&dir, 8);
         let g = dom.grant(0, 3, Access::ReadOnly).unwrap();
         dom.page(3).unwrap().write_from(8, b"indirect").unwrap();
-        let mut pages = vec![IndirectPage::new(), IndirectPage::new()];
-        copy.fetch_indirect(&[g], &mut pages[..1]).unwrap();
+        let mut pages = vec![
+            IndirectPage::new(),
+            IndirectPage::new(),
+            IndirectPage::new(),
+        ];
+        let mut ok = Vec::new();
+        copy.fetch_indirect(&[&[g], &[g, BAD_REF]], &mut pages, &mut ok);
+        assert_eq!(ok, [true, false], "the bad page fails its own request only");
         assert_eq!(&pages[0].as_bytes_mut()[8..16], b"indirect");
-        assert!(copy.fetch_indirect(&[g, BAD_REF], &mut pages).is_err());
+        assert_eq!(&pages[1].as_bytes_mut()[8..16], b"indirect");
+        assert_eq!(stats.snapshot().copy_calls, 1, "both requests in one call");
+        copy.fetch_indirect(&[&[g], &[g, g, g]], &mut pages, &mut ok);
+        assert_eq!(ok, [false, false], "no room: nothing read");
     }
 }

@@ -134,10 +134,9 @@ impl GrantMap {
         }
         Ok(())
     }
-}
 
-impl GrantAccess for GrantMap {
-    fn fetch_indirect(
+    /// Reads one request's indirect pages `grefs` once into `pages`.
+    fn fetch_one(
         &mut self,
         grefs: &[GrantRef],
         pages: &mut [IndirectPage],
@@ -164,6 +163,28 @@ impl GrantAccess for GrantMap {
         })();
         self.seg_maps.clear();
         r
+    }
+}
+
+impl GrantAccess for GrantMap {
+    fn fetch_indirect(
+        &mut self,
+        reqs: &[&[GrantRef]],
+        pages: &mut [IndirectPage],
+        ok: &mut Vec<bool>,
+    ) {
+        ok.clear();
+        let mut at = 0;
+        for grefs in reqs {
+            let r = pages
+                .get_mut(at..at + grefs.len())
+                .map(|p| self.fetch_one(grefs, p));
+            if let Some(Err(status)) = r {
+                tracing::debug!(queue = %self.fe.name, "indirect pages unreachable: {status:?}");
+            }
+            ok.push(matches!(r, Some(Ok(()))));
+            at += grefs.len();
+        }
     }
 
     fn reach(
@@ -275,7 +296,7 @@ mod tests {
         let (dom, mut map, _) = setup(&dir);
         let ro = dom.grant(0, 1, Access::ReadOnly).unwrap();
         let null = std::fs::File::open("/dev/null").unwrap();
-        let mut u = Uring::new(2, 16, None, &[null.as_fd()], false).unwrap();
+        let mut u = Uring::new(2, 16, None, &[null.as_fd()], false, false).unwrap();
         assert!(
             matches!(
                 map.reach(&mut u, 0, &segs(ro), 4096, false, true),
@@ -325,12 +346,15 @@ mod tests {
         let (dom, mut map, stats) = setup(&dir);
         let g = dom.grant(0, 3, Access::ReadOnly).unwrap();
         dom.page(3).unwrap().write_from(16, b"segments").unwrap();
-        let mut pages = [IndirectPage::new()];
-        map.fetch_indirect(&[g], &mut pages).unwrap();
+        let mut pages = [IndirectPage::new(), IndirectPage::new()];
+        let mut ok = Vec::new();
+        map.fetch_indirect(&[&[g]], &mut pages, &mut ok);
+        assert_eq!(ok, [true]);
         assert_eq!(&pages[0].as_bytes_mut()[16..24], b"segments");
-        map.fetch_indirect(&[g], &mut pages).unwrap();
+        map.fetch_indirect(&[&[4000], &[g]], &mut pages, &mut ok);
+        assert_eq!(ok, [false, true], "the bad page fails its own request only");
+        assert_eq!(&pages[1].as_bytes_mut()[16..24], b"segments");
         assert_eq!(stats.snapshot().pgrant_hits, 1);
-        assert!(map.fetch_indirect(&[4000], &mut pages).is_err());
         map.close();
         assert!(!dom.grant_in_use(g), "closing releases the cache");
     }

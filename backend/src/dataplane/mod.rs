@@ -28,10 +28,16 @@
 //! # One request's way
 //! The event channel's fd is polled by an SQE in the queue's own io_uring. When it fires,
 //! the queue copies each request slot once and validates the copy (`ring::parse`), reaches
-//! guest memory in the selected [`GrantMode`], and queues SQEs on the device fd; one
-//! `io_uring_enter` per pass submits everything found and waits for the next completion.
-//! Completions are answered field by field, pushed once per pass, with one notification if
-//! `rsp_event` asks for it. See `queue` for the loop and `uring` for buffer ownership.
+//! guest memory in the selected [`GrantMode`], and queues SQEs on the device fd. Indirect
+//! requests are parked as they are consumed and their pages read together (one grant copy
+//! in copy mode) before they start, in ring order; the data of every write consumed and
+//! every read completed in the pass is then grant-copied in one `GNTTABOP_copy`. At the end
+//! of the pass it queues the event channel's unmask, the read of the delivery that woke it
+//! and the next poll (see `wake`), so that one `io_uring_enter` per pass submits all of it
+//! and waits for the next completion or event: the event channel costs no system call of
+//! its own. Completions are answered field by field, pushed once per pass, with one
+//! notification if `rsp_event` asks for it. See `queue` for the loop and `uring` for buffer
+//! ownership.
 //!
 //! # Pieces
 //! - `queue`: the loop, driving the pieces below; it alone knows them all.
@@ -204,6 +210,11 @@ pub struct QueueParams {
     /// zero: never). While the queue polls, the frontend is not asked for events, so a busy
     /// guest stops notifying and the queue stops waking: latency and system calls for CPU.
     pub poll: Duration,
+    /// `--sqpoll`: a kernel thread (`IORING_SETUP_SQPOLL`) submits the queue's SQEs, so the
+    /// queue's thread enters the kernel only to sleep (with [`QueueParams::poll`], not at
+    /// all while busy), for a kernel thread per queue that spins a millisecond after each
+    /// submission.
+    pub sqpoll: bool,
     /// For an NBD export: when requests have waited this long with no reply arriving, the
     /// connection is given up and every request fails ([`DEFAULT_NBD_TIMEOUT`]).
     pub nbd_timeout: Duration,
@@ -247,6 +258,7 @@ impl std::fmt::Debug for QueueParams {
             .field("features", &self.features)
             .field("name", &self.name)
             .field("poll", &self.poll)
+            .field("sqpoll", &self.sqpoll)
             .field("inflight", &self.inflight)
             .finish_non_exhaustive()
     }
@@ -284,6 +296,7 @@ impl QueueParams {
             on_exit: None,
             observer: None,
             poll: Duration::ZERO,
+            sqpoll: false,
             nbd_timeout: DEFAULT_NBD_TIMEOUT,
             nbd_connector: None,
             nbd_socket: None,

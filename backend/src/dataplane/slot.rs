@@ -199,16 +199,11 @@ impl Slots {
         std::mem::take(&mut self.freed)
     }
 
-    /// Fills `out` with the slots in `CopyIn` (`copy_in`) or `CopyOut` (else), in slot order.
-    pub(super) fn waiting_for_copy(&self, copy_in: bool, out: &mut Vec<usize>) {
+    /// Fills `out` with the slots in `CopyIn` or `CopyOut`, in slot order.
+    pub(super) fn waiting_for_copy(&self, out: &mut Vec<usize>) {
         out.clear();
         out.extend(self.slots.iter().enumerate().filter_map(|(i, s)| {
-            let hit = match s.state {
-                State::CopyIn { .. } => copy_in,
-                State::CopyOut { .. } => !copy_in,
-                _ => false,
-            };
-            hit.then_some(i)
+            matches!(s.state, State::CopyIn { .. } | State::CopyOut { .. }).then_some(i)
         }));
     }
 
@@ -298,10 +293,8 @@ mod tests {
             len: 512,
         };
         let mut batch = Vec::new();
-        t.waiting_for_copy(true, &mut batch);
-        assert_eq!(batch, [w]);
-        t.waiting_for_copy(false, &mut batch);
-        assert_eq!(batch, [r]);
+        t.waiting_for_copy(&mut batch);
+        assert_eq!(batch, [w, r]);
         for i in [w, r] {
             match t.release(i) {
                 Some(State::CopyIn { region, .. } | State::CopyOut { region, .. }) => {
@@ -311,7 +304,7 @@ mod tests {
             }
         }
         assert!(pool.small(w).is_some() && pool.small(r).is_some());
-        t.waiting_for_copy(true, &mut batch);
+        t.waiting_for_copy(&mut batch);
         assert!(batch.is_empty());
     }
 }

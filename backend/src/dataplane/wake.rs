@@ -1,9 +1,17 @@
 //! When a queue wakes up and when it wakes the frontend: the event channel in both
 //! directions, late EOI against event storms, busy polling, and notify suppression.
 //!
-//! - Events in: the port's fd is polled by an SQE in the queue's io_uring
-//!   ([`Wake::arm`]); a wake-up reads the pending ports and leaves the port masked until the
-//!   pass is done ([`Wake::after_pass`]).
+//! - Events in, with no system call of their own: the port's fd is polled by an SQE in the
+//!   queue's io_uring ([`Wake::arm`]). A delivery masks the port until the pass is done
+//!   ([`Wake::after_pass`]); then [`Wake::unmask`] queues, for the `io_uring_enter` that
+//!   also waits, the unmask (on the Linux device a `WRITEV` of the port; the simulation's
+//!   unmask is a store in shared memory, made at once), the read of the delivery that woke
+//!   the queue (4 bytes: exactly one delivery, so a second one keeps the fd readable and a
+//!   request that arrived after the ring's final check still wakes the queue), and, linked
+//!   after the read, the next poll. A read is armed only behind a poll that saw a delivery:
+//!   the evtchn device has no `FMODE_NOWAIT`, so a read of an empty, non-blocking fd would
+//!   just fail (or be punted to io-wq on older kernels), and the simulation's socket would
+//!   wait in it instead of in the poll.
 //! - Event storms (XSA-332): a wake-up that finds no request is spurious; after the second in
 //!   a row the port is unmasked only after a delay that doubles from 1 ms up to 1 s, as
 //!   Linux's late-EOI handling does.
@@ -15,12 +23,13 @@
 use std::time::{Duration, Instant};
 
 use ring::{BackRing, RingError};
+use rustix::io::Errno;
 use shmem::SharedMem;
-use xen::{EventChannel, Port};
+use xen::{EventChannel, EvtchnError, Port};
 
 use super::error::QueueError;
 use super::stats::{Count, Meter};
-use super::uring::{Control, Uring};
+use super::uring::{Control, EvtchnOp, Uring};
 
 /// The longest late-EOI delay (Linux: `HZ` jiffies).
 const MAX_EOI_DELAY: Duration = Duration::from_secs(1);
@@ -86,31 +95,59 @@ impl Wake {
         !self.poll.is_zero()
     }
 
-    /// Arms the poll of the port's fd.
+    /// Arms the poll of the port's fd (with nothing delivered to read first).
     ///
     /// # Errors
     /// When the SQE cannot be queued.
     pub(super) fn arm(&mut self, uring: &mut Uring) -> Result<(), QueueError> {
+        self.arm_after(uring, false)
+    }
+
+    fn arm_after(&mut self, uring: &mut Uring, read_first: bool) -> Result<(), QueueError> {
         uring
-            .poll(Control::Event, self.evtchn.as_fd())
+            .evtchn_arm(self.evtchn.as_fd(), read_first)
             .map_err(|source| QueueError::Arm {
                 what: "event poll",
                 source,
             })
     }
 
-    /// The port fired: reads the pending ports; the port stays masked until the pass ends.
+    /// An operation on the port's fd completed; `true` when it is the poll seeing a delivery
+    /// (then call [`Wake::event`]).
     ///
     /// # Errors
-    /// When the event channel cannot be read.
-    pub(super) fn event(&mut self, meter: &dyn Meter) -> Result<(), QueueError> {
+    /// When the event channel fails (a read, an unmask, the poll itself).
+    pub(super) fn completed(
+        &mut self,
+        uring: &mut Uring,
+        op: EvtchnOp,
+        result: Result<usize, Errno>,
+    ) -> Result<bool, QueueError> {
+        let io = |e: Errno| EvtchnError::Io(e.into());
+        match (op, result) {
+            (EvtchnOp::Poll, Ok(_)) => Ok(true),
+            // The read linked before it failed (and the device dealt with it): poll again.
+            (EvtchnOp::Poll, Err(Errno::CANCELED)) => self.arm(uring).map(|()| false),
+            (EvtchnOp::Poll, Err(e)) => Err(QueueError::Pending(io(e))),
+            (EvtchnOp::Read(bytes), result) => {
+                // Only the device knows what the bytes mean (it filters them to its ports);
+                // the queue needs no port: a wake-up means "look at the ring".
+                self.ports.clear();
+                let read = result.map(|n| bytes.get(..n).unwrap_or(&bytes));
+                self.evtchn
+                    .read_done(read, &mut self.ports)
+                    .map_err(QueueError::Pending)?;
+                Ok(false)
+            }
+            (EvtchnOp::Unmask, Ok(_)) => Ok(false),
+            (EvtchnOp::Unmask, Err(e)) => Err(QueueError::Unmask(io(e))),
+        }
+    }
+
+    /// The port fired: it stays masked until the pass ends.
+    pub(super) fn event(&mut self, meter: &dyn Meter) {
         meter.count(Count::Event);
-        self.ports.clear();
-        self.evtchn
-            .pending(&mut self.ports)
-            .map_err(QueueError::Pending)?;
         self.eoi_due = true;
-        Ok(())
     }
 
     /// Counts `n` requests taken off the ring.
@@ -152,14 +189,25 @@ impl Wake {
         }
     }
 
-    /// Unmasks the port and re-arms its poll (now, or when the EOI delay expires).
+    /// Unmasks the port, reads the delivery that woke the queue and re-arms the poll (at the
+    /// end of a pass, or when the EOI delay expires), all queued for the next
+    /// `io_uring_enter` but the simulation's unmask (see the module's documentation).
     ///
     /// # Errors
     /// When unmasking or arming fails.
     pub(super) fn unmask(&mut self, uring: &mut Uring) -> Result<(), QueueError> {
         self.consumed_since_unmask = 0;
-        self.evtchn.unmask(self.port).map_err(QueueError::Unmask)?;
-        self.arm(uring)
+        if self.evtchn.unmask_is_write() {
+            uring
+                .evtchn_unmask(self.evtchn.as_fd(), self.port)
+                .map_err(|source| QueueError::Arm {
+                    what: "unmask",
+                    source,
+                })?;
+        } else {
+            self.evtchn.unmask(self.port).map_err(QueueError::Unmask)?;
+        }
+        self.arm_after(uring, true)
     }
 
     /// Publishes the responses written and notifies the frontend if it asked.

@@ -19,7 +19,9 @@ use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, IoUring};
 
 /// The operations a queue submits: reads and writes (bounce buffers or grant mappings),
-/// `fdatasync`, discard (block `URING_CMD` or `fallocate`), the event-channel poll and timers;
+/// `fdatasync`, discard (block `URING_CMD` or `fallocate`), the event channel's poll, read and
+/// unmask (`READV` and `WRITEV` of one iovec, so that they need no opcode of their own) and
+/// timers;
 /// for an NBD export, sends and receives on its socket, connected before confinement, and its
 /// shutdown (a ring can name no other socket, and none can connect).
 pub const OPCODES: [u8; 13] = [

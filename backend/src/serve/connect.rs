@@ -122,6 +122,7 @@ impl Backend {
             );
             params.grant_mode = self.grant_mode;
             params.poll = self.poll;
+            params.sqpoll = self.sqpoll;
             params.nbd_timeout = self.nbd_timeout;
             params.nbd_connector = self.nbd_connector.clone();
             if index > 0 && device.nbd_export().is_some() {

@@ -76,6 +76,9 @@ pub struct ServeConfig {
     pub grant_mode: GrantMode,
     /// How long each queue busy-polls before sleeping (zero: never).
     pub poll: Duration,
+    /// Each queue's SQEs are submitted by a kernel thread
+    /// ([`crate::dataplane::QueueParams::sqpoll`]).
+    pub sqpoll: bool,
     /// For an NBD export: how long requests may go without any reply before the connection
     /// is given up ([`crate::dataplane::QueueParams::nbd_timeout`]).
     pub nbd_timeout: Duration,
@@ -172,6 +175,7 @@ struct Backend {
     features: Features,
     grant_mode: GrantMode,
     poll: Duration,
+    sqpoll: bool,
     nbd_timeout: Duration,
     nbd_program: Option<PathBuf>,
     nbd_connector: Option<Arc<Connector>>,
@@ -269,6 +273,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         max_queues: config.features.max_queues,
         grant_mode: config.grant_mode,
         poll: config.poll,
+        sqpoll: config.sqpoll,
         nbd_timeout: config.nbd_timeout,
         nbd_program: config.nbd_connector,
         nbd_connector: None,

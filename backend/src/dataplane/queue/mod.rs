@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ring::{
-    BackRing, DeviceLimits, IndirectPage, Parsed, ProtocolViolation, RawRequest, RingError, Status,
+    BackRing, DeviceLimits, IndirectHeader, IndirectPage, Parsed, ProtocolViolation, RawRequest,
+    Request, RingError, Status,
 };
 use shmem::SharedMem;
-use xen::{Access, GrantError, GrantMapping, GrantStatus};
+use xen::{Access, GrantError, GrantMapping, GrantRef};
 
 use super::bounce::{BounceMem, BouncePool};
 use super::error::QueueError;
@@ -28,13 +29,17 @@ use super::observer::QueueObserver;
 use super::persistent::PersistentGrants;
 use super::slot::Slots;
 use super::stats::{Bursts, Count, GaugeShare, Meter, Stats};
-use super::uring::{Control, Reaped, Uring};
+use super::uring::{Control, EvtchnOp, Reaped, Uring};
 use super::wake::{Polled, Wake};
 use super::{DataplaneError, Features, GrantMode, QueueExit, QueueParams};
 use crate::device::Device;
 use crate::inflight::QueueLog;
 
 mod request;
+
+/// Indirect requests are parked as the ring is consumed and started together, the pages of
+/// all of them read in one grant operation: up to this many pages at a time.
+const PARKED_PAGES: usize = 32;
 
 /// Large bounce regions for indirect requests in copy mode (each `max_indirect_segments`
 /// pages); an indirect request that finds none free waits (counted in `oo_req`).
@@ -76,8 +81,14 @@ pub(super) struct Queue {
     /// The queue took over from a backend that died: the frontend is notified once.
     resumed: bool,
 
+    /// Indirect requests consumed and waiting for their pages (see [`PARKED_PAGES`]).
+    parked: Vec<(IndirectHeader, Option<u32>)>,
+    /// Requests validated and waiting, in ring order, behind one that waits to start.
+    ready: VecDeque<(Request, Option<u32>)>,
+
     // Scratch, reused every pass.
     reaped: Vec<Reaped>,
+    parked_ok: Vec<bool>,
     batch: Vec<usize>,
     failed: Vec<bool>,
     ind_pages: Vec<IndirectPage>,
@@ -165,7 +176,7 @@ impl Queue {
         let files = [io_fd, wake.evtchn().as_fd(), stop_fd.as_fd()];
         let export = p.device.nbd_export().copied();
         let replace_files = export.is_some() && p.nbd_connector.is_some();
-        let mut uring = Uring::new(size, max_segs, bounce, &files, replace_files)
+        let mut uring = Uring::new(size, max_segs, bounce, &files, replace_files, p.sqpoll)
             .map_err(DataplaneError::Uring)?;
         let mut bursts = Bursts::new();
         if let Some(export) = export {
@@ -205,9 +216,10 @@ impl Queue {
             reaped: Vec::with_capacity(size * 2 + 8),
             batch: Vec::with_capacity(size),
             failed: Vec::with_capacity(size),
-            ind_pages: (0..ring::MAX_INDIRECT_PAGES)
-                .map(|_| IndirectPage::new())
-                .collect(),
+            ind_pages: (0..PARKED_PAGES).map(|_| IndirectPage::new()).collect(),
+            parked: Vec::new(),
+            ready: VecDeque::new(),
+            parked_ok: Vec::new(),
         })
     }
 
@@ -281,10 +293,12 @@ impl Queue {
             // Timers (purge ticks, EOI delays) are not activity: only events and completions.
             let active = reaped
                 .iter()
-                .any(|r| matches!(r, Reaped::Control(Control::Event) | Reaped::Slot(_)));
+                .any(|r| matches!(r, Reaped::Evtchn(EvtchnOp::Poll, Ok(_)) | Reaped::Slot(_)));
             for r in reaped.drain(..) {
                 match r {
-                    Reaped::Control(Control::Event) => event = true,
+                    Reaped::Evtchn(op, result) => {
+                        event |= self.wake.completed(&mut self.uring, op, result)?;
+                    }
                     Reaped::Control(Control::Stop) => {
                         self.stopping = true;
                         self.uring.nbd_stop_waiting();
@@ -302,23 +316,28 @@ impl Queue {
                 if let Some(o) = self.observer.as_mut() {
                     o.event();
                 }
-                self.wake.event(&*self.stats)?;
+                self.wake.event(&*self.stats);
             }
-            self.copy(&mem, false);
             loop {
                 self.slots.take_freed();
                 if let Some(slot) = self.slots.take_deferred() {
                     self.start(&mem, slot);
                 }
+                self.start_ready(&mem);
+                let mut full = false;
                 if !(self.stopping || self.broken.is_some()) {
                     let n = self.consume(&mem)?;
                     self.wake.consumed(n);
+                    full = self.slots.is_full();
                 }
-                self.copy(&mem, true);
-                // A request that waits (for a barrier's drain or a bounce region) may have
-                // become startable by a slot freed after it was tried, with no completion
-                // left to wake us: try again (the loop ends once nothing more is freed).
-                if !(self.slots.has_deferred() && self.slots.take_freed()) {
+                // The pass's copies, in and out, in one batch: after consuming, so that the
+                // writes just taken join the reads completed.
+                self.copy(&mem);
+                // A slot freed after it was needed, with no completion left to wake us: by a
+                // request that waits (for a barrier's drain or a bounce region), or by the
+                // ring, whose consumption stopped on a full table without asking for an event.
+                // Go round again (the loop ends once nothing more is freed).
+                if !((self.slots.has_deferred() || full) && self.slots.take_freed()) {
                     break;
                 }
             }
@@ -404,8 +423,8 @@ impl Queue {
         Ok(())
     }
 
-    /// Takes requests off the ring while slots are free, after those a dead backend left
-    /// (`backlog`). Returns how many were consumed.
+    /// Takes requests off the ring while slots are free and no request waits, after those a
+    /// dead backend left (`backlog`). Returns how many were consumed.
     ///
     /// # Errors
     /// When publishing responses to make room in the in-flight log fails.
@@ -413,7 +432,7 @@ impl Queue {
         let limits = self.limits();
         let mut n = 0;
         loop {
-            while !self.slots.has_deferred() && !self.slots.is_full() {
+            while !self.slots.has_deferred() && self.ready.is_empty() && !self.slots.is_full() {
                 if let Some((entry, raw)) = self.backlog.pop_front() {
                     n += 1;
                     self.accept(mem, &raw, &limits, Some(entry));
@@ -432,12 +451,18 @@ impl Queue {
                     Ok(None) => break,
                     Err(e) => {
                         self.ring_error(e);
+                        self.start_parked(mem, &limits);
                         return Ok(n);
                     }
                 }
             }
+            self.start_parked(mem, &limits);
             // A polling queue asks for an event only before it sleeps (`Wake::poll_for_work`).
-            if self.slots.has_deferred() || self.slots.is_full() || self.wake.polls() {
+            if self.slots.has_deferred()
+                || !self.ready.is_empty()
+                || self.slots.is_full()
+                || self.wake.polls()
+            {
                 return Ok(n);
             }
             match self.back.final_check_for_requests(mem) {
@@ -461,7 +486,8 @@ impl Queue {
         }
     }
 
-    /// Validates one request and starts it (or answers it at once).
+    /// Validates one request and starts it (or answers it at once), or parks it if it is
+    /// indirect.
     fn accept(
         &mut self,
         mem: &SharedMem<'_>,
@@ -472,26 +498,79 @@ impl Queue {
         if let Some(o) = self.observer.as_mut() {
             o.slot(raw, limits);
         }
-        let req = match ring::parse(raw, limits) {
-            Ok(Parsed::Ready(req)) => req,
+        let parsed = match ring::parse(raw, limits) {
             Ok(Parsed::Indirect(h)) => {
-                let grefs = h.page_grefs();
-                let fetched = match self.ind_pages.get_mut(..grefs.len()) {
-                    Some(pages) => self.grants.fetch_indirect(grefs, pages),
-                    None => Err(GrantStatus::GeneralError),
-                };
-                if let Err(status) = fetched {
-                    tracing::debug!(queue = %self.name, id = h.id, "indirect pages unreachable: {status:?}");
-                    return self.put(mem, &h.response(Status::Error), entry);
+                let parked: usize = self.parked.iter().map(|(p, _)| p.pages()).sum();
+                if parked + h.pages() > self.ind_pages.len() {
+                    self.start_parked(mem, limits);
                 }
-                let pages = self.ind_pages.get(..h.pages()).unwrap_or(&[]);
-                match ring::parse_indirect(&h, pages, limits) {
-                    Ok(req) => req,
-                    Err(rej) => return self.reject(mem, &rej, entry),
+                return self.parked.push((h, entry));
+            }
+            Ok(Parsed::Ready(req)) => Ok(req),
+            Err(rej) => Err(rej),
+        };
+        // In ring order: the indirect requests before this one go first.
+        self.start_parked(mem, limits);
+        match parsed {
+            Ok(req) => self.enqueue(mem, req, entry),
+            Err(rej) => self.reject(mem, &rej, entry),
+        }
+    }
+
+    /// Reads the pages of the parked indirect requests in one grant operation, validates
+    /// them and starts them (or answers them at once).
+    fn start_parked(&mut self, mem: &SharedMem<'_>, limits: &DeviceLimits) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let mut parked = std::mem::take(&mut self.parked);
+        let grefs: Vec<&[GrantRef]> = parked.iter().map(|(h, _)| h.page_grefs()).collect();
+        self.grants
+            .fetch_indirect(&grefs, &mut self.ind_pages, &mut self.parked_ok);
+        let mut at = 0;
+        for (i, (h, entry)) in parked.iter().enumerate() {
+            let req = match self.parked_ok.get(i) {
+                Some(true) => self
+                    .ind_pages
+                    .get(at..at + h.pages())
+                    .map(|pages| ring::parse_indirect(h, pages, limits)),
+                _ => None,
+            };
+            at += h.pages();
+            match req {
+                Some(Ok(req)) => self.enqueue(mem, req, *entry),
+                Some(Err(rej)) => self.reject(mem, &rej, *entry),
+                None => {
+                    tracing::debug!(queue = %self.name, id = h.id, "indirect pages unreachable");
+                    self.put(mem, &h.response(Status::Error), *entry);
                 }
             }
-            Err(rej) => return self.reject(mem, &rej, entry),
-        };
+        }
+        drop(grefs);
+        parked.clear();
+        self.parked = parked;
+    }
+
+    /// Starts a validated request, or queues it in `ready` behind one that waits (requests
+    /// start in ring order).
+    fn enqueue(&mut self, mem: &SharedMem<'_>, req: Request, entry: Option<u32>) {
+        if self.slots.has_deferred() || !self.ready.is_empty() {
+            return self.ready.push_back((req, entry));
+        }
+        self.take_and_start(mem, req, entry);
+    }
+
+    /// Starts the requests in `ready` until one waits.
+    fn start_ready(&mut self, mem: &SharedMem<'_>) {
+        while !self.slots.has_deferred() {
+            let Some((req, entry)) = self.ready.pop_front() else {
+                return;
+            };
+            self.take_and_start(mem, req, entry);
+        }
+    }
+
+    fn take_and_start(&mut self, mem: &SharedMem<'_>, req: Request, entry: Option<u32>) {
         if self.slots.is_full() {
             // Cannot happen: the ring hands out no more requests than there are slots.
             return self.put(mem, &req.response(Status::Error), entry);

@@ -220,17 +220,21 @@ impl Queue {
         }
     }
 
-    /// Grant-copies, in one batch, the data of every write waiting in `CopyIn` (`copy_in`)
-    /// and submits those whose copy succeeded, or of every read waiting in `CopyOut` and
-    /// answers them.
-    pub(super) fn copy(&mut self, mem: &SharedMem<'_>, copy_in: bool) {
+    /// Grant-copies, in one batch (one `GNTTABOP_copy`), the data of every write waiting in
+    /// `CopyIn` and of every read waiting in `CopyOut`; then submits the writes and answers
+    /// the reads whose copy succeeded.
+    pub(super) fn copy(&mut self, mem: &SharedMem<'_>) {
         let mut batch = std::mem::take(&mut self.batch);
-        self.slots.waiting_for_copy(copy_in, &mut batch);
+        self.slots.waiting_for_copy(&mut batch);
         if !batch.is_empty() {
             self.grants
                 .copy(self.slots.as_mut_slice(), &batch, &mut self.failed);
             for (bi, &slot) in batch.iter().enumerate() {
                 let failed = self.failed.get(bi).copied().unwrap_or(true);
+                let copy_in = self
+                    .slots
+                    .get(slot)
+                    .is_some_and(|s| matches!(s.state, State::CopyIn { .. }));
                 if failed {
                     let id = self.slots.get(slot).map_or(0, |s| s.req.id);
                     let what = if copy_in { "write" } else { "read" };

@@ -7,6 +7,8 @@
 //!   resize, queues sharing a device.
 //! - `hostile`: broken rings, event storms, hostile slots, a dying frontend, stopping.
 //! - `resume`: taking a ring over from a dead backend's in-flight log.
+//! - `wake`: one trip to the kernel per pass: the event channel through the io_uring, one
+//!   grant copy call and one notification at most.
 //!
 //! The harness here is shared with the unit tests of the pieces (`sim_guest`, `TempDir`).
 
@@ -29,6 +31,7 @@ mod hostile;
 mod map_mode;
 mod resume;
 mod round_trip;
+mod wake;
 
 pub(super) const FRONT: xen::DomId = 7;
 /// Guest pages: up to 16 ring pages, then data pages.

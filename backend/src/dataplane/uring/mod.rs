@@ -33,6 +33,10 @@ mod ops;
 
 pub(super) use nbd::{NbdRequest, NbdSubmitError};
 
+/// How long the kernel's submission thread (`--sqpoll`) polls for new SQEs after the last
+/// before it sleeps, in milliseconds (a submission then wakes it with one system call).
+const SQPOLL_IDLE_MS: u32 = 1;
+
 /// Tag bit of operations that belong to no request slot.
 const CONTROL: u64 = 1 << 63;
 /// Tag bit of a slot's secondary operation (the fsync linked after a write).
@@ -41,8 +45,6 @@ const AUX: u64 = 1 << 32;
 /// What a control (non-request) completion was for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Control {
-    /// The event-channel fd polled readable.
-    Event,
     /// The stop eventfd polled readable.
     Stop,
     /// The late-EOI delay expired.
@@ -55,7 +57,6 @@ impl Control {
     fn tag(self) -> u64 {
         CONTROL
             | match self {
-                Control::Event => 1,
                 Control::Stop => 2,
                 Control::EoiTimer => 3,
                 Control::Tick => 4,
@@ -64,7 +65,6 @@ impl Control {
 
     fn from_tag(tag: u64) -> Option<Self> {
         match tag {
-            t if t == Control::Event.tag() => Some(Control::Event),
             t if t == Control::Stop.tag() => Some(Control::Stop),
             t if t == Control::EoiTimer.tag() => Some(Control::EoiTimer),
             t if t == Control::Tick.tag() => Some(Control::Tick),
@@ -72,6 +72,69 @@ impl Control {
         }
     }
 }
+
+/// Tag of the event channel's poll.
+const EVTCHN_POLL: u64 = CONTROL | 1;
+/// Tag of the event channel's read (of the delivery that woke the queue).
+const EVTCHN_READ: u64 = CONTROL | 9;
+/// Tag of the event channel's unmask (a write of the port).
+const EVTCHN_UNMASK: u64 = CONTROL | 10;
+
+/// An operation on the event channel's fd (see `wake`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EvtchnOp {
+    /// The poll completed: readable (a port was delivered), or cancelled.
+    Poll,
+    /// The read of one delivery completed; its bytes come with it.
+    Read([u8; EVTCHN_READ_BYTES]),
+    /// The unmask write completed.
+    Unmask,
+}
+
+/// Bytes of one event channel read: one port, so that each wake-up consumes exactly the one
+/// delivery that caused it (a second one keeps the fd readable).
+const EVTCHN_READ_BYTES: usize = 4;
+
+/// The memory of the event channel's read and unmask write, boxed so that it does not move
+/// while the kernel uses it (until their CQEs: [`Uring::drain`] waits for them).
+#[derive(Debug)]
+struct EvtchnIo {
+    read: [u8; EVTCHN_READ_BYTES],
+    unmask: [u8; 4],
+    read_iov: Iovec,
+    unmask_iov: Iovec,
+    /// Reads and writes submitted and not completed.
+    in_flight: u32,
+}
+
+impl EvtchnIo {
+    fn new() -> Box<Self> {
+        let none = Iovec {
+            base: std::ptr::null_mut(),
+            len: 0,
+        };
+        let mut io = Box::new(Self {
+            read: [0; EVTCHN_READ_BYTES],
+            unmask: [0; 4],
+            read_iov: none,
+            unmask_iov: none,
+            in_flight: 0,
+        });
+        io.read_iov = Iovec {
+            base: io.read.as_mut_ptr(),
+            len: EVTCHN_READ_BYTES,
+        };
+        io.unmask_iov = Iovec {
+            base: io.unmask.as_mut_ptr(),
+            len: io.unmask.len(),
+        };
+        io
+    }
+}
+
+// SAFETY: the iovecs point into the same box, which moves with it; only the kernel
+// dereferences them.
+unsafe impl Send for EvtchnIo {}
 
 /// One `struct iovec`, laid out as the kernel reads it.
 #[repr(C)]
@@ -123,6 +186,8 @@ pub(super) struct Completion {
 pub(super) enum Reaped {
     /// A control operation finished.
     Control(Control),
+    /// An operation on the event channel's fd finished, with its result.
+    Evtchn(EvtchnOp, Result<usize, Errno>),
     /// All of a slot's operations finished.
     Slot(Completion),
 }
@@ -137,6 +202,7 @@ pub(super) struct Uring {
     bounce: Option<Arc<BounceMem>>,
     eoi_ts: Box<types::Timespec>,
     tick_ts: Box<types::Timespec>,
+    evtchn_io: Box<EvtchnIo>,
     cqes: Vec<(u64, i32)>,
     /// The registered files (the ring is restricted to them: `crate::sandbox::uring`).
     files: Vec<RawFd>,
@@ -165,22 +231,33 @@ impl Uring {
     /// A ring for `slots` request slots of up to `max_segs` segments, with `bounce` registered
     /// as its fixed buffer (copy mode), restricted to the operations the queue submits on
     /// `files` (see `crate::sandbox::uring`); `replace_files` allows replacing a registered
-    /// file (an NBD connection re-established).
+    /// file (an NBD connection re-established); `sqpoll`: submitted by a kernel thread
+    /// ([`SQPOLL_IDLE_MS`]).
     pub(super) fn new(
         slots: usize,
         max_segs: usize,
         bounce: Option<Arc<BounceMem>>,
         files: &[BorrowedFd<'_>],
         replace_files: bool,
+        sqpoll: bool,
     ) -> io::Result<Self> {
         let entries = u32::try_from((slots * 2 + 8).next_power_of_two())
             .unwrap_or(4096)
             .min(4096);
-        let ring = crate::sandbox::uring::builder()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .build(entries)
-            .or_else(|_| crate::sandbox::uring::builder().build(entries))?;
+        let builder = || {
+            let mut b = crate::sandbox::uring::builder();
+            if sqpoll {
+                b.setup_sqpoll(SQPOLL_IDLE_MS);
+            }
+            b
+        };
+        let mut first = builder();
+        first.setup_single_issuer();
+        if !sqpoll {
+            // The kernel refuses COOP_TASKRUN with SQPOLL: task work runs in its thread.
+            first.setup_coop_taskrun();
+        }
+        let ring = first.build(entries).or_else(|_| builder().build(entries))?;
         if let Some(mem) = &bounce {
             let (base, len) = mem.span();
             let iov = [Iovec { base, len }];
@@ -207,20 +284,25 @@ impl Uring {
             bounce,
             eoi_ts: Box::new(types::Timespec::new()),
             tick_ts: Box::new(types::Timespec::new()),
+            evtchn_io: EvtchnIo::new(),
             cqes: Vec::with_capacity(entries as usize * 2),
             files,
             nbd: None,
         })
     }
 
-    /// Pushes entries, submitting first when the queue has no room.
+    /// Pushes entries, submitting first when the queue has no room (with `--sqpoll`, waiting
+    /// for the kernel's thread to take what is queued).
     fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
-        let room = {
-            let sq = self.ring.submission();
+        let room = |ring: &mut IoUring| {
+            let sq = ring.submission();
             sq.capacity() - sq.len()
         };
-        if room < entries.len() {
+        if room(&mut self.ring) < entries.len() {
             self.ring.submit()?;
+            if self.ring.params().is_setup_sqpoll() && room(&mut self.ring) < entries.len() {
+                self.ring.submitter().squeue_wait()?;
+            }
         }
         let mut sq = self.ring.submission();
         // SAFETY: every pointer in these entries refers to memory this Uring keeps alive until
@@ -234,11 +316,17 @@ impl Uring {
         unsafe { sq.push_multiple(entries) }.map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))
     }
 
-    /// Submits everything queued and waits for at least `want` completions.
+    /// Submits everything queued and waits for at least `want` completions, not counting the
+    /// event channel's reads and unmasks: they complete at once, and must not end the wait
+    /// (a pass for nothing, and one more `io_uring_enter`).
     ///
     /// # Errors
     /// A failed `io_uring_enter` other than `EINTR`/`EBUSY` (those count as success).
     pub(super) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        let want = match want {
+            0 => 0,
+            n => n + self.evtchn_io.in_flight as usize,
+        };
         match self.ring.submit_and_wait(want) {
             Ok(_) => Ok(()),
             // Interrupted, or the completion queue is full: reaping comes next either way.
@@ -283,6 +371,19 @@ impl Uring {
                     // Its outcome shows on the socket's other operations.
                     nbd::SHUTDOWN => self.nbd_shutdown_done(),
                     nbd::WATCHDOG => self.nbd_watchdog(out),
+                    EVTCHN_POLL | EVTCHN_READ | EVTCHN_UNMASK => {
+                        let op = match tag {
+                            EVTCHN_POLL => EvtchnOp::Poll,
+                            EVTCHN_READ => EvtchnOp::Read(self.evtchn_io.read),
+                            _ => EvtchnOp::Unmask,
+                        };
+                        if op != EvtchnOp::Poll {
+                            self.evtchn_io.in_flight = self.evtchn_io.in_flight.saturating_sub(1);
+                        }
+                        let result = usize::try_from(res)
+                            .map_err(|_| Errno::from_raw_os_error(res.saturating_neg()));
+                        out.push(Reaped::Evtchn(op, result));
+                    }
                     _ => {
                         if let Some(c) = Control::from_tag(tag) {
                             out.push(Reaped::Control(c));
@@ -330,7 +431,7 @@ impl Uring {
         self.nbd_close();
         // Requests waiting for a reconnection fail now.
         self.nbd_settle(out);
-        while self.slots_in_flight() > 0 || self.nbd_busy() {
+        while self.slots_in_flight() > 0 || self.nbd_busy() || self.evtchn_io.in_flight > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(Errno::INTR.raw_os_error()) {
                     return Err(e);
@@ -344,9 +445,10 @@ impl Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        // Wait for every request operation: the kernel may still write into bounce regions
-        // or grant mappings. Control operations (polls, timers) point at nothing that dies
-        // here but the timespecs, which the kernel copied at submission.
+        // Wait for every request operation and event channel read or write: the kernel may
+        // still write into bounce regions, grant mappings or `evtchn_io`. Polls and timers
+        // point at nothing that dies here but the timespecs, which the kernel copied at
+        // submission.
         let mut sink = Vec::new();
         if let Err(e) = self.drain(&mut sink) {
             // Cannot wait: leak what the kernel may still point at rather than free it under
@@ -355,6 +457,7 @@ impl Drop for Uring {
             tracing::error!("io_uring wait failed while draining: {e}; leaking buffers");
             std::mem::forget(std::mem::take(&mut self.flights));
             std::mem::forget(self.bounce.take());
+            std::mem::forget(std::mem::replace(&mut self.evtchn_io, EvtchnIo::new()));
         }
     }
 }
@@ -372,7 +475,7 @@ mod tests {
         let mut other = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false, false).unwrap();
         let r = other.small(0).unwrap();
         let (_, back) = u
             .submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 512), false)
@@ -381,12 +484,72 @@ mod tests {
         assert_eq!(u.slots_in_flight(), 0);
     }
 
+    /// Reaps until `n` event channel completions came (each waits at most 5 s).
+    fn evtchn_cqes(u: &mut Uring, n: usize) -> Vec<(EvtchnOp, Result<usize, Errno>)> {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.len() < n {
+            assert!(std::time::Instant::now() < deadline, "only {got:?}");
+            u.ring.submit_and_wait(1).unwrap();
+            let mut out = Vec::new();
+            u.reap(&mut out);
+            got.extend(out.into_iter().filter_map(|r| match r {
+                Reaped::Evtchn(op, res) => Some((op, res)),
+                _ => None,
+            }));
+        }
+        got
+    }
+
+    #[test]
+    fn the_unmask_writes_the_port_and_the_rearm_reads_one_delivery_before_polling() {
+        // A stream socket stands in for the evtchn device: what the peer writes are
+        // deliveries (ports), what the ring writes are unmasks.
+        let (ours, peer) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        let mut u = Uring::new(1, 1, None, &[ours.as_fd()], false, false).unwrap();
+        // The delivery that woke the queue, and one that came while the port was masked
+        // (a request pushed after the ring's final check).
+        let deliveries = [5u32.to_ne_bytes(), 6u32.to_ne_bytes()].concat();
+        rustix::io::write(&peer, &deliveries).unwrap();
+        u.evtchn_unmask(ours.as_fd(), 5).unwrap();
+        u.evtchn_arm(ours.as_fd(), true).unwrap();
+        let mut got = evtchn_cqes(&mut u, 3);
+        got.sort_by_key(|(op, _)| format!("{op:?}"));
+        assert_eq!(
+            got,
+            [
+                (EvtchnOp::Poll, Ok(1)),
+                (EvtchnOp::Read(5u32.to_ne_bytes()), Ok(4)),
+                (EvtchnOp::Unmask, Ok(4)),
+            ],
+            "one delivery read; the poll fires for the second"
+        );
+        let mut unmasked = [0u8; 8];
+        assert_eq!(rustix::io::read(&peer, &mut unmasked), Ok(4));
+        assert_eq!(unmasked[..4], 5u32.to_ne_bytes(), "the port, once");
+        // The second delivery is read by the next re-arm; the poll then waits.
+        u.evtchn_arm(ours.as_fd(), true).unwrap();
+        assert_eq!(
+            evtchn_cqes(&mut u, 1),
+            [(EvtchnOp::Read(6u32.to_ne_bytes()), Ok(4))]
+        );
+        u.submit_and_wait(0).unwrap();
+        assert!(!u.has_completions(), "nothing delivered: the poll waits");
+        assert_eq!(u.evtchn_io.in_flight, 0);
+    }
+
     #[test]
     fn dropping_the_ring_waits_for_in_flight_reads_into_the_pool() {
         let mut pool = BouncePool::new(1, 0, 0).unwrap();
         let file = std::fs::File::open("/dev/zero").unwrap();
         let files = [file.as_fd()];
-        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false).unwrap();
+        let mut u = Uring::new(1, 11, Some(Arc::clone(pool.mem())), &files, false, false).unwrap();
         let r = pool.small(0).unwrap();
         u.submit_rw(0, file.as_fd(), false, 0, Data::Bounce(r, 4096), false)
             .unwrap();

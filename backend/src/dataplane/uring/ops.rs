@@ -10,7 +10,7 @@ use io_uring::{opcode, squeue, types};
 use rustix::io::Errno;
 use xen::GrantMapping;
 
-use super::{Control, Data, Iovec, Uring, AUX};
+use super::{Control, Data, Iovec, Uring, AUX, EVTCHN_POLL, EVTCHN_READ, EVTCHN_UNMASK};
 use crate::dataplane::bounce::Region;
 
 /// `BLOCK_URING_CMD_DISCARD`: `_IO(0x12, 0)` (include/uapi/linux/fs.h, Linux 6.12).
@@ -245,6 +245,69 @@ impl Uring {
         let e = opcode::PollAdd::new(self.fixed(fd)?, rustix::event::PollFlags::IN.bits().into())
             .build();
         self.push(&[e.user_data(what.tag())])
+    }
+
+    /// Arms the event channel's poll; with `read_first`, reads the one delivery that woke
+    /// the queue first (linked: the poll is armed only once it is consumed, or cancelled if
+    /// the read fails). The device's fd has no `FMODE_NOWAIT`: a read that found nothing
+    /// would fail with `EAGAIN` (the fd is non-blocking) or wait in io-wq, so it is issued
+    /// only where a poll has seen a delivery. `READV` of one iovec rather than `READ`: the
+    /// allow-list has it already, and the kernel loops `read()` for a device without
+    /// `read_iter`.
+    ///
+    /// # Errors
+    /// When the submission queue is full even after submitting.
+    pub(in crate::dataplane) fn evtchn_arm(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        read_first: bool,
+    ) -> io::Result<()> {
+        let fdt = self.fixed(fd)?;
+        let poll = opcode::PollAdd::new(fdt, rustix::event::PollFlags::IN.bits().into())
+            .build()
+            .user_data(EVTCHN_POLL);
+        if !read_first {
+            return self.push(&[poll]);
+        }
+        let iov: *const Iovec = &self.evtchn_io.read_iov;
+        // Offset -1: at the file's position (the fd is a stream; it has none).
+        let read = opcode::Readv::new(fdt, iov.cast(), 1)
+            .offset(u64::MAX)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(EVTCHN_READ);
+        self.push(&[read, poll])?;
+        self.evtchn_io.in_flight += 1;
+        Ok(())
+    }
+
+    /// Unmasks `port` by writing its number on the event channel's fd (the Linux device's
+    /// unmask), submitted with whatever else is queued. `WRITEV`, as `READV` above.
+    ///
+    /// # Errors
+    /// When the submission queue is full even after submitting, or `port` is not the port of
+    /// an earlier write still in flight (its bytes cannot change under the kernel).
+    pub(in crate::dataplane) fn evtchn_unmask(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        port: xen::Port,
+    ) -> io::Result<()> {
+        let fdt = self.fixed(fd)?;
+        let bytes = port.to_ne_bytes();
+        if self.evtchn_io.unmask != bytes {
+            if self.evtchn_io.in_flight > 0 {
+                return Err(io::Error::other("an unmask of another port is in flight"));
+            }
+            self.evtchn_io.unmask = bytes;
+        }
+        let iov: *const Iovec = &self.evtchn_io.unmask_iov;
+        let write = opcode::Writev::new(fdt, iov.cast(), 1)
+            .offset(u64::MAX)
+            .build()
+            .user_data(EVTCHN_UNMASK);
+        self.push(&[write])?;
+        self.evtchn_io.in_flight += 1;
+        Ok(())
     }
 
     /// Arms a timer that completes after `after`.
