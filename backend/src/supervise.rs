@@ -134,7 +134,7 @@ impl KeptLog {
 /// # Errors
 /// [`SuperviseError`] when XenStore is unusable.
 pub fn supervise(config: &SuperviseConfig, stop: &AtomicBool) -> Result<(), SuperviseError> {
-    let xs = XenStore::open_reconnecting(&config.xenstore_path, RECONNECT_WITHIN)
+    let xs = XenStore::open_reconnecting(config.xenstore_path.clone(), RECONNECT_WITHIN)
         .map_err(xs_err("connecting"))?;
     let home = xs
         .get_domain_path(config.domid)

@@ -70,6 +70,14 @@ enum Command {
         /// The export's URI (the disk's `params`).
         uri: String,
     },
+    /// (Started by `serve` before it confines itself or switches user.) Open a new
+    /// connection to xenstored (its socket or the xenbus device) for each request on standard
+    /// input, as `nbd-connect` does; exits when `serve` closes it.
+    #[command(hide = true)]
+    XenstoreConnect {
+        /// xenstored's socket or `/dev/xen/xenbus`.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -379,6 +387,11 @@ fn run(
             backend::nbd_connector::run_connector(std::os::fd::AsFd::as_fd(&stdin), &uri)
                 .context("nbd-connect")
         }
+        Command::XenstoreConnect { path } => {
+            let stdin = std::io::stdin();
+            backend::xenstore_connector::run_connector(std::os::fd::AsFd::as_fd(&stdin), &path)
+                .context("xenstore-connect")
+        }
     }
 }
 
@@ -497,7 +510,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         grant_mode: args.tuning.grant_mode(),
         poll: Duration::from_micros(args.tuning.poll_us.into()),
         nbd_timeout: Duration::from_secs(args.tuning.nbd_timeout.into()),
-        nbd_connector: Some(std::env::current_exe().context("finding this program's path")?),
+        connector: Some(std::env::current_exe().context("finding this program's path")?),
         xenstore_reconnect: Duration::from_secs(args.tuning.xenstore_reconnect),
         stats_file: Some(stats_file),
         observer: recorder,
