@@ -343,6 +343,8 @@ fn setup_recording(cli: &Cli) -> anyhow::Result<Option<Arc<dyn Observer>>> {
         }
         // `run_supervise` hands each backend a file of its own.
         Command::Supervise(_) => {}
+        // A recording `serve`'s connectors inherit its environment; they record nothing.
+        Command::NbdConnect { .. } | Command::XenstoreConnect { .. } => {}
         _ => bail!("--record applies to serve, demo and supervise only"),
     }
     Ok(None)
