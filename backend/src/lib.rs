@@ -4,7 +4,8 @@
 //!   [`xenbus_state`] carried out against XenStore), with the device held race-free
 //!   ([`acquire`]) and served by the [`dataplane`];
 //! - [`supervise`]: one `serve` process per disk, started as devices appear;
-//! - [`nbd_connector`]: new connections to an NBD server for a backend already confined;
+//! - [`connector`]: new connections for a backend already confined, from a helper process:
+//!   to an NBD server ([`nbd_connector`]) and to xenstored ([`xenstore_connector`]);
 //!
 //! The `blkbackd` binary (its own crate) puts these together; the simulated platform and
 //! guest that tests, benches, the demo and replay use are the `sim` crate.
@@ -16,6 +17,7 @@
 
 pub mod acquire;
 pub mod advertise;
+pub mod connector;
 pub mod dataplane;
 pub mod dev_error;
 pub mod device;
@@ -29,3 +31,4 @@ pub mod serve;
 pub mod stats_file;
 pub mod supervise;
 pub mod xenbus_state;
+pub mod xenstore_connector;

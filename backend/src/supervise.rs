@@ -176,7 +176,7 @@ pub fn supervise(
     stop: &AtomicBool,
     upgrade: &AtomicBool,
 ) -> Result<(), SuperviseError> {
-    let xs = XenStore::open_reconnecting(&config.xenstore_path, RECONNECT_WITHIN)
+    let xs = XenStore::open_reconnecting(config.xenstore_path.clone(), RECONNECT_WITHIN)
         .map_err(xs_err("connecting"))?;
     let home = xs
         .get_domain_path(config.domid)

@@ -73,6 +73,14 @@ enum Command {
         /// The export's URI (the disk's `params`).
         uri: String,
     },
+    /// (Started by `serve` before it confines itself or switches user.) Open a new
+    /// connection to xenstored (its socket or the xenbus device) for each request on standard
+    /// input, as `nbd-connect` does; exits when `serve` closes it.
+    #[command(hide = true)]
+    XenstoreConnect {
+        /// xenstored's socket or `/dev/xen/xenbus`.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -344,6 +352,8 @@ fn setup_recording(cli: &Cli) -> anyhow::Result<Option<Arc<dyn Observer>>> {
         }
         // `run_supervise` hands each backend a file of its own.
         Command::Supervise(_) => {}
+        // A recording `serve`'s connectors inherit its environment; they record nothing.
+        Command::NbdConnect { .. } | Command::XenstoreConnect { .. } => {}
         _ => bail!("--record applies to serve, demo and supervise only"),
     }
     Ok(None)
@@ -387,6 +397,11 @@ fn run(
             let stdin = std::io::stdin();
             backend::nbd_connector::run_connector(std::os::fd::AsFd::as_fd(&stdin), &uri)
                 .context("nbd-connect")
+        }
+        Command::XenstoreConnect { path } => {
+            let stdin = std::io::stdin();
+            backend::xenstore_connector::run_connector(std::os::fd::AsFd::as_fd(&stdin), &path)
+                .context("xenstore-connect")
         }
     }
 }
@@ -515,7 +530,10 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         poll: Duration::from_micros(args.tuning.poll_us.into()),
         sqpoll: args.tuning.sqpoll,
         nbd_timeout: Duration::from_secs(args.tuning.nbd_timeout.into()),
-        nbd_connector: Some(std::env::current_exe().context("finding this program's path")?),
+        // This very image, not the file at its path: after an upgrade (or with the
+        // supervisor's fallback) that file may be another program or gone, and the
+        // connectors must speak this one's protocol.
+        connector: Some(PathBuf::from("/proc/self/exe")),
         xenstore_reconnect: Duration::from_secs(args.tuning.xenstore_reconnect),
         stats_file: Some(stats_file),
         observer: recorder,

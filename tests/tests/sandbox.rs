@@ -7,9 +7,11 @@
 //! `BLKBACKD_SANDBOX_CHILD` naming what to try), since confinement cannot be undone.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use backend::sandbox::{self, Policy, Reachable};
 use io_uring::{opcode, types};
@@ -206,7 +208,7 @@ fn a_confined_process_cannot_open_a_new_file() {
 #[test]
 fn a_forbidden_system_call_kills_the_process() {
     if let Some(what) = std::env::var_os(CHILD) {
-        confine_child();
+        let dir = confine_child();
         let dgram_socket =
             |family| rustix::net::socket(family, rustix::net::SocketType::DGRAM, None);
         if what == "allowed" {
@@ -238,6 +240,20 @@ fn a_forbidden_system_call_kills_the_process() {
             let _ = ioctl(&null, TIOCSTI);
             child_exit(false, "ioctl(TIOCSTI) returned");
         }
+        if what == "connect" {
+            // No connection even to a unix socket in reach: new ones come from connectors
+            // (backend::connector), started before confinement.
+            let sock = rustix::net::socket(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::STREAM,
+                None,
+            )
+            .unwrap_or_else(|e| child_exit(false, &format!("socket: {e}")));
+            let addr = rustix::net::SocketAddrUnix::new(dir.join("reachable/listener"))
+                .unwrap_or_else(|e| child_exit(false, &format!("address: {e}")));
+            let _ = rustix::net::connect(&sock, &addr);
+            child_exit(false, "connect returned");
+        }
         if what == "inet" {
             // A network socket is not: killed here.
             let _ = dgram_socket(rustix::net::AddressFamily::INET);
@@ -256,6 +272,11 @@ fn a_forbidden_system_call_kills_the_process() {
     assert_eq!(status.signal(), Some(SIGSYS), "forbidden: {status}");
     let unix = child(test, "unix", tmp.path());
     assert!(unix.success(), "unix: {unix}");
+    let _listener =
+        std::os::unix::net::UnixListener::bind(tmp.path().join("reachable/listener")).unwrap();
+    let connect = child(test, "connect", tmp.path());
+    assert_eq!(connect.signal(), Some(SIGSYS), "connect: {connect}");
+    assert!(!sandbox::syscalls::ALLOWED.contains(&"connect"));
     let inet = child(test, "inet", tmp.path());
     assert_eq!(inet.signal(), Some(SIGSYS), "inet: {inet}");
     let ioctl_allowed = child(test, "ioctl-allowed", tmp.path());
@@ -359,6 +380,13 @@ fn with_user_the_backend_serves_as_that_user() {
         threads.iter().any(|t| t.name == READER),
         "no XenStore reader"
     );
+    // xenstored restarts, and its new socket is root's alone, as on a host: the backend,
+    // running as nobody, connects again through its connector (started as root), or it
+    // could not follow the removal below.
+    let xenstored = sim::xenstored_dir(sim.dir());
+    std::fs::set_permissions(&xenstored, std::fs::Permissions::from_mode(0o700)).unwrap();
+    sim.restart_xenstored(Duration::from_millis(100));
+    exercise(&mut front, &mut model);
     remove(&sim, &spec, &mut backend, &mut front);
 }
 

@@ -29,7 +29,7 @@
 //!      buffers to that limit otherwise (logged at info level);
 //!   4. seccomp, on all threads (`SECCOMP_FILTER_FLAG_TSYNC`): an allow-list of the system
 //!      calls the backend really makes ([`syscalls::ALLOWED`] and [`syscalls::ALLOWED_ARCH`]:
-//!      81 names on x86_64; `socket` for `AF_UNIX` only; `ioctl` for the 12 requests of
+//!      81 names on x86_64, not `connect`; `socket` for `AF_UNIX` only; `ioctl` for the 12 requests of
 //!      [`syscalls::IOCTLS`] only: event channels, grant maps and copies, the disk's size and
 //!      discard); any other call or request kills the process (`SECCOMP_RET_KILL_PROCESS`).
 //!      Landlock also limits device ioctls to the event-channel device among the files
@@ -41,11 +41,12 @@
 //!   the event channel, the stop eventfd), then enabled ([`uring`]). An NBD export's socket is
 //!   connected and negotiated before confinement and is the disk's registered file: the ring
 //!   sends and receives on it, and neither the ring (no `SOCKET`, `CONNECT`) nor seccomp (no
-//!   `socket` but `AF_UNIX`; `connect` is there for xenstored, so a unix-socket export stays
-//!   reachable) lets the process open another TCP connection. A lost connection is
-//!   replaced by the connector `serve` starts before confinement (`crate::nbd_connector`: a
+//!   `connect`, no `socket` but `AF_UNIX`) lets the process open another. A lost connection
+//!   is replaced by a connector `serve` starts before confinement ([`crate::connector`]: a
 //!   child process that can connect only to the disk's URI and passes the socket back), and
-//!   that ring alone may replace its registered socket (`IORING_REGISTER_FILES_UPDATE`). io_uring operations are
+//!   that ring alone may replace its registered socket (`IORING_REGISTER_FILES_UPDATE`);
+//!   xenstored's socket or `/dev/xen/xenbus`, after a xenstored restart, likewise comes from
+//!   a connector ([`crate::xenstore_connector`]). io_uring operations are
 //!   not seen by seccomp, so the ring gets its own allow-list. Each queue's event-channel
 //!   handle is restricted to the frontend's domain (`IOCTL_EVTCHN_RESTRICT_DOMID`).
 //!

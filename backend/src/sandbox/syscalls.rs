@@ -29,10 +29,10 @@
 //!   `io_uring_enter`, `eventfd2`, `ioctl` ([`IOCTLS`]: grant maps and copies, event
 //!   channels, block device size and discard), `openat` (`open` on x86_64) and `close` (the event-channel device, opened per queue: Landlock
 //!   decides which paths), `fcntl`, `fstat`/`newfstatat`/`statx`;
-//! - connecting to xenstored's socket again after it restarted (see
-//!   `xen::xenstore::XenStore::open_reconnecting`): `socket` (`AF_UNIX` only) and `connect`.
-//!   This lets a confined backend connect to any unix socket its user may reach, which the
-//!   rest of this list does not;
+//! - new connections (to xenstored after it restarted, to an NBD server) come from
+//!   connectors started before confinement (`crate::connector`), over `sendmsg`/`recvmsg`:
+//!   there is no `connect`, so a confined backend reaches no socket it was not given;
+//!   `wait4` reaps a connector (only the backend's own children);
 //! - the simulated platform: `socket`, `bind`, `unlink`/`unlinkat` (event-channel sockets),
 //!   `sched_yield` (grant-table spin);
 //! - the statistics file: `openat`, `write`, `rename`/`renameat`/`renameat2`,
@@ -54,7 +54,6 @@ pub const ALLOWED: &[&str] = &[
     "clone",
     "clone3",
     "close",
-    "connect",
     "eventfd2",
     "exit",
     "exit_group",
@@ -119,6 +118,7 @@ pub const ALLOWED: &[&str] = &[
     "tgkill",
     "uname",
     "unlinkat",
+    "wait4",
     "write",
     "writev",
 ];

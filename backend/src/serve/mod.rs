@@ -46,6 +46,7 @@ use crate::frontend_config::FrontendConfig;
 use crate::inflight::Log;
 use crate::nbd_connector::Connector;
 use crate::stats_file::StatsFile;
+use crate::xenstore_connector::XenStoreConnector;
 
 mod connect;
 mod hold;
@@ -82,11 +83,13 @@ pub struct ServeConfig {
     /// For an NBD export: how long requests may go without any reply before the connection
     /// is given up ([`crate::dataplane::QueueParams::nbd_timeout`]).
     pub nbd_timeout: Duration,
-    /// For an NBD export: the program to start as its connector (`PROGRAM nbd-connect URI`,
-    /// [`crate::nbd_connector`]), so that a lost connection can be replaced once confined, and
-    /// queues get connections of their own (multi-conn); `None`: a lost connection is given
-    /// up, and the export is served by one queue.
-    pub nbd_connector: Option<PathBuf>,
+    /// The program to start as connectors ([`crate::connector`]), so that a confined
+    /// backend can connect again: `PROGRAM xenstore-connect PATH` to xenstored after it
+    /// restarted, and for an NBD export `PROGRAM nbd-connect URI` to replace a lost
+    /// connection and give queues connections of their own (multi-conn). `None` (only for a
+    /// backend that is not confined): xenstored is dialled again by path, a lost NBD
+    /// connection is given up, and the export is served by one queue.
+    pub connector: Option<PathBuf>,
     /// How long to try to connect to xenstored again after it went away (a restart) before
     /// the connection counts as lost ([`XenStore::open_reconnecting`]).
     pub xenstore_reconnect: Duration,
@@ -236,9 +239,14 @@ impl RateLimit {
 /// device or the frontend are reported in XenStore and do not end serving.
 pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeError> {
     let be = BackendPath::parse(&config.backend_path)?;
-    let xs =
-        XenStore::open_reconnecting(config.platform.xenstore_path(), config.xenstore_reconnect)
-            .map_err(xs_err("connecting"))?;
+    let path = config.platform.xenstore_path();
+    let xs = match &config.connector {
+        Some(program) => XenStoreConnector::start(program, &path)
+            .map_err(|e| XsError::Io(std::io::Error::other(e)))
+            .and_then(|dial| XenStore::open_reconnecting(dial, config.xenstore_reconnect)),
+        None => XenStore::open_reconnecting(path, config.xenstore_reconnect),
+    }
+    .map_err(xs_err("connecting"))?;
     let home = xs
         .get_domain_path(config.platform.domid())
         .map_err(xs_err("reading our domain path"))?;
@@ -275,7 +283,7 @@ pub fn serve(config: ServeConfig, stop: &AtomicBool) -> Result<Outcome, ServeErr
         poll: config.poll,
         sqpoll: config.sqpoll,
         nbd_timeout: config.nbd_timeout,
-        nbd_program: config.nbd_connector,
+        nbd_program: config.connector,
         nbd_connector: None,
         observer: config.observer,
         device_options: config.device_options,

@@ -11,8 +11,9 @@
 //! # xenstored restarting
 //! A connection opened with a [`Redial`] outlives xenstored (a restart, or a live update that
 //! drops socket connections): when the reader sees the end of the connection (EOF, or a read
-//! error, as `/dev/xen/xenbus` may give), it dials the same path again, pausing longer each
-//! time, for up to [`Redial::within`]. On the new connection it first registers every watch
+//! error, as `/dev/xen/xenbus` may give), it dials again ([`Dial`]: the same path, or through
+//! a helper for a process that may not connect itself), pausing longer each time, for up to
+//! [`Redial::within`]. On the new connection it first registers every watch
 //! again, with its token (each fires once, as on any registration, so callers re-read what
 //! they watch), then sends again every request still waiting for a reply; requests made
 //! meanwhile wait. Transaction ids die with the connection: a request of a transaction in
@@ -74,10 +75,27 @@ pub(super) fn dial(path: &Path) -> std::io::Result<(OwnedFd, Transport)> {
     }
 }
 
-/// Where to connect again when xenstored ends the connection, and for how long to try.
-#[derive(Debug, Clone)]
+/// How a connection opened with [`super::XenStore::open_reconnecting`] connects again: by
+/// path (a [`PathBuf`]) for a process that may connect, or through a helper that passes the
+/// connection over for one that may not (a confined `blkbackd serve`).
+pub trait Dial: Send + Sync + std::fmt::Debug + 'static {
+    /// A new connection to xenstored, and its kind.
+    ///
+    /// # Errors
+    /// Why there is none (yet): the caller tries again until its bound.
+    fn dial(&self) -> std::io::Result<(OwnedFd, Transport)>;
+}
+
+impl Dial for PathBuf {
+    fn dial(&self) -> std::io::Result<(OwnedFd, Transport)> {
+        dial(self)
+    }
+}
+
+/// How to connect again when xenstored ends the connection, and for how long to try.
+#[derive(Debug)]
 pub(super) struct Redial {
-    pub(super) path: PathBuf,
+    pub(super) dial: Box<dyn Dial>,
     pub(super) within: Duration,
 }
 
@@ -239,7 +257,7 @@ impl Shared {
             return Redialled::Closed;
         };
         tracing::warn!(
-            path = %redial.path.display(),
+            dial = ?redial.dial,
             "xenstore: connection lost ({why}); reconnecting"
         );
         lock(&self.link).up = false;
@@ -247,7 +265,7 @@ impl Shared {
         let started = Instant::now();
         let mut pause = REDIAL_PAUSE_FIRST;
         let last = loop {
-            let e = match dial(&redial.path) {
+            let e = match redial.dial.dial() {
                 Ok((fd, transport)) if transport == self.transport => {
                     return self.resume(Arc::new(fd))
                 }
@@ -268,7 +286,7 @@ impl Shared {
             pause = (pause * 2).min(REDIAL_PAUSE_MAX);
         };
         tracing::error!(
-            path = %redial.path.display(),
+            dial = ?redial.dial,
             "xenstore: no connection within {:?} (last attempt: {last}); giving up",
             redial.within
         );
@@ -830,7 +848,7 @@ mod tests {
     fn redialling(path: &Path, within: Duration) -> Connection {
         let (fd, transport) = dial(path).unwrap();
         let redial = Redial {
-            path: path.to_path_buf(),
+            dial: Box::new(path.to_path_buf()),
             within,
         };
         Connection::new(fd, transport, Some(redial)).unwrap()

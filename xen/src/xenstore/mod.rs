@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use backend_path::{BackendPath, BadBackendPath};
-pub use conn::Transport;
+pub use conn::{Dial, Transport};
 pub use error::XsError;
 pub use perms::{Perm, PermAccess};
 use wire::MsgType;
@@ -96,19 +96,18 @@ impl XenStore {
         Self::from_fd(fd, transport)
     }
 
-    /// Connects to `path` as [`XenStore::open_at`] does, and connects to it again whenever
-    /// xenstored ends the connection (a restart, a live update), trying for up to `within`
-    /// each time: watches are registered again and waiting requests sent again (see the
-    /// module). Only when no connection comes back within `within` does the connection
-    /// close ([`XsError::Closed`]).
+    /// Connects with `dial` (a [`PathBuf`] connects as [`XenStore::open_at`] does), and
+    /// again whenever xenstored ends the connection (a restart, a live update), trying for up
+    /// to `within` each time: watches are registered again and waiting requests sent again
+    /// (see the module). Only when no connection comes back within `within` does the
+    /// connection close ([`XsError::Closed`]).
     ///
     /// # Errors
     /// As [`XenStore::open_at`]: the first connection is not retried.
-    pub fn open_reconnecting(path: impl AsRef<Path>, within: Duration) -> Result<Self, XsError> {
-        let path = path.as_ref();
-        let (fd, transport) = conn::dial(path)?;
+    pub fn open_reconnecting(dial: impl Dial, within: Duration) -> Result<Self, XsError> {
+        let (fd, transport) = dial.dial()?;
         let redial = conn::Redial {
-            path: path.to_path_buf(),
+            dial: Box::new(dial),
             within,
         };
         Ok(Self {
