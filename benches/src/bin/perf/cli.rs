@@ -35,8 +35,9 @@ perf --replot CSV
 
 Every case runs as N interleaved repeats (direct, fio, blkbackd A[, blkbackd B]; A and B
 swap places every other repeat); the tables give the medians and the min-max spread of the
-per-repeat ratios. Default: RAM target, configurations copy, map+persistent and their
-50 us polling variants, all workloads, 3 repeats of 3 s (about 10 minutes). Target nbd:
+per-repeat ratios. Default: RAM target, configurations copy and map+persistent (the polling
+variants and `copy 2-queue` with --configs), all workloads, 5 repeats of 2 s (about 7
+minutes). Target nbd:
 the image on tmpfs served by qemu-storage-daemon over a Unix socket, blkbackd given its URI,
 the baseline an NBD client on one connection at the same queue depth (no fio).";
 
@@ -154,7 +155,7 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     Ok(Opts {
         tiny,
         seconds: seconds.unwrap_or(if tiny { 0.3 } else { DEFAULT_SECONDS }),
-        pairs: pairs.unwrap_or(3),
+        pairs: pairs.unwrap_or(DEFAULT_PAIRS),
         out,
         targets,
         image_mib: if tiny { 16 } else { 512 },
@@ -168,6 +169,8 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     })
 }
 
-/// Seconds per run of the default (full) run: 3 repeats of 28 cases, 217 runs in all (about
-/// 10 minutes).
-pub(crate) const DEFAULT_SECONDS: f64 = 3.0;
+/// Interleaved repeats of each case in the default (full) run.
+pub(crate) const DEFAULT_PAIRS: usize = 5;
+/// Seconds per run of the default (full) run: 5 repeats of 14 cases and 7 fio runs, 189 runs
+/// in all with the counting ones (about 7 minutes).
+pub(crate) const DEFAULT_SECONDS: f64 = 2.0;
