@@ -613,3 +613,34 @@ pub fn signal(pid: u32, sig: rustix::process::Signal) {
         rustix::process::Pid::from_raw(i32::try_from(pid).expect("a pid")).expect("a non-zero pid");
     rustix::process::kill_process(pid, sig).expect("sending a signal");
 }
+
+/// Reads and writes at distinct random blocks, half each, in random order.
+pub fn mixed(rng: &mut sim::workload::Rng, blocks: u64, n: usize) -> Vec<sim::workload::Planned> {
+    use sim::workload::Planned;
+    rng.permutation(blocks)
+        .into_iter()
+        .take(n)
+        .map(|block| {
+            if rng.next_u64() % 2 == 0 {
+                Planned::Write { block, count: 1 }
+            } else {
+                Planned::Read { block, count: 1 }
+            }
+        })
+        .collect()
+}
+
+/// A guest connected to the disk with two queues and persistent grants.
+///
+/// # Panics
+/// When the handshake fails or gives another number of queues.
+pub fn two_queue_front(sim: &Sim) -> SimFront {
+    let mut front = sim.front(FrontOptions {
+        queues: 2,
+        persistent: true,
+        ..FrontOptions::default()
+    });
+    let info = front.connect().expect("handshake");
+    assert_eq!(info.queues, 2);
+    front
+}

@@ -24,8 +24,8 @@ use backend::fault::Step;
 use sim::front::FrontOptions;
 use sim::front::{IoOp, SimFront};
 use sim::toolstack::VbdSpec;
-use sim::workload::{self, DiskModel, Planned, Rng};
-use tests::{backend_node, blkbackd, children, signal, Sim, Supervisor};
+use sim::workload::{self, DiskModel, Rng};
+use tests::{backend_node, blkbackd, children, mixed, signal, two_queue_front, Sim, Supervisor};
 use xen::xenstore::XsOps;
 
 const MIB: u64 = 64;
@@ -103,21 +103,6 @@ impl Drop for Done {
     }
 }
 
-/// Reads and writes at distinct random blocks, half each, in random order.
-fn mixed(rng: &mut Rng, blocks: u64, n: usize) -> Vec<Planned> {
-    rng.permutation(blocks)
-        .into_iter()
-        .take(n)
-        .map(|block| {
-            if rng.next_u64() % 2 == 0 {
-                Planned::Write { block, count: 1 }
-            } else {
-                Planned::Read { block, count: 1 }
-            }
-        })
-        .collect()
-}
-
 /// A supervisor (running `program`) serving one disk to a connected 2-queue guest.
 struct Served {
     sim: Sim,
@@ -158,13 +143,8 @@ impl Served {
                 .expect("starting the supervisor"),
         );
         sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
-        let mut front = sim.front(FrontOptions {
-            queues: 2,
-            persistent: true,
-            ..FrontOptions::default()
-        });
-        let info = front.connect().expect("handshake");
-        assert_eq!(info.queues, 2);
+        let front = two_queue_front(&sim);
+        let sectors = front.info().expect("connected").sectors;
         // The supervisor takes the device the backend sends within a tick (200 ms).
         std::thread::sleep(Duration::from_millis(500));
         let before = held(sup.0.id());
@@ -176,7 +156,7 @@ impl Served {
             spec,
             sup,
             front,
-            sectors: info.sectors,
+            sectors,
             before,
         }
     }

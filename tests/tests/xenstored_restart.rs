@@ -17,28 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend::xenstore_connector::XenStoreConnector;
-use sim::front::FrontOptions;
 use sim::toolstack::VbdSpec;
-use sim::workload::{self, DiskModel, Planned, Rng};
-use tests::{backend_node, blkbackd, children, Sim, Supervisor, GUEST};
+use sim::workload::{self, DiskModel, Rng};
+use tests::{backend_node, blkbackd, children, mixed, two_queue_front, Sim, Supervisor, GUEST};
 use xen::xenstore::{Dial, Transport, XenStore, XsOps};
 
 const RESTARTS: usize = 5;
-
-/// Reads and writes at distinct random blocks, half each, in random order.
-fn mixed(rng: &mut Rng, blocks: u64, n: usize) -> Vec<Planned> {
-    rng.permutation(blocks)
-        .into_iter()
-        .take(n)
-        .map(|block| {
-            if rng.next_u64() % 2 == 0 {
-                Planned::Write { block, count: 1 }
-            } else {
-                Planned::Read { block, count: 1 }
-            }
-        })
-        .collect()
-}
 
 #[test]
 fn backends_survive_xenstored_restarts_under_load() {
@@ -54,13 +38,8 @@ fn backends_survive_xenstored_restarts_under_load() {
     );
     let sup_pid = sup.0.id();
     sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
-    let mut front = sim.front(FrontOptions {
-        queues: 2,
-        persistent: true,
-        ..FrontOptions::default()
-    });
-    let info = front.connect().expect("handshake");
-    assert_eq!(info.queues, 2);
+    let mut front = two_queue_front(&sim);
+    let sectors = front.info().expect("connected").sectors;
     let serve = children(sup_pid);
     assert_eq!(serve.len(), 1, "one backend");
     // Confined (seccomp: no `connect`), it reconnects through its connector.
@@ -81,7 +60,7 @@ fn backends_survive_xenstored_restarts_under_load() {
             }
             done.store(true, Ordering::Release);
         });
-        let mut model = DiskModel::zeroed(info.sectors / 8, true);
+        let mut model = DiskModel::zeroed(sectors / 8, true);
         let mut rng = Rng::new(515);
         let mut requests = 0;
         while !done.load(Ordering::Acquire) {
