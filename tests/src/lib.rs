@@ -570,6 +570,29 @@ pub fn remove(sim: &Sim, spec: &VbdSpec, backend: &mut Backend, front: &mut SimF
 #[derive(Debug)]
 pub struct Supervisor(pub Child);
 
+impl Supervisor {
+    /// `blkbackd supervise` on `sim`, opening disks itself, up to two queues each.
+    ///
+    /// # Panics
+    /// When it cannot be started.
+    pub fn start(sim: &Sim) -> Self {
+        Self(
+            Command::new(blkbackd())
+                .args([
+                    "supervise",
+                    "--open-params",
+                    "--max-queues",
+                    "2",
+                    "--platform",
+                ])
+                .arg(sim.platform_arg())
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("starting the supervisor"),
+        )
+    }
+}
+
 impl Drop for Supervisor {
     /// Kills its backends too (stopped first, it starts no new one): they would outlive it,
     /// trying to reach xenstored for a minute once the simulation is gone.

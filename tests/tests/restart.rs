@@ -447,20 +447,7 @@ fn serve_dies_at_every_step_of_a_request_map_mode() {
 #[test]
 fn a_disk_is_upgraded_once_it_connects() {
     let (sim, spec) = Sim::with_disk("upgrade-later", 8);
-    let sup = Supervisor(
-        Command::new(blkbackd())
-            .args([
-                "supervise",
-                "--open-params",
-                "--max-queues",
-                "2",
-                "--platform",
-            ])
-            .arg(sim.platform_arg())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting the supervisor"),
-    );
+    let sup = Supervisor::start(&sim);
     sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
     let first = serve_pid(sup.0.id(), None);
     signal(sup.0.id(), rustix::process::Signal::HUP);

@@ -13,20 +13,7 @@ use tests::{blkbackd, children, exercise, signal, Sim, Supervisor, GUEST};
 fn one_backend_per_disk_cleaned_up_after() {
     let sim = Sim::new("supervise");
     sim.introduce(2);
-    let sup = Supervisor(
-        Command::new(blkbackd())
-            .args([
-                "supervise",
-                "--open-params",
-                "--max-queues",
-                "2",
-                "--platform",
-            ])
-            .arg(sim.platform_arg())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let sup = Supervisor::start(&sim);
     let img1 = sim.image("one.img", 8);
     let img2 = sim.image("two.img", 8);
     let one = VbdSpec::disk(0, GUEST, 51712, img1.to_str().unwrap());

@@ -11,7 +11,6 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,15 +26,7 @@ const RESTARTS: usize = 5;
 #[test]
 fn backends_survive_xenstored_restarts_under_load() {
     let (sim, spec) = Sim::with_disk("xenstored-restart", 64);
-    let mut sup = Supervisor(
-        Command::new(blkbackd())
-            .args(["supervise", "--open-params", "--max-queues", "2"])
-            .arg("--platform")
-            .arg(sim.platform_arg())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting the supervisor"),
-    );
+    let mut sup = Supervisor::start(&sim);
     let sup_pid = sup.0.id();
     sim.wait_for(&format!("{}/state", spec.backend_path()), "2");
     let mut front = two_queue_front(&sim);
