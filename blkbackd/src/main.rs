@@ -159,6 +159,10 @@ struct ServeArgs {
     user: Option<String>,
 }
 
+/// `--poll-us` where the process may run on two CPUs or more: about the time a request takes
+/// to come back from io-wq or the frontend on a busy host, so that polling catches it.
+const DEFAULT_POLL_US: u32 = 50;
+
 #[derive(Debug, Clone, Args)]
 struct Tuning {
     /// Queues offered (`multi-queue-max-queues`). Default: the number of CPUs.
@@ -187,12 +191,15 @@ struct Tuning {
     /// ones as fast.
     #[arg(long, value_enum, default_value_t = GrantModeArg::Copy)]
     grant_mode: GrantModeArg,
-    /// Busy-poll each queue this many microseconds for new requests and completions before
-    /// it sleeps (0: never, the default). While a queue polls the frontend does not notify:
-    /// lower latency and fewer system calls for a busy guest, paid in CPU time (up to a
-    /// whole core per busy queue). For hosts with cores to spare, as vhost-user and SPDK.
-    #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    poll_us: u32,
+    /// Busy-poll each queue up to this many microseconds for new requests and completions
+    /// before it sleeps (0: never). The window adapts: it grows while a queue's waits are
+    /// shorter than this and drops to zero after a longer one, so an idle disk costs no CPU
+    /// and a busy one spins (up to a whole core per busy queue). While a queue polls the
+    /// frontend does not notify: lower latency and fewer system calls. Default: 50 where this
+    /// process may run on two CPUs or more, else 0 (a spinning queue would only keep the one
+    /// CPU from the I/O it waits for).
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    poll_us: Option<u32>,
     /// Each queue's submissions are made by a kernel thread (io_uring's SQPOLL), so that the
     /// queue's own thread enters the kernel only to sleep (with --poll-us, not at all while
     /// busy): fewer system calls, paid with a kernel thread per queue that polls for a
@@ -230,6 +237,18 @@ impl Tuning {
             max_queues,
             max_ring_page_order: self.max_ring_page_order,
             persistent_grants: !self.no_persistent,
+        })
+    }
+
+    /// `--poll-us`, or its default for the CPUs this process may run on.
+    fn poll_us(&self) -> u32 {
+        self.poll_us.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+            if cpus >= 2 {
+                DEFAULT_POLL_US
+            } else {
+                0
+            }
         })
     }
 
@@ -527,7 +546,7 @@ fn run_serve(args: ServeArgs, recorder: Option<Arc<dyn Observer>>) -> anyhow::Re
         },
         features,
         grant_mode: args.tuning.grant_mode(),
-        poll: Duration::from_micros(args.tuning.poll_us.into()),
+        poll: Duration::from_micros(args.tuning.poll_us().into()),
         sqpoll: args.tuning.sqpoll,
         nbd_timeout: Duration::from_secs(args.tuning.nbd_timeout.into()),
         // This very image, not the file at its path: after an upgrade (or with the
@@ -595,7 +614,7 @@ fn run_supervise(args: SuperviseArgs, record: Option<PathBuf>) -> anyhow::Result
         }
         .to_owned(),
         "--poll-us".to_owned(),
-        t.poll_us.to_string(),
+        t.poll_us().to_string(),
         "--nbd-timeout".to_owned(),
         t.nbd_timeout.to_string(),
         "--xenstore-reconnect".to_owned(),

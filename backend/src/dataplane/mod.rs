@@ -90,6 +90,7 @@
 //!   for a 16-page ring with 256 indirect segments).
 
 mod bounce;
+mod busy_poll;
 mod error;
 mod grant_access;
 mod grant_copy;

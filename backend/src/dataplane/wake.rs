@@ -15,8 +15,9 @@
 //! - Event storms (XSA-332): a wake-up that finds no request is spurious; after the second in
 //!   a row the port is unmasked only after a delay that doubles from 1 ms up to 1 s, as
 //!   Linux's late-EOI handling does.
-//! - Polling (`--poll-us`): before sleeping, the queue spins this long watching for
-//!   completions and new requests with the frontend's events left off.
+//! - Polling (`--poll-us`): before sleeping, the queue spins watching for completions and
+//!   new requests with the frontend's events left off, for a window that adapts to how long
+//!   its waits are ([`BusyPoll`]).
 //! - Notifications out: responses are pushed once per pass, with one notification only if the
 //!   frontend's `rsp_event` asks for it (the ring's `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`).
 
@@ -27,6 +28,7 @@ use rustix::io::Errno;
 use shmem::SharedMem;
 use xen::{EventChannel, EvtchnError, Port};
 
+use super::busy_poll::BusyPoll;
 use super::error::QueueError;
 use super::stats::{Count, Meter};
 use super::uring::{Control, EvtchnOp, Uring};
@@ -51,7 +53,7 @@ pub(super) struct Wake {
     evtchn: Box<dyn EventChannel>,
     port: Port,
     ports: Vec<Port>,
-    poll: Duration,
+    poll: BusyPoll,
     /// An event came this pass: the port is masked until [`Wake::after_pass`] decides.
     eoi_due: bool,
     /// Requests consumed since the port was last unmasked: an event is spurious only if none
@@ -72,13 +74,13 @@ fn eoi_delay(spurious: u32) -> Option<Duration> {
 }
 
 impl Wake {
-    /// `evtchn` with `port` bound; busy-poll `poll` before sleeping (zero: never).
+    /// `evtchn` with `port` bound; busy-poll up to `poll` before sleeping (zero: never).
     pub(super) fn new(evtchn: Box<dyn EventChannel>, port: Port, poll: Duration) -> Self {
         Self {
             evtchn,
             port,
             ports: Vec::with_capacity(16),
-            poll,
+            poll: BusyPoll::new(poll),
             eoi_due: false,
             consumed_since_unmask: 0,
             spurious: 0,
@@ -90,9 +92,21 @@ impl Wake {
         &*self.evtchn
     }
 
-    /// Whether the queue busy-polls instead of asking for events while it has work.
+    /// Whether the queue busy-polls before its next sleep, instead of asking for events
+    /// while it has work.
     pub(super) fn polls(&self) -> bool {
-        !self.poll.is_zero()
+        !self.poll.window().is_zero()
+    }
+
+    /// Whether the queue times its waits to adapt its polling (`--poll-us` not zero).
+    pub(super) fn adapts(&self) -> bool {
+        self.poll.adapts()
+    }
+
+    /// A blocking wait ended `waited` after its poll began: polling adapts (see
+    /// [`BusyPoll`]).
+    pub(super) fn waited(&mut self, waited: Duration) {
+        self.poll.waited(waited);
     }
 
     /// Arms the poll of the port's fd (with nothing delivered to read first).
@@ -258,7 +272,7 @@ impl Wake {
         if uring.submit_queued().map_err(QueueError::Enter)? {
             meter.count(Count::UringEnter);
         }
-        let deadline = Instant::now() + self.poll;
+        let deadline = Instant::now() + self.poll.window();
         loop {
             if uring.has_completions() {
                 return Ok(Polled::Work);

@@ -349,6 +349,8 @@ impl Queue {
                 return Ok(());
             }
             let want = usize::from(!self.uring.has_completions());
+            // A wait that may block is timed from here (its poll included) for `BusyPoll`.
+            let blocks = (want == 1 && self.wake.adapts()).then(Instant::now);
             if want == 1 && self.wake.polls() && !self.stopping {
                 let takes_requests =
                     self.broken.is_none() && !self.slots.has_deferred() && !self.slots.is_full();
@@ -372,6 +374,9 @@ impl Queue {
             self.uring
                 .submit_and_wait(want)
                 .map_err(QueueError::Enter)?;
+            if let Some(since) = blocks {
+                self.wake.waited(since.elapsed());
+            }
             crate::fault::point(crate::fault::Step::Submitted);
         }
     }

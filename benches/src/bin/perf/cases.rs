@@ -70,8 +70,8 @@ pub(crate) struct Config {
     pub(crate) grant_mode: &'static str,
     pub(crate) persistent: bool,
     pub(crate) queues: u32,
-    /// `--poll-us`.
-    pub(crate) poll_us: u32,
+    /// `--poll-us` (none: blkbackd's default, adaptive polling up to 50 µs on 2 CPUs or more).
+    pub(crate) poll_us: Option<u32>,
 }
 
 pub(crate) const CONFIGS: &[Config] = &[
@@ -80,35 +80,35 @@ pub(crate) const CONFIGS: &[Config] = &[
         grant_mode: "copy",
         persistent: false,
         queues: 1,
-        poll_us: 0,
+        poll_us: None,
     },
     Config {
         name: "map+persistent",
         grant_mode: "map",
         persistent: true,
         queues: 1,
-        poll_us: 0,
+        poll_us: None,
     },
     Config {
         name: "copy 2-queue",
         grant_mode: "copy",
         persistent: false,
         queues: 2,
-        poll_us: 0,
+        poll_us: None,
     },
     Config {
-        name: "copy poll 50 us",
+        name: "copy no poll",
         grant_mode: "copy",
         persistent: false,
         queues: 1,
-        poll_us: 50,
+        poll_us: Some(0),
     },
     Config {
-        name: "map+persistent poll 50 us",
+        name: "map+persistent no poll",
         grant_mode: "map",
         persistent: true,
         queues: 1,
-        poll_us: 50,
+        poll_us: Some(0),
     },
 ];
 
@@ -124,5 +124,5 @@ pub(crate) const NO_CONFIG: Config = Config {
     grant_mode: "copy",
     persistent: false,
     queues: 1,
-    poll_us: 0,
+    poll_us: None,
 };

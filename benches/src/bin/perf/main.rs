@@ -146,12 +146,12 @@ fn main() -> anyhow::Result<()> {
             .copied()
             .collect(),
         None if opts.tiny => vec![CONFIGS[0]],
-        // The default configurations: one queue, no polling; `copy 2-queue` and the polling
-        // variants on request (and `--scaling`). Fewer cases leave time for more repeats,
+        // The default configurations: one queue, blkbackd's default polling; `copy 2-queue`
+        // and the variants without polling on request (and `--scaling`). Fewer cases leave time for more repeats,
         // which is what makes two runs agree (issue 19).
         None => CONFIGS
             .iter()
-            .filter(|c| c.queues == 1 && c.poll_us == 0)
+            .filter(|c| c.queues == 1 && c.poll_us.is_none())
             .copied()
             .collect(),
     };

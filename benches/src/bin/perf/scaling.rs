@@ -169,7 +169,7 @@ pub fn run(opts: &Opts, queue_counts: &[u32]) -> anyhow::Result<()> {
                     grant_mode,
                     persistent,
                     queues,
-                    poll_us: 0,
+                    poll_us: None,
                 };
                 let params = image.to_str().context("utf-8 path")?;
                 let mut s = Session::start(&opts.blkbackd, tdir, params, c, "")?;

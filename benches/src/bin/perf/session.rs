@@ -39,12 +39,13 @@ impl Session {
             .arg(c.queues.to_string())
             .arg("--grant-mode")
             .arg(c.grant_mode)
-            .arg("--poll-us")
-            .arg(c.poll_us.to_string())
             .arg("--stats-file")
             .arg(dir.join("stats"))
             .env_remove("BLKBACKD_RECORD")
             .stdin(Stdio::null());
+        if let Some(us) = c.poll_us {
+            cmd.arg("--poll-us").arg(us.to_string());
+        }
         if !c.persistent {
             cmd.arg("--no-persistent");
         }
