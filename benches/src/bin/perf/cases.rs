@@ -72,6 +72,9 @@ pub(crate) struct Config {
     pub(crate) queues: u32,
     /// `--poll-us` (none: blkbackd's default, adaptive polling up to 50 µs on 2 CPUs or more).
     pub(crate) poll_us: Option<u32>,
+    /// `--sqpoll`: a kernel thread submits (its CPU time is the process's, so it shows in the
+    /// CPU column).
+    pub(crate) sqpoll: bool,
 }
 
 pub(crate) const CONFIGS: &[Config] = &[
@@ -81,6 +84,7 @@ pub(crate) const CONFIGS: &[Config] = &[
         persistent: false,
         queues: 1,
         poll_us: None,
+        sqpoll: false,
     },
     Config {
         name: "map+persistent",
@@ -88,6 +92,7 @@ pub(crate) const CONFIGS: &[Config] = &[
         persistent: true,
         queues: 1,
         poll_us: None,
+        sqpoll: false,
     },
     Config {
         name: "copy 2-queue",
@@ -95,6 +100,7 @@ pub(crate) const CONFIGS: &[Config] = &[
         persistent: false,
         queues: 2,
         poll_us: None,
+        sqpoll: false,
     },
     Config {
         name: "copy no poll",
@@ -102,6 +108,7 @@ pub(crate) const CONFIGS: &[Config] = &[
         persistent: false,
         queues: 1,
         poll_us: Some(0),
+        sqpoll: false,
     },
     Config {
         name: "map+persistent no poll",
@@ -109,6 +116,15 @@ pub(crate) const CONFIGS: &[Config] = &[
         persistent: true,
         queues: 1,
         poll_us: Some(0),
+        sqpoll: false,
+    },
+    Config {
+        name: "copy sqpoll",
+        grant_mode: "copy",
+        persistent: false,
+        queues: 1,
+        poll_us: None,
+        sqpoll: true,
     },
 ];
 
@@ -125,4 +141,5 @@ pub(crate) const NO_CONFIG: Config = Config {
     persistent: false,
     queues: 1,
     poll_us: None,
+    sqpoll: false,
 };

@@ -147,11 +147,11 @@ fn main() -> anyhow::Result<()> {
             .collect(),
         None if opts.tiny => vec![CONFIGS[0]],
         // The default configurations: one queue, blkbackd's default polling; `copy 2-queue`
-        // and the variants without polling on request (and `--scaling`). Fewer cases leave time for more repeats,
+        // and the variants without polling or with `--sqpoll` on request (and `--scaling`). Fewer cases leave time for more repeats,
         // which is what makes two runs agree (issue 19).
         None => CONFIGS
             .iter()
-            .filter(|c| c.queues == 1 && c.poll_us.is_none())
+            .filter(|c| c.queues == 1 && c.poll_us.is_none() && !c.sqpoll)
             .copied()
             .collect(),
     };

@@ -170,6 +170,7 @@ pub fn run(opts: &Opts, queue_counts: &[u32]) -> anyhow::Result<()> {
                     persistent,
                     queues,
                     poll_us: None,
+                    sqpoll: false,
                 };
                 let params = image.to_str().context("utf-8 path")?;
                 let mut s = Session::start(&opts.blkbackd, tdir, params, c, "")?;

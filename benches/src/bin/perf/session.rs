@@ -46,6 +46,9 @@ impl Session {
         if let Some(us) = c.poll_us {
             cmd.arg("--poll-us").arg(us.to_string());
         }
+        if c.sqpoll {
+            cmd.arg("--sqpoll");
+        }
         if !c.persistent {
             cmd.arg("--no-persistent");
         }
