@@ -6,7 +6,8 @@
 //! From then on:
 //! - only [`OPCODES`] can be submitted (no `OPENAT`, `SOCKET`, `CONNECT`, `ACCEPT`, ...);
 //! - every SQE must carry `IOSQE_FIXED_FILE`: it can only name a registered file, so the ring
-//!   cannot reach any other fd of the process;
+//!   cannot reach any other fd of the process; the only other flags are links and skipping a
+//!   success's CQE;
 //! - no further `io_uring_register` operation is allowed (no new files or buffers), except,
 //!   for a disk on an NBD export, `IORING_REGISTER_FILES_UPDATE`: the replacement of its
 //!   socket by a reconnection's (which the confined process cannot make itself; see

@@ -10,6 +10,8 @@
 //!   pointer into a mapping never outlives the guard that keeps the mapping alive;
 //! - the iovec array itself lives in the entry and is not touched while the entry is busy;
 //! - timer timespecs live in this struct (the kernel copies them at submission);
+//! - the event channel's read buffer and unmask bytes live in a box here, used by one linked
+//!   chain at a time whose end is seen even when its read and write post no CQE ([`EvtchnIo`]);
 //! - for an NBD export, the request and reply headers, `msghdr`s and iovec arrays of the
 //!   socket's sends and receives live in the connection (`nbd`), which completes a slot only
 //!   when no operation on the socket points at its data.
