@@ -4,11 +4,13 @@
 //! - Events in, with no system call of their own: the port's fd is polled by an SQE in the
 //!   queue's io_uring ([`Wake::arm`]). A delivery masks the port until the pass is done
 //!   ([`Wake::after_pass`]); then [`Wake::unmask`] queues, for the `io_uring_enter` that
-//!   also waits, the unmask (on the Linux device a `WRITEV` of the port; the simulation's
-//!   unmask is a store in shared memory, made at once), the read of the delivery that woke
-//!   the queue (4 bytes: exactly one delivery, so a second one keeps the fd readable and a
-//!   request that arrived after the ring's final check still wakes the queue), and, linked
-//!   after the read, the next poll. A read is armed only behind a poll that saw a delivery:
+//!   also waits, one linked chain: the unmask (on the Linux device a `WRITEV` of the port;
+//!   the simulation's unmask is a store in shared memory, made at once), the read of the
+//!   delivery that woke the queue (4 bytes: exactly one delivery, so a second one keeps the
+//!   fd readable and a request that arrived after the ring's final check still wakes the
+//!   queue), and the next poll. Where the kernel can, the unmask and read post no CQE when
+//!   they succeed: the wait then ends for the disk's completion or the next event, not at
+//!   once for them (at depth 1 that saves an `io_uring_enter` per request). A read is armed only behind a poll that saw a delivery:
 //!   the evtchn device has no `FMODE_NOWAIT`, so a read of an empty, non-blocking fd would
 //!   just fail (or be punted to io-wq on older kernels), and the simulation's socket would
 //!   wait in it instead of in the poll.
@@ -114,12 +116,8 @@ impl Wake {
     /// # Errors
     /// When the SQE cannot be queued.
     pub(super) fn arm(&mut self, uring: &mut Uring) -> Result<(), QueueError> {
-        self.arm_after(uring, false)
-    }
-
-    fn arm_after(&mut self, uring: &mut Uring, read_first: bool) -> Result<(), QueueError> {
         uring
-            .evtchn_arm(self.evtchn.as_fd(), read_first)
+            .evtchn_poll(self.evtchn.as_fd())
             .map_err(|source| QueueError::Arm {
                 what: "event poll",
                 source,
@@ -145,7 +143,9 @@ impl Wake {
             (EvtchnOp::Poll, Err(e)) => Err(QueueError::Pending(io(e))),
             (EvtchnOp::Read(bytes), result) => {
                 // Only the device knows what the bytes mean (it filters them to its ports);
-                // the queue needs no port: a wake-up means "look at the ring".
+                // the queue needs no port: a wake-up means "look at the ring". So a read
+                // whose success posts no CQE loses nothing; a failure still comes here (an
+                // overflowed Linux device is reset).
                 self.ports.clear();
                 let read = result.map(|n| bytes.get(..n).unwrap_or(&bytes));
                 self.evtchn
@@ -211,17 +211,18 @@ impl Wake {
     /// When unmasking or arming fails.
     pub(super) fn unmask(&mut self, uring: &mut Uring) -> Result<(), QueueError> {
         self.consumed_since_unmask = 0;
-        if self.evtchn.unmask_is_write() {
-            uring
-                .evtchn_unmask(self.evtchn.as_fd(), self.port)
-                .map_err(|source| QueueError::Arm {
-                    what: "unmask",
-                    source,
-                })?;
+        let write = if self.evtchn.unmask_is_write() {
+            Some(self.port)
         } else {
             self.evtchn.unmask(self.port).map_err(QueueError::Unmask)?;
-        }
-        self.arm_after(uring, true)
+            None
+        };
+        uring
+            .evtchn_rearm(self.evtchn.as_fd(), write)
+            .map_err(|source| QueueError::Arm {
+                what: "unmask, read and poll of the event channel",
+                source,
+            })
     }
 
     /// Publishes the responses written and notifies the frontend if it asked.

@@ -6,7 +6,8 @@
 //! From then on:
 //! - only [`OPCODES`] can be submitted (no `OPENAT`, `SOCKET`, `CONNECT`, `ACCEPT`, ...);
 //! - every SQE must carry `IOSQE_FIXED_FILE`: it can only name a registered file, so the ring
-//!   cannot reach any other fd of the process;
+//!   cannot reach any other fd of the process; the only other flags are links and skipping a
+//!   success's CQE;
 //! - no further `io_uring_register` operation is allowed (no new files or buffers), except,
 //!   for a disk on an NBD export, `IORING_REGISTER_FILES_UPDATE`: the replacement of its
 //!   socket by a reconnection's (which the confined process cannot make itself; see
@@ -20,11 +21,11 @@ use io_uring::{opcode, squeue, IoUring};
 
 /// The operations a queue submits: reads and writes (bounce buffers or grant mappings),
 /// `fdatasync`, discard (block `URING_CMD` or `fallocate`), the event channel's poll, read and
-/// unmask (`READV` and `WRITEV` of one iovec, so that they need no opcode of their own) and
-/// timers;
+/// unmask (`READV` and `WRITEV` of one iovec, so that they need no opcode of their own), the
+/// removal of its poll when the queue ends, and timers;
 /// for an NBD export, sends and receives on its socket, connected before confinement, and its
 /// shutdown (a ring can name no other socket, and none can connect).
-pub const OPCODES: [u8; 13] = [
+pub const OPCODES: [u8; 14] = [
     opcode::ReadFixed::CODE,
     opcode::WriteFixed::CODE,
     opcode::Readv::CODE,
@@ -33,6 +34,7 @@ pub const OPCODES: [u8; 13] = [
     opcode::Fallocate::CODE,
     opcode::UringCmd16::CODE,
     opcode::PollAdd::CODE,
+    opcode::PollRemove::CODE,
     opcode::Timeout::CODE,
     opcode::SendMsg::CODE,
     opcode::Recv::CODE,
@@ -64,7 +66,7 @@ pub fn restrict(ring: &IoUring, files: &[RawFd], replace_files: bool) -> io::Res
         res.push(Restriction::register_op(REGISTER_FILES_UPDATE));
     }
     res.push(Restriction::sqe_flags_allowed(
-        squeue::Flags::IO_LINK.bits(),
+        (squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS).bits(),
     ));
     res.push(Restriction::sqe_flags_required(
         squeue::Flags::FIXED_FILE.bits(),

@@ -10,6 +10,8 @@
 //!   pointer into a mapping never outlives the guard that keeps the mapping alive;
 //! - the iovec array itself lives in the entry and is not touched while the entry is busy;
 //! - timer timespecs live in this struct (the kernel copies them at submission);
+//! - the event channel's read buffer and unmask bytes live in a box here, used by one linked
+//!   chain at a time whose end is seen even when its read and write post no CQE ([`EvtchnIo`]);
 //! - for an NBD export, the request and reply headers, `msghdr`s and iovec arrays of the
 //!   socket's sends and receives live in the connection (`nbd`), which completes a slot only
 //!   when no operation on the socket points at its data.
@@ -73,21 +75,27 @@ impl Control {
     }
 }
 
-/// Tag of the event channel's poll.
+/// Tag of the event channel's poll armed on its own.
 const EVTCHN_POLL: u64 = CONTROL | 1;
 /// Tag of the event channel's read (of the delivery that woke the queue).
 const EVTCHN_READ: u64 = CONTROL | 9;
 /// Tag of the event channel's unmask (a write of the port).
 const EVTCHN_UNMASK: u64 = CONTROL | 10;
+/// Tag of the event channel's poll linked after its read: its CQE ends the chain.
+const EVTCHN_CHAIN_POLL: u64 = CONTROL | 11;
+/// Tag of the removal of that poll, when the ring is drained.
+const EVTCHN_REMOVE: u64 = CONTROL | 12;
 
 /// An operation on the event channel's fd (see `wake`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum EvtchnOp {
-    /// The poll completed: readable (a port was delivered), or cancelled.
+    /// The poll completed: readable (a port was delivered); or, with `ECANCELED`, the poll
+    /// linked after a read is gone because the read or the unmask failed: arm another.
     Poll,
-    /// The read of one delivery completed; its bytes come with it.
+    /// The read of one delivery completed (where the kernel skips successful CQEs, only a
+    /// failed one is reported); its bytes come with it.
     Read([u8; EVTCHN_READ_BYTES]),
-    /// The unmask write completed.
+    /// The unmask write completed (with skipped CQEs, only a failed one is reported).
     Unmask,
 }
 
@@ -96,15 +104,25 @@ pub(super) enum EvtchnOp {
 const EVTCHN_READ_BYTES: usize = 4;
 
 /// The memory of the event channel's read and unmask write, boxed so that it does not move
-/// while the kernel uses it (until their CQEs: [`Uring::drain`] waits for them).
+/// while the kernel uses it.
+///
+/// The unmask, the read and the next poll go in one linked chain: the read starts once the
+/// unmask is done, the poll once the read is. A successful read or unmask may post no CQE
+/// (`IOSQE_CQE_SKIP_SUCCESS`), so their end is proven by the chain's end: the poll's CQE, or
+/// the CQE of the unmask or read that failed (the kernel then cancels what follows, posting
+/// nothing for it when the failed one skipped its success). Until then the chain is open: no
+/// other is queued (it would reuse this memory), and [`Uring::drain`] removes the poll and
+/// waits for the chain to end.
 #[derive(Debug)]
 struct EvtchnIo {
     read: [u8; EVTCHN_READ_BYTES],
     unmask: [u8; 4],
     read_iov: Iovec,
     unmask_iov: Iovec,
-    /// Reads and writes submitted and not completed.
-    in_flight: u32,
+    /// A chain was queued and has not ended.
+    chain: bool,
+    /// [`Uring::drain`] queued the removal of the chain's poll and has not seen its CQE.
+    removing: bool,
 }
 
 impl EvtchnIo {
@@ -118,7 +136,8 @@ impl EvtchnIo {
             unmask: [0; 4],
             read_iov: none,
             unmask_iov: none,
-            in_flight: 0,
+            chain: false,
+            removing: false,
         });
         io.read_iov = Iovec {
             base: io.read.as_mut_ptr(),
@@ -203,6 +222,10 @@ pub(super) struct Uring {
     eoi_ts: Box<types::Timespec>,
     tick_ts: Box<types::Timespec>,
     evtchn_io: Box<EvtchnIo>,
+    /// The kernel skips the CQEs of successful event channel reads and unmasks
+    /// (`IORING_FEAT_CQE_SKIP`, Linux 5.17): the wait then ends only for what the queue
+    /// waits for, not at once for the read that re-arms the event channel.
+    skip_success: bool,
     cqes: Vec<(u64, i32)>,
     /// The registered files (the ring is restricted to them: `crate::sandbox::uring`).
     files: Vec<RawFd>,
@@ -258,6 +281,7 @@ impl Uring {
             first.setup_coop_taskrun();
         }
         let ring = first.build(entries).or_else(|_| builder().build(entries))?;
+        let skip_success = ring.params().is_feature_skip_cqe_on_success();
         if let Some(mem) = &bounce {
             let (base, len) = mem.span();
             let iov = [Iovec { base, len }];
@@ -285,6 +309,7 @@ impl Uring {
             eoi_ts: Box::new(types::Timespec::new()),
             tick_ts: Box::new(types::Timespec::new()),
             evtchn_io: EvtchnIo::new(),
+            skip_success,
             cqes: Vec::with_capacity(entries as usize * 2),
             files,
             nbd: None,
@@ -370,19 +395,11 @@ impl Uring {
                     // Its outcome shows on the socket's other operations.
                     nbd::SHUTDOWN => self.nbd_shutdown_done(),
                     nbd::WATCHDOG => self.nbd_watchdog(out),
-                    EVTCHN_POLL | EVTCHN_READ | EVTCHN_UNMASK => {
-                        let op = match tag {
-                            EVTCHN_POLL => EvtchnOp::Poll,
-                            EVTCHN_READ => EvtchnOp::Read(self.evtchn_io.read),
-                            _ => EvtchnOp::Unmask,
-                        };
-                        if op != EvtchnOp::Poll {
-                            self.evtchn_io.in_flight = self.evtchn_io.in_flight.saturating_sub(1);
-                        }
-                        let result = usize::try_from(res)
-                            .map_err(|_| Errno::from_raw_os_error(res.saturating_neg()));
-                        out.push(Reaped::Evtchn(op, result));
+                    EVTCHN_POLL | EVTCHN_CHAIN_POLL | EVTCHN_READ | EVTCHN_UNMASK => {
+                        self.evtchn_reaped(tag, res, out);
                     }
+                    // Its outcome shows as the poll's CQE, or not at all (already ended).
+                    EVTCHN_REMOVE => self.evtchn_io.removing = false,
                     _ => {
                         if let Some(c) = Control::from_tag(tag) {
                             out.push(Reaped::Control(c));
@@ -416,6 +433,36 @@ impl Uring {
         self.nbd_settle(out);
     }
 
+    /// Reports an event channel CQE, and ends the chain if the CQE does (see [`EvtchnIo`]).
+    fn evtchn_reaped(&mut self, tag: u64, res: i32, out: &mut Vec<Reaped>) {
+        let result =
+            usize::try_from(res).map_err(|_| Errno::from_raw_os_error(res.saturating_neg()));
+        let io = &mut self.evtchn_io;
+        match tag {
+            EVTCHN_POLL => out.push(Reaped::Evtchn(EvtchnOp::Poll, result)),
+            EVTCHN_CHAIN_POLL => {
+                // Already ended by a failed read or unmask: a kernel that also posts the
+                // cancellation of the poll linked after it.
+                if std::mem::take(&mut io.chain) {
+                    out.push(Reaped::Evtchn(EvtchnOp::Poll, result));
+                }
+            }
+            _ => {
+                let op = if tag == EVTCHN_READ {
+                    EvtchnOp::Read(io.read)
+                } else {
+                    EvtchnOp::Unmask
+                };
+                out.push(Reaped::Evtchn(op, result));
+                // A skipping read or unmask posts a CQE only when it failed, and then the
+                // kernel cancels the poll linked after it without a CQE: the chain ends here.
+                if self.skip_success && std::mem::take(&mut io.chain) {
+                    out.push(Reaped::Evtchn(EvtchnOp::Poll, Err(Errno::CANCELED)));
+                }
+            }
+        }
+    }
+
     /// Operations of request slots still in flight.
     pub(super) fn slots_in_flight(&self) -> usize {
         self.flights.iter().filter(|o| o.pending > 0).count()
@@ -430,13 +477,22 @@ impl Uring {
         self.nbd_close();
         // Requests waiting for a reconnection fail now.
         self.nbd_settle(out);
-        while self.slots_in_flight() > 0 || self.nbd_busy() || self.evtchn_io.in_flight > 0 {
+        while self.slots_in_flight() > 0 || self.nbd_busy() || self.evtchn_io.chain {
+            if self.evtchn_io.chain && !self.evtchn_io.removing {
+                // The chain's poll would wait for a delivery that may never come.
+                self.evtchn_remove_poll()?;
+            }
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(Errno::INTR.raw_os_error()) {
                     return Err(e);
                 }
             }
             self.reap(out);
+            if self.evtchn_io.chain && !self.evtchn_io.removing {
+                // The removal found no poll: the read or unmask before it is still running.
+                // Rare (and only when the queue ends): let it finish before trying again.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
         Ok(())
     }
@@ -444,10 +500,10 @@ impl Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        // Wait for every request operation and event channel read or write: the kernel may
-        // still write into bounce regions, grant mappings or `evtchn_io`. Polls and timers
-        // point at nothing that dies here but the timespecs, which the kernel copied at
-        // submission.
+        // Wait for every request operation and the event channel's chain (its read and
+        // write): the kernel may still write into bounce regions, grant mappings or
+        // `evtchn_io`. Polls and timers point at nothing that dies here but the timespecs,
+        // which the kernel copied at submission.
         let mut sink = Vec::new();
         if let Err(e) = self.drain(&mut sink) {
             // Cannot wait: leak what the kernel may still point at rather than free it under
@@ -500,47 +556,162 @@ mod tests {
         got
     }
 
-    #[test]
-    fn the_unmask_writes_the_port_and_the_rearm_reads_one_delivery_before_polling() {
-        // A stream socket stands in for the evtchn device: what the peer writes are
-        // deliveries (ports), what the ring writes are unmasks.
-        let (ours, peer) = rustix::net::socketpair(
+    /// Whether no completion comes within 50 ms (the kernel's task work, which issues a
+    /// linked operation, runs meanwhile).
+    fn quiet(u: &mut Uring) -> bool {
+        let ts = types::Timespec::new().nsec(50_000_000);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match u.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.raw_os_error(), Some(Errno::TIME.raw_os_error()), "{e}"),
+        }
+        !u.has_completions()
+    }
+
+    /// A ring for `fd` in each mode the kernel has: with successful event channel reads and
+    /// unmasks posting no CQE (where it can), and posting one (older kernels).
+    fn rings(fd: BorrowedFd<'_>) -> Vec<Uring> {
+        let skipping = Uring::new(1, 1, None, &[fd], false, false).unwrap();
+        let mut posting = Uring::new(1, 1, None, &[fd], false, false).unwrap();
+        posting.skip_success = false;
+        if skipping.skip_success {
+            vec![skipping, posting]
+        } else {
+            vec![posting]
+        }
+    }
+
+    /// A stream socket standing in for the evtchn device: what the peer writes are
+    /// deliveries (ports), what the ring writes are unmasks.
+    fn device() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        rustix::net::socketpair(
             rustix::net::AddressFamily::UNIX,
             rustix::net::SocketType::STREAM,
             rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
             None,
         )
-        .unwrap();
-        let mut u = Uring::new(1, 1, None, &[ours.as_fd()], false, false).unwrap();
-        // The delivery that woke the queue, and one that came while the port was masked
-        // (a request pushed after the ring's final check).
-        let deliveries = [5u32.to_ne_bytes(), 6u32.to_ne_bytes()].concat();
-        rustix::io::write(&peer, &deliveries).unwrap();
-        u.evtchn_unmask(ours.as_fd(), 5).unwrap();
-        u.evtchn_arm(ours.as_fd(), true).unwrap();
-        let mut got = evtchn_cqes(&mut u, 3);
-        got.sort_by_key(|(op, _)| format!("{op:?}"));
-        assert_eq!(
-            got,
-            [
+        .unwrap()
+    }
+
+    /// A non-blocking eventfd: it refuses reads and writes of 4 bytes.
+    fn eventfd() -> std::os::fd::OwnedFd {
+        let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+        rustix::event::eventfd(1, flags).unwrap()
+    }
+
+    #[test]
+    fn the_chain_unmasks_reads_one_delivery_then_polls_and_only_the_poll_posts_a_cqe() {
+        let (ours, peer) = device();
+        for mut u in rings(ours.as_fd()) {
+            let skip = u.skip_success;
+            // The delivery that woke the queue, and one that came while the port was masked
+            // (a request pushed after the ring's final check).
+            let deliveries = [5u32.to_ne_bytes(), 6u32.to_ne_bytes()].concat();
+            rustix::io::write(&peer, &deliveries).unwrap();
+            u.evtchn_rearm(ours.as_fd(), Some(5)).unwrap();
+            let mut got = evtchn_cqes(&mut u, if skip { 1 } else { 3 });
+            got.sort_by_key(|(op, _)| format!("{op:?}"));
+            let all = [
                 (EvtchnOp::Poll, Ok(1)),
                 (EvtchnOp::Read(5u32.to_ne_bytes()), Ok(4)),
                 (EvtchnOp::Unmask, Ok(4)),
-            ],
-            "one delivery read; the poll fires for the second"
-        );
-        let mut unmasked = [0u8; 8];
-        assert_eq!(rustix::io::read(&peer, &mut unmasked), Ok(4));
-        assert_eq!(unmasked[..4], 5u32.to_ne_bytes(), "the port, once");
-        // The second delivery is read by the next re-arm; the poll then waits.
-        u.evtchn_arm(ours.as_fd(), true).unwrap();
-        assert_eq!(
-            evtchn_cqes(&mut u, 1),
-            [(EvtchnOp::Read(6u32.to_ne_bytes()), Ok(4))]
-        );
-        u.submit_and_wait(0).unwrap();
-        assert!(!u.has_completions(), "nothing delivered: the poll waits");
-        assert_eq!(u.evtchn_io.in_flight, 0);
+            ];
+            assert_eq!(
+                got,
+                if skip { &all[..1] } else { &all[..] },
+                "skip {skip}: one delivery read; the poll fires for the second"
+            );
+            assert!(!u.evtchn_io.chain, "the poll's CQE ends the chain");
+            let mut unmasked = [0u8; 8];
+            assert_eq!(rustix::io::read(&peer, &mut unmasked), Ok(4));
+            assert_eq!(unmasked[..4], 5u32.to_ne_bytes(), "the port, once");
+            // The second delivery is read by the next chain, whose poll then waits.
+            u.evtchn_rearm(ours.as_fd(), None).unwrap();
+            if !skip {
+                assert_eq!(
+                    evtchn_cqes(&mut u, 1),
+                    [(EvtchnOp::Read(6u32.to_ne_bytes()), Ok(4))]
+                );
+            }
+            assert!(
+                quiet(&mut u),
+                "skip {skip}: nothing delivered: the poll waits"
+            );
+            assert_eq!(
+                rustix::io::read(&ours, &mut unmasked),
+                Err(Errno::AGAIN),
+                "skip {skip}: the second delivery was read"
+            );
+            assert!(u.evtchn_io.chain);
+            assert!(
+                u.evtchn_rearm(ours.as_fd(), None).is_err(),
+                "no chain while one may still use the read's buffer"
+            );
+            // Draining removes the waiting poll, which ends the chain.
+            let mut out = Vec::new();
+            u.drain(&mut out).unwrap();
+            assert!(!u.evtchn_io.chain && !u.evtchn_io.removing);
+            assert!(
+                matches!(
+                    out[..],
+                    [Reaped::Evtchn(EvtchnOp::Poll, Err(Errno::CANCELED))]
+                ),
+                "skip {skip}: {out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_read_ends_the_chain_with_its_cqe_and_asks_for_another_poll() {
+        // An eventfd refuses a 4-byte read.
+        let efd = eventfd();
+        for mut u in rings(efd.as_fd()) {
+            let skip = u.skip_success;
+            u.evtchn_rearm(efd.as_fd(), None).unwrap();
+            let got = evtchn_cqes(&mut u, 2);
+            assert!(
+                matches!(
+                    got[..],
+                    [
+                        (EvtchnOp::Read(_), Err(Errno::INVAL)),
+                        (EvtchnOp::Poll, Err(Errno::CANCELED))
+                    ]
+                ),
+                "skip {skip}: {got:?}"
+            );
+            assert!(!u.evtchn_io.chain);
+            assert!(
+                quiet(&mut u),
+                "skip {skip}: no other CQE (the poll is gone)"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_unmask_cancels_the_read_and_poll_linked_after_it() {
+        // An eventfd refuses a 4-byte write (and a 4-byte read, which must not even start).
+        let efd = eventfd();
+        for mut u in rings(efd.as_fd()) {
+            let skip = u.skip_success;
+            u.evtchn_rearm(efd.as_fd(), Some(5)).unwrap();
+            let got = evtchn_cqes(&mut u, if skip { 2 } else { 3 });
+            let cancelled = Err(Errno::CANCELED);
+            let expected = if skip {
+                vec![
+                    (EvtchnOp::Unmask, Err(Errno::INVAL)),
+                    (EvtchnOp::Poll, cancelled),
+                ]
+            } else {
+                vec![
+                    (EvtchnOp::Unmask, Err(Errno::INVAL)),
+                    (EvtchnOp::Read([0; EVTCHN_READ_BYTES]), cancelled),
+                    (EvtchnOp::Poll, cancelled),
+                ]
+            };
+            assert_eq!(got, expected, "skip {skip}");
+            assert!(!u.evtchn_io.chain);
+            assert!(quiet(&mut u), "skip {skip}: nothing else");
+        }
     }
 
     #[test]

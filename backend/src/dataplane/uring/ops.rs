@@ -10,7 +10,10 @@ use io_uring::{opcode, squeue, types};
 use rustix::io::Errno;
 use xen::GrantMapping;
 
-use super::{Control, Data, Iovec, Uring, AUX, EVTCHN_POLL, EVTCHN_READ, EVTCHN_UNMASK};
+use super::{
+    Control, Data, Iovec, Uring, AUX, EVTCHN_CHAIN_POLL, EVTCHN_POLL, EVTCHN_READ, EVTCHN_REMOVE,
+    EVTCHN_UNMASK,
+};
 use crate::dataplane::bounce::Region;
 
 /// `BLOCK_URING_CMD_DISCARD`: `_IO(0x12, 0)` (include/uapi/linux/fs.h, Linux 6.12).
@@ -247,66 +250,85 @@ impl Uring {
         self.push(&[e.user_data(what.tag())])
     }
 
-    /// Arms the event channel's poll; with `read_first`, reads the one delivery that woke
-    /// the queue first (linked: the poll is armed only once it is consumed, or cancelled if
-    /// the read fails). The device's fd has no `FMODE_NOWAIT`: a read that found nothing
-    /// would fail with `EAGAIN` (the fd is non-blocking) or wait in io-wq, so it is issued
-    /// only where a poll has seen a delivery. `READV` of one iovec rather than `READ`: the
-    /// allow-list has it already, and the kernel loops `read()` for a device without
-    /// `read_iter`.
+    /// Arms the event channel's poll on its own (nothing delivered to read).
     ///
     /// # Errors
     /// When the submission queue is full even after submitting.
-    pub(in crate::dataplane) fn evtchn_arm(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        read_first: bool,
-    ) -> io::Result<()> {
-        let fdt = self.fixed(fd)?;
-        let poll = opcode::PollAdd::new(fdt, rustix::event::PollFlags::IN.bits().into())
+    pub(in crate::dataplane) fn evtchn_poll(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let e = opcode::PollAdd::new(self.fixed(fd)?, rustix::event::PollFlags::IN.bits().into())
             .build()
             .user_data(EVTCHN_POLL);
-        if !read_first {
-            return self.push(&[poll]);
+        self.push(&[e])
+    }
+
+    /// Queues, as one linked chain (see [`super::EvtchnIo`]): the unmask of `unmask` by a
+    /// write of its number on the event channel's fd (the Linux device's unmask), the read of
+    /// the one delivery that woke the queue, then the next poll. The device's fd has no
+    /// `FMODE_NOWAIT`: a read that found nothing would fail with `EAGAIN` (the fd is
+    /// non-blocking) or wait in io-wq, so it is issued only where a poll has seen a delivery.
+    /// `READV`/`WRITEV` of one iovec rather than `READ`/`WRITE`: the allow-list has them
+    /// already, and the kernel loops `read()` for a device without `read_iter`. Where the
+    /// kernel can, the read and unmask post no CQE when they succeed, so that the wait that
+    /// follows ends only for what the queue waits for.
+    ///
+    /// # Errors
+    /// When the submission queue is full even after submitting, or the previous chain has
+    /// not ended (its read and write may still use the memory this one would).
+    pub(in crate::dataplane) fn evtchn_rearm(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        unmask: Option<xen::Port>,
+    ) -> io::Result<()> {
+        if self.evtchn_io.chain {
+            return Err(io::Error::other("an event channel read is still in flight"));
         }
+        let fdt = self.fixed(fd)?;
+        let link = if self.skip_success {
+            squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS
+        } else {
+            squeue::Flags::IO_LINK
+        };
+        let write = unmask.map(|port| {
+            self.evtchn_io.unmask = port.to_ne_bytes();
+            let iov: *const Iovec = &self.evtchn_io.unmask_iov;
+            // Offset -1: at the file's position (the fd is a stream; it has none).
+            opcode::Writev::new(fdt, iov.cast(), 1)
+                .offset(u64::MAX)
+                .build()
+                .flags(link)
+                .user_data(EVTCHN_UNMASK)
+        });
         let iov: *const Iovec = &self.evtchn_io.read_iov;
-        // Offset -1: at the file's position (the fd is a stream; it has none).
         let read = opcode::Readv::new(fdt, iov.cast(), 1)
             .offset(u64::MAX)
             .build()
-            .flags(squeue::Flags::IO_LINK)
+            .flags(link)
             .user_data(EVTCHN_READ);
-        self.push(&[read, poll])?;
-        self.evtchn_io.in_flight += 1;
+        let poll = opcode::PollAdd::new(fdt, rustix::event::PollFlags::IN.bits().into())
+            .build()
+            .user_data(EVTCHN_CHAIN_POLL);
+        match write {
+            Some(write) => self.push(&[write, read, poll])?,
+            None => self.push(&[read, poll])?,
+        }
+        self.evtchn_io.chain = true;
         Ok(())
     }
 
-    /// Unmasks `port` by writing its number on the event channel's fd (the Linux device's
-    /// unmask), submitted with whatever else is queued. `WRITEV`, as `READV` above.
+    /// Removes the poll at the end of the event channel's chain (to end the chain when the
+    /// ring is drained); its CQE then says `ECANCELED`.
     ///
     /// # Errors
-    /// When the submission queue is full even after submitting, or `port` is not the port of
-    /// an earlier write still in flight (its bytes cannot change under the kernel).
-    pub(in crate::dataplane) fn evtchn_unmask(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        port: xen::Port,
-    ) -> io::Result<()> {
-        let fdt = self.fixed(fd)?;
-        let bytes = port.to_ne_bytes();
-        if self.evtchn_io.unmask != bytes {
-            if self.evtchn_io.in_flight > 0 {
-                return Err(io::Error::other("an unmask of another port is in flight"));
-            }
-            self.evtchn_io.unmask = bytes;
-        }
-        let iov: *const Iovec = &self.evtchn_io.unmask_iov;
-        let write = opcode::Writev::new(fdt, iov.cast(), 1)
-            .offset(u64::MAX)
+    /// When the submission queue is full even after submitting.
+    pub(super) fn evtchn_remove_poll(&mut self) -> io::Result<()> {
+        // The restriction requires IOSQE_FIXED_FILE on every SQE; POLL_REMOVE has no file
+        // and the kernel ignores the flag there.
+        let e = opcode::PollRemove::new(EVTCHN_CHAIN_POLL)
             .build()
-            .user_data(EVTCHN_UNMASK);
-        self.push(&[write])?;
-        self.evtchn_io.in_flight += 1;
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(EVTCHN_REMOVE);
+        self.push(&[e])?;
+        self.evtchn_io.removing = true;
         Ok(())
     }
 
