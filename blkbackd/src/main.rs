@@ -161,7 +161,7 @@ struct ServeArgs {
 
 /// `--poll-us` where the process may run on two CPUs or more: about the time a request takes
 /// to come back from io-wq or the frontend on a busy host, so that polling catches it.
-const DEFAULT_POLL_US: u32 = 50;
+const DEFAULT_POLL_US: u32 = 200;
 
 #[derive(Debug, Clone, Args)]
 struct Tuning {

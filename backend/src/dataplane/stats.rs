@@ -294,10 +294,9 @@ impl Bursts {
         self.nbd = Some((stats, start));
     }
 
-    /// The queue woke for an event or a completion (timers are not activity): a wake-up after
-    /// a pause ends the burst before.
-    pub(super) fn active(&mut self, stats: &Stats, queue: &str) {
-        let now = Instant::now();
+    /// The queue woke `now` for an event or a completion (timers are not activity): a wake-up
+    /// after a pause ends the burst before.
+    pub(super) fn active(&mut self, stats: &Stats, queue: &str, now: Instant) {
         if now.saturating_duration_since(self.last_active) >= ACTIVITY_GAP {
             self.log(stats, queue);
         }

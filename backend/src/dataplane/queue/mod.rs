@@ -88,6 +88,11 @@ pub(super) struct Queue {
 
     // Scratch, reused every pass.
     reaped: Vec<Reaped>,
+    /// The time at the start of this pass: one clock read per pass, not per request (in a
+    /// PV dom0 the vDSO has no clock and each read is a system call through Xen).
+    now: Instant,
+    /// When the last wait that could block began (its pass's start), for [`Wake::waited`].
+    blocked_since: Option<Instant>,
     parked_ok: Vec<bool>,
     batch: Vec<usize>,
     failed: Vec<bool>,
@@ -213,6 +218,8 @@ impl Queue {
             log,
             backlog,
             resumed: resuming,
+            now: Instant::now(),
+            blocked_since: None,
             reaped: Vec::with_capacity(size * 2 + 8),
             batch: Vec::with_capacity(size),
             failed: Vec::with_capacity(size),
@@ -289,6 +296,10 @@ impl Queue {
         loop {
             let mut reaped = std::mem::take(&mut self.reaped);
             self.uring.reap(&mut reaped);
+            self.now = Instant::now();
+            if let Some(since) = self.blocked_since.take() {
+                self.wake.waited(self.now.saturating_duration_since(since));
+            }
             let mut event = false;
             // Timers (purge ticks, EOI delays) are not activity: only events and completions.
             let active = reaped
@@ -310,7 +321,7 @@ impl Queue {
             }
             self.reaped = reaped;
             if active {
-                self.bursts.active(&self.stats, &self.name);
+                self.bursts.active(&self.stats, &self.name, self.now);
             }
             if event {
                 if let Some(o) = self.observer.as_mut() {
@@ -349,12 +360,14 @@ impl Queue {
                 return Ok(());
             }
             let want = usize::from(!self.uring.has_completions());
-            // A wait that may block is timed from here (its poll included) for `BusyPoll`.
-            let blocks = (want == 1 && self.wake.adapts()).then(Instant::now);
+            // A wait that may block is timed from this pass's start (its poll included) to
+            // the next pass's, for `BusyPoll`.
+            self.blocked_since = (want == 1 && self.wake.adapts()).then_some(self.now);
             if want == 1 && self.wake.polls() && !self.stopping {
                 let takes_requests =
                     self.broken.is_none() && !self.slots.has_deferred() && !self.slots.is_full();
                 let polled = self.wake.poll_for_work(
+                    self.now,
                     &mut self.uring,
                     &mut self.back,
                     &mem,
@@ -374,9 +387,6 @@ impl Queue {
             self.uring
                 .submit_and_wait(want)
                 .map_err(QueueError::Enter)?;
-            if let Some(since) = blocks {
-                self.wake.waited(since.elapsed());
-            }
             crate::fault::point(crate::fault::Step::Submitted);
         }
     }
@@ -580,7 +590,7 @@ impl Queue {
             // Cannot happen: the ring hands out no more requests than there are slots.
             return self.put(mem, &req.response(Status::Error), entry);
         }
-        if let Some(slot) = self.slots.take(req, Instant::now(), entry) {
+        if let Some(slot) = self.slots.take(req, self.now, entry) {
             self.start(mem, slot);
         }
     }

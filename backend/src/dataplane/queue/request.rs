@@ -2,7 +2,6 @@
 //! submit, complete, copy out, answer. Each step moves the slot's [`State`].
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use ring::{FlushKind, Op, Status};
 use rustix::io::Errno;
@@ -276,7 +275,7 @@ impl Queue {
             region,
             guards,
         } = c;
-        self.grants.completed(guards, Instant::now());
+        self.grants.completed(guards, self.now);
         if !self.slots.complete(slot) {
             // Not a slot in flight (cannot happen): nothing to answer.
             if let Some(r) = region {
