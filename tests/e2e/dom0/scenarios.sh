@@ -1217,16 +1217,19 @@ perf_guest() { # backend round kind
 }
 
 # E2E_PROFILE=1: after the rounds, one more blkbackd guest (not counted in the figures) runs
-# rand-read-4k-qd1 and -qd32 while dom0 records `perf record -a -g -e cpu-clock` (TCG has no
-# PMU) over each; the top symbols go out as E2E-PROFILE lines. PROFILE=all: kernel blkback too.
+# rand-read-4k-qd1 and -qd32 for PROF_SECONDS each while dom0 records `perf record -a -g -e
+# cpu-clock` (TCG has no PMU) over PROF_SECONDS - 3 of them, starting when the guest says
+# the figure started (perf's own start-up takes a second or so here); the top symbols go
+# out as E2E-PROFILE lines. PROFILE=all: kernel blkback too.
 PERF_TOOL=/usr/bin/perf
+PROF_SECONDS=$((PERF_SECONDS > 10 ? PERF_SECONDS : 10))
 perf_profile() { # backend
 	b=$1
 	perf_backend_up "$b" || { progress "profile $b: $REASON"; return; }
 	img=$DISKS/perf.img
 	disk=$(perf_disk "$b" "$img") || return
 	name=e2e-prof-$b
-	EXTRA_ARGS="e2e.figures=rand-read-4k-qd1,rand-read-4k-qd32" write_cfg "$name" perf 1 "$disk"
+	EXTRA_ARGS="e2e.figures=rand-read-4k-qd1,rand-read-4k-qd32 e2e.seconds=$PROF_SECONDS" write_cfg "$name" perf 1 "$disk"
 	guest_create "$name" || { perf_release; progress "profile $b: $REASON"; return; }
 	for fig in rand-read-4k-qd1 rand-read-4k-qd32; do
 		if ! wait_domu "$name" "start $fig" 120; then
@@ -1234,23 +1237,33 @@ perf_profile() { # backend
 			break
 		fi
 		HOME=/root $PERF_TOOL record -N -a -g -e cpu-clock -F 499 -o "/e2e/prof-$b-$fig.data" \
-			-- sleep $((PERF_SECONDS > 2 ? PERF_SECONDS - 1 : 1)) >"/e2e/prof-$b-$fig.err" 2>&1 ||
+			-- sleep $((PROF_SECONDS - 3)) >"/e2e/prof-$b-$fig.err" 2>&1 ||
 			echo "E2E-PROFILE $b $fig perf record failed: $(tail -n 3 "/e2e/prof-$b-$fig.err" | tr '\n' ' ')"
 	done
-	wait_gone "$name" 200 || xl destroy "$name" >/dev/null 2>&1
+	wait_gone "$name" $((200 + 3 * PROF_SECONDS)) || xl destroy "$name" >/dev/null 2>&1
 	perf_release
 	for fig in rand-read-4k-qd1 rand-read-4k-qd32; do
 		f=/e2e/prof-$b-$fig.data
 		[ -s "$f" ] || continue
 		v=$(domu "$name" "perf $fig")
 		{
-			echo "== $b $fig (${v:-no figure}; perf record -a -g -e cpu-clock -F 499, $((PERF_SECONDS > 2 ? PERF_SECONDS - 1 : 1)) s, both dom0 vCPUs)"
-			echo "-- by command (share of samples)"
+			echo "== $b $fig (${v:-no figure}; perf record -a -g -e cpu-clock -F 499 over $((PROF_SECONDS - 3)) s of its $PROF_SECONDS s, both dom0 vCPUs)"
+			echo "-- by command (share of all samples; swapper = dom0 idle)"
 			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^#' | grep . | head -n 12
-			echo "-- top symbols (self)"
-			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | head -n 30
-			echo "-- top symbols, blkbackd's processes only"
-			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --comms "$(HOME=/root $PERF_TOOL report -i "$f" --stdio --sort comm -g none 2>/dev/null | awk '$2 ~ /^(vbd-|blkbackd)/ { printf "%s%s", s, $2; s = "," }')" --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | head -n 25
+			echo "-- top symbols (self), all of dom0"
+			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | head -n 25
+			echo "-- top symbols (self) by command, idle left out"
+			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm,dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | grep -v ' swapper ' | head -n 30
+			# The backend's own threads: blkbackd's serve process and queue threads, or
+			# kernel blkback's threads and the loop device's workers.
+			case $b in kernel) re='^(blkback|kworker|loop)' ;; *) re='^(vbd-|blkbackd)' ;; esac
+			c=$(HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm -g none 2>/dev/null |
+				awk -v re="$re" '$2 ~ re { printf "%s%s", s, $2; s = "," }')
+			if [ -n "$c" ]; then
+				echo "-- call chains (callee first) in $c, symbols with 2 % or more of all samples"
+				HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --comms "$c" --sort sym \
+					-g graph,0.5,callee,function,percent --percent-limit 2 2>/dev/null | grep -v '^#' | grep . | head -n 120
+			fi
 		} 2>&1 | sed "s/^/E2E-PROFILE $b $fig /"
 	done
 }
@@ -1275,14 +1288,14 @@ sc_perf() {
 		echo "E2E-PERF-ORDER $r $*"
 		progress "perf round $r of $rounds: $*"
 		for b in "$@"; do
-			t0=$(uptime_s)
+			pt0=$(uptime_s)
 			if perf_backend_up "$b"; then
 				perf_guest "$b" "$r" 1
 				perf_guest "$b" "$r" 2j
 			else
 				PERF_FAIL="$PERF_FAIL $b (round $r): $REASON;"
 			fi
-			progress "perf round $r: $b took $(since "$t0") s"
+			progress "perf round $r: $b took $(since "$pt0") s"
 		done
 		r=$((r + 1))
 	done
