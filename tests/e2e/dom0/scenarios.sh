@@ -1217,10 +1217,11 @@ perf_guest() { # backend round kind
 }
 
 # E2E_PROFILE=1: after the rounds, one more blkbackd guest (not counted in the figures) runs
-# rand-read-4k-qd1 and -qd32 for PROF_SECONDS each while dom0 records `perf record -a -g -e
-# cpu-clock` (TCG has no PMU) over PROF_SECONDS - 3 of them, starting when the guest says
-# the figure started (perf's own start-up takes a second or so here); the top symbols go
-# out as E2E-PROFILE lines. PROFILE=all: kernel blkback too.
+# rand-read-4k-qd1 and -qd32 for PROF_SECONDS each, 8 s apart, while dom0 records `perf
+# record -a -g -e cpu-clock` (TCG has no PMU) over PROF_SECONDS - 3 of them, starting when
+# the guest says the figure started (perf's own start-up takes a second or so here, and
+# its end longer); the top symbols go out as E2E-PROFILE lines. PROFILE=all: kernel
+# blkback too.
 PERF_TOOL=/usr/bin/perf
 PROF_SECONDS=$((PERF_SECONDS > 10 ? PERF_SECONDS : 10))
 perf_profile() { # backend
@@ -1229,14 +1230,15 @@ perf_profile() { # backend
 	img=$DISKS/perf.img
 	disk=$(perf_disk "$b" "$img") || return
 	name=e2e-prof-$b
-	EXTRA_ARGS="e2e.figures=rand-read-4k-qd1,rand-read-4k-qd32 e2e.seconds=$PROF_SECONDS" write_cfg "$name" perf 1 "$disk"
+	EXTRA_ARGS="e2e.figures=rand-read-4k-qd1,rand-read-4k-qd32 e2e.seconds=$PROF_SECONDS e2e.pause=8" \
+		write_cfg "$name" perf 1 "$disk"
 	guest_create "$name" || { perf_release; progress "profile $b: $REASON"; return; }
 	for fig in rand-read-4k-qd1 rand-read-4k-qd32; do
 		if ! wait_domu "$name" "start $fig" 120; then
 			progress "profile $b: no start of $fig"
 			break
 		fi
-		HOME=/root $PERF_TOOL record -N -a -g -e cpu-clock -F 499 -o "/e2e/prof-$b-$fig.data" \
+		HOME=/root $PERF_TOOL record -N -B -a -g -e cpu-clock -F 499 -o "/e2e/prof-$b-$fig.data" \
 			-- sleep $((PROF_SECONDS - 3)) >"/e2e/prof-$b-$fig.err" 2>&1 ||
 			echo "E2E-PROFILE $b $fig perf record failed: $(tail -n 3 "/e2e/prof-$b-$fig.err" | tr '\n' ' ')"
 	done
@@ -1254,14 +1256,19 @@ perf_profile() { # backend
 			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | head -n 25
 			echo "-- top symbols (self) by command, idle left out"
 			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm,dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | grep -v ' swapper ' | head -n 30
-			# The backend's own threads: blkbackd's serve process and queue threads, or
-			# kernel blkback's threads and the loop device's workers.
-			case $b in kernel) re='^(blkback|kworker|loop)' ;; *) re='^(vbd-|blkbackd)' ;; esac
+			# The backend's own threads (blkbackd's serve process and queue threads, or
+			# kernel blkback's D.xvda-N threads) and the kernel's workers that serve
+			# them (the loop device's kworkers, softirqs: block completions, blkback's
+			# unmap-and-respond callbacks).
+			case $b in
+			kernel) re='^([0-9]+[.]xvd|blkback|kworker|ksoftirqd)' ;;
+			*) re='^(vbd-|blkbackd|kworker|ksoftirqd)' ;;
+			esac
 			c=$(HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm -g none 2>/dev/null |
 				awk -v re="$re" '$2 ~ re { printf "%s%s", s, $2; s = "," }')
 			if [ -n "$c" ]; then
 				echo "-- call chains (callee first) in $c, symbols with 2 % or more of all samples"
-				HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --comms "$c" --sort sym \
+				HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --comms "$c" --sort comm,sym \
 					-g graph,0.5,callee,function,percent --percent-limit 2 2>/dev/null | grep -v '^#' | grep . | head -n 120
 			fi
 		} 2>&1 | sed "s/^/E2E-PROFILE $b $fig /"
