@@ -5,6 +5,7 @@
 #   E2E-PERF backend workload value unit
 #   E2E-PROGRESS text        (shown on the host as it happens)
 # The guest reports through its console log (lines starting E2E-DOMU).
+# shellcheck disable=SC2153 # PERF_SECONDS & co. come from here
 . /e2e/config
 # Bounds on waits for guests are multiplied by this (E2E_TIME_SCALE on the host):
 # under emulation on a loaded host a guest can take minutes to boot.
