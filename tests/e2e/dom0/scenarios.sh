@@ -1105,7 +1105,7 @@ perf_backends() {
 	echo kernel qdisk
 	if [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ]; then
 		echo blkbackd
-		echo "${PERF_VARIANTS:-}" | tr ',' '\n' | sed -n 's/^\([A-Za-z0-9_]*\)=.*/blkbackd-\1/p'
+		echo "${PERF_VARIANTS:-}" | tr ',' '\n' | sed -n 's/^\([A-Za-z0-9_.-]*\)=.*/blkbackd-\1/p'
 	fi
 }
 # The supervisor's options for blkbackd or blkbackd-LABEL.
@@ -1313,7 +1313,7 @@ sc_perf() {
 		if [ ! -x $PERF_TOOL ]; then
 			progress "profile: no perf in dom0"
 		else
-			[ -x "$BLKBACKD" ] && SUP_ARGS=$PERF_SUP_ARGS perf_profile blkbackd
+			[ -x "$BLKBACKD" ] && perf_profile blkbackd
 			[ "$PROFILE" = all ] && perf_profile kernel
 		fi
 		;;
