@@ -2,7 +2,8 @@
 # dom0 side of the e2e tests: runs the scenarios listed in /e2e/selected, one
 # guest (or a few) each, and reports to the console:
 #   E2E-RESULT PASS name | FAIL name: reason | SKIP name: reason
-#   E2E-PERF backend workload value unit
+#   E2E-PERF backend workload value unit [round]
+#   E2E-PERF-ORDER round backend...; E2E-PERF-QUEUES backend round text; E2E-COST; E2E-PROFILE
 #   E2E-PROGRESS text        (shown on the host as it happens)
 # The guest reports through its console log (lines starting E2E-DOMU).
 # shellcheck disable=SC2153 # PERF_SECONDS & co. come from here
