@@ -2,9 +2,11 @@
 # dom0 side of the e2e tests: runs the scenarios listed in /e2e/selected, one
 # guest (or a few) each, and reports to the console:
 #   E2E-RESULT PASS name | FAIL name: reason | SKIP name: reason
-#   E2E-PERF backend workload value unit
+#   E2E-PERF backend workload value unit [round]
+#   E2E-PERF-ORDER round backend...; E2E-PERF-QUEUES backend round text; E2E-COST; E2E-PROFILE
 #   E2E-PROGRESS text        (shown on the host as it happens)
 # The guest reports through its console log (lines starting E2E-DOMU).
+# shellcheck disable=SC2153 # PERF_SECONDS & co. come from here
 . /e2e/config
 # Bounds on waits for guests are multiplied by this (E2E_TIME_SCALE on the host):
 # under emulation on a loaded host a guest can take minutes to boot.
@@ -246,26 +248,24 @@ check_data() { # name dev backing
 	[ "$d" = "$w" ] || { REASON="dom0 sees $d in $3, guest wrote $w"; return 1; }
 }
 
-# Perf lines from the guest, re-emitted under a backend name; REASON on error.
-collect_perf() { # name backend
-	n=0
-	for wl in seq-read-1M-qd1 seq-write-1M-qd1 rand-read-4k-qd1 rand-read-4k-qd32; do
+# Perf lines from the guest, re-emitted under a backend name with the round's number
+# (E2E-PERF backend workload value unit round); REASON on error.
+PERF_FIGURES="seq-read-1M-qd1 seq-write-1M-qd1 rand-read-4k-qd1 rand-read-4k-qd32"
+collect_perf() { # name backend round [figures]
+	n=0 want=0
+	for wl in ${4:-$PERF_FIGURES}; do
+		want=$((want + 1))
 		v=$(domu "$1" "perf $wl")
 		if [ -n "$v" ]; then
-			echo "E2E-PERF $2 $wl $v"
+			echo "E2E-PERF $2 $wl $v $3"
 			n=$((n + 1))
 		fi
 	done
-	if [ $n -ne 4 ]; then
-		PERF_FAIL="$PERF_FAIL $2: $(domu "$1" "perf-error") ($n/4 figures)"
+	if [ $n -ne $want ]; then
+		PERF_FAIL="$PERF_FAIL $2 (round $3): $(domu "$1" "perf-error") ($n/$want figures);"
 		return 1
 	fi
-	PERF_DONE="$PERF_DONE $2"
-}
-
-# perf before the data check: its sequential writes start at sector 0.
-tasks_with_perf() { # tasks
-	if selected perf; then echo "perf,$1"; else echo "$1"; fi
+	case " $PERF_DONE " in *" $2 "*) ;; *) PERF_DONE="$PERF_DONE $2" ;; esac
 }
 
 # ------------------------------------------------------------------ leaks
@@ -414,7 +414,7 @@ file_scenario() { # scenario want-path
 	start_supervisor || { fail_bb $s; return; }
 	img=$DISKS/file.img
 	make_disk $img 128
-	write_cfg e2e-file "$(tasks_with_perf data)" 1 "$(hotplug_disk xvda $img)"
+	write_cfg e2e-file data 1 "$(hotplug_disk xvda $img)"
 	guest_create e2e-file || { fail_bb $s; return; }
 	d=$(domid_of e2e-file)
 	wait_domu e2e-file boot 60
@@ -425,14 +425,13 @@ file_scenario() { # scenario want-path
 	path=$(device_path "$d")
 	held=no
 	[ -n "$l" ] && [ -n "$p" ] && holds_device "${p%% *}" "$l" && held=yes
-	if ! wait_gone e2e-file $((400 + 6 * PERF_SECONDS)); then
+	if ! wait_gone e2e-file 400; then
 		REASON="guest did not finish"
 		dump_guest e2e-file
 		xl destroy e2e-file
 		fail_bb $s
 		return
 	fi
-	[ $s = blkbackd-file ] && selected perf && collect_perf e2e-file blkbackd && perf_costs "$d" blkbackd
 	if [ -z "$l" ]; then
 		REASON="no loop device bound to $img while the guest ran"
 	elif [ "$ac" != 1 ]; then
@@ -1051,17 +1050,16 @@ sc_qdisk() {
 	s=qdisk
 	img=$DISKS/qdisk.img
 	make_disk $img 128
-	write_cfg e2e-qdisk "$(tasks_with_perf data)" 1 "format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=$img"
+	write_cfg e2e-qdisk data 1 "format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=$img"
 	t0=$(uptime_s)
-	if run_guest e2e-qdisk $((400 + 6 * PERF_SECONDS)); then
-		selected perf && collect_perf e2e-qdisk qdisk
+	if run_guest e2e-qdisk 400; then
 		if check_data e2e-qdisk xvda $img; then
-			selected $s && result "PASS $s ($(since "$t0") s in dom0)"
+			result "PASS $s ($(since "$t0") s in dom0)"
 			rm -f $img
 			return
 		fi
 	fi
-	if selected $s; then result "FAIL $s: $REASON"; else progress "qdisk (for perf) failed: $REASON"; fi
+	result "FAIL $s: $REASON"
 	ls /var/log/xen/qemu-dm-e2e-qdisk.log >/dev/null 2>&1 && sed 's/^/qemu-dm: /' /var/log/xen/qemu-dm-e2e-qdisk.log | tail -n 20
 	rm -f $img
 }
@@ -1074,13 +1072,12 @@ sc_kernel_blkback() {
 		img=$DISKS/kernel.img
 		make_disk $img 128
 		l=$($LOSETUP --show -f $img)
-		write_cfg e2e-kernel "$(tasks_with_perf data)" 1 \
+		write_cfg e2e-kernel data 1 \
 			"format=raw, vdev=xvda, access=rw, backendtype=phy, script=/e2e/phy-script, target=$l"
 		t0=$(uptime_s)
-		if run_guest e2e-kernel $((400 + 6 * PERF_SECONDS)); then
-			selected perf && collect_perf e2e-kernel kernel
+		if run_guest e2e-kernel 400; then
 			if check_data e2e-kernel xvda $img; then
-				selected $s && result "PASS $s ($(since "$t0") s in dom0)"
+				result "PASS $s ($(since "$t0") s in dom0)"
 				$LOSETUP -d "$l"
 				rm -f $img
 				rmmod xen-blkback 2>/dev/null
@@ -1091,7 +1088,248 @@ sc_kernel_blkback() {
 		rm -f $img
 		rmmod xen-blkback 2>/dev/null
 	fi
-	if selected $s; then result "FAIL $s: $REASON"; else progress "kernel-blkback (for perf) failed: $REASON"; fi
+	result "FAIL $s: $REASON"
+}
+
+# ------------------------------------------------------------------ (7) perf, interleaved
+# PERF_ROUNDS rounds (E2E_PERF_ROUNDS, default 3); each round runs every backend once, in an
+# order rotated by one each round (kernel qdisk blkbackd, then qdisk blkbackd kernel, ...), so
+# that none is always first and a drift of the host's speed during the boot hits every
+# backend alike; the host reports medians over the rounds and the spread of the per-round
+# ratios. Per backend and round two fresh guests on the same 128 MiB image: a 1-vCPU guest
+# for the four single-job figures, then a 2-vCPU guest (two queues) for
+# rand-read-4k-qd32-2j. PERF_VARIANTS (E2E_PERF_VARIANTS on the host: "label=options,...")
+# adds blkbackd-label backends, each served by a supervisor started with those options.
+PERF_SUP_ARGS=$SUP_ARGS
+PERF_2J=rand-read-4k-qd32-2j
+perf_backends() {
+	echo kernel qdisk
+	if [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ]; then
+		echo blkbackd
+		echo "${PERF_VARIANTS:-}" | tr ',' '\n' | sed -n 's/^\([A-Za-z0-9_.-]*\)=.*/blkbackd-\1/p'
+	fi
+}
+# The supervisor's options for blkbackd or blkbackd-LABEL.
+perf_sup_args() { # backend
+	[ "$1" = blkbackd ] && { echo "$PERF_SUP_ARGS"; return; }
+	echo "${PERF_VARIANTS:-}" | tr ',' '\n' | sed -n "s/^${1#blkbackd-}=//p" | head -n 1
+}
+# Switch dom0 to backend $1: xen-blkback loaded and no supervisor for the kernel, a
+# supervisor with the backend's options and no xen-blkback for blkbackd.
+PERF_SUP_CUR=
+perf_backend_up() { # backend
+	case $1 in
+	kernel)
+		stop_supervisor
+		modprobe xen-blkback || { REASON="cannot load xen-blkback"; return 1; }
+		;;
+	qdisk) ;;
+	blkbackd*)
+		if [ -d /sys/module/xen_blkback ]; then
+			rmmod xen-blkback 2>/dev/null
+			[ -d /sys/module/xen_blkback ] && { REASON="xen-blkback would not unload"; return 1; }
+		fi
+		a=$(perf_sup_args "$1")
+		if [ -z "$SUP_PID" ] || [ "$a" != "$PERF_SUP_CUR" ]; then
+			stop_supervisor
+			SUP_ARGS=$a
+			start_supervisor || return 1
+			PERF_SUP_CUR=$a
+		fi
+		;;
+	esac
+}
+perf_disk() { # backend image -> the guest's disk (kernel: on a loop device, PERF_LOOP)
+	case $1 in
+	kernel)
+		PERF_LOOP=$($LOSETUP --show -f "$2") || return 1
+		echo "format=raw, vdev=xvda, access=rw, backendtype=phy, script=/e2e/phy-script, target=$PERF_LOOP"
+		;;
+	qdisk) echo "format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=$2" ;;
+	*) hotplug_disk xvda "$2" ;;
+	esac
+}
+perf_release() {
+	[ -z "${PERF_LOOP:-}" ] || $LOSETUP -d "$PERF_LOOP"
+	PERF_LOOP=
+}
+# How many queues the 2-vCPU guest's disk got, seen from dom0: the frontend's
+# multi-queue-num-queues (absent: one queue), and for kernel blkback its max_queues, for
+# blkbackd the serve process's queue threads.
+perf_queues() { # backend domid
+	f=$(xenstore-read "/local/domain/$2/device/vbd/$DEVID/multi-queue-num-queues" 2>/dev/null || echo 1)
+	extra=""
+	case $1 in
+	kernel) extra=" max_queues=$(cat /sys/module/xen_blkback/parameters/max_queues 2>/dev/null)" ;;
+	blkbackd*)
+		p=$(serve_pids "$2" | head -n 1)
+		t=0
+		[ -n "$p" ] && t=$(cat /proc/"$p"/task/*/comm 2>/dev/null | grep -c -- '-q[0-9]')
+		extra=" queue_threads=$t"
+		;;
+	esac
+	echo "multi-queue-num-queues=$f$extra"
+}
+# One guest of one backend in one round: its figures as E2E-PERF lines (and, for blkbackd,
+# its counters per burst as E2E-COST). kind: 1 (four figures, 1 vCPU) or 2j (2 vCPUs).
+perf_guest() { # backend round kind
+	b=$1 r=$2
+	img=$DISKS/perf.img
+	disk=$(perf_disk "$b" "$img") || { PERF_FAIL="$PERF_FAIL $b (round $r): no disk;"; return 1; }
+	if [ "$3" = 2j ]; then
+		name=e2e-p2-$b
+		write_cfg "$name" perf2q 2 "$disk"
+	else
+		name=e2e-p-$b
+		write_cfg "$name" perf 1 "$disk"
+	fi
+	if ! guest_create "$name"; then
+		perf_release
+		PERF_FAIL="$PERF_FAIL $b (round $r): $REASON;"
+		return 1
+	fi
+	d=$LAST_DOMID
+	if [ "$3" = 2j ] && wait_domu "$name" queues 120; then
+		q=$(perf_queues "$b" "$d")
+		echo "E2E-PERF-QUEUES $b $r guest: $(domu "$name" queues); dom0: $q"
+		case "$b:$q" in
+		qdisk:*) ;; # whatever QEMU offers
+		*"multi-queue-num-queues=2"*) ;;
+		*) PERF_FAIL="$PERF_FAIL $b (round $r): the 2-vCPU guest got no two queues ($q);" ;;
+		esac
+	fi
+	REASON=""
+	if ! wait_gone "$name" $((200 + 6 * PERF_SECONDS)); then
+		[ -n "$REASON" ] || REASON="guest still running (last: $(guest_lines "$name" | grep E2E-DOMU | tail -n 1))"
+		dump_guest "$name"
+		xl destroy "$name" >/dev/null 2>&1
+		perf_release
+		PERF_FAIL="$PERF_FAIL $b (round $r): $REASON;"
+		return 1
+	fi
+	perf_release
+	if [ "$3" = 2j ]; then
+		collect_perf "$name" "$b" "$r" $PERF_2J
+		guest_lines "$name" | sed -n 's/.*E2E-DOMU jobs /jobs: /p' | sed "s|^|perf $b round $r |"
+		case $b in blkbackd*) perf_costs "$d" "$b-2j/r$r" ;; esac
+	else
+		collect_perf "$name" "$b" "$r"
+		case $b in blkbackd*) perf_costs "$d" "$b/r$r" ;; esac
+	fi
+}
+
+# E2E_PROFILE=1: after the rounds, one more blkbackd guest (not counted in the figures) runs
+# rand-read-4k-qd1 and -qd32 for PROF_SECONDS each, 8 s apart, while dom0 records `perf
+# record -a -g -e cpu-clock` (TCG has no PMU) over PROF_SECONDS - 3 of them, starting when
+# the guest says the figure started (perf's own start-up takes a second or so here, and
+# its end longer); the top symbols go out as E2E-PROFILE lines. PROFILE=all: kernel
+# blkback too.
+PERF_TOOL=/usr/bin/perf
+PROF_SECONDS=$((PERF_SECONDS > 10 ? PERF_SECONDS : 10))
+perf_profile() { # backend
+	b=$1
+	perf_backend_up "$b" || { progress "profile $b: $REASON"; return; }
+	img=$DISKS/perf.img
+	disk=$(perf_disk "$b" "$img") || return
+	name=e2e-prof-$b
+	EXTRA_ARGS="e2e.figures=rand-read-4k-qd1,rand-read-4k-qd32 e2e.seconds=$PROF_SECONDS e2e.pause=8" \
+		write_cfg "$name" perf 1 "$disk"
+	guest_create "$name" || { perf_release; progress "profile $b: $REASON"; return; }
+	for fig in rand-read-4k-qd1 rand-read-4k-qd32; do
+		if ! wait_domu "$name" "start $fig" 120; then
+			progress "profile $b: no start of $fig"
+			break
+		fi
+		HOME=/root $PERF_TOOL record -N -B -a -g -e cpu-clock -F 499 -o "/e2e/prof-$b-$fig.data" \
+			-- sleep $((PROF_SECONDS - 3)) >"/e2e/prof-$b-$fig.err" 2>&1 ||
+			echo "E2E-PROFILE $b $fig perf record failed: $(tail -n 3 "/e2e/prof-$b-$fig.err" | tr '\n' ' ')"
+	done
+	wait_gone "$name" $((200 + 3 * PROF_SECONDS)) || xl destroy "$name" >/dev/null 2>&1
+	perf_release
+	for fig in rand-read-4k-qd1 rand-read-4k-qd32; do
+		f=/e2e/prof-$b-$fig.data
+		[ -s "$f" ] || continue
+		v=$(domu "$name" "perf $fig")
+		{
+			echo "== $b $fig (${v:-no figure}; perf record -a -g -e cpu-clock -F 499 over $((PROF_SECONDS - 3)) s of its $PROF_SECONDS s, both dom0 vCPUs)"
+			echo "-- by command (share of all samples; swapper = dom0 idle)"
+			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^#' | grep . | head -n 12
+			echo "-- top symbols (self), all of dom0"
+			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | head -n 25
+			echo "-- top symbols (self) by command, idle left out"
+			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm,dso,sym -g none 2>/dev/null | grep -v '^#' | grep . | grep -v ' swapper ' | head -n 30
+			# The backend's own threads (blkbackd's serve process and queue threads, or
+			# kernel blkback's D.xvda-N threads) and the kernel's workers that serve
+			# them (the loop device's kworkers, softirqs: block completions, blkback's
+			# unmap-and-respond callbacks).
+			case $b in
+			kernel) re='^([0-9]+[.]xvd|blkback|kworker|ksoftirqd)' ;;
+			*) re='^(vbd-|blkbackd|kworker|ksoftirqd)' ;;
+			esac
+			c=$(HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm -g none 2>/dev/null |
+				awk -v re="$re" '$2 ~ re { printf "%s%s", s, $2; s = "," }')
+			if [ -n "$c" ]; then
+				echo "-- call chains (callee first) in $c, symbols with 2 % or more of all samples"
+				HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --comms "$c" --sort comm,sym \
+					-g graph,0.5,callee,function,percent --percent-limit 2 2>/dev/null | grep -v '^#' | grep . | head -n 120
+			fi
+		} 2>&1 | sed "s/^/E2E-PROFILE $b $fig /"
+	done
+}
+
+sc_perf() {
+	s=perf
+	make_disk $DISKS/perf.img 128
+	rounds=${PERF_ROUNDS:-3}
+	backends=$(perf_backends | tr '\n' ' ')
+	nb=$(echo $backends | wc -w)
+	r=1
+	while [ $r -le "$rounds" ]; do
+		# Rotate: round r starts at the ((r - 1) mod n)th backend.
+		set -- $backends
+		i=1
+		while [ $i -lt $(((r - 1) % nb + 1)) ]; do
+			x=$1
+			shift
+			set -- "$@" "$x"
+			i=$((i + 1))
+		done
+		echo "E2E-PERF-ORDER $r $*"
+		progress "perf round $r of $rounds: $*"
+		for b in "$@"; do
+			pt0=$(uptime_s)
+			if perf_backend_up "$b"; then
+				perf_guest "$b" "$r" 1
+				perf_guest "$b" "$r" 2j
+			else
+				PERF_FAIL="$PERF_FAIL $b (round $r): $REASON;"
+			fi
+			progress "perf round $r: $b took $(since "$pt0") s"
+		done
+		r=$((r + 1))
+	done
+	case "${PROFILE:-0}" in
+	0 | "") ;;
+	*)
+		if [ ! -x $PERF_TOOL ]; then
+			progress "profile: no perf in dom0"
+		else
+			[ -x "$BLKBACKD" ] && perf_profile blkbackd
+			[ "$PROFILE" = all ] && perf_profile kernel
+		fi
+		;;
+	esac
+	stop_supervisor
+	SUP_ARGS=$PERF_SUP_ARGS
+	rmmod xen-blkback 2>/dev/null
+	case "$PERF_DONE" in *kernel*qdisk* | *qdisk*kernel*) ;; *) PERF_FAIL="$PERF_FAIL no figures from kernel blkback and qdisk;" ;; esac
+	if [ -n "$PERF_FAIL" ]; then
+		result "FAIL perf:$PERF_FAIL"
+	elif [ -x "$BLKBACKD" ]; then
+		result "PASS perf ($rounds rounds; figures for:$PERF_DONE)"
+	else
+		result "PASS perf ($rounds rounds; figures for:$PERF_DONE; blkbackd not built, so no blkbackd column)"
+	fi
 }
 
 # ------------------------------------------------------------------ (9) kernel-patched
@@ -1240,44 +1478,18 @@ run_scenario() { # name
 PERF_DONE="" PERF_FAIL=""
 for s in blkbackd-file blkbackd-handoff blkbackd-record blkbackd-features blkbackd-lifecycle blkbackd-restart blkhotplug-dm diskseq-mismatch \
 	blkbackd-nopersist blkbackd-attach blkbackd-nbd; do
-	want=0
-	selected $s && want=1
-	[ $s = blkbackd-file ] && selected perf && [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ] && want=1
-	[ $want = 1 ] || continue
+	selected $s || continue
 	run_scenario $s
 done
-# PERF_VARIANTS (E2E_PERF_VARIANTS on the host): "label=options,..." more
-# blkbackd columns in the same boot, each from a supervisor started with those
-# options (e.g. "map=--grant-mode map").
-if selected perf && [ -n "${PERF_VARIANTS:-}" ] && [ -x "$BLKBACKD" ] && [ -x "$BLKHOTPLUG" ]; then
-	old_ifs=$IFS
-	IFS=,
-	for v in $PERF_VARIANTS; do
-		IFS=$old_ifs
-		[ -n "$v" ] || continue
-		label=${v%%=*} SUP_ARGS=${v#*=}
-		progress "perf variant $label: blkbackd supervise $SUP_ARGS"
-		stop_supervisor
-		start_supervisor || { progress "perf variant $label: $REASON"; continue; }
-		img=$DISKS/variant.img
-		make_disk $img 128
-		write_cfg e2e-variant perf 1 "$(hotplug_disk xvda $img)"
-		if run_guest e2e-variant $((400 + 6 * PERF_SECONDS)); then
-			collect_perf e2e-variant "blkbackd-$label" && perf_costs "$LAST_DOMID" "blkbackd-$label"
-		else
-			progress "perf variant $label failed: $REASON"
-		fi
-		stop_supervisor
-		rm -f $img
-	done
-	IFS=$old_ifs
-fi
+# The performance figures, every backend in every round (it leaves neither the supervisor
+# nor xen-blkback behind).
+selected perf && run_scenario perf
 # blkbackd's supervisor watches backend/vbd too: stop it before the kernel
 # backend, or two backends answer the same frontend (blkfront 6.1 hits a BUG).
 stop_supervisor
 # The kernel backend last: once xen-blkback is loaded it claims every vbd.
 for s in qdisk kernel-blkback; do
-	selected $s || selected perf || continue
+	selected $s || continue
 	run_scenario $s
 done
 # The same scenarios as blkbackd-nopersist and -attach on the kernel's blkback, as their
@@ -1289,13 +1501,4 @@ done
 # Alone in its boot (tests/e2e/run): dom0's kernel is the series' one.
 selected kernel-patched && run_scenario kernel-patched
 rmmod xen-blkback 2>/dev/null
-if selected perf; then
-	case "$PERF_DONE" in *kernel*qdisk* | *qdisk*kernel*) ;; *) PERF_FAIL="$PERF_FAIL no figures from kernel blkback and qdisk;" ;; esac
-	if [ -n "$PERF_FAIL" ]; then
-		result "FAIL perf:$PERF_FAIL"
-	elif [ -x "$BLKBACKD" ]; then
-		result "PASS perf (figures for:$PERF_DONE)"
-	else
-		result "PASS perf (figures for:$PERF_DONE; blkbackd not built, so no blkbackd column)"
-	fi
-fi
+

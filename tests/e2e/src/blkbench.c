@@ -8,6 +8,8 @@
  * fixed time. Built static on the host by tests/e2e/run.
  *
  * usage: blkbench DEVICE read|write|randread|randwrite BLOCK_BYTES QUEUE_DEPTH SECONDS [SPAN_MIB]
+ * environment: BLKBENCH_SEED=N seeds the random offsets (jobs run side by side give each a
+ * seed of its own, so that they do not read the same blocks in step).
  * prints: mode=.. bs=.. qd=.. ios=.. secs=.. mibps=.. iops=.. p50us=.. (median completion latency)
  * exit status 0 when every I/O completed with its full length, 1 otherwise.
  */
@@ -86,6 +88,11 @@ int main(int argc, char **argv)
 		if (span && span < size)
 			size = span;
 	}
+	const char *seed = getenv("BLKBENCH_SEED");
+	if (seed && *seed)
+		rng_state ^= (uint64_t)strtoull(seed, NULL, 0) * 0xbf58476d1ce4e5b9ULL;
+	if (!rng_state)
+		rng_state = 1;
 	uint64_t blocks = size / bs;
 	if (blocks < 1) {
 		fprintf(stderr, "blkbench: device smaller than one block\n");
