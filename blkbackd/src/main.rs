@@ -159,8 +159,8 @@ struct ServeArgs {
     user: Option<String>,
 }
 
-/// `--poll-us` where the process may run on two CPUs or more: about the time a request takes
-/// to come back from io-wq or the frontend on a busy host, so that polling catches it.
+/// `--poll-us` where the process may run on two CPUs or more: KVM's `halt_poll_ns`, long
+/// enough for a wait on io-wq or the frontend on a loaded host (50-60 µs here) to be caught.
 const DEFAULT_POLL_US: u32 = 200;
 
 #[derive(Debug, Clone, Args)]
@@ -193,9 +193,9 @@ struct Tuning {
     grant_mode: GrantModeArg,
     /// Busy-poll each queue up to this many microseconds for new requests and completions
     /// before it sleeps (0: never). The window adapts: it grows while a queue's waits are
-    /// shorter than this and drops to zero after a longer one, so an idle disk costs no CPU
+    /// shorter than this and halves after a longer one, so an idle disk costs no CPU
     /// and a busy one spins (up to a whole core per busy queue). While a queue polls the
-    /// frontend does not notify: lower latency and fewer system calls. Default: 50 where this
+    /// frontend does not notify: lower latency and fewer system calls. Default: 200 where this
     /// process may run on two CPUs or more, else 0 (a spinning queue would only keep the one
     /// CPU from the I/O it waits for).
     #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=100_000))]

@@ -118,7 +118,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
-/// `--poll-us`, given and by default (adaptive, up to 50 µs on 2 CPUs or more): the queues
+/// `--poll-us`, given and by default (adaptive, up to 200 µs on 2 CPUs or more): the queues
 /// busy-poll between requests, serve every request right in both grant modes, and still go
 /// to sleep when the guest goes quiet (a queue that kept spinning would burn a whole CPU:
 /// about 100 ticks a second).

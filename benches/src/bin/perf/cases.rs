@@ -70,7 +70,7 @@ pub(crate) struct Config {
     pub(crate) grant_mode: &'static str,
     pub(crate) persistent: bool,
     pub(crate) queues: u32,
-    /// `--poll-us` (none: blkbackd's default, adaptive polling up to 50 µs on 2 CPUs or more).
+    /// `--poll-us` (none: blkbackd's default, adaptive polling up to 200 µs on 2 CPUs or more).
     pub(crate) poll_us: Option<u32>,
     /// `--sqpoll`: a kernel thread submits (its CPU time is the process's, so it shows in the
     /// CPU column).
