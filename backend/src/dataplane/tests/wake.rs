@@ -123,14 +123,7 @@ fn each_wake_up_is_read_and_unmasked_once_and_none_is_lost() {
         // notification races the end of the queue's pass (its final check, unmask and
         // re-armed read); one lost would time out here.
         const N: u64 = 300;
-        for id in 0..N {
-            let op = if id % 2 == 0 { OP_WRITE } else { OP_READ };
-            assert_eq!(
-                f.rw(op, id, id % 64 * 8, 0, 8),
-                Some(Status::Okay),
-                "{mode:?}"
-            );
-        }
+        one_at_a_time(&mut f, 0..N, mode);
         let s = stats.snapshot();
         // The pass that answers a request has unmasked before it publishes: by now every
         // wake-up was unmasked, once. The binding's conservative event may add one.
@@ -322,14 +315,7 @@ fn at_depth_one_a_request_costs_two_io_uring_enters_at_most() {
         let before = stats.snapshot();
         let t = Instant::now();
         const N: u64 = 200;
-        for id in 1..=N {
-            let op = if id % 2 == 0 { OP_WRITE } else { OP_READ };
-            assert_eq!(
-                f.rw(op, id, id % 64 * 8, 0, 8),
-                Some(Status::Okay),
-                "{mode:?}"
-            );
-        }
+        one_at_a_time(&mut f, 1..=N, mode);
         let s = stats.snapshot();
         let enters = s.uring_enters - before.uring_enters;
         // Map mode's housekeeping tick wakes the queue too, with no request.
@@ -346,5 +332,18 @@ fn at_depth_one_a_request_costs_two_io_uring_enters_at_most() {
             "{mode:?}: {enters} io_uring_enter for {N} requests at depth 1 ({ticks} ticks)"
         );
         q.stop();
+    }
+}
+
+/// Requests `ids`, writes and reads in turn, each pushed after the previous one's response,
+/// each answered `Okay`.
+fn one_at_a_time(f: &mut Front, ids: impl Iterator<Item = u64>, mode: GrantMode) {
+    for id in ids {
+        let op = if id % 2 == 0 { OP_WRITE } else { OP_READ };
+        assert_eq!(
+            f.rw(op, id, id % 64 * 8, 0, 8),
+            Some(Status::Okay),
+            "{mode:?}"
+        );
     }
 }
