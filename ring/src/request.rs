@@ -76,57 +76,96 @@ impl Segment {
     }
 }
 
-/// The segments of a transfer, stored inline (no allocation per request) with room for
-/// [`MAX_INDIRECT_SEGMENTS`] (2 KiB).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Segments {
-    len: u16,
-    segs: [Segment; MAX_INDIRECT_SEGMENTS],
+/// The segments of a transfer: a direct request's (at most [`MAX_SEGMENTS_PER_REQUEST`])
+/// inline, an indirect request's on the heap (one allocation for up to
+/// [`MAX_INDIRECT_SEGMENTS`]), so that a request stays small to move and to keep in the
+/// in-flight table: room for 256 segments inline made every request 2 KiB.
+#[derive(Clone)]
+pub struct Segments(Store);
+
+#[derive(Clone)]
+enum Store {
+    Inline {
+        len: u8,
+        segs: [Segment; MAX_SEGMENTS_PER_REQUEST],
+    },
+    Heap(Vec<Segment>),
 }
 
 impl Segments {
     /// No segments.
     pub fn new() -> Self {
-        Self {
+        Self(Store::Inline {
             len: 0,
-            segs: [Segment::default(); MAX_INDIRECT_SEGMENTS],
+            segs: [Segment::default(); MAX_SEGMENTS_PER_REQUEST],
+        })
+    }
+
+    /// No segments yet, with room for `n` (at most [`MAX_INDIRECT_SEGMENTS`] are kept).
+    pub fn with_capacity(n: usize) -> Self {
+        if n <= MAX_SEGMENTS_PER_REQUEST {
+            Self::new()
+        } else {
+            Self(Store::Heap(Vec::with_capacity(
+                n.min(MAX_INDIRECT_SEGMENTS),
+            )))
         }
     }
 
     /// Segments holding a copy of `segs`, or `None` if there are more than
     /// [`MAX_INDIRECT_SEGMENTS`]. Nothing about them is validated.
     pub fn from_slice(segs: &[Segment]) -> Option<Self> {
-        let mut s = Self::new();
+        let mut s = Self::with_capacity(segs.len());
         segs.iter().all(|&seg| s.push(seg)).then_some(s)
     }
 
-    /// Appends `seg`; returns false (and drops it) when full.
+    /// Appends `seg`; returns false (and drops it) when [`MAX_INDIRECT_SEGMENTS`] are held.
     pub(crate) fn push(&mut self, seg: Segment) -> bool {
-        match self.segs.get_mut(usize::from(self.len)) {
-            Some(slot) => {
-                *slot = seg;
-                self.len += 1;
-                true
-            }
-            None => false,
+        match &mut self.0 {
+            Store::Inline { len, segs } => match segs.get_mut(usize::from(*len)) {
+                Some(slot) => {
+                    *slot = seg;
+                    *len += 1;
+                }
+                None => {
+                    let mut v = Vec::with_capacity(MAX_INDIRECT_SEGMENTS);
+                    v.extend_from_slice(segs);
+                    v.push(seg);
+                    self.0 = Store::Heap(v);
+                }
+            },
+            Store::Heap(v) if v.len() < MAX_INDIRECT_SEGMENTS => v.push(seg),
+            Store::Heap(_) => return false,
         }
+        true
     }
 
     /// The segments, in request order.
     pub fn as_slice(&self) -> &[Segment] {
-        self.segs.get(..usize::from(self.len)).unwrap_or(&[])
+        match &self.0 {
+            Store::Inline { len, segs } => segs.get(..usize::from(*len)).unwrap_or(&[]),
+            Store::Heap(v) => v,
+        }
     }
 
     /// Number of segments.
     pub fn len(&self) -> usize {
-        usize::from(self.len)
+        self.as_slice().len()
     }
 
     /// Whether there are no segments.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 }
+
+impl PartialEq for Segments {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Segments {}
 
 impl Default for Segments {
     fn default() -> Self {
@@ -320,5 +359,31 @@ mod tests {
         let too_many = vec![Segment::default(); MAX_INDIRECT_SEGMENTS + 1];
         assert!(Segments::from_slice(&too_many).is_none());
         assert!(Segments::new().is_empty());
+    }
+
+    #[test]
+    fn segments_spill_from_inline_to_the_heap_in_order_and_compare_by_content() {
+        let segs: Vec<Segment> = (0..40u32)
+            .map(|gref| Segment {
+                gref,
+                first_sect: 0,
+                last_sect: 7,
+            })
+            .collect();
+        let mut pushed = Segments::new();
+        for &s in &segs {
+            assert!(pushed.push(s));
+        }
+        assert_eq!(pushed.as_slice(), &segs[..]);
+        // Built inline then spilled, or on the heap from the start: the same segments.
+        assert_eq!(Some(pushed), Segments::from_slice(&segs));
+        let direct = Segments::from_slice(&segs[..MAX_SEGMENTS_PER_REQUEST]).unwrap();
+        let mut spilled = Segments::with_capacity(MAX_SEGMENTS_PER_REQUEST + 1);
+        for &s in &segs[..MAX_SEGMENTS_PER_REQUEST] {
+            spilled.push(s);
+        }
+        assert_eq!(direct, spilled);
+        // A request stays small to move: the inline room is a direct request's, not 2 KiB.
+        assert!(std::mem::size_of::<Segments>() <= 128);
     }
 }

@@ -386,7 +386,7 @@ pub fn parse_indirect(
             available: pages.len(),
         }));
     }
-    let mut segs = Segments::new();
+    let mut segs = Segments::with_capacity(usize::from(header.nr_segments));
     for index in 0..usize::from(header.nr_segments) {
         let page = pages.get(index / SEGS_PER_INDIRECT_FRAME);
         let (gref, first, last) = page

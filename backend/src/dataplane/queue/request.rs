@@ -14,6 +14,21 @@ use crate::dataplane::stats::{Count, Meter};
 use crate::dataplane::uring::{Completion, Data, NbdRequest, NbdSubmitError};
 use crate::device::DeviceKind;
 
+/// What [`Queue::start`] needs of a request's operation, copied out of its slot.
+#[derive(Clone, Copy)]
+enum Start {
+    Rw {
+        write: bool,
+        flush: Option<FlushKind>,
+    },
+    Flush(FlushKind),
+    Discard {
+        sector: ring::Sector,
+        nr_sectors: u64,
+        secure: bool,
+    },
+}
+
 /// Bytes of data a read or write moves.
 fn data_len(nr_sectors: u64) -> usize {
     usize::try_from(nr_sectors)
@@ -25,13 +40,33 @@ impl Queue {
     /// Issues a validated request in slot `slot` (`Deferred`), or leaves it deferred when it
     /// must wait.
     pub(super) fn start(&mut self, mem: &SharedMem<'_>, slot: usize) {
-        let Some(op) = self.slots.get(slot).map(|s| s.req.op.clone()) else {
+        // What the request asks for, copied out of the slot; a transfer's segments stay there.
+        let Some(op) = self.slots.get(slot).map(|s| match &s.req.op {
+            Op::Read(_) => Start::Rw {
+                write: false,
+                flush: None,
+            },
+            Op::Write { flush, .. } => Start::Rw {
+                write: true,
+                flush: *flush,
+            },
+            Op::Flush(k) => Start::Flush(*k),
+            Op::Discard {
+                sector,
+                nr_sectors,
+                secure,
+            } => Start::Discard {
+                sector: *sector,
+                nr_sectors: *nr_sectors,
+                secure: *secure,
+            },
+        }) else {
             return;
         };
-        let (barrier, flush_kind) = match &op {
-            Op::Write { flush, .. } => (*flush == Some(FlushKind::Barrier), *flush),
-            Op::Flush(k) => (*k == FlushKind::Barrier, Some(*k)),
-            _ => (false, None),
+        let flush_kind = match op {
+            Start::Rw { flush, .. } => flush,
+            Start::Flush(k) => Some(k),
+            Start::Discard { .. } => None,
         };
         let unsupported = match flush_kind {
             Some(FlushKind::Cache) => !self.features.flush,
@@ -42,7 +77,7 @@ impl Queue {
             return self.finish(mem, slot, Status::NotSupported);
         }
         // A barrier waits until every other request has completed (xen_blk_drain_io).
-        if barrier && self.slots.busy() > 1 {
+        if flush_kind == Some(FlushKind::Barrier) && self.slots.busy() > 1 {
             self.slots.defer(slot, false);
             return;
         }
@@ -50,11 +85,11 @@ impl Queue {
         let fd = device.fd();
         let nbd = device.kind() == DeviceKind::Nbd;
         match op {
-            Op::Flush(_) if nbd => {
+            Start::Flush(_) if nbd => {
                 self.stats.count(Count::Flush);
                 self.submit_nbd(mem, slot, NbdRequest::Flush, None);
             }
-            Op::Flush(_) => {
+            Start::Flush(_) => {
                 self.stats.count(Count::Flush);
                 match self.uring.submit_fsync(slot, fd) {
                     Ok(()) => self.slots.set(slot, State::InFlight),
@@ -64,7 +99,7 @@ impl Queue {
                     }
                 }
             }
-            Op::Discard {
+            Start::Discard {
                 sector,
                 nr_sectors,
                 secure,
@@ -100,36 +135,36 @@ impl Queue {
                     }
                 }
             }
-            Op::Read(t) => self.start_rw(mem, slot, &t, false, false),
-            Op::Write { transfer, flush } => {
-                if flush.is_some() {
+            Start::Rw { write, flush } => {
+                if write && flush.is_some() {
                     self.stats.count(Count::Flush);
                 }
-                self.start_rw(mem, slot, &transfer, true, flush.is_some());
+                self.start_rw(mem, slot, write, flush.is_some());
             }
         }
     }
 
-    fn start_rw(
-        &mut self,
-        mem: &SharedMem<'_>,
-        slot: usize,
-        t: &ring::Transfer,
-        write: bool,
-        fsync: bool,
-    ) {
+    fn start_rw(&mut self, mem: &SharedMem<'_>, slot: usize, write: bool, fsync: bool) {
+        let alone = self.slots.busy() <= 1;
+        // The segments are read where they lie, in the slot (a field apart from the grants'
+        // and the io_uring's).
+        let Some(Op::Read(t) | Op::Write { transfer: t, .. }) =
+            self.slots.get(slot).map(|s| &s.req.op)
+        else {
+            return self.finish(mem, slot, Status::Error);
+        };
+        let nr_sectors = t.nr_sectors;
         let Some(offset) = t.sector.bytes() else {
             return self.finish(mem, slot, Status::Error);
         };
-        let len = data_len(t.nr_sectors);
-        let alone = self.slots.busy() <= 1;
+        let len = data_len(nr_sectors);
         let reach = self
             .grants
             .reach(&mut self.uring, slot, &t.segs, len, write, alone);
         let count = if write {
-            Count::Write(t.nr_sectors)
+            Count::Write(nr_sectors)
         } else {
-            Count::Read(t.nr_sectors)
+            Count::Read(nr_sectors)
         };
         match reach {
             Reach::Fail => self.finish(mem, slot, Status::Error),
