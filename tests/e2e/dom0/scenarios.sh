@@ -1219,7 +1219,8 @@ perf_guest() { # backend round kind
 }
 
 # E2E_PROFILE=1: after the rounds, one more blkbackd guest (not counted in the figures) runs
-# rand-read-4k-qd1 and -qd32 for PROF_SECONDS each, 8 s apart, while dom0 records `perf
+# the figures of PROFILE_FIGURES (E2E_PROFILE_FIGURES, default rand-read-4k-qd1 and -qd32)
+# for PROF_SECONDS each, 8 s apart, while dom0 records `perf
 # record -a -g -e cpu-clock` (TCG has no PMU) over PROF_SECONDS - 3 of them, starting when
 # the guest says the figure started (perf's own start-up takes a second or so here, and
 # its end longer); the top symbols go out as E2E-PROFILE lines. PROFILE=all: kernel
@@ -1232,10 +1233,11 @@ perf_profile() { # backend
 	img=$DISKS/perf.img
 	disk=$(perf_disk "$b" "$img") || return
 	name=e2e-prof-$b
-	EXTRA_ARGS="e2e.figures=rand-read-4k-qd1,rand-read-4k-qd32 e2e.seconds=$PROF_SECONDS e2e.pause=8" \
+	figs=${PROFILE_FIGURES:-rand-read-4k-qd1 rand-read-4k-qd32}
+	EXTRA_ARGS="e2e.figures=$(echo $figs | tr ' ' ',') e2e.seconds=$PROF_SECONDS e2e.pause=8" \
 		write_cfg "$name" perf 1 "$disk"
 	guest_create "$name" || { perf_release; progress "profile $b: $REASON"; return; }
-	for fig in rand-read-4k-qd1 rand-read-4k-qd32; do
+	for fig in $figs; do
 		if ! wait_domu "$name" "start $fig" 120; then
 			progress "profile $b: no start of $fig"
 			break
@@ -1244,9 +1246,9 @@ perf_profile() { # backend
 			-- sleep $((PROF_SECONDS - 3)) >"/e2e/prof-$b-$fig.err" 2>&1 ||
 			echo "E2E-PROFILE $b $fig perf record failed: $(tail -n 3 "/e2e/prof-$b-$fig.err" | tr '\n' ' ')"
 	done
-	wait_gone "$name" $((200 + 3 * PROF_SECONDS)) || xl destroy "$name" >/dev/null 2>&1
+	wait_gone "$name" $((200 + ($(echo $figs | wc -w) + 1) * PROF_SECONDS)) || xl destroy "$name" >/dev/null 2>&1
 	perf_release
-	for fig in rand-read-4k-qd1 rand-read-4k-qd32; do
+	for fig in $figs; do
 		f=/e2e/prof-$b-$fig.data
 		[ -s "$f" ] || continue
 		v=$(domu "$name" "perf $fig")
