@@ -1219,7 +1219,8 @@ perf_guest() { # backend round kind
 }
 
 # E2E_PROFILE=1: after the rounds, one more blkbackd guest (not counted in the figures) runs
-# the figures of PROFILE_FIGURES (E2E_PROFILE_FIGURES, default rand-read-4k-qd1 and -qd32)
+# the figures of PROFILE_FIGURES (E2E_PROFILE_FIGURES: `run` checks the names, puts them in
+# the guest's order and defaults to rand-read-4k-qd1 and -qd32)
 # for PROF_SECONDS each, 8 s apart, while dom0 records `perf
 # record -a -g -e cpu-clock` (TCG has no PMU) over PROF_SECONDS - 3 of them, starting when
 # the guest says the figure started (perf's own start-up takes a second or so here, and
@@ -1233,7 +1234,7 @@ perf_profile() { # backend
 	img=$DISKS/perf.img
 	disk=$(perf_disk "$b" "$img") || return
 	name=e2e-prof-$b
-	figs=${PROFILE_FIGURES:-rand-read-4k-qd1 rand-read-4k-qd32}
+	figs=$PROFILE_FIGURES
 	EXTRA_ARGS="e2e.figures=$(echo $figs | tr ' ' ',') e2e.seconds=$PROF_SECONDS e2e.pause=8" \
 		write_cfg "$name" perf 1 "$disk"
 	guest_create "$name" || { perf_release; progress "profile $b: $REASON"; return; }
