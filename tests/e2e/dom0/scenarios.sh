@@ -1170,6 +1170,24 @@ perf_queues() { # backend domid
 	esac
 	echo "multi-queue-num-queues=$f$extra"
 }
+# The CPU time Xen charges dom0 (every backend's work, all of it: dom0's own view cannot
+# tell its idle time from the guest running on the same physical CPU) and the guest
+# while each figure runs, as E2E-PERF-CPU lines: xl list when the guest says the figure
+# starts and when it reports it (each seen within half a second).
+xen_cpu() { # name -> "dom0-seconds guest-seconds uptime" (guest "-" when it is gone)
+	xl list | awk -v n="$1" -v t="$(uptime_s)" '
+		$1 == "Domain-0" { d = $6 } $1 == n { g = $6 } END { print d, (g == "") ? "-" : g, t }'
+}
+perf_cpu() { # name backend round figures...
+	pc_n=$1 pc_b=$2 pc_r=$3
+	shift 3
+	for pc_f in "$@"; do
+		wait_domu "$pc_n" "start $pc_f" 120 || return 0
+		pc_c=$(xen_cpu "$pc_n")
+		wait_domu "$pc_n" "perf[-a-z]* $pc_f " $((60 + PERF_SECONDS)) || return 0
+		echo "E2E-PERF-CPU $pc_b $pc_f $pc_r $pc_c $(xen_cpu "$pc_n")"
+	done
+}
 # One guest of one backend in one round: its figures as E2E-PERF lines (and, for blkbackd,
 # its counters per burst as E2E-COST). kind: 1 (four figures, 1 vCPU) or 2j (2 vCPUs).
 perf_guest() { # backend round kind
@@ -1197,6 +1215,11 @@ perf_guest() { # backend round kind
 		*"multi-queue-num-queues=2"*) ;;
 		*) PERF_FAIL="$PERF_FAIL $b (round $r): the 2-vCPU guest got no two queues ($q);" ;;
 		esac
+	fi
+	if [ "$3" = 2j ]; then
+		perf_cpu "$name" "$b" "$r" $PERF_2J
+	else
+		perf_cpu "$name" "$b" "$r" $PERF_FIGURES
 	fi
 	REASON=""
 	if ! wait_gone "$name" $((200 + 6 * PERF_SECONDS)); then
@@ -1243,9 +1266,11 @@ perf_profile() { # backend
 			progress "profile $b: no start of $fig"
 			break
 		fi
+		c0=$(xen_cpu "$name")
 		HOME=/root $PERF_TOOL record -N -B -a -g -e cpu-clock -F 499 -o "/e2e/prof-$b-$fig.data" \
 			-- sleep $((PROF_SECONDS - 3)) >"/e2e/prof-$b-$fig.err" 2>&1 ||
 			echo "E2E-PROFILE $b $fig perf record failed: $(tail -n 3 "/e2e/prof-$b-$fig.err" | tr '\n' ' ')"
+		echo "$c0 $(xen_cpu "$name")" >"/e2e/prof-$b-$fig.xen"
 	done
 	wait_gone "$name" $((200 + ($(echo $figs | wc -w) + 1) * PROF_SECONDS)) || xl destroy "$name" >/dev/null 2>&1
 	perf_release
@@ -1255,6 +1280,11 @@ perf_profile() { # backend
 		v=$(domu "$name" "perf $fig")
 		{
 			echo "== $b $fig (${v:-no figure}; perf record -a -g -e cpu-clock -F 499 over $((PROF_SECONDS - 3)) s of its $PROF_SECONDS s, both dom0 vCPUs)"
+			[ -s "/e2e/prof-$b-$fig.xen" ] &&
+				awk -v n="$(xl info | awk '$1 == "nr_cpus" { print $3 }')" '{
+					w = $6 - $3; d = $4 - $1; g = $5 - $2
+					printf "-- Xen CPU time (xl list) over the %.1f s of the recording: dom0 %.1f s, the guest %.1f s; %.0f %% of the %d physical CPUs busy in the two\n", w, d, g, 100 * (d + g) / (n * w), n
+				}' "/e2e/prof-$b-$fig.xen"
 			echo "-- by command (share of all samples; swapper = dom0 idle)"
 			HOME=/root $PERF_TOOL report -i "$f" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^#' | grep . | head -n 12
 			echo "-- top symbols (self), all of dom0"
