@@ -1182,10 +1182,19 @@ perf_cpu() { # name backend round figures...
 	pc_n=$1 pc_b=$2 pc_r=$3
 	shift 3
 	for pc_f in "$@"; do
-		wait_domu "$pc_n" "start $pc_f" 120 || return 0
+		perf_cpu_wait "$pc_n" "start $pc_f" || return 0
 		pc_c=$(xen_cpu "$pc_n")
-		wait_domu "$pc_n" "perf[-a-z]* $pc_f " $((60 + PERF_SECONDS)) || return 0
+		perf_cpu_wait "$pc_n" "perf[-a-z]* $pc_f " || return 0
 		echo "E2E-PERF-CPU $pc_b $pc_f $pc_r $pc_c $(xen_cpu "$pc_n")"
+	done
+}
+# Until the guest says $2; 1 at once when it is gone (perf_guest's wait_gone then says
+# why), or after as long as a guest may take to boot and run a figure.
+perf_cpu_wait() { # name key
+	pc_end=$(deadline $(((120 + PERF_SECONDS) * TIME_SCALE)))
+	until domu_has "$1" "$2"; do
+		domid_of "$1" >/dev/null && before "$pc_end" || return 1
+		sleep 0.5
 	done
 }
 # One guest of one backend in one round: its figures as E2E-PERF lines (and, for blkbackd,
