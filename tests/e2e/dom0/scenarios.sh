@@ -1174,9 +1174,9 @@ perf_queues() { # backend domid
 # tell its idle time from the guest running on the same physical CPU) and the guest
 # while each figure runs, as E2E-PERF-CPU lines: xl list when the guest says the figure
 # starts and when it reports it (each seen within half a second).
-xen_cpu() { # name -> "dom0-seconds guest-seconds uptime" (guest "-" when it is gone)
+xen_cpu() { # name -> "dom0-seconds guest-seconds uptime" ("-" for what xl does not list)
 	xl list | awk -v n="$1" -v t="$(uptime_s)" '
-		$1 == "Domain-0" { d = $6 } $1 == n { g = $6 } END { print d, (g == "") ? "-" : g, t }'
+		$1 == "Domain-0" { d = $6 } $1 == n { g = $6 } END { print (d == "") ? "-" : d, (g == "") ? "-" : g, t }'
 }
 perf_cpu() { # name backend round figures...
 	pc_n=$1 pc_b=$2 pc_r=$3
@@ -1291,6 +1291,7 @@ perf_profile() { # backend
 			echo "== $b $fig (${v:-no figure}; perf record -a -g -e cpu-clock -F 499 over $((PROF_SECONDS - 3)) s of its $PROF_SECONDS s, both dom0 vCPUs)"
 			[ -s "/e2e/prof-$b-$fig.xen" ] &&
 				awk -v n="$(xl info | awk '$1 == "nr_cpus" { print $3 }')" '{
+					if ($1 == "-" || $2 == "-" || $4 == "-" || $5 == "-") exit
 					w = $6 - $3; d = $4 - $1; g = $5 - $2
 					printf "-- Xen CPU time (xl list) over the %.1f s of the recording: dom0 %.1f s, the guest %.1f s; %.0f %% of the %d physical CPUs busy in the two\n", w, d, g, 100 * (d + g) / (n * w), n
 				}' "/e2e/prof-$b-$fig.xen"
